@@ -1,0 +1,230 @@
+//! Syscall latency: sys_enter records a per-thread start time, sys_exit folds the duration into
+//! a per-CPU log2 histogram keyed by syscall number and, past the slow threshold, emits an event.
+//!
+//! Two attachment flavours share one body: tp_btf (cheapest on 6.x kernels) and raw tracepoints
+//! (the fallback where BTF-typed tracing is unavailable). Userspace attaches exactly one pair.
+#![no_std]
+#![no_main]
+
+agent_ebpf::license!();
+
+use agent_common::{
+    counters, log2_bucket,
+    syscalls::{
+        SlowSyscallEvent, SyscallConfig, SyscallStart, SyscallStats, FILTER_CGROUP, FILTER_COMM,
+        FILTER_PID, FILTER_PROCESS_MASK, FILTER_SYSCALL, MAX_FILTER_ENTRIES, MAX_INFLIGHT_THREADS,
+        MAX_SYSCALLS, SLOW_RINGBUF_BYTES,
+    },
+    TASK_COMM_LEN,
+};
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_ktime_get_ns,
+    },
+    macros::{btf_tracepoint, map, raw_tracepoint},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::{BtfTracePointContext, RawTracePointContext},
+};
+
+#[map]
+static SYSCALL_CONFIG: Array<SyscallConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+static SYSCALL_STATS: PerCpuArray<SyscallStats> = PerCpuArray::with_max_entries(MAX_SYSCALLS, 0);
+
+#[map]
+static SYSCALL_START: LruHashMap<u32, SyscallStart> =
+    LruHashMap::with_max_entries(MAX_INFLIGHT_THREADS, 0);
+
+#[map]
+static SYSCALL_SLOW_EVENTS: RingBuf = RingBuf::with_byte_size(SLOW_RINGBUF_BYTES, 0);
+
+#[map]
+static SYSCALL_FILTER_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
+
+#[map]
+static SYSCALL_FILTER_COMMS: HashMap<[u8; TASK_COMM_LEN], u8> =
+    HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
+
+#[map]
+static SYSCALL_FILTER_CGROUPS: HashMap<u64, u8> =
+    HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
+
+#[map]
+static SYSCALL_FILTER_NRS: Array<u8> = Array::with_max_entries(MAX_SYSCALLS, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
+
+#[btf_tracepoint(function = "sys_enter")]
+pub fn isa_btf_enter(ctx: BtfTracePointContext) -> i32 {
+    // sys_enter(struct pt_regs *regs, long id)
+    let id: i64 = ctx.arg(1);
+    on_enter(id);
+    0
+}
+
+#[btf_tracepoint(function = "sys_exit")]
+pub fn isa_btf_exit(ctx: BtfTracePointContext) -> i32 {
+    // sys_exit(struct pt_regs *regs, long ret)
+    let ret: i64 = ctx.arg(1);
+    on_exit(ret);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn isa_raw_enter(ctx: RawTracePointContext) -> i32 {
+    let id: i64 = ctx.arg(1);
+    on_enter(id);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn isa_raw_exit(ctx: RawTracePointContext) -> i32 {
+    let ret: i64 = ctx.arg(1);
+    on_exit(ret);
+    0
+}
+
+#[inline(always)]
+fn bump(counter: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(counter) {
+        // SAFETY: per-CPU slot, programs do not preempt each other on one CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn on_enter(id: i64) {
+    if id < 0 || id >= MAX_SYSCALLS as i64 {
+        return;
+    }
+    let nr = id as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let flags = match SYSCALL_CONFIG.get(0) {
+        Some(cfg) => cfg.filter_flags,
+        None => 0,
+    };
+    if flags != 0 && !selected(flags, nr, (pid_tgid >> 32) as u32) {
+        return;
+    }
+    let tid = pid_tgid as u32;
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // Overwrite in place when the thread already has a slot: a lookup is far cheaper than an
+    // LRU update, and most threads make many calls.
+    if let Some(slot) = SYSCALL_START.get_ptr_mut(tid) {
+        // SAFETY: the slot belongs to this thread, which is running here and nowhere else.
+        unsafe {
+            (*slot).start_ns = now;
+            (*slot).nr = nr as u64;
+        }
+        return;
+    }
+    let start = SyscallStart {
+        start_ns: now,
+        nr: nr as u64,
+    };
+    if SYSCALL_START.insert(tid, start, 0).is_err() {
+        bump(counters::START_DROPS);
+    }
+}
+
+#[inline(always)]
+fn selected(flags: u32, nr: u32, tgid: u32) -> bool {
+    if flags & FILTER_SYSCALL != 0 {
+        match SYSCALL_FILTER_NRS.get(nr) {
+            Some(v) if *v != 0 => {}
+            _ => return false,
+        }
+    }
+    if flags & FILTER_PROCESS_MASK == 0 {
+        return true;
+    }
+    if flags & FILTER_PID != 0 && SYSCALL_FILTER_PIDS.get_ptr(tgid).is_some() {
+        return true;
+    }
+    if flags & FILTER_CGROUP != 0 {
+        // SAFETY: no preconditions.
+        let cg = unsafe { bpf_get_current_cgroup_id() };
+        if SYSCALL_FILTER_CGROUPS.get_ptr(cg).is_some() {
+            return true;
+        }
+    }
+    if flags & FILTER_COMM != 0 {
+        if let Ok(comm) = bpf_get_current_comm() {
+            if SYSCALL_FILTER_COMMS.get_ptr(comm).is_some() {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+#[inline(always)]
+fn on_exit(ret: i64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let Some(slot) = SYSCALL_START.get_ptr_mut(tid) else {
+        return;
+    };
+    // SAFETY: as in on_enter, the slot is this thread's.
+    let (start, nr) = unsafe {
+        let s = (*slot).start_ns;
+        if s == 0 {
+            return;
+        }
+        (*slot).start_ns = 0;
+        (s, (*slot).nr as u32)
+    };
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let duration = now.saturating_sub(start);
+
+    if let Some(stats) = SYSCALL_STATS.get_ptr_mut(nr) {
+        let b = log2_bucket(duration);
+        // SAFETY: per-CPU element; log2_bucket() < HIST_BUCKETS.
+        unsafe {
+            (*stats).count += 1;
+            (*stats).total_ns += duration;
+            if ret < 0 && ret >= -4095 {
+                (*stats).errors += 1;
+            }
+            if let Some(bucket) = (*stats).buckets.get_mut(b) {
+                *bucket += 1;
+            }
+        }
+    }
+
+    let threshold = match SYSCALL_CONFIG.get(0) {
+        Some(cfg) => cfg.slow_threshold_ns,
+        None => 0,
+    };
+    if threshold != 0 && duration >= threshold {
+        emit_slow(now, duration, ret, pid_tgid, nr);
+    }
+}
+
+#[inline(always)]
+fn emit_slow(now: u64, duration: u64, ret: i64, pid_tgid: u64, nr: u32) {
+    let Some(mut entry) = SYSCALL_SLOW_EVENTS.reserve::<SlowSyscallEvent>(0) else {
+        bump(counters::SLOW_DROPS);
+        return;
+    };
+    let comm = bpf_get_current_comm().unwrap_or([0; TASK_COMM_LEN]);
+    entry.write(SlowSyscallEvent {
+        ts_ns: now,
+        duration_ns: duration,
+        // SAFETY: no preconditions.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        ret,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        nr,
+        _reserved: 0,
+        comm,
+    });
+    entry.submit(0);
+    bump(counters::SLOW_EVENTS);
+}

@@ -1,0 +1,223 @@
+//! Command line: `insite-agent run | status | syscalls`.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+
+use crate::{
+    config,
+    control::{
+        client,
+        protocol::Request,
+        views::{StatusView, SyscallRow, SyscallsView},
+    },
+    daemon,
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "insite-agent", version, about = "InsiteChart host agent: eBPF performance monitoring")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent (as root).
+    Run {
+        /// Config file (TOML). Default: /etc/insite-agent/config.toml; a missing default file
+        /// means built-in defaults.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Prometheus endpoint address, overriding metrics.listen.
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
+        /// Control socket path, overriding control.socket.
+        #[arg(long)]
+        control_socket: Option<PathBuf>,
+    },
+    /// Show the running agent's state: probes, config, event and drop rates.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = config::DEFAULT_CONTROL_SOCKET)]
+        control_socket: PathBuf,
+    },
+    /// Top syscalls by count and by p99 latency, with recent slow calls.
+    Syscalls {
+        /// Window to report on (1s..60s).
+        #[arg(long, default_value = "10s")]
+        window: String,
+        /// Rows per table.
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = config::DEFAULT_CONTROL_SOCKET)]
+        control_socket: PathBuf,
+    },
+}
+
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(matches!(cli.command, Command::Run { .. }));
+    let result = match cli.command {
+        Command::Run {
+            config,
+            metrics_listen,
+            control_socket,
+        } => daemon::run(daemon::RunArgs {
+            config_explicit: config.is_some(),
+            config_path: config.unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH)),
+            overrides: daemon::Overrides {
+                metrics_listen,
+                control_socket,
+            },
+        }),
+        Command::Status {
+            json,
+            control_socket,
+        } => client_cmd(&control_socket, &Request::Status, json, |v| {
+            serde_json::from_value::<StatusView>(v).map(|s| print_status(&s))
+        }),
+        Command::Syscalls {
+            window,
+            limit,
+            json,
+            control_socket,
+        } => client_cmd(
+            &control_socket,
+            &Request::Syscalls {
+                window: Some(window),
+                limit: Some(limit),
+            },
+            json,
+            |v| serde_json::from_value::<SyscallsView>(v).map(|s| print_syscalls(&s)),
+        ),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("insite-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(daemon: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if daemon { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_env("INSITE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    // journald adds its own timestamps; keep lines short and plain.
+    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false);
+    if under_journald {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn client_cmd(
+    socket: &std::path::Path,
+    req: &Request,
+    json: bool,
+    print: impl FnOnce(serde_json::Value) -> Result<(), serde_json::Error>,
+) -> anyhow::Result<()> {
+    let data = client::request(socket, req, CLIENT_TIMEOUT)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+    } else {
+        print(data)?;
+    }
+    Ok(())
+}
+
+fn print_status(s: &StatusView) {
+    println!("insite-agent {} (pid {})", s.version, s.pid);
+    println!("  uptime        {}", humantime::format_duration(Duration::from_secs(s.uptime_seconds as u64)));
+    println!("  config        {}", s.config_source);
+    println!("  metrics       http://{}/metrics", s.metrics_listen);
+    println!("  control       {}", s.control_socket);
+    println!("  tick          {} ms ({} ticks, last {:.2} ms)", s.tick_interval_ms, s.ticks, s.last_tick_ms);
+    println!("probes:");
+    for p in &s.probes {
+        let state = format!("{:?}", p.state).to_lowercase();
+        print!("  {:<10} {:<9}", p.name, state);
+        if let Some(a) = &p.attach {
+            print!(" via {a}");
+        }
+        if let Some(e) = &p.error {
+            print!("  ({e})");
+        }
+        println!();
+    }
+    if !s.events.is_empty() {
+        println!("events (last 10s):");
+        for e in &s.events {
+            println!(
+                "  {:<14} {:>8.1}/s  total {:<8} dropped {:.1}/s (total {})",
+                e.stream, e.per_second, e.total, e.dropped_per_second, e.dropped_total
+            );
+        }
+    }
+}
+
+fn fmt_us(v: Option<f64>) -> String {
+    match v {
+        None => "-".into(),
+        Some(us) if us >= 1e6 => format!("{:.2}s", us / 1e6),
+        Some(us) if us >= 1e3 => format!("{:.2}ms", us / 1e3),
+        Some(us) => format!("{us:.1}us"),
+    }
+}
+
+fn print_rows(title: &str, rows: &[SyscallRow]) {
+    println!("{title}");
+    println!(
+        "  {:<20} {:>10} {:>10} {:>8} {:>10} {:>10} {:>10}",
+        "SYSCALL", "COUNT", "RATE/s", "ERRORS", "P50", "P90", "P99"
+    );
+    for r in rows {
+        println!(
+            "  {:<20} {:>10} {:>10.1} {:>8} {:>10} {:>10} {:>10}",
+            r.syscall,
+            r.count,
+            r.per_second,
+            r.errors,
+            fmt_us(r.p50_us),
+            fmt_us(r.p90_us),
+            fmt_us(r.p99_us)
+        );
+    }
+}
+
+fn print_syscalls(v: &SyscallsView) {
+    println!(
+        "syscalls over the last {:.1}s: {} calls",
+        v.window_seconds, v.total_calls
+    );
+    print_rows("top by count:", &v.by_count);
+    print_rows("top by p99:", &v.by_p99);
+    println!("recent slow calls (>= {} ms):", v.slow_threshold_ms);
+    if v.slow_calls.is_empty() {
+        println!("  none");
+    }
+    for c in &v.slow_calls {
+        println!(
+            "  {:<16} pid {:<7} tid {:<7} {:<18} {:>10} ret {}",
+            c.comm,
+            c.pid,
+            c.tid,
+            c.syscall,
+            fmt_us(Some(c.duration_ns as f64 / 1e3)),
+            c.ret
+        );
+    }
+}

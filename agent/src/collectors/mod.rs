@@ -1,0 +1,113 @@
+//! Collectors: every tick, read the kernel maps and procfs and fold what they say into the
+//! store. Slow-call events arrive on their own task, as they happen.
+
+pub mod host;
+pub mod syscalls;
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::{config::Config, probes::syscalls::SyscallProbe, store::SharedStore};
+
+/// Self-metrics the tick loop updates.
+#[derive(Clone, Debug)]
+pub struct TickMetrics {
+    pub ticks: Counter,
+    pub tick_duration: Histogram,
+    pub collect_errors: Counter,
+}
+
+impl Default for TickMetrics {
+    fn default() -> Self {
+        Self {
+            ticks: Counter::default(),
+            // 50 us .. ~400 ms
+            tick_duration: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(50e-6, 2.0, 14),
+            ),
+            collect_errors: Counter::default(),
+        }
+    }
+}
+
+/// Runs until `shutdown` flips to true. The tick follows `config` (reloads change it).
+pub async fn run_ticks(
+    store: SharedStore,
+    syscalls: Option<Arc<Mutex<SyscallProbe>>>,
+    mut config: watch::Receiver<Arc<Config>>,
+    metrics: TickMetrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = config.borrow().agent.tick_interval;
+    let mut host_enabled = config.borrow().host.enabled;
+    let mut interval = new_interval(tick);
+    let mut host = host::HostCollector::new();
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            changed = config.changed() => {
+                if changed.is_err() { return; }
+                let cfg = config.borrow_and_update().clone();
+                host_enabled = cfg.host.enabled;
+                if cfg.agent.tick_interval != tick {
+                    tick = cfg.agent.tick_interval;
+                    interval = new_interval(tick);
+                }
+                continue;
+            }
+            _ = crate::daemon::shutdown_requested(&mut shutdown) => return,
+        }
+        let t0 = Instant::now();
+        let now = Instant::now();
+        let sys = match &syscalls {
+            Some(p) => match p.lock() {
+                Ok(p) => match p.read() {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        metrics.collect_errors.inc();
+                        warn!(error = %e, "reading syscall maps");
+                        None
+                    }
+                },
+                Err(_) => None,
+            },
+            None => None,
+        };
+        let host_sample = if host_enabled {
+            match host.sample() {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    metrics.collect_errors.inc();
+                    warn!(error = %e, "reading host signals");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let took = t0.elapsed();
+        if let Ok(mut st) = store.write() {
+            if let Some(t) = sys {
+                st.syscalls.push(now, t);
+            }
+            st.host = host_sample;
+            st.ticks += 1;
+            st.last_tick = took;
+        }
+        metrics.ticks.inc();
+        metrics.tick_duration.observe(took.as_secs_f64());
+    }
+}
+
+fn new_interval(period: Duration) -> tokio::time::Interval {
+    let mut i = tokio::time::interval(period);
+    // A late tick is folded into the next one rather than replayed in a burst.
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i
+}

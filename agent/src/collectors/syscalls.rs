@@ -1,0 +1,124 @@
+//! Slow-call events from the kernel ring buffer into the store's recent-calls log.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use agent_common::syscalls::SlowSyscallEvent;
+use aya::maps::{MapData, RingBuf};
+use tokio::io::unix::AsyncFd;
+use tracing::{debug, warn};
+
+use crate::{
+    probes::syscalls::comm_str,
+    store::{SharedStore, SlowCall},
+    syscall_names,
+};
+
+/// Reads slow-call events until the ring buffer's fd fails (the probe was dropped).
+pub async fn run_slow_reader(ring: RingBuf<MapData>, store: SharedStore) {
+    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long as
+    // the AsyncFd owns the ring buffer.
+    let mut fd = match unsafe { AsyncFd::register(ring) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(error = %e, "cannot poll the slow-call ring buffer");
+            return;
+        }
+    };
+    loop {
+        let mut guard = match fd.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                debug!(error = %e, "slow-call ring buffer closed");
+                return;
+            }
+        };
+        let ring = guard.get_inner_mut();
+        let mut batch = Vec::new();
+        while let Some(item) = ring.next() {
+            if let Some(ev) = decode(&item) {
+                batch.push(ev);
+            }
+        }
+        guard.clear_ready();
+        if batch.is_empty() {
+            continue;
+        }
+        let (mono_now, wall_now) = (monotonic_ns(), SystemTime::now());
+        if let Ok(mut st) = store.write() {
+            for ev in batch {
+                st.push_slow_call(to_slow_call(&ev, mono_now, wall_now));
+            }
+        }
+    }
+}
+
+fn decode(bytes: &[u8]) -> Option<SlowSyscallEvent> {
+    if bytes.len() < std::mem::size_of::<SlowSyscallEvent>() {
+        return None;
+    }
+    // SAFETY: length checked; SlowSyscallEvent is plain data (agent-common) and
+    // read_unaligned copes with the ring buffer's 8-byte alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<SlowSyscallEvent>()) })
+}
+
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+fn to_slow_call(ev: &SlowSyscallEvent, mono_now: u64, wall_now: SystemTime) -> SlowCall {
+    // bpf_ktime_get_ns is CLOCK_MONOTONIC: place the event on the wall clock by its age.
+    let age = Duration::from_nanos(mono_now.saturating_sub(ev.ts_ns));
+    let at = wall_now.checked_sub(age).unwrap_or(wall_now);
+    SlowCall {
+        at_unix_ms: at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        syscall: syscall_names::label(ev.nr),
+        duration_ns: ev.duration_ns,
+        ret: ev.ret,
+        pid: ev.pid,
+        tid: ev.tid,
+        comm: comm_str(&ev.comm),
+        cgroup_id: ev.cgroup_id,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_records_are_ignored() {
+        assert!(decode(&[0u8; 10]).is_none());
+    }
+
+    #[test]
+    fn event_is_placed_on_the_wall_clock() {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"cat\0");
+        let ev = SlowSyscallEvent {
+            ts_ns: 9_000_000_000,
+            duration_ns: 42,
+            cgroup_id: 7,
+            ret: -11,
+            pid: 10,
+            tid: 11,
+            nr: 0,
+            _reserved: 0,
+            comm,
+        };
+        let wall = UNIX_EPOCH + Duration::from_secs(1_000);
+        let c = to_slow_call(&ev, 10_000_000_000, wall);
+        assert_eq!(c.at_unix_ms, 999_000);
+        assert_eq!(c.syscall, "read");
+        assert_eq!(c.comm, "cat");
+        assert_eq!(c.ret, -11);
+        let bytes: [u8; std::mem::size_of::<SlowSyscallEvent>()] =
+            // SAFETY: plain data to bytes, for the round-trip test.
+            unsafe { std::mem::transmute(ev) };
+        assert_eq!(decode(&bytes).unwrap().tid, 11);
+    }
+}

@@ -1,0 +1,577 @@
+//! Agent configuration: TOML, deserialized with serde, validated with errors that name the file,
+//! the line, the key and the reason.
+//!
+//! A missing file at the default path means built-in defaults; a file that exists but is wrong
+//! is an error, at start-up and on reload (where the running config stays in force).
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::syscall_names;
+
+/// Where `insite-agent run` looks for its config when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/insite-agent/config.toml";
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9820";
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/insite-agent/control.sock";
+
+pub const MIN_TICK: Duration = Duration::from_millis(100);
+pub const MAX_TICK: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub agent: AgentConfig,
+    pub metrics: MetricsConfig,
+    pub control: ControlConfig,
+    pub syscalls: SyscallsConfig,
+    pub host: HostConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// How often collectors read the kernel maps and procfs.
+    #[serde(with = "humantime_serde")]
+    pub tick_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus endpoint (`GET /metrics`).
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    pub socket: PathBuf,
+    /// Group that owns the socket; when set the socket is 0660 and the group's members may use
+    /// it. Unset: 0600, root only.
+    pub group: Option<String>,
+    /// Extra uids allowed besides root (checked with SO_PEERCRED).
+    pub allowed_uids: Vec<u32>,
+    /// Extra gids allowed besides `group` (checked with SO_PEERCRED, primary gid of the peer).
+    pub allowed_gids: Vec<u32>,
+    /// Largest request line accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// Time a client has to send a complete request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachMode {
+    /// tp_btf where the kernel allows it, raw tracepoints otherwise.
+    Auto,
+    TpBtf,
+    RawTracepoint,
+}
+
+impl fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::TpBtf => "tp_btf",
+            Self::RawTracepoint => "raw_tracepoint",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SyscallsConfig {
+    pub enabled: bool,
+    pub attach: AttachMode,
+    /// Calls at least this long become slow-call events; "0s" turns events off.
+    #[serde(with = "humantime_serde")]
+    pub slow_threshold: Duration,
+    /// Trace only these processes (by comm, pid or cgroup path; a task matching any is traced).
+    /// All empty: every process.
+    pub comms: Vec<String>,
+    pub pids: Vec<u32>,
+    pub cgroups: Vec<PathBuf>,
+    /// Trace only these syscalls (x86_64 names). Empty: all.
+    pub syscalls: Vec<String>,
+    /// Most syscalls exported with their own label; the rest fold into `syscall="other"`.
+    pub top_n: usize,
+    /// Recent slow calls kept in memory for `insite-agent syscalls`.
+    pub slow_log_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HostConfig {
+    pub enabled: bool,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            tick_interval: Duration::from_millis(250),
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_METRICS_LISTEN
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9820))),
+        }
+    }
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+            group: None,
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
+            max_request_bytes: 64 * 1024,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for SyscallsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            attach: AttachMode::Auto,
+            slow_threshold: Duration::from_millis(10),
+            comms: Vec::new(),
+            pids: Vec::new(),
+            cgroups: Vec::new(),
+            syscalls: Vec::new(),
+            top_n: 100,
+            slow_log_size: 256,
+        }
+    }
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            agent: AgentConfig::default(),
+            metrics: MetricsConfig::default(),
+            control: ControlConfig::default(),
+            syscalls: SyscallsConfig::default(),
+            host: HostConfig::default(),
+        }
+    }
+}
+
+/// Where the running config came from (shown by `status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ConfigSource {
+    Defaults,
+    File { path: PathBuf },
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Defaults => f.write_str("built-in defaults"),
+            Self::File { path } => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Syntax {
+        path: PathBuf,
+        line: Option<usize>,
+        message: String,
+    },
+    #[error("{}{}: invalid value for `{key}`: {reason}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Invalid {
+        path: PathBuf,
+        line: Option<usize>,
+        key: String,
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// The dotted key the error is about, when there is one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Self::Invalid { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+/// A validation failure before it is placed in a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub key: String,
+    pub reason: String,
+}
+
+fn violation(key: impl Into<String>, reason: impl Into<String>) -> Violation {
+    Violation {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// Loads the config. `explicit` is whether the user named the path: only the default path
+    /// may be missing.
+    pub fn load(path: &Path, explicit: bool) -> Result<(Self, ConfigSource), ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let cfg = Self::parse(&text, path)?;
+                Ok((
+                    cfg,
+                    ConfigSource::File {
+                        path: path.to_path_buf(),
+                    },
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                Ok((Self::default(), ConfigSource::Defaults))
+            }
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    /// Parses and validates config text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            line: e.span().map(|s| line_at(text, s.start)),
+            message: e.message().trim().to_string(),
+        })?;
+        let cfg: Self = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner
+                .span()
+                .map(|s| line_at(text, s.start))
+                .or_else(|| line_of_key(text, &key));
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line,
+                key,
+                reason: inner.message().trim().to_string(),
+            }
+        })?;
+        cfg.validate().map_err(|v| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            line: line_of_key(text, &v.key),
+            key: v.key,
+            reason: v.reason,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Checks values that the types alone do not constrain.
+    pub fn validate(&self) -> Result<(), Violation> {
+        let tick = self.agent.tick_interval;
+        if tick < MIN_TICK || tick > MAX_TICK {
+            return Err(violation(
+                "agent.tick_interval",
+                format!(
+                    "{} is out of range: must be between {} and {}",
+                    humantime::format_duration(tick),
+                    humantime::format_duration(MIN_TICK),
+                    humantime::format_duration(MAX_TICK)
+                ),
+            ));
+        }
+
+        let c = &self.control;
+        if !c.socket.is_absolute() {
+            return Err(violation("control.socket", "must be an absolute path"));
+        }
+        if c.socket.file_name().is_none() {
+            return Err(violation("control.socket", "must name a file"));
+        }
+        if let Some(g) = &c.group {
+            if g.is_empty() {
+                return Err(violation("control.group", "must not be empty (omit it instead)"));
+            }
+        }
+        if !(256..=1024 * 1024).contains(&c.max_request_bytes) {
+            return Err(violation(
+                "control.max_request_bytes",
+                "must be between 256 and 1048576",
+            ));
+        }
+        if c.request_timeout.is_zero() || c.request_timeout > Duration::from_secs(300) {
+            return Err(violation(
+                "control.request_timeout",
+                "must be more than 0s and at most 5m",
+            ));
+        }
+
+        let s = &self.syscalls;
+        let max = agent_common::syscalls::MAX_FILTER_ENTRIES as usize;
+        for (key, len) in [
+            ("syscalls.comms", s.comms.len()),
+            ("syscalls.pids", s.pids.len()),
+            ("syscalls.cgroups", s.cgroups.len()),
+        ] {
+            if len > max {
+                return Err(violation(key, format!("at most {max} entries")));
+            }
+        }
+        for comm in &s.comms {
+            if comm.is_empty() || comm.len() >= agent_common::TASK_COMM_LEN {
+                return Err(violation(
+                    "syscalls.comms",
+                    format!("{comm:?}: a comm is 1 to 15 bytes (the kernel truncates longer names)"),
+                ));
+            }
+        }
+        if s.pids.contains(&0) {
+            return Err(violation("syscalls.pids", "pid 0 is not a process"));
+        }
+        for cg in &s.cgroups {
+            if !cg.is_absolute() {
+                return Err(violation(
+                    "syscalls.cgroups",
+                    format!("{}: must be an absolute cgroup path", cg.display()),
+                ));
+            }
+        }
+        for name in &s.syscalls {
+            if syscall_names::number(name).is_none() {
+                return Err(violation(
+                    "syscalls.syscalls",
+                    format!("{name:?} is not an x86_64 syscall name"),
+                ));
+            }
+        }
+        if s.top_n == 0 || s.top_n > agent_common::syscalls::MAX_SYSCALLS as usize {
+            return Err(violation(
+                "syscalls.top_n",
+                format!(
+                    "must be between 1 and {}",
+                    agent_common::syscalls::MAX_SYSCALLS
+                ),
+            ));
+        }
+        if s.slow_log_size == 0 || s.slow_log_size > 100_000 {
+            return Err(violation(
+                "syscalls.slow_log_size",
+                "must be between 1 and 100000",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn line_at(text: &str, offset: usize) -> usize {
+    text.get(..offset)
+        .map_or(0, |head| head.bytes().filter(|&b| b == b'\n').count())
+        + 1
+}
+
+/// Line of a dotted key (`syscalls.top_n`) in the document, if it is there.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut parts = key.split('.');
+    let first = parts.next()?;
+    let mut item = doc.get_ref().get(first)?;
+    for part in parts {
+        // Array indices in serde paths look like `comms[3]`: stop at the array itself.
+        let name = part.split('[').next().unwrap_or(part);
+        match item.get_ref().as_table().and_then(|t| t.get(name)) {
+            Some(next) => item = next,
+            None => break,
+        }
+    }
+    Some(line_at(text, item.span().start))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    fn invalid(text: &str) -> (String, Option<usize>, String) {
+        match parse(text) {
+            Err(ConfigError::Invalid {
+                key, line, reason, ..
+            }) => (key, line, reason),
+            other => panic!("expected an invalid-value error for {text:?}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_file_is_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let cfg = parse(
+            r#"
+[agent]
+tick_interval = "100ms"
+[metrics]
+listen = "0.0.0.0:9999"
+[control]
+socket = "/tmp/x.sock"
+group = "adm"
+allowed_uids = [1000]
+allowed_gids = [4]
+max_request_bytes = 4096
+request_timeout = "2s"
+[syscalls]
+enabled = true
+attach = "raw_tracepoint"
+slow_threshold = "5ms"
+comms = ["postgres"]
+pids = [1]
+cgroups = ["/system.slice/nginx.service"]
+syscalls = ["read", "write"]
+top_n = 20
+slow_log_size = 10
+[host]
+enabled = false
+"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.agent.tick_interval, Duration::from_millis(100));
+        assert_eq!(cfg.metrics.listen.port(), 9999);
+        assert_eq!(cfg.control.group.as_deref(), Some("adm"));
+        assert_eq!(cfg.syscalls.attach, AttachMode::RawTracepoint);
+        assert_eq!(cfg.syscalls.slow_threshold, Duration::from_millis(5));
+        assert_eq!(cfg.syscalls.syscalls, vec!["read", "write"]);
+        assert!(!cfg.host.enabled);
+    }
+
+    #[test]
+    fn unknown_top_level_key_is_named_with_line() {
+        let err = parse("\n\nbogus = 1\n").unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+        assert!(err.contains("test.toml:3"), "{err}");
+    }
+
+    #[test]
+    fn unknown_nested_key_is_named() {
+        let err = parse("[syscalls]\nslow_treshold = \"1ms\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("slow_treshold"), "{err}");
+        assert!(err.contains(":2"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        for (text, key, line) in [
+            ("[agent]\ntick_interval = 5\n", "agent.tick_interval", 2),
+            ("[agent]\ntick_interval = \"fast\"\n", "agent.tick_interval", 2),
+            ("[metrics]\nlisten = \"nowhere\"\n", "metrics.listen", 2),
+            ("[control]\nallowed_uids = [\"root\"]\n", "control.allowed_uids", 2),
+            ("[syscalls]\nenabled = \"yes\"\n", "syscalls.enabled", 2),
+            ("[syscalls]\nattach = \"kprobe\"\n", "syscalls.attach", 2),
+            ("[syscalls]\npids = [-1]\n", "syscalls.pids", 2),
+            ("[host]\nenabled = 1\n", "host.enabled", 2),
+        ] {
+            let (k, l, _) = invalid(text);
+            assert!(k.starts_with(key), "{text:?}: key {k} should start with {key}");
+            assert_eq!(l, Some(line), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn syntax_error_has_line() {
+        match parse("[agent]\ntick_interval = \n") {
+            Err(ConfigError::Syntax { line, .. }) => assert_eq!(line, Some(2)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn out_of_range_values_name_key_and_line() {
+        for (text, key, line) in [
+            ("[agent]\ntick_interval = \"50ms\"\n", "agent.tick_interval", 2),
+            ("[agent]\ntick_interval = \"11s\"\n", "agent.tick_interval", 2),
+            ("[control]\nsocket = \"relative.sock\"\n", "control.socket", 2),
+            ("[control]\nsocket = \"/\"\n", "control.socket", 2),
+            ("[control]\ngroup = \"\"\n", "control.group", 2),
+            ("[control]\nmax_request_bytes = 10\n", "control.max_request_bytes", 2),
+            ("[control]\nmax_request_bytes = 2000000\n", "control.max_request_bytes", 2),
+            ("[control]\nrequest_timeout = \"0s\"\n", "control.request_timeout", 2),
+            ("[control]\nrequest_timeout = \"1h\"\n", "control.request_timeout", 2),
+            ("[syscalls]\ncomms = [\"\"]\n", "syscalls.comms", 2),
+            ("[syscalls]\ncomms = [\"a-very-long-process-name\"]\n", "syscalls.comms", 2),
+            ("[syscalls]\npids = [0]\n", "syscalls.pids", 2),
+            ("[syscalls]\ncgroups = [\"system.slice\"]\n", "syscalls.cgroups", 2),
+            ("[syscalls]\nsyscalls = [\"read\", \"frobnicate\"]\n", "syscalls.syscalls", 2),
+            ("[syscalls]\ntop_n = 0\n", "syscalls.top_n", 2),
+            ("[syscalls]\ntop_n = 100000\n", "syscalls.top_n", 2),
+            ("[syscalls]\nslow_log_size = 0\n", "syscalls.slow_log_size", 2),
+        ] {
+            let (k, l, reason) = invalid(text);
+            assert_eq!(k, key, "{text:?}");
+            assert_eq!(l, Some(line), "{text:?}");
+            assert!(!reason.is_empty());
+        }
+    }
+
+    #[test]
+    fn too_many_filter_entries() {
+        let pids: Vec<String> = (1..=1100).map(|p| p.to_string()).collect();
+        let text = format!("[syscalls]\npids = [{}]\n", pids.join(","));
+        let (k, _, _) = invalid(&text);
+        assert_eq!(k, "syscalls.pids");
+    }
+
+    #[test]
+    fn error_message_names_file_line_and_key() {
+        let err = parse("[syscalls]\n\ntop_n = 0\n").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "test.toml:3: invalid value for `syscalls.top_n`: must be between 1 and 512"
+        );
+    }
+
+    #[test]
+    fn missing_default_file_is_defaults_but_explicit_is_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("none.toml");
+        let (cfg, src) = Config::load(&p, false).unwrap();
+        assert_eq!(cfg, Config::default());
+        assert_eq!(src, ConfigSource::Defaults);
+        assert!(matches!(
+            Config::load(&p, true),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+}

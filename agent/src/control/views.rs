@@ -1,0 +1,240 @@
+//! What the control commands answer, computed from the store.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::Config,
+    store::{window::WindowDelta, ProbeStatus, SlowCall, Store, SyscallTotals, WINDOW_RETENTION},
+    syscall_names,
+};
+
+pub const DEFAULT_WINDOW: Duration = Duration::from_secs(10);
+pub const DEFAULT_LIMIT: usize = 10;
+pub const MAX_LIMIT: usize = 512;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusView {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_seconds: f64,
+    pub started_at_unix: u64,
+    pub config_source: String,
+    pub metrics_listen: String,
+    pub control_socket: String,
+    pub tick_interval_ms: u64,
+    pub ticks: u64,
+    pub last_tick_ms: f64,
+    pub probes: Vec<ProbeStatus>,
+    pub events: Vec<EventRates>,
+}
+
+/// Events of one stream, and how many were lost, over the last 10 s.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventRates {
+    pub stream: String,
+    pub total: u64,
+    pub per_second: f64,
+    pub dropped_total: u64,
+    pub dropped_per_second: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyscallRow {
+    pub syscall: String,
+    pub count: u64,
+    pub per_second: f64,
+    pub errors: u64,
+    pub p50_us: Option<f64>,
+    pub p90_us: Option<f64>,
+    pub p99_us: Option<f64>,
+    pub mean_us: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyscallsView {
+    /// Time the figures really cover (shorter than asked while the agent is young).
+    pub window_seconds: f64,
+    pub requested_window_seconds: f64,
+    pub total_calls: u64,
+    pub slow_threshold_ms: f64,
+    pub by_count: Vec<SyscallRow>,
+    pub by_p99: Vec<SyscallRow>,
+    /// Most recent first.
+    pub slow_calls: Vec<SlowCall>,
+}
+
+fn rate(n: u64, span: Duration) -> f64 {
+    if span.is_zero() {
+        0.0
+    } else {
+        n as f64 / span.as_secs_f64()
+    }
+}
+
+pub fn status(store: &Store, cfg: &Config) -> StatusView {
+    let w: Option<WindowDelta<SyscallTotals>> = store.syscalls.over(DEFAULT_WINDOW);
+    let latest = store.syscalls.latest();
+    let mut events = Vec::new();
+    if let Some(l) = latest {
+        let (ev, dr, span) = w
+            .as_ref()
+            .map_or((0, 0, Duration::ZERO), |w| (w.delta.slow_events, w.delta.slow_drops, w.span));
+        events.push(EventRates {
+            stream: "syscall_slow".into(),
+            total: l.totals.slow_events,
+            per_second: rate(ev, span),
+            dropped_total: l.totals.slow_drops,
+            dropped_per_second: rate(dr, span),
+        });
+    }
+    StatusView {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        uptime_seconds: store.started.elapsed().as_secs_f64(),
+        started_at_unix: store
+            .started_at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        config_source: store.config_source.to_string(),
+        metrics_listen: cfg.metrics.listen.to_string(),
+        control_socket: cfg.control.socket.display().to_string(),
+        tick_interval_ms: cfg.agent.tick_interval.as_millis() as u64,
+        ticks: store.ticks,
+        last_tick_ms: store.last_tick.as_secs_f64() * 1e3,
+        probes: store.probes.values().cloned().collect(),
+        events,
+    }
+}
+
+/// Parses a window such as "10s" or "1m" and checks it against what the store keeps.
+pub fn parse_window(w: Option<&str>) -> Result<Duration, String> {
+    let Some(w) = w else {
+        return Ok(DEFAULT_WINDOW);
+    };
+    let d = humantime::parse_duration(w.trim()).map_err(|e| format!("window {w:?}: {e}"))?;
+    if d < Duration::from_secs(1) || d > WINDOW_RETENTION {
+        return Err(format!(
+            "window {w:?}: must be between 1s and {}s",
+            WINDOW_RETENTION.as_secs()
+        ));
+    }
+    Ok(d)
+}
+
+pub fn syscalls(
+    store: &Store,
+    cfg: &Config,
+    window: Duration,
+    limit: usize,
+) -> Result<SyscallsView, String> {
+    let limit = limit.clamp(1, MAX_LIMIT);
+    let Some(w) = store.syscalls.over(window) else {
+        return Err(match store.probes.get("syscalls") {
+            Some(p) if p.state != crate::store::ProbeState::Attached => format!(
+                "the syscall probe is {:?}{}",
+                p.state,
+                p.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+            )
+            .to_lowercase(),
+            _ => "no syscall data yet: the first tick has not run".into(),
+        });
+    };
+    let rows: Vec<SyscallRow> = w
+        .delta
+        .by_nr
+        .iter()
+        .map(|(nr, c)| {
+            let us = |q: f64| c.latency.quantile_ns(q).map(|ns| ns / 1e3);
+            SyscallRow {
+                syscall: syscall_names::label(*nr),
+                count: c.latency.count,
+                per_second: rate(c.latency.count, w.span),
+                errors: c.errors,
+                p50_us: us(0.5),
+                p90_us: us(0.9),
+                p99_us: us(0.99),
+                mean_us: c.latency.mean_ns().map(|ns| ns / 1e3),
+            }
+        })
+        .collect();
+    let total_calls = rows.iter().map(|r| r.count).sum();
+    let mut by_count = rows.clone();
+    by_count.sort_by(|a, b| b.count.cmp(&a.count).then(a.syscall.cmp(&b.syscall)));
+    by_count.truncate(limit);
+    let mut by_p99 = rows;
+    by_p99.sort_by(|a, b| {
+        b.p99_us
+            .partial_cmp(&a.p99_us)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.syscall.cmp(&b.syscall))
+    });
+    by_p99.truncate(limit);
+    Ok(SyscallsView {
+        window_seconds: w.span.as_secs_f64(),
+        requested_window_seconds: window.as_secs_f64(),
+        total_calls,
+        slow_threshold_ms: cfg.syscalls.slow_threshold.as_secs_f64() * 1e3,
+        by_count,
+        by_p99,
+        slow_calls: store.slow_calls.iter().rev().take(limit).cloned().collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{config::ConfigSource, store::SyscallCounters};
+    use std::time::Instant;
+
+    #[test]
+    fn window_parsing() {
+        assert_eq!(parse_window(None), Ok(DEFAULT_WINDOW));
+        assert_eq!(parse_window(Some("60s")), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_window(Some("1m")), Ok(Duration::from_secs(60)));
+        assert!(parse_window(Some("0s")).is_err());
+        assert!(parse_window(Some("500ms")).is_err());
+        assert!(parse_window(Some("2m")).is_err());
+        assert!(parse_window(Some("soon")).is_err());
+    }
+
+    #[test]
+    fn syscalls_view_ranks_by_count_and_p99() {
+        let mut store = Store::new(ConfigSource::Defaults, 10);
+        let t0 = Instant::now();
+        store.syscalls.push(t0, SyscallTotals::default());
+        let mut t = SyscallTotals::default();
+        let mut fast = SyscallCounters::default();
+        for _ in 0..100 {
+            fast.latency.record(300);
+        }
+        let mut slow = SyscallCounters::default();
+        for _ in 0..3 {
+            slow.latency.record(50_000_000);
+        }
+        slow.errors = 1;
+        t.by_nr.insert(110, fast); // getppid
+        t.by_nr.insert(35, slow); // nanosleep
+        store.syscalls.push(t0 + Duration::from_secs(2), t);
+        let v = syscalls(&store, &Config::default(), Duration::from_secs(10), 10).unwrap();
+        assert_eq!(v.total_calls, 103);
+        assert_eq!(v.by_count[0].syscall, "getppid");
+        assert_eq!(v.by_count[0].count, 100);
+        assert!((v.by_count[0].per_second - 50.0).abs() < 1e-9);
+        assert_eq!(v.by_p99[0].syscall, "nanosleep");
+        assert_eq!(v.by_p99[0].errors, 1);
+        let p99 = v.by_p99[0].p99_us.unwrap();
+        assert!((33_554.0..=67_109.0).contains(&p99), "{p99}");
+        let v1 = syscalls(&store, &Config::default(), Duration::from_secs(10), 1).unwrap();
+        assert_eq!(v1.by_count.len(), 1);
+    }
+
+    #[test]
+    fn no_data_is_an_error_not_a_panic() {
+        let store = Store::new(ConfigSource::Defaults, 10);
+        assert!(syscalls(&store, &Config::default(), DEFAULT_WINDOW, 10).is_err());
+        let s = status(&store, &Config::default());
+        assert!(s.events.is_empty());
+    }
+}

@@ -1,0 +1,248 @@
+//! `insite-agent run`: start-up, the running agent, reload and shutdown.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex, RwLock,
+    },
+};
+
+use anyhow::Context as _;
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::watch,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    collectors::{self, TickMetrics},
+    config::{Config, ConfigSource},
+    control, exporters,
+    probes::{self, syscalls::SyscallProbe},
+    store::{ProbeState, ProbeStatus, SharedStore, Store},
+};
+
+/// Command-line overrides; they win over the file, at start-up and on every reload.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    pub control_socket: Option<PathBuf>,
+}
+
+impl Overrides {
+    fn apply(&self, cfg: &mut Config) {
+        if let Some(a) = self.metrics_listen {
+            cfg.metrics.listen = a;
+        }
+        if let Some(p) = &self.control_socket {
+            cfg.control.socket = p.clone();
+        }
+    }
+}
+
+/// Resolves once shutdown has been requested (or its sender is gone).
+pub async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+pub struct RunArgs {
+    pub config_path: PathBuf,
+    pub config_explicit: bool,
+    pub overrides: Overrides,
+}
+
+fn load(args: &RunArgs) -> anyhow::Result<(Config, ConfigSource)> {
+    let (mut cfg, src) = Config::load(&args.config_path, args.config_explicit)?;
+    args.overrides.apply(&mut cfg);
+    cfg.validate()
+        .map_err(|v| anyhow::anyhow!("invalid value for `{}` (from the command line): {}", v.key, v.reason))?;
+    Ok((cfg, src))
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let (cfg, source) = load(&args)?;
+    info!(config = %source, "insite-agent {} starting", env!("CARGO_PKG_VERSION"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("insite-agent")
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(run_async(args, cfg, source))
+}
+
+async fn run_async(args: RunArgs, cfg: Config, source: ConfigSource) -> anyhow::Result<()> {
+    let store: SharedStore = Arc::new(RwLock::new(Store::new(
+        source,
+        cfg.syscalls.slow_log_size,
+    )));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (cfg_tx, cfg_rx) = watch::channel(Arc::new(cfg.clone()));
+
+    // Servers first: a port or socket conflict is a start-up error, before any probe loads.
+    let top_n = Arc::new(AtomicUsize::new(cfg.syscalls.top_n));
+    let tick_metrics = TickMetrics::default();
+    let registry = exporters::prometheus::registry(store.clone(), top_n.clone(), &tick_metrics);
+    let metrics_server =
+        exporters::prometheus::serve(cfg.metrics.listen, registry, shutdown_rx.clone())
+            .await
+            .with_context(|| format!("metrics.listen {}", cfg.metrics.listen))?;
+    let (listener, access) = control::server::bind(&cfg.control)?;
+    let socket_path = cfg.control.socket.clone();
+
+    probes::prepare_host();
+    let syscall_probe = attach_syscalls(&cfg, &store);
+    if let Ok(mut st) = store.write() {
+        st.set_probe(ProbeStatus {
+            name: "host".into(),
+            state: if cfg.host.enabled { ProbeState::Attached } else { ProbeState::Disabled },
+            attach: cfg.host.enabled.then(|| "procfs".into()),
+            error: None,
+        });
+    }
+
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(p) = &syscall_probe {
+        let ring = p.lock().ok().and_then(|mut p| p.take_ring());
+        if let Some(ring) = ring {
+            tasks.spawn(collectors::syscalls::run_slow_reader(ring, store.clone()));
+        }
+    }
+    tasks.spawn(collectors::run_ticks(
+        store.clone(),
+        syscall_probe.clone(),
+        cfg_rx.clone(),
+        tick_metrics,
+        shutdown_rx.clone(),
+    ));
+    tasks.spawn(async move {
+        if let Err(e) = metrics_server.await {
+            error!(error = %e, "metrics endpoint stopped");
+        }
+    });
+    tasks.spawn(control::server::serve(
+        listener,
+        control::server::Context {
+            store: store.clone(),
+            config: cfg_rx.clone(),
+            access,
+        },
+        shutdown_rx.clone(),
+    ));
+    info!("insite-agent running");
+
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = hup.recv() => {
+                reload(&args, &cfg_tx, &store, syscall_probe.as_ref(), &top_n);
+            }
+        }
+    }
+
+    let _ = shutdown_tx.send(true);
+    // Servers finish in-flight requests quickly; the slow-call reader only ever waits on the
+    // ring buffer, so stop everything now rather than wait on it.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    tasks.shutdown().await;
+    // Dropping the probe detaches its programs and frees its maps.
+    drop(syscall_probe);
+    control::server::remove_socket(&socket_path);
+    info!("insite-agent stopped");
+    Ok(())
+}
+
+fn attach_syscalls(cfg: &Config, store: &SharedStore) -> Option<Arc<Mutex<SyscallProbe>>> {
+    let status = |state, attach: Option<String>, error: Option<String>| ProbeStatus {
+        name: "syscalls".into(),
+        state,
+        attach,
+        error,
+    };
+    let (st, probe) = if !cfg.syscalls.enabled {
+        (status(ProbeState::Disabled, None, None), None)
+    } else {
+        match SyscallProbe::attach(&cfg.syscalls) {
+            Ok((p, problems)) => (
+                status(
+                    ProbeState::Attached,
+                    Some(p.mode().to_string()),
+                    (!problems.is_empty()).then(|| problems.join("; ")),
+                ),
+                Some(Arc::new(Mutex::new(p))),
+            ),
+            Err(e) => {
+                error!(error = %e, "syscall probe failed; the agent continues without it");
+                (status(ProbeState::Failed, None, Some(e.to_string())), None)
+            }
+        }
+    };
+    if let Ok(mut s) = store.write() {
+        s.set_probe(st);
+    }
+    probe
+}
+
+/// SIGHUP: re-read the config; apply it if it is good, keep the running one if not.
+fn reload(
+    args: &RunArgs,
+    cfg_tx: &watch::Sender<Arc<Config>>,
+    store: &SharedStore,
+    probe: Option<&Arc<Mutex<SyscallProbe>>>,
+    top_n: &AtomicUsize,
+) {
+    let (new, source) = match load(args) {
+        Ok(x) => x,
+        Err(e) => {
+            error!(error = %format!("{e:#}"), "SIGHUP: config rejected; keeping the running config");
+            return;
+        }
+    };
+    let old = cfg_tx.borrow().clone();
+    for (what, changed) in [
+        ("metrics.listen", old.metrics.listen != new.metrics.listen),
+        ("control", old.control != new.control),
+        ("syscalls.enabled", old.syscalls.enabled != new.syscalls.enabled),
+        ("syscalls.attach", old.syscalls.attach != new.syscalls.attach),
+    ] {
+        if changed {
+            warn!(key = what, "SIGHUP: this setting takes effect at the next restart");
+        }
+    }
+    if let Some(p) = probe {
+        if let Ok(mut p) = p.lock() {
+            match p.apply_config(&new.syscalls) {
+                Ok(problems) => {
+                    if let Ok(mut st) = store.write() {
+                        if let Some(s) = st.probes.get_mut("syscalls") {
+                            s.error = (!problems.is_empty()).then(|| problems.join("; "));
+                        }
+                    }
+                }
+                Err(e) => error!(error = %e, "SIGHUP: could not apply syscall settings"),
+            }
+        }
+    }
+    top_n.store(new.syscalls.top_n, Ordering::Relaxed);
+    if let Ok(mut st) = store.write() {
+        st.set_slow_capacity(new.syscalls.slow_log_size);
+        st.config_source = source;
+    }
+    // Settings that need a restart stay as they run.
+    let mut applied = new;
+    applied.metrics = old.metrics.clone();
+    applied.control = old.control.clone();
+    applied.syscalls.enabled = old.syscalls.enabled;
+    applied.syscalls.attach = old.syscalls.attach;
+    let _ = cfg_tx.send(Arc::new(applied));
+    info!("SIGHUP: config reloaded");
+}

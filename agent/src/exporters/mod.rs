@@ -1,0 +1,3 @@
+//! Exporters: how the store leaves the host.
+
+pub mod prometheus;

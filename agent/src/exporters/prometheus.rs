@@ -1,0 +1,439 @@
+//! Prometheus endpoint: `GET /metrics` in OpenMetrics text.
+//!
+//! Metrics are rendered from the store at scrape time (a `Collector`), so a scrape costs one
+//! read lock and no work happens between scrapes. Agent self-metrics that are plain counters
+//! live in the registry as ordinary prometheus-client metrics.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+};
+
+use axum::{extract::State, http::header, response::IntoResponse, routing::get, Router};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _, NoLabelSet},
+    metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
+    registry::{Registry, Unit},
+};
+use tokio::{net::TcpListener, sync::watch};
+use tracing::info;
+
+use crate::{
+    collectors::TickMetrics,
+    store::{histogram::Log2Histogram, ProbeState, SharedStore, SyscallCounters},
+    syscall_names,
+};
+
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Exported histogram buckets: le = 2^k ns for k in this range (about 1 us to 69 s), then +Inf.
+/// Kernel bucket i ([2^i, 2^(i+1)) ns) lands in le = 2^(i+1).
+const EXPORT_MIN_POW: usize = 10;
+const EXPORT_MAX_POW: usize = 36;
+
+/// Builds the registry: store-backed families plus the tick self-metrics.
+pub fn registry(store: SharedStore, top_n: Arc<AtomicUsize>, tick: &TickMetrics) -> Registry {
+    let mut r = Registry::default();
+    r.register(
+        "insite_agent_ticks",
+        "Collector ticks completed",
+        tick.ticks.clone(),
+    );
+    r.register_with_unit(
+        "insite_agent_tick_duration",
+        "Time one collector tick took (map and procfs reads)",
+        Unit::Seconds,
+        tick.tick_duration.clone(),
+    );
+    r.register(
+        "insite_agent_collect_errors",
+        "Collector reads that failed (kernel maps or procfs)",
+        tick.collect_errors.clone(),
+    );
+    r.register_collector(Box::new(StoreCollector { store, top_n }));
+    r
+}
+
+#[derive(Debug)]
+struct StoreCollector {
+    store: SharedStore,
+    top_n: Arc<AtomicUsize>,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn counter<'a>(
+    enc: &mut DescriptorEncoder<'a>,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    rows: impl IntoIterator<Item = (Labels, f64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, unit, MetricType::Counter)?;
+    for (labels, v) in rows {
+        ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge<'a>(
+    enc: &mut DescriptorEncoder<'a>,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    rows: impl IntoIterator<Item = (Labels, f64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+    for (labels, v) in rows {
+        ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn l(k: &'static str, v: impl Into<String>) -> Labels {
+    vec![(k, v.into())]
+}
+
+/// Per-bucket counts (not cumulative) at the exported bounds, in seconds.
+pub fn export_buckets(h: &Log2Histogram) -> Vec<(f64, u64)> {
+    let mut out = Vec::with_capacity(EXPORT_MAX_POW - EXPORT_MIN_POW + 2);
+    let mut first = 0;
+    for (i, &n) in h.buckets.iter().enumerate() {
+        if i + 1 <= EXPORT_MIN_POW {
+            first += n;
+        }
+    }
+    out.push(((1u64 << EXPORT_MIN_POW) as f64 / 1e9, first));
+    for pow in EXPORT_MIN_POW + 1..=EXPORT_MAX_POW {
+        out.push(((1u64 << pow) as f64 / 1e9, h.buckets.get(pow - 1).copied().unwrap_or(0)));
+    }
+    let rest: u64 = h.buckets.iter().skip(EXPORT_MAX_POW).sum();
+    out.push((f64::MAX, rest));
+    out
+}
+
+/// The top `n` syscalls by count keep their label; the rest fold into `other`.
+fn top_n_syscalls(
+    by_nr: &std::collections::BTreeMap<u32, SyscallCounters>,
+    n: usize,
+) -> (Vec<(String, SyscallCounters)>, usize) {
+    let mut all: Vec<(u32, SyscallCounters)> = by_nr.iter().map(|(k, v)| (*k, *v)).collect();
+    all.sort_by(|a, b| b.1.latency.count.cmp(&a.1.latency.count).then(a.0.cmp(&b.0)));
+    let mut rows: Vec<(String, SyscallCounters)> = Vec::new();
+    let mut other = SyscallCounters::default();
+    let mut folded = 0;
+    for (i, (nr, c)) in all.into_iter().enumerate() {
+        if i < n {
+            rows.push((syscall_names::label(nr), c));
+        } else {
+            other.add(&c);
+            folded += 1;
+        }
+    }
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    if folded > 0 {
+        rows.push(("other".to_string(), other));
+    }
+    (rows, folded)
+}
+
+impl Collector for StoreCollector {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let Ok(st) = self.store.read() else {
+            return Ok(());
+        };
+        let e = &mut enc;
+
+        gauge(
+            e,
+            "insite_agent_info",
+            "Agent build information (always 1)",
+            None,
+            [(l("version", env!("CARGO_PKG_VERSION")), 1.0)],
+        )?;
+        gauge(
+            e,
+            "insite_agent_uptime",
+            "Time since the agent started",
+            Some(&Unit::Seconds),
+            [(vec![], st.started.elapsed().as_secs_f64())],
+        )?;
+        if let Some((rss, cpu)) = self_usage() {
+            gauge(
+                e,
+                "insite_agent_resident_memory",
+                "Resident memory of the agent process",
+                Some(&Unit::Bytes),
+                [(vec![], rss)],
+            )?;
+            counter(
+                e,
+                "insite_agent_cpu",
+                "CPU time used by the agent process (user + system)",
+                Some(&Unit::Seconds),
+                [(vec![], cpu)],
+            )?;
+        }
+        gauge(
+            e,
+            "insite_probe_attached",
+            "Whether a probe family is attached (1) or not (0: disabled or failed)",
+            None,
+            st.probes.values().map(|p| {
+                (
+                    vec![
+                        ("probe", p.name.clone()),
+                        ("state", format!("{:?}", p.state).to_lowercase()),
+                    ],
+                    if p.state == ProbeState::Attached { 1.0 } else { 0.0 },
+                )
+            }),
+        )?;
+
+        if let Some(latest) = st.syscalls.latest() {
+            let t = &latest.totals;
+            let (rows, folded) = top_n_syscalls(&t.by_nr, self.top_n.load(Ordering::Relaxed));
+            {
+                let mut m = e.encode_descriptor(
+                    "insite_syscall_duration",
+                    "Syscall latency (sys_enter to sys_exit), log2 buckets from the kernel",
+                    Some(&Unit::Seconds),
+                    MetricType::Histogram,
+                )?;
+                for (name, c) in &rows {
+                    let labels = l("syscall", name.clone());
+                    let mut fam = m.encode_family(&labels)?;
+                    fam.encode_histogram::<NoLabelSet>(
+                        c.latency.sum_ns as f64 / 1e9,
+                        c.latency.count,
+                        &export_buckets(&c.latency),
+                        None,
+                    )?;
+                }
+            }
+            counter(
+                e,
+                "insite_syscall_errors",
+                "Syscalls that returned an error (-errno)",
+                None,
+                rows.iter()
+                    .map(|(name, c)| (l("syscall", name.clone()), c.errors as f64)),
+            )?;
+            gauge(
+                e,
+                "insite_syscall_series_folded",
+                "Syscalls folded into syscall=\"other\" by the top-N bound",
+                None,
+                [(vec![], folded as f64)],
+            )?;
+            counter(
+                e,
+                "insite_ringbuf_events",
+                "Events written to a kernel ring buffer",
+                None,
+                [(l("ring", "syscall_slow"), t.slow_events as f64)],
+            )?;
+            counter(
+                e,
+                "insite_ringbuf_drops",
+                "Events lost because a kernel ring buffer was full",
+                None,
+                [(l("ring", "syscall_slow"), t.slow_drops as f64)],
+            )?;
+            counter(
+                e,
+                "insite_syscall_untimed",
+                "Syscalls not timed because the per-thread start map was full",
+                None,
+                [(vec![], t.start_drops as f64)],
+            )?;
+        }
+        counter(
+            e,
+            "insite_syscall_slow_calls_received",
+            "Slow-call events received by the agent",
+            None,
+            [(vec![], st.slow_received as f64)],
+        )?;
+
+        if let Some(h) = &st.host {
+            counter(
+                e,
+                "insite_host_cpu",
+                "CPU time of all CPUs by mode (/proc/stat)",
+                Some(&Unit::Seconds),
+                h.cpu_seconds.iter().map(|(m, v)| (l("mode", *m), *v)),
+            )?;
+            gauge(e, "insite_host_cpus", "Online CPUs", None, [(vec![], h.cpus as f64)])?;
+            gauge(
+                e,
+                "insite_host_memory",
+                "Memory by kind (/proc/meminfo)",
+                Some(&Unit::Bytes),
+                [
+                    (l("kind", "total"), h.memory_total_bytes as f64),
+                    (l("kind", "available"), h.memory_available_bytes as f64),
+                    (l("kind", "free"), h.memory_free_bytes as f64),
+                    (l("kind", "cached"), h.memory_cached_bytes as f64),
+                    (l("kind", "swap_total"), h.swap_total_bytes as f64),
+                    (l("kind", "swap_free"), h.swap_free_bytes as f64),
+                ],
+            )?;
+            gauge(
+                e,
+                "insite_host_load",
+                "Load average",
+                None,
+                [
+                    (l("window", "1m"), h.load1),
+                    (l("window", "5m"), h.load5),
+                    (l("window", "15m"), h.load15),
+                ],
+            )?;
+            counter(
+                e,
+                "insite_host_pressure_stall",
+                "Time tasks were stalled on a resource (PSI total)",
+                Some(&Unit::Seconds),
+                h.pressure.iter().map(|p| {
+                    (
+                        vec![("resource", p.resource.into()), ("kind", p.kind.into())],
+                        p.stall_seconds_total,
+                    )
+                }),
+            )?;
+            gauge(
+                e,
+                "insite_host_pressure_avg10",
+                "Share of the last 10 s that tasks were stalled on a resource (PSI avg10 / 100)",
+                Some(&Unit::Other("ratio".into())),
+                h.pressure.iter().map(|p| {
+                    (
+                        vec![("resource", p.resource.into()), ("kind", p.kind.into())],
+                        p.avg10 / 100.0,
+                    )
+                }),
+            )?;
+            let disk = |f: fn(&crate::store::DiskReading) -> f64| {
+                h.disks.iter().map(move |d| (l("device", d.device.clone()), f(d)))
+            };
+            counter(e, "insite_host_disk_reads_completed", "Disk reads completed", None, disk(|d| d.reads_completed as f64))?;
+            counter(e, "insite_host_disk_writes_completed", "Disk writes completed", None, disk(|d| d.writes_completed as f64))?;
+            counter(e, "insite_host_disk_read", "Bytes read from disk", Some(&Unit::Bytes), disk(|d| d.read_bytes as f64))?;
+            counter(e, "insite_host_disk_written", "Bytes written to disk", Some(&Unit::Bytes), disk(|d| d.written_bytes as f64))?;
+            counter(e, "insite_host_disk_io_time", "Time the disk was busy with I/O", Some(&Unit::Seconds), disk(|d| d.io_seconds))?;
+            let net = |f: fn(&crate::store::NetDevReading) -> u64| {
+                h.net_devices.iter().map(move |d| (l("device", d.device.clone()), f(d) as f64))
+            };
+            counter(e, "insite_host_network_receive", "Bytes received by a network device", Some(&Unit::Bytes), net(|d| d.rx_bytes))?;
+            counter(e, "insite_host_network_transmit", "Bytes sent by a network device", Some(&Unit::Bytes), net(|d| d.tx_bytes))?;
+            counter(e, "insite_host_network_receive_packets", "Packets received by a network device", None, net(|d| d.rx_packets))?;
+            counter(e, "insite_host_network_transmit_packets", "Packets sent by a network device", None, net(|d| d.tx_packets))?;
+            counter(e, "insite_host_network_receive_errors", "Receive errors of a network device", None, net(|d| d.rx_errors))?;
+            counter(e, "insite_host_network_transmit_errors", "Transmit errors of a network device", None, net(|d| d.tx_errors))?;
+            counter(e, "insite_host_network_receive_drops", "Received packets dropped by a network device", None, net(|d| d.rx_dropped))?;
+            counter(e, "insite_host_network_transmit_drops", "Outgoing packets dropped by a network device", None, net(|d| d.tx_dropped))?;
+        }
+        Ok(())
+    }
+}
+
+/// The agent's own RSS (bytes) and CPU time (seconds).
+fn self_usage() -> Option<(f64, f64)> {
+    let me = procfs::process::Process::myself().ok()?;
+    let stat = me.stat().ok()?;
+    let page = procfs::page_size() as f64;
+    let tps = procfs::ticks_per_second() as f64;
+    Some((
+        stat.rss as f64 * page,
+        (stat.utime + stat.stime) as f64 / tps,
+    ))
+}
+
+/// Renders the registry.
+pub fn render(registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)?;
+    Ok(out)
+}
+
+async fn metrics(State(reg): State<Arc<Registry>>) -> impl IntoResponse {
+    match render(&reg) {
+        Ok(body) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
+        Err(_) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "encoding metrics failed\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn index() -> impl IntoResponse {
+    "insite-agent: metrics at /metrics\n"
+}
+
+/// Binds `addr` (fails fast if taken) and returns the server future.
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Registry,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
+    let listener = TcpListener::bind(addr).await?;
+    info!(addr = %listener.local_addr()?, "metrics endpoint listening");
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/", get(index))
+        .with_state(Arc::new(registry));
+    Ok(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                crate::daemon::shutdown_requested(&mut shutdown).await;
+            })
+            .await
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::histogram::Log2Histogram;
+
+    #[test]
+    fn export_buckets_cover_every_observation() {
+        let mut h = Log2Histogram::default();
+        for ns in [1u64, 500, 2_000, 50_000_000, 1 << 38] {
+            h.record(ns);
+        }
+        let b = export_buckets(&h);
+        assert_eq!(b.iter().map(|x| x.1).sum::<u64>(), h.count);
+        assert_eq!(b.first().unwrap().1, 2); // 1 ns and 500 ns are below 1.024 us
+        assert_eq!(b.last().unwrap().0, f64::MAX);
+        assert_eq!(b.last().unwrap().1, 1); // 2^38 ns is past 2^36
+        // 50 ms sits in (2^25, 2^26] ns
+        let i = b.iter().position(|x| x.1 == 1 && x.0 > 0.03 && x.0 < 0.1).unwrap();
+        assert!((b[i].0 - 0.067108864).abs() < 1e-9, "{}", b[i].0);
+    }
+
+    #[test]
+    fn top_n_folds_into_other() {
+        let mut m = std::collections::BTreeMap::new();
+        for nr in 0..10u32 {
+            let mut c = SyscallCounters::default();
+            for _ in 0..=nr {
+                c.latency.record(100);
+            }
+            m.insert(nr, c);
+        }
+        let (rows, folded) = top_n_syscalls(&m, 3);
+        assert_eq!(folded, 7);
+        assert_eq!(rows.len(), 4);
+        let other = rows.iter().find(|r| r.0 == "other").unwrap();
+        assert_eq!(other.1.latency.count, (1..=7).sum::<u64>());
+        let (rows, folded) = top_n_syscalls(&m, 100);
+        assert_eq!((rows.len(), folded), (10, 0));
+    }
+}

@@ -1,0 +1,81 @@
+//! Kernel side: the embedded eBPF objects, how they are loaded and attached.
+//!
+//! One object per probe family, each loaded and attached on its own: a kernel that lacks what
+//! one family needs degrades that family (visible in `status` and in
+//! `insite_probe_attached`), and the others keep running.
+
+pub mod syscalls;
+
+use std::path::Path;
+
+use tracing::{debug, info, warn};
+
+/// The object of the syscall family, built by build.rs from `agent-ebpf`.
+pub(crate) static SYSCALLS_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/insite-syscalls"));
+
+const TRACEFS_MAGIC: i64 = 0x7472_6163;
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Makes the host ready for loading probes: mounts tracefs and bpffs where they are missing
+/// (plain VMs and containers; systemd hosts have both) and lifts the memlock limit on kernels
+/// that still charge BPF memory to it. Failures are logged, never fatal: each probe reports
+/// what it could not do.
+pub fn prepare_host() {
+    ensure_mounted(Path::new("/sys/kernel/tracing"), "tracefs", TRACEFS_MAGIC);
+    ensure_mounted(Path::new("/sys/fs/bpf"), "bpf", BPF_FS_MAGIC);
+    raise_memlock();
+}
+
+fn ensure_mounted(target: &Path, fstype: &str, magic: i64) {
+    match nix::sys::statfs::statfs(target) {
+        Ok(s) if s.filesystem_type().0 as i64 == magic => {
+            debug!(path = %target.display(), fstype, "already mounted");
+            return;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            debug!(path = %target.display(), error = %e, "cannot stat mount point");
+            return;
+        }
+    }
+    match nix::mount::mount(
+        Some("nodev"),
+        target,
+        Some(fstype),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    ) {
+        Ok(()) => info!(path = %target.display(), fstype, "mounted"),
+        Err(e) => warn!(path = %target.display(), fstype, error = %e, "could not mount"),
+    }
+}
+
+fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid, initialised struct.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+    if ret != 0 {
+        // Kernels >= 5.11 charge BPF memory to the memory cgroup instead; harmless there.
+        debug!(
+            error = %std::io::Error::last_os_error(),
+            "could not lift RLIMIT_MEMLOCK (fine on kernels that account BPF memory to memcg)"
+        );
+    }
+}
+
+/// Where the cgroup v2 hierarchy is mounted: `/sys/fs/cgroup` on unified hosts,
+/// `/sys/fs/cgroup/unified` on hybrid ones.
+pub fn cgroup2_root() -> Option<std::path::PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts.lines().find_map(|line| {
+        let (pre, post) = line.split_once(" - ")?;
+        if post.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        pre.split_whitespace().nth(4).map(std::path::PathBuf::from)
+    })
+}

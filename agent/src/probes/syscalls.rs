@@ -1,0 +1,349 @@
+//! Syscall latency probe: attach, configure, read.
+
+use std::{collections::BTreeMap, os::unix::fs::MetadataExt as _};
+
+use agent_common::{
+    counters,
+    syscalls::{
+        SyscallConfig, SyscallStats, FILTER_CGROUP, FILTER_COMM, FILTER_PID, FILTER_SYSCALL,
+        MAX_SYSCALLS,
+    },
+    TASK_COMM_LEN,
+};
+use aya::{
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, ProgramError, RawTracePoint},
+    Btf, Ebpf, EbpfError,
+};
+use tracing::{info, warn};
+
+use crate::{
+    config::{AttachMode, SyscallsConfig},
+    store::{histogram::Log2Histogram, SyscallCounters, SyscallTotals},
+    syscall_names,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyscallProbeError {
+    #[error("loading the syscall object: {0}")]
+    Load(#[from] EbpfError),
+    #[error("{what}: {source}")]
+    Program {
+        what: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {0} missing from the object")]
+    MissingMap(&'static str),
+    #[error("could not attach with any method: {0}")]
+    NoAttach(String),
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> SyscallProbeError {
+    move |source| SyscallProbeError::Map { name, source }
+}
+
+/// The attached syscall probe and the maps userspace talks to.
+pub struct SyscallProbe {
+    // Owns the programs and their links: dropping it detaches everything.
+    _ebpf: Ebpf,
+    mode: AttachMode,
+    stats: PerCpuArray<MapData, SyscallStats>,
+    counters: PerCpuArray<MapData, u64>,
+    config: Array<MapData, SyscallConfig>,
+    filter_pids: HashMap<MapData, u32, u8>,
+    filter_comms: HashMap<MapData, [u8; TASK_COMM_LEN], u8>,
+    filter_cgroups: HashMap<MapData, u64, u8>,
+    filter_nrs: Array<MapData, u8>,
+    ring: Option<RingBuf<MapData>>,
+}
+
+impl std::fmt::Debug for SyscallProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyscallProbe")
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+fn take<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    conv: impl FnOnce(aya::maps::Map) -> Result<T, MapError>,
+) -> Result<T, SyscallProbeError> {
+    let map = ebpf
+        .take_map(name)
+        .ok_or(SyscallProbeError::MissingMap(name))?;
+    conv(map).map_err(map_err(name))
+}
+
+impl SyscallProbe {
+    /// Loads the object and attaches sys_enter/sys_exit with the configured method (`auto`:
+    /// tp_btf, then raw tracepoints). Returns the probe and any non-fatal problems.
+    pub fn attach(cfg: &SyscallsConfig) -> Result<(Self, Vec<String>), SyscallProbeError> {
+        let mut ebpf = Ebpf::load(super::SYSCALLS_OBJECT)?;
+        let mut errors = Vec::new();
+        let order: &[AttachMode] = match cfg.attach {
+            AttachMode::Auto => &[AttachMode::TpBtf, AttachMode::RawTracepoint],
+            AttachMode::TpBtf => &[AttachMode::TpBtf],
+            AttachMode::RawTracepoint => &[AttachMode::RawTracepoint],
+        };
+        let mut mode = None;
+        for &m in order {
+            match attach_pair(&mut ebpf, m) {
+                Ok(()) => {
+                    mode = Some(m);
+                    break;
+                }
+                Err(e) => {
+                    warn!(method = %m, error = %e, "syscall probe: attach method failed");
+                    errors.push(format!("{m}: {e}"));
+                }
+            }
+        }
+        let Some(mode) = mode else {
+            return Err(SyscallProbeError::NoAttach(errors.join("; ")));
+        };
+        info!(method = %mode, "syscall probe attached");
+
+        let mut probe = Self {
+            stats: take(&mut ebpf, "SYSCALL_STATS", PerCpuArray::try_from)?,
+            counters: take(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?,
+            config: take(&mut ebpf, "SYSCALL_CONFIG", Array::try_from)?,
+            filter_pids: take(&mut ebpf, "SYSCALL_FILTER_PIDS", HashMap::try_from)?,
+            filter_comms: take(&mut ebpf, "SYSCALL_FILTER_COMMS", HashMap::try_from)?,
+            filter_cgroups: take(&mut ebpf, "SYSCALL_FILTER_CGROUPS", HashMap::try_from)?,
+            filter_nrs: take(&mut ebpf, "SYSCALL_FILTER_NRS", Array::try_from)?,
+            ring: Some(take(&mut ebpf, "SYSCALL_SLOW_EVENTS", RingBuf::try_from)?),
+            _ebpf: ebpf,
+            mode,
+        };
+        // With a failed fallback (tp_btf -> raw) the probe works, but say why.
+        let mut problems = if errors.is_empty() { vec![] } else { errors };
+        problems.extend(probe.apply_config(cfg)?);
+        Ok((probe, problems))
+    }
+
+    pub fn mode(&self) -> AttachMode {
+        self.mode
+    }
+
+    /// The ring buffer of slow-call events, for the reader task (once).
+    pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
+        self.ring.take()
+    }
+
+    /// Pushes threshold and filters into the kernel. Returns non-fatal problems (e.g. a
+    /// configured cgroup that does not exist: nothing in it can be traced until it does).
+    pub fn apply_config(&mut self, cfg: &SyscallsConfig) -> Result<Vec<String>, SyscallProbeError> {
+        let mut problems = Vec::new();
+        let mut flags = 0u32;
+
+        let pids: Vec<u32> = cfg.pids.clone();
+        replace_keys(&mut self.filter_pids, &pids, "SYSCALL_FILTER_PIDS")?;
+        if !pids.is_empty() {
+            flags |= FILTER_PID;
+        }
+
+        let comms: Vec<[u8; TASK_COMM_LEN]> = cfg.comms.iter().map(|c| comm_key(c)).collect();
+        replace_keys(&mut self.filter_comms, &comms, "SYSCALL_FILTER_COMMS")?;
+        if !comms.is_empty() {
+            flags |= FILTER_COMM;
+        }
+
+        let mut cgroup_ids = Vec::new();
+        if !cfg.cgroups.is_empty() {
+            flags |= FILTER_CGROUP;
+            let root = super::cgroup2_root();
+            for path in &cfg.cgroups {
+                match cgroup_id(root.as_deref(), path) {
+                    Ok(id) => cgroup_ids.push(id),
+                    Err(e) => {
+                        warn!(cgroup = %path.display(), error = %e, "syscalls.cgroups entry not traced");
+                        problems.push(format!("syscalls.cgroups {}: {e}", path.display()));
+                    }
+                }
+            }
+        }
+        replace_keys(&mut self.filter_cgroups, &cgroup_ids, "SYSCALL_FILTER_CGROUPS")?;
+
+        let mut wanted = vec![0u8; MAX_SYSCALLS as usize];
+        if !cfg.syscalls.is_empty() {
+            flags |= FILTER_SYSCALL;
+            for name in &cfg.syscalls {
+                if let Some(nr) = syscall_names::number(name) {
+                    if let Some(w) = wanted.get_mut(nr as usize) {
+                        *w = 1;
+                    }
+                }
+            }
+        }
+        for (nr, w) in wanted.iter().enumerate() {
+            self.filter_nrs
+                .set(nr as u32, w, 0)
+                .map_err(map_err("SYSCALL_FILTER_NRS"))?;
+        }
+
+        // Flags last: the filter maps are complete before the kernel starts consulting them.
+        let kcfg = SyscallConfig {
+            slow_threshold_ns: u64::try_from(cfg.slow_threshold.as_nanos()).unwrap_or(u64::MAX),
+            filter_flags: flags,
+            _reserved: 0,
+        };
+        self.config
+            .set(0, kcfg, 0)
+            .map_err(map_err("SYSCALL_CONFIG"))?;
+        Ok(problems)
+    }
+
+    /// Cumulative per-syscall counters (summed over CPUs) and the kernel's self-counters.
+    pub fn read(&self) -> Result<SyscallTotals, SyscallProbeError> {
+        let mut by_nr = BTreeMap::new();
+        for (nr, per_cpu) in self.stats.iter().enumerate() {
+            let per_cpu = per_cpu.map_err(map_err("SYSCALL_STATS"))?;
+            let mut c = SyscallCounters::default();
+            for s in per_cpu.iter() {
+                add_stats(&mut c, s);
+            }
+            if c.latency.count > 0 {
+                by_nr.insert(nr as u32, c);
+            }
+        }
+        let counter = |idx: u32| -> Result<u64, SyscallProbeError> {
+            let v = self.counters.get(&idx, 0).map_err(map_err("COUNTERS"))?;
+            Ok(v.iter().sum())
+        };
+        Ok(SyscallTotals {
+            by_nr,
+            slow_events: counter(counters::SLOW_EVENTS)?,
+            slow_drops: counter(counters::SLOW_DROPS)?,
+            start_drops: counter(counters::START_DROPS)?,
+        })
+    }
+}
+
+fn add_stats(c: &mut SyscallCounters, s: &SyscallStats) {
+    let h: &mut Log2Histogram = &mut c.latency;
+    h.count += s.count;
+    h.sum_ns = h.sum_ns.saturating_add(s.total_ns);
+    for (a, b) in h.buckets.iter_mut().zip(s.buckets.iter()) {
+        *a += b;
+    }
+    c.errors += s.errors;
+}
+
+fn attach_pair(ebpf: &mut Ebpf, mode: AttachMode) -> Result<(), String> {
+    let (enter, exit) = match mode {
+        AttachMode::TpBtf => ("isa_btf_enter", "isa_btf_exit"),
+        _ => ("isa_raw_enter", "isa_raw_exit"),
+    };
+    let result = (|| -> Result<(), SyscallProbeError> {
+        let btf = if mode == AttachMode::TpBtf {
+            Some(Btf::from_sys_fs().map_err(|e| SyscallProbeError::NoAttach(format!("kernel BTF: {e}")))?)
+        } else {
+            None
+        };
+        // exit first: an enter without its exit would record starts nobody consumes.
+        for (prog, tp) in [(exit, "sys_exit"), (enter, "sys_enter")] {
+            let wrap = |source| SyscallProbeError::Program {
+                what: format!("{prog} ({tp})"),
+                source,
+            };
+            let p = ebpf
+                .program_mut(prog)
+                .ok_or_else(|| SyscallProbeError::NoAttach(format!("program {prog} missing")))?;
+            match &btf {
+                Some(btf) => {
+                    let p: &mut BtfTracePoint = p.try_into().map_err(wrap)?;
+                    p.load(tp, btf).map_err(wrap)?;
+                    p.attach().map_err(wrap)?;
+                }
+                None => {
+                    let p: &mut RawTracePoint = p.try_into().map_err(wrap)?;
+                    p.load().map_err(wrap)?;
+                    p.attach(tp).map_err(wrap)?;
+                }
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        // Leave nothing half-attached behind before trying the next method.
+        for prog in [enter, exit] {
+            let Some(p) = ebpf.program_mut(prog) else { continue };
+            let unloaded = match mode {
+                AttachMode::TpBtf => <&mut BtfTracePoint>::try_from(p).map(|p| p.unload()),
+                _ => <&mut RawTracePoint>::try_from(p).map(|p| p.unload()),
+            };
+            if let Ok(Err(e)) = unloaded {
+                warn!(program = prog, error = %e, "unloading after a failed attach");
+            }
+        }
+        return Err(e.to_string());
+    }
+    Ok(())
+}
+
+fn replace_keys<K: aya::Pod + Ord>(
+    map: &mut HashMap<MapData, K, u8>,
+    wanted: &[K],
+    name: &'static str,
+) -> Result<(), SyscallProbeError> {
+    let existing: Vec<K> = map.keys().filter_map(Result::ok).collect();
+    for k in existing {
+        if !wanted.contains(&k) {
+            map.remove(&k).map_err(map_err(name))?;
+        }
+    }
+    for k in wanted {
+        map.insert(k, 1, 0).map_err(map_err(name))?;
+    }
+    Ok(())
+}
+
+fn comm_key(comm: &str) -> [u8; TASK_COMM_LEN] {
+    let mut key = [0u8; TASK_COMM_LEN];
+    let bytes = comm.as_bytes();
+    let n = bytes.len().min(TASK_COMM_LEN - 1);
+    key[..n].copy_from_slice(&bytes[..n]);
+    key
+}
+
+/// The cgroup v2 id of `path` (relative to the cgroup2 root): the inode number of its
+/// directory, which is what bpf_get_current_cgroup_id() returns.
+fn cgroup_id(root: Option<&std::path::Path>, path: &std::path::Path) -> Result<u64, String> {
+    let root = root.ok_or("no cgroup2 hierarchy is mounted")?;
+    let rel = path.strip_prefix("/").unwrap_or(path);
+    let dir = root.join(rel);
+    std::fs::metadata(&dir)
+        .map(|m| m.ino())
+        .map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+/// Decodes a comm (NUL-padded) for display.
+pub fn comm_str(comm: &[u8]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comm_keys_are_nul_padded_and_truncated() {
+        let k = comm_key("postgres");
+        assert_eq!(&k[..8], b"postgres");
+        assert!(k[8..].iter().all(|&b| b == 0));
+        let long = comm_key("abcdefghijklmnopqrst");
+        assert_eq!(&long[..15], b"abcdefghijklmno");
+        assert_eq!(long[15], 0);
+        assert_eq!(comm_str(&k), "postgres");
+    }
+}
