@@ -16,6 +16,9 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("agent-ebpf manifest has no parent directory"))?;
+    // The inner cargo's progress lines would each surface as a cargo warning; compiler
+    // diagnostics still do.
+    std::env::set_var("CARGO_TERM_QUIET", "true");
     aya_build::build_ebpf(
         [aya_build::Package {
             name: ebpf.name.as_str(),

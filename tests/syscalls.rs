@@ -1,0 +1,200 @@
+//! The syscall probe, end to end: real kernel, real agent, known workloads.
+
+use insite_e2e::{getppid_calls, nanosleep_calls, Agent};
+
+const LE_33MS: &str = "0.033554432"; // 2^25 ns
+const LE_67MS: &str = "0.067108864"; // 2^26 ns
+
+fn hist_bucket(m: &insite_e2e::Metrics, syscall: &str, le: &str) -> f64 {
+    m.value_or_zero(
+        "insite_syscall_duration_seconds_bucket",
+        &[("syscall", syscall), ("le", le)],
+    )
+}
+
+fn count(m: &insite_e2e::Metrics, syscall: &str) -> f64 {
+    m.value_or_zero(
+        "insite_syscall_duration_seconds_count",
+        &[("syscall", syscall)],
+    )
+}
+
+#[test]
+fn workload_is_counted_and_sleeps_land_in_their_bucket() {
+    let agent = Agent::start("");
+    let before = agent.scrape();
+    getppid_calls(20_000);
+    nanosleep_calls(5, 50);
+    agent.wait_ticks(2);
+    let after = agent.scrape();
+
+    let getppid = count(&after, "getppid") - count(&before, "getppid");
+    assert!(getppid >= 20_000.0, "getppid counted {getppid}, made 20000");
+
+    // 50 ms sleeps: above 2^25 ns (33.5 ms), at most 2^26 ns (67.1 ms).
+    let in_bucket = (hist_bucket(&after, "nanosleep", LE_67MS)
+        - hist_bucket(&after, "nanosleep", LE_33MS))
+        - (hist_bucket(&before, "nanosleep", LE_67MS) - hist_bucket(&before, "nanosleep", LE_33MS));
+    assert!(
+        in_bucket >= 5.0,
+        "50 ms sleeps in (33.5 ms, 67.1 ms]: {in_bucket}"
+    );
+    let sum = after.value_or_zero(
+        "insite_syscall_duration_seconds_sum",
+        &[("syscall", "nanosleep")],
+    ) - before.value_or_zero(
+        "insite_syscall_duration_seconds_sum",
+        &[("syscall", "nanosleep")],
+    );
+    assert!(sum >= 0.25, "nanosleep time {sum}s, slept 5 x 50 ms");
+}
+
+#[test]
+fn pid_filter_counts_exactly_this_process() {
+    let me = std::process::id();
+    let agent = Agent::start(&format!("[syscalls]\npids = [{me}]\n"));
+    let before = agent.scrape();
+    getppid_calls(12_345);
+    nanosleep_calls(3, 20);
+    // Children are other processes: their execve must not be counted.
+    for _ in 0..5 {
+        let _ = std::process::Command::new("/bin/true").status();
+    }
+    agent.wait_ticks(2);
+    let after = agent.scrape();
+    assert_eq!(
+        count(&after, "getppid") - count(&before, "getppid"),
+        12_345.0
+    );
+    assert_eq!(
+        count(&after, "nanosleep") - count(&before, "nanosleep"),
+        3.0
+    );
+    assert_eq!(count(&after, "execve") - count(&before, "execve"), 0.0);
+    // The agent's own reads of the maps are another process too.
+    assert_eq!(count(&after, "bpf"), 0.0);
+}
+
+#[test]
+fn syscall_set_filter_keeps_only_named_syscalls() {
+    let agent = Agent::start("[syscalls]\nsyscalls = [\"getppid\"]\n");
+    getppid_calls(1_000);
+    nanosleep_calls(1, 1);
+    agent.wait_ticks(2);
+    let m = agent.scrape();
+    assert!(count(&m, "getppid") >= 1_000.0);
+    for other in ["nanosleep", "read", "bpf", "epoll_wait"] {
+        assert_eq!(
+            m.value(
+                "insite_syscall_duration_seconds_count",
+                &[("syscall", other)]
+            ),
+            None,
+            "{other} should not be traced"
+        );
+    }
+}
+
+#[test]
+fn slow_calls_are_reported_with_process_and_duration() {
+    let me = std::process::id();
+    let agent = Agent::start("[syscalls]\nslow_threshold = \"10ms\"\n");
+    nanosleep_calls(3, 30);
+    getppid_calls(100);
+    agent.wait_ticks(2);
+    let v = agent.data(r#"{"cmd":"syscalls","window":"10s","limit":512}"#);
+    let slow: Vec<&serde_json::Value> = v["slow_calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["pid"] == me && c["syscall"] == "nanosleep")
+        .collect();
+    assert_eq!(slow.len(), 3, "{v:#}");
+    for c in slow {
+        assert!(c["duration_ns"].as_u64().unwrap() >= 30_000_000, "{c}");
+        assert_eq!(c["ret"], 0);
+        assert!(c["cgroup_id"].as_u64().unwrap() > 0);
+    }
+    // No getppid call takes 10 ms: none may be reported as slow.
+    assert!(!v["slow_calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["pid"] == me && c["syscall"] == "getppid"));
+    let status = agent.data(r#"{"cmd":"status"}"#);
+    let ev = &status["events"][0];
+    assert_eq!(ev["stream"], "syscall_slow");
+    assert!(ev["total"].as_u64().unwrap() >= 3);
+    let m = agent.scrape();
+    assert!(m.value_or_zero("insite_ringbuf_events_total", &[("ring", "syscall_slow")]) >= 3.0);
+    assert_eq!(
+        m.value("insite_ringbuf_drops_total", &[("ring", "syscall_slow")]),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn errors_are_counted() {
+    let me = std::process::id();
+    let agent = Agent::start(&format!("[syscalls]\npids = [{me}]\n"));
+    let before = agent.scrape();
+    for _ in 0..50 {
+        // close(-1) fails with EBADF every time.
+        // SAFETY: closing an invalid fd has no effect besides the error.
+        unsafe { libc::syscall(libc::SYS_close, -1i64) };
+    }
+    agent.wait_ticks(2);
+    let after = agent.scrape();
+    let errs = after.value_or_zero("insite_syscall_errors_total", &[("syscall", "close")])
+        - before.value_or_zero("insite_syscall_errors_total", &[("syscall", "close")]);
+    assert_eq!(errs, 50.0);
+}
+
+#[test]
+fn raw_tracepoint_attachment_works_too() {
+    let agent = Agent::start("[syscalls]\nattach = \"raw_tracepoint\"\n");
+    let status = agent.data(r#"{"cmd":"status"}"#);
+    let probe = status["probes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "syscalls")
+        .unwrap()
+        .clone();
+    assert_eq!(probe["state"], "attached");
+    assert_eq!(probe["attach"], "raw_tracepoint");
+    let before = agent.scrape();
+    getppid_calls(5_000);
+    agent.wait_ticks(2);
+    let after = agent.scrape();
+    assert!(count(&after, "getppid") - count(&before, "getppid") >= 5_000.0);
+}
+
+#[test]
+fn cli_views_show_the_workload() {
+    let agent = Agent::start("");
+    getppid_calls(50_000);
+    agent.wait_ticks(2);
+    let out = agent.cli(&["syscalls", "--window", "10s"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("top by count:"), "{text}");
+    assert!(text.contains("getppid"), "{text}");
+
+    let out = agent.cli(&["syscalls", "--window", "10s", "--json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = v["by_count"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["syscall"] == "getppid")
+        .cloned()
+        .expect("getppid row");
+    assert!(row["count"].as_u64().unwrap() >= 50_000);
+    assert!(row["p99_us"].as_f64().unwrap() > 0.0);
+
+    let bad = agent.cli(&["syscalls", "--window", "2h"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("window"));
+}

@@ -15,7 +15,11 @@ use crate::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "insite-agent", version, about = "InsiteChart host agent: eBPF performance monitoring")]
+#[command(
+    name = "insite-agent",
+    version,
+    about = "InsiteChart host agent: eBPF performance monitoring"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -79,7 +83,7 @@ pub fn main() -> ExitCode {
         Command::Status {
             json,
             control_socket,
-        } => client_cmd(&control_socket, &Request::Status, json, |v| {
+        } => client_cmd(&control_socket, &Request::Status {}, json, |v| {
             serde_json::from_value::<StatusView>(v).map(|s| print_status(&s))
         }),
         Command::Syscalls {
@@ -141,11 +145,17 @@ fn client_cmd(
 
 fn print_status(s: &StatusView) {
     println!("insite-agent {} (pid {})", s.version, s.pid);
-    println!("  uptime        {}", humantime::format_duration(Duration::from_secs(s.uptime_seconds as u64)));
+    println!(
+        "  uptime        {}",
+        humantime::format_duration(Duration::from_secs(s.uptime_seconds as u64))
+    );
     println!("  config        {}", s.config_source);
     println!("  metrics       http://{}/metrics", s.metrics_listen);
     println!("  control       {}", s.control_socket);
-    println!("  tick          {} ms ({} ticks, last {:.2} ms)", s.tick_interval_ms, s.ticks, s.last_tick_ms);
+    println!(
+        "  tick          {} ms ({} ticks, last {:.2} ms)",
+        s.tick_interval_ms, s.ticks, s.last_tick_ms
+    );
     println!("probes:");
     for p in &s.probes {
         let state = format!("{:?}", p.state).to_lowercase();

@@ -23,7 +23,7 @@ pub const DEFAULT_CONTROL_SOCKET: &str = "/run/insite-agent/control.sock";
 pub const MIN_TICK: Duration = Duration::from_millis(100);
 pub const MAX_TICK: Duration = Duration::from_secs(10);
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub agent: AgentConfig,
@@ -162,18 +162,6 @@ impl Default for SyscallsConfig {
 impl Default for HostConfig {
     fn default() -> Self {
         Self { enabled: true }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            agent: AgentConfig::default(),
-            metrics: MetricsConfig::default(),
-            control: ControlConfig::default(),
-            syscalls: SyscallsConfig::default(),
-            host: HostConfig::default(),
-        }
     }
 }
 
@@ -318,7 +306,10 @@ impl Config {
         }
         if let Some(g) = &c.group {
             if g.is_empty() {
-                return Err(violation("control.group", "must not be empty (omit it instead)"));
+                return Err(violation(
+                    "control.group",
+                    "must not be empty (omit it instead)",
+                ));
             }
         }
         if !(256..=1024 * 1024).contains(&c.max_request_bytes) {
@@ -349,7 +340,9 @@ impl Config {
             if comm.is_empty() || comm.len() >= agent_common::TASK_COMM_LEN {
                 return Err(violation(
                     "syscalls.comms",
-                    format!("{comm:?}: a comm is 1 to 15 bytes (the kernel truncates longer names)"),
+                    format!(
+                        "{comm:?}: a comm is 1 to 15 bytes (the kernel truncates longer names)"
+                    ),
                 ));
             }
         }
@@ -495,16 +488,27 @@ enabled = false
     fn wrong_types_name_the_key() {
         for (text, key, line) in [
             ("[agent]\ntick_interval = 5\n", "agent.tick_interval", 2),
-            ("[agent]\ntick_interval = \"fast\"\n", "agent.tick_interval", 2),
+            (
+                "[agent]\ntick_interval = \"fast\"\n",
+                "agent.tick_interval",
+                2,
+            ),
             ("[metrics]\nlisten = \"nowhere\"\n", "metrics.listen", 2),
-            ("[control]\nallowed_uids = [\"root\"]\n", "control.allowed_uids", 2),
+            (
+                "[control]\nallowed_uids = [\"root\"]\n",
+                "control.allowed_uids",
+                2,
+            ),
             ("[syscalls]\nenabled = \"yes\"\n", "syscalls.enabled", 2),
             ("[syscalls]\nattach = \"kprobe\"\n", "syscalls.attach", 2),
             ("[syscalls]\npids = [-1]\n", "syscalls.pids", 2),
             ("[host]\nenabled = 1\n", "host.enabled", 2),
         ] {
             let (k, l, _) = invalid(text);
-            assert!(k.starts_with(key), "{text:?}: key {k} should start with {key}");
+            assert!(
+                k.starts_with(key),
+                "{text:?}: key {k} should start with {key}"
+            );
             assert_eq!(l, Some(line), "{text:?}");
         }
     }
@@ -520,23 +524,67 @@ enabled = false
     #[test]
     fn out_of_range_values_name_key_and_line() {
         for (text, key, line) in [
-            ("[agent]\ntick_interval = \"50ms\"\n", "agent.tick_interval", 2),
-            ("[agent]\ntick_interval = \"11s\"\n", "agent.tick_interval", 2),
-            ("[control]\nsocket = \"relative.sock\"\n", "control.socket", 2),
+            (
+                "[agent]\ntick_interval = \"50ms\"\n",
+                "agent.tick_interval",
+                2,
+            ),
+            (
+                "[agent]\ntick_interval = \"11s\"\n",
+                "agent.tick_interval",
+                2,
+            ),
+            (
+                "[control]\nsocket = \"relative.sock\"\n",
+                "control.socket",
+                2,
+            ),
             ("[control]\nsocket = \"/\"\n", "control.socket", 2),
             ("[control]\ngroup = \"\"\n", "control.group", 2),
-            ("[control]\nmax_request_bytes = 10\n", "control.max_request_bytes", 2),
-            ("[control]\nmax_request_bytes = 2000000\n", "control.max_request_bytes", 2),
-            ("[control]\nrequest_timeout = \"0s\"\n", "control.request_timeout", 2),
-            ("[control]\nrequest_timeout = \"1h\"\n", "control.request_timeout", 2),
+            (
+                "[control]\nmax_request_bytes = 10\n",
+                "control.max_request_bytes",
+                2,
+            ),
+            (
+                "[control]\nmax_request_bytes = 2000000\n",
+                "control.max_request_bytes",
+                2,
+            ),
+            (
+                "[control]\nrequest_timeout = \"0s\"\n",
+                "control.request_timeout",
+                2,
+            ),
+            (
+                "[control]\nrequest_timeout = \"1h\"\n",
+                "control.request_timeout",
+                2,
+            ),
             ("[syscalls]\ncomms = [\"\"]\n", "syscalls.comms", 2),
-            ("[syscalls]\ncomms = [\"a-very-long-process-name\"]\n", "syscalls.comms", 2),
+            (
+                "[syscalls]\ncomms = [\"a-very-long-process-name\"]\n",
+                "syscalls.comms",
+                2,
+            ),
             ("[syscalls]\npids = [0]\n", "syscalls.pids", 2),
-            ("[syscalls]\ncgroups = [\"system.slice\"]\n", "syscalls.cgroups", 2),
-            ("[syscalls]\nsyscalls = [\"read\", \"frobnicate\"]\n", "syscalls.syscalls", 2),
+            (
+                "[syscalls]\ncgroups = [\"system.slice\"]\n",
+                "syscalls.cgroups",
+                2,
+            ),
+            (
+                "[syscalls]\nsyscalls = [\"read\", \"frobnicate\"]\n",
+                "syscalls.syscalls",
+                2,
+            ),
             ("[syscalls]\ntop_n = 0\n", "syscalls.top_n", 2),
             ("[syscalls]\ntop_n = 100000\n", "syscalls.top_n", 2),
-            ("[syscalls]\nslow_log_size = 0\n", "syscalls.slow_log_size", 2),
+            (
+                "[syscalls]\nslow_log_size = 0\n",
+                "syscalls.slow_log_size",
+                2,
+            ),
         ] {
             let (k, l, reason) = invalid(text);
             assert_eq!(k, key, "{text:?}");

@@ -59,8 +59,13 @@ pub struct RunArgs {
 fn load(args: &RunArgs) -> anyhow::Result<(Config, ConfigSource)> {
     let (mut cfg, src) = Config::load(&args.config_path, args.config_explicit)?;
     args.overrides.apply(&mut cfg);
-    cfg.validate()
-        .map_err(|v| anyhow::anyhow!("invalid value for `{}` (from the command line): {}", v.key, v.reason))?;
+    cfg.validate().map_err(|v| {
+        anyhow::anyhow!(
+            "invalid value for `{}` (from the command line): {}",
+            v.key,
+            v.reason
+        )
+    })?;
     Ok((cfg, src))
 }
 
@@ -77,10 +82,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn run_async(args: RunArgs, cfg: Config, source: ConfigSource) -> anyhow::Result<()> {
-    let store: SharedStore = Arc::new(RwLock::new(Store::new(
-        source,
-        cfg.syscalls.slow_log_size,
-    )));
+    let store: SharedStore = Arc::new(RwLock::new(Store::new(source, cfg.syscalls.slow_log_size)));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (cfg_tx, cfg_rx) = watch::channel(Arc::new(cfg.clone()));
 
@@ -100,7 +102,11 @@ async fn run_async(args: RunArgs, cfg: Config, source: ConfigSource) -> anyhow::
     if let Ok(mut st) = store.write() {
         st.set_probe(ProbeStatus {
             name: "host".into(),
-            state: if cfg.host.enabled { ProbeState::Attached } else { ProbeState::Disabled },
+            state: if cfg.host.enabled {
+                ProbeState::Attached
+            } else {
+                ProbeState::Disabled
+            },
             attach: cfg.host.enabled.then(|| "procfs".into()),
             error: None,
         });
@@ -211,11 +217,20 @@ fn reload(
     for (what, changed) in [
         ("metrics.listen", old.metrics.listen != new.metrics.listen),
         ("control", old.control != new.control),
-        ("syscalls.enabled", old.syscalls.enabled != new.syscalls.enabled),
-        ("syscalls.attach", old.syscalls.attach != new.syscalls.attach),
+        (
+            "syscalls.enabled",
+            old.syscalls.enabled != new.syscalls.enabled,
+        ),
+        (
+            "syscalls.attach",
+            old.syscalls.attach != new.syscalls.attach,
+        ),
     ] {
         if changed {
-            warn!(key = what, "SIGHUP: this setting takes effect at the next restart");
+            warn!(
+                key = what,
+                "SIGHUP: this setting takes effect at the next restart"
+            );
         }
     }
     if let Some(p) = probe {

@@ -1,0 +1,361 @@
+//! Harness for the end-to-end tests: start the real `insite-agent` binary with a private config,
+//! port and socket; scrape it, talk to its control socket, signal it, stop it.
+//!
+//! These tests load eBPF programs into the running kernel, so they need root. They run one at
+//! a time (`cargo xtask test` passes --test-threads=1): each agent hooks every syscall on the
+//! host, and several at once would measure each other.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::TcpStream,
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+static ONE_AGENT_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// The agent binary: $INSITE_AGENT_BIN (set by `cargo xtask test`) or target/release.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("INSITE_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/insite-agent")
+}
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "end-to-end tests load eBPF programs and need root: run `cargo xtask test`"
+    );
+    assert!(
+        agent_bin().exists(),
+        "{} is missing: run `cargo xtask test` (it builds the agent first)",
+        agent_bin().display()
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(19820)
+}
+
+pub struct Agent {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub port: u16,
+    pub config_path: PathBuf,
+    pub log_path: PathBuf,
+    _guard: MutexGuard<'static, ()>,
+}
+
+/// Writes `extra` TOML after the harness's own [metrics]/[control] keys.
+pub fn config_text(port: u16, socket: &Path, control_extra: &str, extra: &str) -> String {
+    format!(
+        "[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[control]\nsocket = \"{}\"\n{control_extra}\n\n{extra}\n",
+        socket.display()
+    )
+}
+
+impl Agent {
+    /// Starts an agent with `extra` config appended and waits until its control socket answers.
+    pub fn start(extra: &str) -> Self {
+        Self::start_with(extra, "")
+    }
+
+    pub fn start_with(extra: &str, control_extra: &str) -> Self {
+        require_root();
+        let guard = ONE_AGENT_AT_A_TIME
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("ctl.sock");
+        let port = free_port();
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(
+            &config_path,
+            config_text(port, &socket, control_extra, extra),
+        )
+        .expect("write config");
+        let log_path = dir.path().join("agent.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new(agent_bin())
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .env("INSITE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn insite-agent");
+        let mut agent = Self {
+            child,
+            dir,
+            socket,
+            port,
+            config_path,
+            log_path,
+            _guard: guard,
+        };
+        agent.wait_ready();
+        agent
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("agent exited early ({status}):\n{}", self.log());
+            }
+            if let Ok(v) = self.request(r#"{"cmd":"status"}"#) {
+                if v["ok"] == true && v["data"]["ticks"].as_u64().unwrap_or(0) >= 2 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready after 30s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// One raw request line over the control socket; returns the parsed reply.
+    pub fn request(&self, line: &str) -> Result<serde_json::Value> {
+        let mut s = UnixStream::connect(&self.socket)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(line.as_bytes())?;
+        s.write_all(b"\n")?;
+        let mut reply = String::new();
+        BufReader::new(&s).read_line(&mut reply)?;
+        Ok(serde_json::from_str(reply.trim_end())?)
+    }
+
+    /// `data` of a successful control reply.
+    pub fn data(&self, line: &str) -> serde_json::Value {
+        let v = self.request(line).expect("control request");
+        assert_eq!(v["ok"], true, "request {line} failed: {v}");
+        v["data"].clone()
+    }
+
+    /// Runs the CLI against this agent's socket.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(agent_bin())
+            .args(args)
+            .arg("--control-socket")
+            .arg(&self.socket)
+            .output()
+            .expect("run insite-agent CLI")
+    }
+
+    /// GET /metrics; `openmetrics` sets the Accept header Prometheus sends.
+    pub fn scrape_with(&self, openmetrics: bool) -> Result<(String, String)> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let accept = if openmetrics {
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+        } else {
+            "*/*"
+        };
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw)?;
+        let (head, body) = raw.split_once("\r\n\r\n").context("no HTTP header end")?;
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!("scrape failed: {head}");
+        }
+        let ctype = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-type:")
+                    .map(|v| v.trim().to_string())
+            })
+            .unwrap_or_default();
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_string()
+        };
+        Ok((ctype, body))
+    }
+
+    pub fn scrape(&self) -> Metrics {
+        Metrics(self.scrape_with(false).expect("scrape").1)
+    }
+
+    /// Waits for `n` more collector ticks.
+    pub fn wait_ticks(&self, n: u64) {
+        let start = self.data(r#"{"cmd":"status"}"#)["ticks"]
+            .as_u64()
+            .unwrap_or(0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.data(r#"{"cmd":"status"}"#)["ticks"]
+            .as_u64()
+            .unwrap_or(0)
+            < start + n
+        {
+            assert!(Instant::now() < deadline, "agent stopped ticking");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child process.
+        let r = unsafe { libc::kill(self.child.id() as i32, sig) };
+        assert_eq!(r, 0, "kill({sig})");
+    }
+
+    /// SIGTERM and wait (at most 10 s) for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent ignored SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A scrape in the Prometheus text format, with lookups by name and labels.
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// Value of the sample `name` whose labels include every `(key, value)` in `labels`.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.0.lines().find_map(|line| {
+            if line.starts_with('#') {
+                return None;
+            }
+            let (series, value) = line.rsplit_once(' ')?;
+            let (n, lbl) = match series.split_once('{') {
+                Some((n, l)) => (n, l.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if n != name {
+                return None;
+            }
+            let ok = labels
+                .iter()
+                .all(|(k, v)| lbl.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+            if ok {
+                value.parse().ok()
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Like `value` but 0 when the series does not exist (yet).
+    pub fn value_or_zero(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.value(name, labels).unwrap_or(0.0)
+    }
+}
+
+/// Runs `f` in a child process as uid/gid `nobody` (65534), for permission tests.
+pub fn run_as_nobody(program: &Path, args: &[&str]) -> Output {
+    use std::os::unix::process::CommandExt as _;
+    Command::new(program)
+        .args(args)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run as nobody")
+}
+
+/// A copy of the agent binary that `nobody` can execute (the build tree may not be).
+pub fn world_executable_copy(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let sub = dir.join("bin");
+    std::fs::create_dir_all(&sub).expect("mkdir");
+    let to = sub.join("insite-agent");
+    std::fs::copy(agent_bin(), &to).expect("copy binary");
+    std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    to
+}
+
+/// Names of loaded BPF programs (truncated to 15 bytes by the kernel).
+pub fn loaded_program_names() -> Vec<String> {
+    aya::programs::loaded_programs()
+        .filter_map(|p| p.ok())
+        .filter_map(|p| p.name_as_str().map(str::to_string))
+        .collect()
+}
+
+/// The workload: `n` getppid calls made straight through syscall(2).
+pub fn getppid_calls(n: u64) {
+    for _ in 0..n {
+        // SAFETY: getppid takes no arguments and cannot fail.
+        unsafe { libc::syscall(libc::SYS_getppid) };
+    }
+}
+
+/// The workload: `n` nanosleep(2) calls of `ms` milliseconds each (the raw syscall: glibc's
+/// nanosleep() would call clock_nanosleep).
+pub fn nanosleep_calls(n: u32, ms: u64) {
+    for _ in 0..n {
+        let ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: (ms * 1_000_000) as libc::c_long,
+        };
+        // SAFETY: valid timespec pointer; null remainder is allowed.
+        unsafe { libc::syscall(libc::SYS_nanosleep, &ts as *const libc::timespec, 0usize) };
+    }
+}

@@ -19,8 +19,7 @@ use agent_common::{
 };
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
     },
     macros::{btf_tracepoint, map, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -48,8 +47,7 @@ static SYSCALL_FILTER_COMMS: HashMap<[u8; TASK_COMM_LEN], u8> =
     HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
 
 #[map]
-static SYSCALL_FILTER_CGROUPS: HashMap<u64, u8> =
-    HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
+static SYSCALL_FILTER_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_FILTER_ENTRIES, 0);
 
 #[map]
 static SYSCALL_FILTER_NRS: Array<u8> = Array::with_max_entries(MAX_SYSCALLS, 0);
@@ -188,7 +186,7 @@ fn on_exit(ret: i64) {
         unsafe {
             (*stats).count += 1;
             (*stats).total_ns += duration;
-            if ret < 0 && ret >= -4095 {
+            if (-4095..0).contains(&ret) {
                 (*stats).errors += 1;
             }
             if let Some(bucket) = (*stats).buckets.get_mut(b) {

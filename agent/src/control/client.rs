@@ -11,13 +11,13 @@ use super::protocol::{Request, Response};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to {path}: {source}{hint}")]
+    #[error("cannot connect to {path}: {error}{hint}")]
     Connect {
         path: String,
-        source: std::io::Error,
+        error: std::io::Error,
         hint: &'static str,
     },
-    #[error("control socket i/o: {0}")]
+    #[error("control socket i/o")]
     Io(#[from] std::io::Error),
     #[error("the agent closed the connection without a reply")]
     NoReply,
@@ -33,8 +33,8 @@ pub fn request(
     req: &Request,
     timeout: Duration,
 ) -> Result<serde_json::Value, ClientError> {
-    let stream = UnixStream::connect(socket).map_err(|source| {
-        let hint = match source.kind() {
+    let stream = UnixStream::connect(socket).map_err(|error| {
+        let hint = match error.kind() {
             std::io::ErrorKind::PermissionDenied => {
                 " (the socket is for root and control.group members)"
             }
@@ -45,7 +45,7 @@ pub fn request(
         };
         ClientError::Connect {
             path: socket.display().to_string(),
-            source,
+            error,
             hint,
         }
     })?;
@@ -53,11 +53,17 @@ pub fn request(
     stream.set_write_timeout(Some(timeout))?;
     let mut line = serde_json::to_string(req).map_err(|e| ClientError::BadReply(e.to_string()))?;
     line.push('\n');
-    (&stream).write_all(line.as_bytes())?;
+    // A refused client may find the connection closed before it writes: the agent's reply
+    // (why it was refused) is still there to read, and says more than EPIPE.
+    let written = (&stream).write_all(line.as_bytes());
     let mut reader = BufReader::new(&stream);
     let mut reply = String::new();
-    if reader.read_line(&mut reply)? == 0 {
-        return Err(ClientError::NoReply);
+    let read = reader.read_line(&mut reply);
+    match (written, read) {
+        (_, Ok(n)) if n > 0 => {}
+        (Err(e), _) => return Err(e.into()),
+        (Ok(()), Err(e)) => return Err(e.into()),
+        (Ok(()), Ok(_)) => return Err(ClientError::NoReply),
     }
     let resp: Response =
         serde_json::from_str(reply.trim_end()).map_err(|e| ClientError::BadReply(e.to_string()))?;

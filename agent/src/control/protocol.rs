@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    Status,
+    Status {},
     Syscalls {
         /// humantime duration, 1s..=60s; default 10s.
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -60,7 +60,9 @@ impl Response {
 pub fn parse_request(line: &str) -> Result<Request, String> {
     let line = line.trim();
     if line.is_empty() {
-        return Err("empty request: send one JSON object per line, e.g. {\"cmd\":\"status\"}".into());
+        return Err(
+            "empty request: send one JSON object per line, e.g. {\"cmd\":\"status\"}".into(),
+        );
     }
     serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))
 }
@@ -71,7 +73,7 @@ mod tests {
 
     #[test]
     fn parses_commands() {
-        assert_eq!(parse_request(r#"{"cmd":"status"}"#), Ok(Request::Status));
+        assert_eq!(parse_request(r#"{"cmd":"status"}"#), Ok(Request::Status {}));
         assert_eq!(
             parse_request(r#" {"cmd":"syscalls","window":"10s"} "#),
             Ok(Request::Syscalls {
@@ -115,7 +117,7 @@ mod tests {
     #[test]
     fn requests_round_trip() {
         for r in [
-            Request::Status,
+            Request::Status {},
             Request::Syscalls {
                 window: Some("60s".into()),
                 limit: Some(5),

@@ -12,7 +12,7 @@ use tokio::{
     net::{UnixListener, UnixStream},
     sync::{watch, Semaphore},
 };
-use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, Framed};
 use tracing::{debug, info, warn};
 
 use super::{
@@ -137,9 +137,13 @@ pub async fn serve(listener: UnixListener, ctx: Context, mut shutdown: watch::Re
             }
             Err(_) => {
                 tokio::spawn(async move {
-                    let mut f = Framed::new(stream, LinesCodec::new());
+                    let mut f = Framed::new(stream, line_codec(256));
                     let _ = f
-                        .send(Response::error("busy: too many control connections, retry").to_line().trim_end())
+                        .send(
+                            Response::error("busy: too many control connections, retry")
+                                .to_line()
+                                .trim_end(),
+                        )
                         .await;
                 });
             }
@@ -153,7 +157,7 @@ async fn handle(stream: UnixStream, ctx: Context) {
         let c = ctx.config.borrow();
         (c.control.max_request_bytes, c.control.request_timeout)
     };
-    let mut framed = Framed::new(stream, LinesCodec::new_with_max_length(max_bytes));
+    let mut framed = Framed::new(stream, line_codec(max_bytes));
     let reply = |r: Response| r.to_line().trim_end().to_string();
 
     match cred {
@@ -180,8 +184,8 @@ async fn handle(stream: UnixStream, ctx: Context) {
     loop {
         let next = tokio::time::timeout(timeout, framed.next()).await;
         let line = match next {
-            Ok(Some(Ok(line))) => line,
-            Ok(Some(Err(LinesCodecError::MaxLineLengthExceeded))) => {
+            Ok(Some(Ok(bytes))) => bytes,
+            Ok(Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded))) => {
                 let _ = framed
                     .send(reply(Response::error(format!(
                         "request too large: the limit is {max_bytes} bytes per line"
@@ -189,7 +193,7 @@ async fn handle(stream: UnixStream, ctx: Context) {
                     .await;
                 return;
             }
-            Ok(Some(Err(LinesCodecError::Io(e)))) => {
+            Ok(Some(Err(AnyDelimiterCodecError::Io(e)))) => {
                 debug!(error = %e, "control connection error");
                 return;
             }
@@ -204,14 +208,24 @@ async fn handle(stream: UnixStream, ctx: Context) {
                 return;
             }
         };
-        let response = match parse_request(&line) {
-            Ok(req) => dispatch(&ctx, req),
-            Err(e) => Response::error(e),
+        // Bytes, not str: a line that is not UTF-8 gets an error reply like any other bad
+        // request, and the connection goes on.
+        let response = match std::str::from_utf8(&line) {
+            Ok(text) => match parse_request(text) {
+                Ok(req) => dispatch(&ctx, req),
+                Err(e) => Response::error(e),
+            },
+            Err(_) => Response::error("bad request: not UTF-8"),
         };
         if framed.send(reply(response)).await.is_err() {
             return;
         }
     }
+}
+
+/// Newline-delimited frames of at most `max` bytes.
+fn line_codec(max: usize) -> AnyDelimiterCodec {
+    AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), b"\n".to_vec(), max)
 }
 
 fn dispatch(ctx: &Context, req: Request) -> Response {
@@ -220,7 +234,7 @@ fn dispatch(ctx: &Context, req: Request) -> Response {
         return Response::error("internal: store unavailable");
     };
     let value = match req {
-        Request::Status => serde_json::to_value(views::status(&store, &cfg)),
+        Request::Status {} => serde_json::to_value(views::status(&store, &cfg)),
         Request::Syscalls { window, limit } => {
             let window = match views::parse_window(window.as_deref()) {
                 Ok(w) => w,
@@ -262,7 +276,10 @@ mod tests {
         let mut cfg = cfg;
         cfg.control.socket = path.clone();
         let (listener, access) = bind(&cfg.control).unwrap();
-        let store = Arc::new(std::sync::RwLock::new(Store::new(ConfigSource::Defaults, 8)));
+        let store = Arc::new(std::sync::RwLock::new(Store::new(
+            ConfigSource::Defaults,
+            8,
+        )));
         let (_tx, rx) = watch::channel(Arc::new(cfg));
         let (stx, srx) = watch::channel(false);
         let ctx = Context {
@@ -348,7 +365,10 @@ mod tests {
         let (_d, path, _s) = start(Config::default()).await;
         let mut cfg = Config::default();
         cfg.control.socket = path.clone();
-        assert!(matches!(bind(&cfg.control), Err(ControlError::InUse { .. })));
+        assert!(matches!(
+            bind(&cfg.control),
+            Err(ControlError::InUse { .. })
+        ));
 
         let dir = tempfile::tempdir().unwrap();
         let stale = dir.path().join("stale.sock");
@@ -373,8 +393,10 @@ mod tests {
 
     #[test]
     fn unknown_group_is_a_named_error() {
-        let mut c = ControlConfig::default();
-        c.group = Some("no-such-group-insite".into());
+        let c = ControlConfig {
+            group: Some("no-such-group-insite".into()),
+            ..ControlConfig::default()
+        };
         let e = bind(&c).unwrap_err().to_string();
         assert!(e.contains("control.group"), "{e}");
     }

@@ -78,9 +78,9 @@ pub fn status(store: &Store, cfg: &Config) -> StatusView {
     let latest = store.syscalls.latest();
     let mut events = Vec::new();
     if let Some(l) = latest {
-        let (ev, dr, span) = w
-            .as_ref()
-            .map_or((0, 0, Duration::ZERO), |w| (w.delta.slow_events, w.delta.slow_drops, w.span));
+        let (ev, dr, span) = w.as_ref().map_or((0, 0, Duration::ZERO), |w| {
+            (w.delta.slow_events, w.delta.slow_drops, w.span)
+        });
         events.push(EventRates {
             stream: "syscall_slow".into(),
             total: l.totals.slow_events,
@@ -135,7 +135,10 @@ pub fn syscalls(
             Some(p) if p.state != crate::store::ProbeState::Attached => format!(
                 "the syscall probe is {:?}{}",
                 p.state,
-                p.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+                p.error
+                    .as_ref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
             )
             .to_lowercase(),
             _ => "no syscall data yet: the first tick has not run".into(),

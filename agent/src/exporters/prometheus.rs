@@ -28,7 +28,9 @@ use crate::{
     syscall_names,
 };
 
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Exported histogram buckets: le = 2^k ns for k in this range (about 1 us to 69 s), then +Inf.
 /// Kernel bucket i ([2^i, 2^(i+1)) ns) lands in le = 2^(i+1).
@@ -103,13 +105,16 @@ pub fn export_buckets(h: &Log2Histogram) -> Vec<(f64, u64)> {
     let mut out = Vec::with_capacity(EXPORT_MAX_POW - EXPORT_MIN_POW + 2);
     let mut first = 0;
     for (i, &n) in h.buckets.iter().enumerate() {
-        if i + 1 <= EXPORT_MIN_POW {
+        if i < EXPORT_MIN_POW {
             first += n;
         }
     }
     out.push(((1u64 << EXPORT_MIN_POW) as f64 / 1e9, first));
     for pow in EXPORT_MIN_POW + 1..=EXPORT_MAX_POW {
-        out.push(((1u64 << pow) as f64 / 1e9, h.buckets.get(pow - 1).copied().unwrap_or(0)));
+        out.push((
+            (1u64 << pow) as f64 / 1e9,
+            h.buckets.get(pow - 1).copied().unwrap_or(0),
+        ));
     }
     let rest: u64 = h.buckets.iter().skip(EXPORT_MAX_POW).sum();
     out.push((f64::MAX, rest));
@@ -122,7 +127,12 @@ fn top_n_syscalls(
     n: usize,
 ) -> (Vec<(String, SyscallCounters)>, usize) {
     let mut all: Vec<(u32, SyscallCounters)> = by_nr.iter().map(|(k, v)| (*k, *v)).collect();
-    all.sort_by(|a, b| b.1.latency.count.cmp(&a.1.latency.count).then(a.0.cmp(&b.0)));
+    all.sort_by(|a, b| {
+        b.1.latency
+            .count
+            .cmp(&a.1.latency.count)
+            .then(a.0.cmp(&b.0))
+    });
     let mut rows: Vec<(String, SyscallCounters)> = Vec::new();
     let mut other = SyscallCounters::default();
     let mut folded = 0;
@@ -189,7 +199,11 @@ impl Collector for StoreCollector {
                         ("probe", p.name.clone()),
                         ("state", format!("{:?}", p.state).to_lowercase()),
                     ],
-                    if p.state == ProbeState::Attached { 1.0 } else { 0.0 },
+                    if p.state == ProbeState::Attached {
+                        1.0
+                    } else {
+                        0.0
+                    },
                 )
             }),
         )?;
@@ -268,7 +282,13 @@ impl Collector for StoreCollector {
                 Some(&Unit::Seconds),
                 h.cpu_seconds.iter().map(|(m, v)| (l("mode", *m), *v)),
             )?;
-            gauge(e, "insite_host_cpus", "Online CPUs", None, [(vec![], h.cpus as f64)])?;
+            gauge(
+                e,
+                "insite_host_cpus",
+                "Online CPUs",
+                None,
+                [(vec![], h.cpus as f64)],
+            )?;
             gauge(
                 e,
                 "insite_host_memory",
@@ -319,24 +339,106 @@ impl Collector for StoreCollector {
                 }),
             )?;
             let disk = |f: fn(&crate::store::DiskReading) -> f64| {
-                h.disks.iter().map(move |d| (l("device", d.device.clone()), f(d)))
+                h.disks
+                    .iter()
+                    .map(move |d| (l("device", d.device.clone()), f(d)))
             };
-            counter(e, "insite_host_disk_reads_completed", "Disk reads completed", None, disk(|d| d.reads_completed as f64))?;
-            counter(e, "insite_host_disk_writes_completed", "Disk writes completed", None, disk(|d| d.writes_completed as f64))?;
-            counter(e, "insite_host_disk_read", "Bytes read from disk", Some(&Unit::Bytes), disk(|d| d.read_bytes as f64))?;
-            counter(e, "insite_host_disk_written", "Bytes written to disk", Some(&Unit::Bytes), disk(|d| d.written_bytes as f64))?;
-            counter(e, "insite_host_disk_io_time", "Time the disk was busy with I/O", Some(&Unit::Seconds), disk(|d| d.io_seconds))?;
+            counter(
+                e,
+                "insite_host_disk_reads_completed",
+                "Disk reads completed",
+                None,
+                disk(|d| d.reads_completed as f64),
+            )?;
+            counter(
+                e,
+                "insite_host_disk_writes_completed",
+                "Disk writes completed",
+                None,
+                disk(|d| d.writes_completed as f64),
+            )?;
+            counter(
+                e,
+                "insite_host_disk_read",
+                "Bytes read from disk",
+                Some(&Unit::Bytes),
+                disk(|d| d.read_bytes as f64),
+            )?;
+            counter(
+                e,
+                "insite_host_disk_written",
+                "Bytes written to disk",
+                Some(&Unit::Bytes),
+                disk(|d| d.written_bytes as f64),
+            )?;
+            counter(
+                e,
+                "insite_host_disk_io_time",
+                "Time the disk was busy with I/O",
+                Some(&Unit::Seconds),
+                disk(|d| d.io_seconds),
+            )?;
             let net = |f: fn(&crate::store::NetDevReading) -> u64| {
-                h.net_devices.iter().map(move |d| (l("device", d.device.clone()), f(d) as f64))
+                h.net_devices
+                    .iter()
+                    .map(move |d| (l("device", d.device.clone()), f(d) as f64))
             };
-            counter(e, "insite_host_network_receive", "Bytes received by a network device", Some(&Unit::Bytes), net(|d| d.rx_bytes))?;
-            counter(e, "insite_host_network_transmit", "Bytes sent by a network device", Some(&Unit::Bytes), net(|d| d.tx_bytes))?;
-            counter(e, "insite_host_network_receive_packets", "Packets received by a network device", None, net(|d| d.rx_packets))?;
-            counter(e, "insite_host_network_transmit_packets", "Packets sent by a network device", None, net(|d| d.tx_packets))?;
-            counter(e, "insite_host_network_receive_errors", "Receive errors of a network device", None, net(|d| d.rx_errors))?;
-            counter(e, "insite_host_network_transmit_errors", "Transmit errors of a network device", None, net(|d| d.tx_errors))?;
-            counter(e, "insite_host_network_receive_drops", "Received packets dropped by a network device", None, net(|d| d.rx_dropped))?;
-            counter(e, "insite_host_network_transmit_drops", "Outgoing packets dropped by a network device", None, net(|d| d.tx_dropped))?;
+            counter(
+                e,
+                "insite_host_network_receive",
+                "Bytes received by a network device",
+                Some(&Unit::Bytes),
+                net(|d| d.rx_bytes),
+            )?;
+            counter(
+                e,
+                "insite_host_network_transmit",
+                "Bytes sent by a network device",
+                Some(&Unit::Bytes),
+                net(|d| d.tx_bytes),
+            )?;
+            counter(
+                e,
+                "insite_host_network_receive_packets",
+                "Packets received by a network device",
+                None,
+                net(|d| d.rx_packets),
+            )?;
+            counter(
+                e,
+                "insite_host_network_transmit_packets",
+                "Packets sent by a network device",
+                None,
+                net(|d| d.tx_packets),
+            )?;
+            counter(
+                e,
+                "insite_host_network_receive_errors",
+                "Receive errors of a network device",
+                None,
+                net(|d| d.rx_errors),
+            )?;
+            counter(
+                e,
+                "insite_host_network_transmit_errors",
+                "Transmit errors of a network device",
+                None,
+                net(|d| d.tx_errors),
+            )?;
+            counter(
+                e,
+                "insite_host_network_receive_drops",
+                "Received packets dropped by a network device",
+                None,
+                net(|d| d.rx_dropped),
+            )?;
+            counter(
+                e,
+                "insite_host_network_transmit_drops",
+                "Outgoing packets dropped by a network device",
+                None,
+                net(|d| d.tx_dropped),
+            )?;
         }
         Ok(())
     }
@@ -361,9 +463,65 @@ pub fn render(registry: &Registry) -> Result<String, std::fmt::Error> {
     Ok(out)
 }
 
-async fn metrics(State(reg): State<Arc<Registry>>) -> impl IntoResponse {
+/// Rewrites OpenMetrics text into the Prometheus text format (0.0.4), for clients that did not
+/// ask for OpenMetrics (curl, promtool, older scrapers): counter families are named with their
+/// `_total` suffix, and `# UNIT` / `# EOF` lines go.
+pub fn openmetrics_to_text(om: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in om.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            if let Some((name, "counter")) = rest.split_once(' ') {
+                counters.insert(name);
+            }
+        }
+    }
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let meta = line
+            .strip_prefix("# HELP ")
+            .map(|r| ("HELP", r))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|r| ("TYPE", r)));
+        match meta {
+            Some((kind, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    out.push_str(&format!("# {kind} {name}_total {tail}"));
+                } else {
+                    out.push_str(line);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// OpenMetrics when the client asks for it (Prometheus does), the classic text format otherwise.
+fn wants_openmetrics(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
+}
+
+async fn metrics(
+    State(reg): State<Arc<Registry>>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
     match render(&reg) {
-        Ok(body) => ([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response(),
+        Ok(body) if wants_openmetrics(&headers) => {
+            ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response()
+        }
+        Ok(body) => (
+            [(header::CONTENT_TYPE, TEXT_CONTENT_TYPE)],
+            openmetrics_to_text(&body),
+        )
+            .into_response(),
         Err(_) => (
             axum::http::StatusCode::INTERNAL_SERVER_ERROR,
             "encoding metrics failed\n",
@@ -413,9 +571,22 @@ mod tests {
         assert_eq!(b.first().unwrap().1, 2); // 1 ns and 500 ns are below 1.024 us
         assert_eq!(b.last().unwrap().0, f64::MAX);
         assert_eq!(b.last().unwrap().1, 1); // 2^38 ns is past 2^36
-        // 50 ms sits in (2^25, 2^26] ns
-        let i = b.iter().position(|x| x.1 == 1 && x.0 > 0.03 && x.0 < 0.1).unwrap();
+                                            // 50 ms sits in (2^25, 2^26] ns
+        let i = b
+            .iter()
+            .position(|x| x.1 == 1 && x.0 > 0.03 && x.0 < 0.1)
+            .unwrap();
         assert!((b[i].0 - 0.067108864).abs() < 1e-9, "{}", b[i].0);
+    }
+
+    #[test]
+    fn text_format_names_counters_with_total() {
+        let om = "# HELP a_b Thing.\n# TYPE a_b counter\n# UNIT a_b bytes\na_b_total 1\n# HELP g G.\n# TYPE g gauge\ng 2\n# EOF\n";
+        let t = openmetrics_to_text(om);
+        assert_eq!(
+            t,
+            "# HELP a_b_total Thing.\n# TYPE a_b_total counter\na_b_total 1\n# HELP g G.\n# TYPE g gauge\ng 2\n"
+        );
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub fn prepare_host() {
 
 fn ensure_mounted(target: &Path, fstype: &str, magic: i64) {
     match nix::sys::statfs::statfs(target) {
-        Ok(s) if s.filesystem_type().0 as i64 == magic => {
+        Ok(s) if s.filesystem_type().0 == magic => {
             debug!(path = %target.display(), fstype, "already mounted");
             return;
         }

@@ -52,7 +52,7 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> SyscallProbeError {
 /// The attached syscall probe and the maps userspace talks to.
 pub struct SyscallProbe {
     // Owns the programs and their links: dropping it detaches everything.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     mode: AttachMode,
     stats: PerCpuArray<MapData, SyscallStats>,
     counters: PerCpuArray<MapData, u64>,
@@ -88,15 +88,31 @@ impl SyscallProbe {
     /// tp_btf, then raw tracepoints). Returns the probe and any non-fatal problems.
     pub fn attach(cfg: &SyscallsConfig) -> Result<(Self, Vec<String>), SyscallProbeError> {
         let mut ebpf = Ebpf::load(super::SYSCALLS_OBJECT)?;
-        let mut errors = Vec::new();
+        let mut probe = Self {
+            stats: take(&mut ebpf, "SYSCALL_STATS", PerCpuArray::try_from)?,
+            counters: take(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?,
+            config: take(&mut ebpf, "SYSCALL_CONFIG", Array::try_from)?,
+            filter_pids: take(&mut ebpf, "SYSCALL_FILTER_PIDS", HashMap::try_from)?,
+            filter_comms: take(&mut ebpf, "SYSCALL_FILTER_COMMS", HashMap::try_from)?,
+            filter_cgroups: take(&mut ebpf, "SYSCALL_FILTER_CGROUPS", HashMap::try_from)?,
+            filter_nrs: take(&mut ebpf, "SYSCALL_FILTER_NRS", Array::try_from)?,
+            ring: Some(take(&mut ebpf, "SYSCALL_SLOW_EVENTS", RingBuf::try_from)?),
+            ebpf,
+            mode: cfg.attach,
+        };
+        // Filters before attaching: from its first event the probe sees only what was asked
+        // for (including none of our own start-up map writes).
+        let mut problems = probe.apply_config(cfg)?;
+
         let order: &[AttachMode] = match cfg.attach {
             AttachMode::Auto => &[AttachMode::TpBtf, AttachMode::RawTracepoint],
             AttachMode::TpBtf => &[AttachMode::TpBtf],
             AttachMode::RawTracepoint => &[AttachMode::RawTracepoint],
         };
+        let mut errors = Vec::new();
         let mut mode = None;
         for &m in order {
-            match attach_pair(&mut ebpf, m) {
+            match attach_pair(&mut probe.ebpf, m) {
                 Ok(()) => {
                     mode = Some(m);
                     break;
@@ -111,23 +127,10 @@ impl SyscallProbe {
             return Err(SyscallProbeError::NoAttach(errors.join("; ")));
         };
         info!(method = %mode, "syscall probe attached");
-
-        let mut probe = Self {
-            stats: take(&mut ebpf, "SYSCALL_STATS", PerCpuArray::try_from)?,
-            counters: take(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?,
-            config: take(&mut ebpf, "SYSCALL_CONFIG", Array::try_from)?,
-            filter_pids: take(&mut ebpf, "SYSCALL_FILTER_PIDS", HashMap::try_from)?,
-            filter_comms: take(&mut ebpf, "SYSCALL_FILTER_COMMS", HashMap::try_from)?,
-            filter_cgroups: take(&mut ebpf, "SYSCALL_FILTER_CGROUPS", HashMap::try_from)?,
-            filter_nrs: take(&mut ebpf, "SYSCALL_FILTER_NRS", Array::try_from)?,
-            ring: Some(take(&mut ebpf, "SYSCALL_SLOW_EVENTS", RingBuf::try_from)?),
-            _ebpf: ebpf,
-            mode,
-        };
-        // With a failed fallback (tp_btf -> raw) the probe works, but say why.
-        let mut problems = if errors.is_empty() { vec![] } else { errors };
-        problems.extend(probe.apply_config(cfg)?);
-        Ok((probe, problems))
+        probe.mode = mode;
+        // A fallback (tp_btf -> raw) still works, but say why the first choice did not.
+        errors.append(&mut problems);
+        Ok((probe, errors))
     }
 
     pub fn mode(&self) -> AttachMode {
@@ -171,7 +174,11 @@ impl SyscallProbe {
                 }
             }
         }
-        replace_keys(&mut self.filter_cgroups, &cgroup_ids, "SYSCALL_FILTER_CGROUPS")?;
+        replace_keys(
+            &mut self.filter_cgroups,
+            &cgroup_ids,
+            "SYSCALL_FILTER_CGROUPS",
+        )?;
 
         let mut wanted = vec![0u8; MAX_SYSCALLS as usize];
         if !cfg.syscalls.is_empty() {
@@ -245,7 +252,10 @@ fn attach_pair(ebpf: &mut Ebpf, mode: AttachMode) -> Result<(), String> {
     };
     let result = (|| -> Result<(), SyscallProbeError> {
         let btf = if mode == AttachMode::TpBtf {
-            Some(Btf::from_sys_fs().map_err(|e| SyscallProbeError::NoAttach(format!("kernel BTF: {e}")))?)
+            Some(
+                Btf::from_sys_fs()
+                    .map_err(|e| SyscallProbeError::NoAttach(format!("kernel BTF: {e}")))?,
+            )
         } else {
             None
         };
@@ -276,7 +286,9 @@ fn attach_pair(ebpf: &mut Ebpf, mode: AttachMode) -> Result<(), String> {
     if let Err(e) = result {
         // Leave nothing half-attached behind before trying the next method.
         for prog in [enter, exit] {
-            let Some(p) = ebpf.program_mut(prog) else { continue };
+            let Some(p) = ebpf.program_mut(prog) else {
+                continue;
+            };
             let unloaded = match mode {
                 AttachMode::TpBtf => <&mut BtfTracePoint>::try_from(p).map(|p| p.unload()),
                 _ => <&mut RawTracePoint>::try_from(p).map(|p| p.unload()),

@@ -65,8 +65,7 @@ impl<T: Cumulative> Windows<T> {
         if due {
             self.history.push_back(snap.clone());
             // Keep one snapshot older than the retention so a full window is always available.
-            while self.history.len() > 2
-                && at.duration_since(self.history[1].at) >= self.retention
+            while self.history.len() > 2 && at.duration_since(self.history[1].at) >= self.retention
             {
                 self.history.pop_front();
             }

@@ -1,0 +1,212 @@
+//! Benchmarks: measured against a baseline and a real peer in the same run. Not tests.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::Subcommand;
+
+use crate::util::agent_bin;
+
+#[derive(Subcommand, Clone, Copy)]
+pub enum Which {
+    /// Cost per syscall of the agent's syscall probe vs. bpftrace (getppid loop).
+    Syscalls {
+        /// Calls per measurement.
+        #[arg(long, default_value_t = 3_000_000)]
+        calls: u64,
+        /// Measurements per configuration (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+    },
+}
+
+pub fn run(which: Which) -> Result<()> {
+    match which {
+        Which::Syscalls { calls, rounds } => syscalls(calls, rounds),
+    }
+}
+
+const BPFTRACE_PROG: &str = "tracepoint:raw_syscalls:sys_enter { @s[tid] = nsecs; } tracepoint:raw_syscalls:sys_exit /@s[tid]/ { @h[args->id] = hist(nsecs - @s[tid]); delete(@s[tid]); }";
+
+/// ns per getppid call: median of `rounds` loops of `calls` calls.
+fn getppid_loop(calls: u64, rounds: u32) -> f64 {
+    let mut samples: Vec<f64> = (0..rounds)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..calls {
+                // SAFETY: getppid has no arguments and cannot fail.
+                unsafe { libc::syscall(libc::SYS_getppid) };
+            }
+            t.elapsed().as_nanos() as f64 / calls as f64
+        })
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+struct Usage {
+    cpu_ticks: u64,
+    rss_kib: u64,
+}
+
+fn usage(pid: u32) -> Option<Usage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // fields after "comm)": state is [0]; utime [11], stime [12]
+    let cpu_ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(Usage { cpu_ticks, rss_kib })
+}
+
+struct Agent {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Agent {
+    fn start(attach: &str) -> Result<Self> {
+        let dir =
+            std::env::temp_dir().join(format!("insite-bench-{}-{attach}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let sock = dir.join("ctl.sock");
+        let cfg = dir.join("config.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[metrics]\nlisten = \"127.0.0.1:0\"\n[control]\nsocket = \"{}\"\n[syscalls]\nattach = \"{attach}\"\n",
+                sock.display()
+            ),
+        )?;
+        let child = Command::new(agent_bin())
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting insite-agent")?;
+        let mut agent = Self { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = Command::new(agent_bin())
+                .args(["status", "--json", "--control-socket"])
+                .arg(&sock)
+                .output()
+                .is_ok_and(|o| {
+                    o.status.success()
+                        && String::from_utf8_lossy(&o.stdout).contains("\"attached\"")
+                });
+            if ok {
+                break;
+            }
+            if Instant::now() > deadline || agent.child.try_wait()?.is_some() {
+                agent.stop();
+                bail!("insite-agent did not become ready");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(agent)
+    }
+
+    fn stop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn with_agent(attach: &str, calls: u64, rounds: u32) -> Result<(f64, f64, u64)> {
+    let mut agent = Agent::start(attach)?;
+    let pid = agent.child.id();
+    let before = usage(pid);
+    let t = Instant::now();
+    let ns = getppid_loop(calls, rounds);
+    let wall = t.elapsed().as_secs_f64();
+    let after = usage(pid);
+    agent.stop();
+    // SAFETY: sysconf has no preconditions.
+    let tps = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let (cpu_pct, rss) = match (before, after) {
+        (Some(b), Some(a)) => (
+            (a.cpu_ticks.saturating_sub(b.cpu_ticks)) as f64 / tps / wall * 100.0,
+            a.rss_kib,
+        ),
+        _ => (f64::NAN, 0),
+    };
+    Ok((ns, cpu_pct, rss))
+}
+
+fn with_bpftrace(calls: u64, rounds: u32) -> Result<f64> {
+    let mut child = Command::new("bpftrace")
+        .args(["-e", BPFTRACE_PROG])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting bpftrace (apt-get install bpftrace)")?;
+    let stdout = child.stdout.take().context("bpftrace stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    // bpftrace prints "Attaching N probes..." once its probes are live.
+    match lines.next() {
+        Some(Ok(l)) if l.contains("Attaching") => {}
+        other => {
+            let _ = child.kill();
+            bail!("bpftrace did not attach: {other:?}");
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let ns = getppid_loop(calls, rounds);
+    // SAFETY: signalling our own child; SIGINT makes bpftrace print its maps and exit.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    let _ = child.wait();
+    Ok(ns)
+}
+
+fn syscalls(calls: u64, rounds: u32) -> Result<()> {
+    println!("bench syscalls: getppid loop, {calls} calls x {rounds} rounds (median ns/call)");
+    // Warm up the CPU and caches before the first figure.
+    getppid_loop(calls / 4, 1);
+    let base = getppid_loop(calls, rounds);
+    println!("  no hook                      {base:8.1} ns/call");
+    let (btf, btf_cpu, btf_rss) = with_agent("tp_btf", calls, rounds)?;
+    println!(
+        "  insite-agent (tp_btf)        {btf:8.1} ns/call  +{:.1}  agent cpu {btf_cpu:.1}%  rss {} KiB",
+        btf - base,
+        btf_rss
+    );
+    let (raw, raw_cpu, raw_rss) = with_agent("raw_tracepoint", calls, rounds)?;
+    println!(
+        "  insite-agent (raw tp)        {raw:8.1} ns/call  +{:.1}  agent cpu {raw_cpu:.1}%  rss {} KiB",
+        raw - base,
+        raw_rss
+    );
+    let bt = with_bpftrace(calls, rounds)?;
+    println!(
+        "  bpftrace hist()              {bt:8.1} ns/call  +{:.1}",
+        bt - base
+    );
+    let base2 = getppid_loop(calls, rounds);
+    println!("  no hook (again)              {base2:8.1} ns/call");
+    let base = base.min(base2);
+    let ratio = |agent: f64| (agent - base).max(0.0) / (bt - base).max(1e-9);
+    println!(
+        "ratio agent-added / bpftrace-added: tp_btf {:.3}, raw_tracepoint {:.3} (target <= 0.25)",
+        ratio(btf),
+        ratio(raw)
+    );
+    Ok(())
+}

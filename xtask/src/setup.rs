@@ -1,0 +1,114 @@
+//! Toolchain setup: only what is missing, every time (idempotent).
+//!
+//! The recipe is the one verified in shared/PLATFORM.md: the nightly toolchain with rust-src
+//! for the bpf target, Debian's LLVM 22 and bpf-linker 0.13.0 built against it.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Result};
+
+use crate::util::{self, have, is_root, output};
+
+pub struct Want {
+    /// Tools the tests and benchmarks use.
+    pub tests: bool,
+}
+
+const LLVM_CONFIG: &str = "/usr/lib/llvm-22/bin/llvm-config";
+const LLVM_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn run(want: Want) -> Result<()> {
+    let mut apt = Apt::default();
+
+    // Nightly + rust-src: the bpf target is built with -Z build-std=core.
+    if !output(Command::new("rustup").args(["toolchain", "list"]))
+        .is_some_and(|l| l.lines().any(|t| t.starts_with("nightly")))
+    {
+        util::run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    if !Path::new(&sysroot)
+        .join("lib/rustlib/src/rust/library/core")
+        .exists()
+    {
+        util::run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    // bpf-linker, built against Debian's LLVM 22.
+    let linker_ok = output(Command::new("bpf-linker").arg("--version"))
+        .is_some_and(|v| v.contains(BPF_LINKER_VERSION));
+    if !linker_ok {
+        if !Path::new(LLVM_CONFIG).exists() {
+            apt.install(LLVM_PACKAGES)?;
+        }
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
+        util::run(Command::new("cargo").env("PATH", path).args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ]))?;
+    }
+
+    if want.tests {
+        for (tool, package) in [("promtool", "prometheus"), ("bpftrace", "bpftrace")] {
+            if !have(tool) {
+                apt.install(&[package])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// apt-get, with one `update` before the first install of this run.
+#[derive(Default)]
+struct Apt {
+    updated: bool,
+}
+
+impl Apt {
+    fn install(&mut self, packages: &[&str]) -> Result<()> {
+        let cmdline = format!("apt-get install -y {}", packages.join(" "));
+        if !is_root() || !have("apt-get") {
+            bail!(
+                "missing system packages; as root on Debian/Ubuntu run:\n  apt-get update && {cmdline}"
+            );
+        }
+        if !self.updated {
+            util::run(Command::new("apt-get").args(["update", "-q"]))?;
+            self.updated = true;
+        }
+        util::run(
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(packages),
+        )
+    }
+}
