@@ -425,6 +425,12 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_is_the_defaults() {
+        let example = include_str!("../../systemd/config.example.toml");
+        assert_eq!(parse(example).unwrap(), Config::default());
+    }
+
+    #[test]
     fn empty_file_is_defaults() {
         assert_eq!(parse("").unwrap(), Config::default());
     }
