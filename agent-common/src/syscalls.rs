@@ -6,9 +6,6 @@ use crate::{HIST_BUCKETS, TASK_COMM_LEN};
 /// (bit 30 set) and anything else out of range is ignored.
 pub const MAX_SYSCALLS: u32 = 512;
 
-/// Capacity of the per-thread start-time map (LRU: threads that die mid-call age out).
-pub const MAX_INFLIGHT_THREADS: u32 = 65_536;
-
 /// Capacity of each process-selector filter map.
 pub const MAX_FILTER_ENTRIES: u32 = 1024;
 
@@ -37,7 +34,7 @@ pub struct SyscallConfig {
     pub _reserved: u32,
 }
 
-/// Per-thread start of the call in flight, keyed by tid in `SYSCALL_START`.
+/// Per-thread start of the call in flight (task-local storage `SYSCALL_START`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SyscallStart {

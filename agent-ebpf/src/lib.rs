@@ -21,3 +21,73 @@ macro_rules! license {
         static LICENSE: [u8; 4] = *b"GPL\0";
     };
 }
+
+/// Task-local storage (BPF_MAP_TYPE_TASK_STORAGE), BTF-defined: per-thread state that lives in
+/// the task itself. A lookup is a pointer chase from the current task, far cheaper on the
+/// syscall hot path than hashing a tid into a hash map, and the kernel frees it with the task.
+/// (aya-ebpf 0.2 has no wrapper for it yet; the layout is the libbpf BTF map convention.)
+#[repr(C)]
+pub struct TaskStorage<T> {
+    r#type: *const [i32; 29], // BPF_MAP_TYPE_TASK_STORAGE
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; 1], // BPF_F_NO_PREALLOC, required for local storage
+}
+
+// SAFETY: a placeholder the loader patches; never dereferenced from Rust.
+unsafe impl<T> Sync for TaskStorage<T> {}
+
+impl<T> Default for TaskStorage<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> TaskStorage<T> {
+    pub const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+        }
+    }
+
+    /// The current task's value, created zeroed on first use; `None` if the kernel could not
+    /// allocate it.
+    #[cfg(target_arch = "bpf")]
+    #[inline(always)]
+    pub fn current_or_insert(&self) -> Option<*mut T> {
+        use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_storage_get};
+        // SAFETY: the map pointer is this map; the task is the current one (a trusted BTF
+        // pointer); a null value asks for zero-initialised storage.
+        let p = unsafe {
+            bpf_task_storage_get(
+                core::ptr::from_ref(self).cast_mut().cast(),
+                bpf_get_current_task_btf(),
+                core::ptr::null_mut(),
+                1, // BPF_LOCAL_STORAGE_GET_F_CREATE
+            )
+        };
+        (!p.is_null()).then_some(p.cast())
+    }
+
+    /// The current task's value if it has one.
+    #[cfg(target_arch = "bpf")]
+    #[inline(always)]
+    pub fn current(&self) -> Option<*mut T> {
+        use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_storage_get};
+        // SAFETY: as above, without creation.
+        let p = unsafe {
+            bpf_task_storage_get(
+                core::ptr::from_ref(self).cast_mut().cast(),
+                bpf_get_current_task_btf(),
+                core::ptr::null_mut(),
+                0,
+            )
+        };
+        (!p.is_null()).then_some(p.cast())
+    }
+}

@@ -12,17 +12,18 @@ use agent_common::{
     counters, log2_bucket,
     syscalls::{
         SlowSyscallEvent, SyscallConfig, SyscallStart, SyscallStats, FILTER_CGROUP, FILTER_COMM,
-        FILTER_PID, FILTER_PROCESS_MASK, FILTER_SYSCALL, MAX_FILTER_ENTRIES, MAX_INFLIGHT_THREADS,
-        MAX_SYSCALLS, SLOW_RINGBUF_BYTES,
+        FILTER_PID, FILTER_PROCESS_MASK, FILTER_SYSCALL, MAX_FILTER_ENTRIES, MAX_SYSCALLS,
+        SLOW_RINGBUF_BYTES,
     },
     TASK_COMM_LEN,
 };
+use agent_ebpf::TaskStorage;
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
     },
-    macros::{btf_tracepoint, map, raw_tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    macros::{btf_map, btf_tracepoint, map, raw_tracepoint},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 
@@ -32,9 +33,9 @@ static SYSCALL_CONFIG: Array<SyscallConfig> = Array::with_max_entries(1, 0);
 #[map]
 static SYSCALL_STATS: PerCpuArray<SyscallStats> = PerCpuArray::with_max_entries(MAX_SYSCALLS, 0);
 
-#[map]
-static SYSCALL_START: LruHashMap<u32, SyscallStart> =
-    LruHashMap::with_max_entries(MAX_INFLIGHT_THREADS, 0);
+/// The call in flight, per thread.
+#[btf_map]
+static SYSCALL_START: TaskStorage<SyscallStart> = TaskStorage::new();
 
 #[map]
 static SYSCALL_SLOW_EVENTS: RingBuf = RingBuf::with_byte_size(SLOW_RINGBUF_BYTES, 0);
@@ -99,38 +100,26 @@ fn on_enter(id: i64) {
         return;
     }
     let nr = id as u32;
-    let pid_tgid = bpf_get_current_pid_tgid();
     let flags = match SYSCALL_CONFIG.get(0) {
         Some(cfg) => cfg.filter_flags,
         None => 0,
     };
-    if flags != 0 && !selected(flags, nr, (pid_tgid >> 32) as u32) {
+    if flags != 0 && !selected(flags, nr) {
         return;
     }
-    let tid = pid_tgid as u32;
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    // Overwrite in place when the thread already has a slot: a lookup is far cheaper than an
-    // LRU update, and most threads make many calls.
-    if let Some(slot) = SYSCALL_START.get_ptr_mut(tid) {
-        // SAFETY: the slot belongs to this thread, which is running here and nowhere else.
-        unsafe {
-            (*slot).start_ns = now;
-            (*slot).nr = nr as u64;
-        }
-        return;
-    }
-    let start = SyscallStart {
-        start_ns: now,
-        nr: nr as u64,
-    };
-    if SYSCALL_START.insert(tid, start, 0).is_err() {
+    let Some(slot) = SYSCALL_START.current_or_insert() else {
         bump(counters::START_DROPS);
+        return;
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions; the slot is this thread's own storage.
+    unsafe {
+        (*slot).start_ns = bpf_ktime_get_ns();
+        (*slot).nr = nr as u64;
     }
 }
 
 #[inline(always)]
-fn selected(flags: u32, nr: u32, tgid: u32) -> bool {
+fn selected(flags: u32, nr: u32) -> bool {
     if flags & FILTER_SYSCALL != 0 {
         match SYSCALL_FILTER_NRS.get(nr) {
             Some(v) if *v != 0 => {}
@@ -140,6 +129,7 @@ fn selected(flags: u32, nr: u32, tgid: u32) -> bool {
     if flags & FILTER_PROCESS_MASK == 0 {
         return true;
     }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if flags & FILTER_PID != 0 && SYSCALL_FILTER_PIDS.get_ptr(tgid).is_some() {
         return true;
     }
@@ -162,9 +152,7 @@ fn selected(flags: u32, nr: u32, tgid: u32) -> bool {
 
 #[inline(always)]
 fn on_exit(ret: i64) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tid = pid_tgid as u32;
-    let Some(slot) = SYSCALL_START.get_ptr_mut(tid) else {
+    let Some(slot) = SYSCALL_START.current() else {
         return;
     };
     // SAFETY: as in on_enter, the slot is this thread's.
@@ -200,7 +188,7 @@ fn on_exit(ret: i64) {
         None => 0,
     };
     if threshold != 0 && duration >= threshold {
-        emit_slow(now, duration, ret, pid_tgid, nr);
+        emit_slow(now, duration, ret, bpf_get_current_pid_tgid(), nr);
     }
 }
 

@@ -87,7 +87,11 @@ impl SyscallProbe {
     /// Loads the object and attaches sys_enter/sys_exit with the configured method (`auto`:
     /// tp_btf, then raw tracepoints). Returns the probe and any non-fatal problems.
     pub fn attach(cfg: &SyscallsConfig) -> Result<(Self, Vec<String>), SyscallProbeError> {
-        let mut ebpf = Ebpf::load(super::SYSCALLS_OBJECT)?;
+        // SYSCALL_START is task-local storage, a map type aya has no wrapper for: the kernel
+        // creates it all the same, and userspace never touches it.
+        let mut ebpf = aya::EbpfLoader::new()
+            .allow_unsupported_maps()
+            .load(super::SYSCALLS_OBJECT)?;
         let mut probe = Self {
             stats: take(&mut ebpf, "SYSCALL_STATS", PerCpuArray::try_from)?,
             counters: take(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?,
