@@ -6,6 +6,9 @@ use crate::{HIST_BUCKETS, TASK_COMM_LEN};
 /// (bit 30 set) and anything else out of range is ignored.
 pub const MAX_SYSCALLS: u32 = 512;
 
+/// Words of the `SYSCALL_SEEN` bitmap (one bit per syscall number).
+pub const SEEN_WORDS: usize = (MAX_SYSCALLS as usize).div_ceil(64);
+
 /// Capacity of each process-selector filter map.
 pub const MAX_FILTER_ENTRIES: u32 = 1024;
 

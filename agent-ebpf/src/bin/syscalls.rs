@@ -13,7 +13,7 @@ use agent_common::{
     syscalls::{
         SlowSyscallEvent, SyscallConfig, SyscallStart, SyscallStats, FILTER_CGROUP, FILTER_COMM,
         FILTER_PID, FILTER_PROCESS_MASK, FILTER_SYSCALL, MAX_FILTER_ENTRIES, MAX_SYSCALLS,
-        SLOW_RINGBUF_BYTES,
+        SEEN_WORDS, SLOW_RINGBUF_BYTES,
     },
     TASK_COMM_LEN,
 };
@@ -52,6 +52,10 @@ static SYSCALL_FILTER_CGROUPS: HashMap<u64, u8> = HashMap::with_max_entries(MAX_
 
 #[map]
 static SYSCALL_FILTER_NRS: Array<u8> = Array::with_max_entries(MAX_SYSCALLS, 0);
+
+/// One bit per syscall number that has been counted: userspace reads only those slots.
+#[map]
+static SYSCALL_SEEN: Array<[u64; SEEN_WORDS]> = Array::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
@@ -168,6 +172,7 @@ fn on_exit(ret: i64) {
     let now = unsafe { bpf_ktime_get_ns() };
     let duration = now.saturating_sub(start);
 
+    mark_seen(nr);
     if let Some(stats) = SYSCALL_STATS.get_ptr_mut(nr) {
         let b = log2_bucket(duration);
         // SAFETY: per-CPU element; log2_bucket() < HIST_BUCKETS.
@@ -189,6 +194,25 @@ fn on_exit(ret: i64) {
     };
     if threshold != 0 && duration >= threshold {
         emit_slow(now, duration, ret, bpf_get_current_pid_tgid(), nr);
+    }
+}
+
+/// Sets the syscall's bit once; after that it is a load and a branch. Two CPUs setting bits
+/// of one word at the same moment may lose one (no atomic OR on older BPF ISAs): userspace
+/// sweeps every slot now and then, so a lost bit delays a syscall, never hides it.
+#[inline(always)]
+fn mark_seen(nr: u32) {
+    let Some(seen) = SYSCALL_SEEN.get_ptr_mut(0) else {
+        return;
+    };
+    let bit = 1u64 << (nr & 63);
+    // SAFETY: single-element array; the index is masked into range.
+    unsafe {
+        if let Some(word) = (*seen).get_mut((nr >> 6) as usize & (SEEN_WORDS - 1)) {
+            if *word & bit == 0 {
+                *word |= bit;
+            }
+        }
     }
 }
 

@@ -67,7 +67,7 @@ pub async fn run_ticks(
         let now = Instant::now();
         let sys = match &syscalls {
             Some(p) => match p.lock() {
-                Ok(p) => match p.read() {
+                Ok(mut p) => match p.read() {
                     Ok(t) => Some(t),
                     Err(e) => {
                         metrics.collect_errors.inc();

@@ -1,12 +1,15 @@
 //! Syscall latency probe: attach, configure, read.
 
-use std::{collections::BTreeMap, os::unix::fs::MetadataExt as _};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    os::unix::fs::MetadataExt as _,
+};
 
 use agent_common::{
     counters,
     syscalls::{
         SyscallConfig, SyscallStats, FILTER_CGROUP, FILTER_COMM, FILTER_PID, FILTER_SYSCALL,
-        MAX_SYSCALLS,
+        MAX_SYSCALLS, SEEN_WORDS,
     },
     TASK_COMM_LEN,
 };
@@ -62,7 +65,13 @@ pub struct SyscallProbe {
     filter_cgroups: HashMap<MapData, u64, u8>,
     filter_nrs: Array<MapData, u8>,
     ring: Option<RingBuf<MapData>>,
+    seen_bitmap: Array<MapData, [u64; SEEN_WORDS]>,
+    /// Syscalls with a non-zero count so far, and reads done (see `read`).
+    seen: BTreeSet<u32>,
+    reads: u64,
 }
+
+const FULL_SWEEP_EVERY: u64 = 40;
 
 impl std::fmt::Debug for SyscallProbe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -101,8 +110,11 @@ impl SyscallProbe {
             filter_cgroups: take(&mut ebpf, "SYSCALL_FILTER_CGROUPS", HashMap::try_from)?,
             filter_nrs: take(&mut ebpf, "SYSCALL_FILTER_NRS", Array::try_from)?,
             ring: Some(take(&mut ebpf, "SYSCALL_SLOW_EVENTS", RingBuf::try_from)?),
+            seen_bitmap: take(&mut ebpf, "SYSCALL_SEEN", Array::try_from)?,
             ebpf,
             mode: cfg.attach,
+            seen: BTreeSet::new(),
+            reads: 0,
         };
         // Filters before attaching: from its first event the probe sees only what was asked
         // for (including none of our own start-up map writes).
@@ -214,16 +226,38 @@ impl SyscallProbe {
     }
 
     /// Cumulative per-syscall counters (summed over CPUs) and the kernel's self-counters.
-    pub fn read(&self) -> Result<SyscallTotals, SyscallProbeError> {
+    ///
+    /// Each slot costs one bpf() call, so only the syscalls the kernel marked in
+    /// `SYSCALL_SEEN` are read; every `FULL_SWEEP_EVERY` reads all slots are swept, in case a
+    /// racing bit was lost (see the kernel side). Counts are cumulative, so a late slot loses
+    /// nothing.
+    pub fn read(&mut self) -> Result<SyscallTotals, SyscallProbeError> {
+        let sweep = self.reads % FULL_SWEEP_EVERY == 0;
+        self.reads += 1;
+        if let Ok(words) = self.seen_bitmap.get(&0, 0) {
+            for (w, word) in words.iter().enumerate() {
+                for bit in 0..64u32 {
+                    if word & (1u64 << bit) != 0 {
+                        self.seen.insert(w as u32 * 64 + bit);
+                    }
+                }
+            }
+        }
+        let slots: Vec<u32> = if sweep {
+            (0..MAX_SYSCALLS).collect()
+        } else {
+            self.seen.iter().copied().collect()
+        };
         let mut by_nr = BTreeMap::new();
-        for (nr, per_cpu) in self.stats.iter().enumerate() {
-            let per_cpu = per_cpu.map_err(map_err("SYSCALL_STATS"))?;
+        for nr in slots {
+            let per_cpu = self.stats.get(&nr, 0).map_err(map_err("SYSCALL_STATS"))?;
             let mut c = SyscallCounters::default();
             for s in per_cpu.iter() {
                 add_stats(&mut c, s);
             }
             if c.latency.count > 0 {
-                by_nr.insert(nr as u32, c);
+                by_nr.insert(nr, c);
+                self.seen.insert(nr);
             }
         }
         let counter = |idx: u32| -> Result<u64, SyscallProbeError> {
