@@ -232,7 +232,7 @@ impl SyscallProbe {
     /// racing bit was lost (see the kernel side). Counts are cumulative, so a late slot loses
     /// nothing.
     pub fn read(&mut self) -> Result<SyscallTotals, SyscallProbeError> {
-        let sweep = self.reads % FULL_SWEEP_EVERY == 0;
+        let sweep = self.reads.is_multiple_of(FULL_SWEEP_EVERY);
         self.reads += 1;
         if let Ok(words) = self.seen_bitmap.get(&0, 0) {
             for (w, word) in words.iter().enumerate() {
