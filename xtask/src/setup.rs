@@ -58,7 +58,12 @@ pub fn run(want: Want) -> Result<()> {
     let linker_ok = output(Command::new("bpf-linker").arg("--version"))
         .is_some_and(|v| v.contains(BPF_LINKER_VERSION));
     if !linker_ok {
-        if !Path::new(LLVM_CONFIG).exists() {
+        let missing: Vec<&str> = LLVM_PACKAGES
+            .iter()
+            .copied()
+            .filter(|p| !deb_installed(p))
+            .collect();
+        if !missing.is_empty() || !Path::new(LLVM_CONFIG).exists() {
             apt.install(LLVM_PACKAGES)?;
         }
         let path = format!(
@@ -84,6 +89,12 @@ pub fn run(want: Want) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether a Debian package is installed (false where there is no dpkg).
+fn deb_installed(package: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_some_and(|s| s.trim_end().ends_with("installed") && !s.contains("not-installed"))
 }
 
 /// apt-get, with one `update` before the first install of this run.
