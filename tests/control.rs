@@ -41,14 +41,7 @@ fn status_lists_the_probes() {
 #[test]
 fn disabled_probe_shows_and_the_rest_keeps_running() {
     let agent = Agent::start("[syscalls]\nenabled = false\n");
-    let v = agent.data(r#"{"cmd":"status"}"#);
-    let sys = v["probes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "syscalls")
-        .unwrap()
-        .clone();
+    let sys = agent.probe("syscalls");
     assert_eq!(sys["state"], "disabled");
     let m = agent.scrape();
     assert_eq!(

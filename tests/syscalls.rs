@@ -153,14 +153,7 @@ fn errors_are_counted() {
 #[test]
 fn raw_tracepoint_attachment_works_too() {
     let agent = Agent::start("[syscalls]\nattach = \"raw_tracepoint\"\n");
-    let status = agent.data(r#"{"cmd":"status"}"#);
-    let probe = status["probes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "syscalls")
-        .unwrap()
-        .clone();
+    let probe = agent.probe("syscalls");
     assert_eq!(probe["state"], "attached");
     assert_eq!(probe["attach"], "raw_tracepoint");
     let before = agent.scrape();
@@ -197,4 +190,82 @@ fn cli_views_show_the_workload() {
     let bad = agent.cli(&["syscalls", "--window", "2h"]);
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("window"));
+}
+
+#[test]
+fn comm_filter_traces_only_named_threads() {
+    // comm is per thread: a thread named by the test is its own selector.
+    let agent = Agent::start("[syscalls]\ncomms = [\"isa-comm-probe\"]\n");
+    let before = agent.scrape();
+    std::thread::Builder::new()
+        .name("isa-comm-probe".into())
+        .spawn(|| getppid_calls(4_321))
+        .unwrap()
+        .join()
+        .unwrap();
+    getppid_calls(10_000); // this thread's comm is not selected
+    agent.wait_ticks(2);
+    let after = agent.scrape();
+    assert_eq!(
+        count(&after, "getppid") - count(&before, "getppid"),
+        4_321.0
+    );
+}
+
+#[test]
+fn cgroup_filter_traces_only_that_cgroup() {
+    use std::os::unix::process::CommandExt as _;
+    let root = insite_e2e::cgroup2_root().expect("a cgroup2 hierarchy");
+    let name = format!("insite-e2e-{}", std::process::id());
+    let dir = root.join(&name);
+    std::fs::create_dir(&dir).unwrap();
+    let _cleanup = insite_e2e::RemoveDirOnDrop(dir.clone());
+
+    let agent = Agent::start(&format!("[syscalls]\ncgroups = [\"/{name}\"]\n"));
+    assert!(
+        agent.probe("syscalls")["error"].is_null(),
+        "{}",
+        agent.probe("syscalls")
+    );
+    let before = agent.scrape();
+    let procs = dir.join("cgroup.procs");
+    let mut child = std::process::Command::new("python3");
+    child.args(["-c", "import os\nfor _ in range(3000): os.getppid()"]);
+    // SAFETY: only async-signal-safe calls (write to a file) between fork and exec.
+    unsafe {
+        child.pre_exec(move || std::fs::write(&procs, b"0"));
+    }
+    assert!(child.status().unwrap().success());
+    getppid_calls(20_000); // outside the cgroup
+    agent.wait_ticks(2);
+    let after = agent.scrape();
+    let got = count(&after, "getppid") - count(&before, "getppid");
+    assert!(
+        (3_000.0..20_000.0).contains(&got),
+        "getppid in the cgroup: {got}"
+    );
+}
+
+#[test]
+fn missing_cgroup_is_reported_not_fatal() {
+    let agent = Agent::start("[syscalls]\ncgroups = [\"/no/such/insite/cgroup\"]\n");
+    let probe = agent.probe("syscalls");
+    assert_eq!(probe["state"], "attached");
+    assert!(
+        probe["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("/no/such/insite/cgroup"),
+        "{probe}"
+    );
+    getppid_calls(1_000);
+    agent.wait_ticks(2);
+    // Only the missing cgroup was asked for: nothing is traced.
+    assert_eq!(
+        agent.scrape().value(
+            "insite_syscall_duration_seconds_count",
+            &[("syscall", "getppid")]
+        ),
+        None
+    );
 }

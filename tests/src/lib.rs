@@ -155,6 +155,16 @@ impl Agent {
         v["data"].clone()
     }
 
+    /// The `status` entry of probe family `name`.
+    pub fn probe(&self, name: &str) -> serde_json::Value {
+        let status = self.data(r#"{"cmd":"status"}"#);
+        status["probes"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no probe {name} in {status}"))
+    }
+
     /// Runs the CLI against this agent's socket.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(agent_bin())
@@ -357,5 +367,31 @@ pub fn nanosleep_calls(n: u32, ms: u64) {
         };
         // SAFETY: valid timespec pointer; null remainder is allowed.
         unsafe { libc::syscall(libc::SYS_nanosleep, &ts as *const libc::timespec, 0usize) };
+    }
+}
+
+/// Where cgroup v2 is mounted (`/sys/fs/cgroup` or, on hybrid hosts, `/sys/fs/cgroup/unified`).
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts.lines().find_map(|line| {
+        let (pre, post) = line.split_once(" - ")?;
+        if post.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        pre.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+/// Removes a (cgroup) directory when dropped, after its processes have exited.
+pub struct RemoveDirOnDrop(pub PathBuf);
+
+impl Drop for RemoveDirOnDrop {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

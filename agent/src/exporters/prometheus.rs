@@ -24,7 +24,10 @@ use tracing::info;
 
 use crate::{
     collectors::TickMetrics,
-    store::{histogram::Log2Histogram, ProbeState, SharedStore, SyscallCounters},
+    store::{
+        histogram::Log2Histogram, DiskReading, NetDevReading, ProbeState, SharedStore,
+        SyscallCounters,
+    },
     syscall_names,
 };
 
@@ -338,107 +341,104 @@ impl Collector for StoreCollector {
                     )
                 }),
             )?;
-            let disk = |f: fn(&crate::store::DiskReading) -> f64| {
-                h.disks
+            type DiskField = fn(&DiskReading) -> f64;
+            let disk_counters: [(&str, &str, Option<Unit>, DiskField); 5] = [
+                (
+                    "insite_host_disk_reads_completed",
+                    "Disk reads completed",
+                    None,
+                    |d| d.reads_completed as f64,
+                ),
+                (
+                    "insite_host_disk_writes_completed",
+                    "Disk writes completed",
+                    None,
+                    |d| d.writes_completed as f64,
+                ),
+                (
+                    "insite_host_disk_read",
+                    "Bytes read from disk",
+                    Some(Unit::Bytes),
+                    |d| d.read_bytes as f64,
+                ),
+                (
+                    "insite_host_disk_written",
+                    "Bytes written to disk",
+                    Some(Unit::Bytes),
+                    |d| d.written_bytes as f64,
+                ),
+                (
+                    "insite_host_disk_io_time",
+                    "Time the disk was busy with I/O",
+                    Some(Unit::Seconds),
+                    |d| d.io_seconds,
+                ),
+            ];
+            for (name, help, unit, field) in disk_counters {
+                let rows = h
+                    .disks
                     .iter()
-                    .map(move |d| (l("device", d.device.clone()), f(d)))
-            };
-            counter(
-                e,
-                "insite_host_disk_reads_completed",
-                "Disk reads completed",
-                None,
-                disk(|d| d.reads_completed as f64),
-            )?;
-            counter(
-                e,
-                "insite_host_disk_writes_completed",
-                "Disk writes completed",
-                None,
-                disk(|d| d.writes_completed as f64),
-            )?;
-            counter(
-                e,
-                "insite_host_disk_read",
-                "Bytes read from disk",
-                Some(&Unit::Bytes),
-                disk(|d| d.read_bytes as f64),
-            )?;
-            counter(
-                e,
-                "insite_host_disk_written",
-                "Bytes written to disk",
-                Some(&Unit::Bytes),
-                disk(|d| d.written_bytes as f64),
-            )?;
-            counter(
-                e,
-                "insite_host_disk_io_time",
-                "Time the disk was busy with I/O",
-                Some(&Unit::Seconds),
-                disk(|d| d.io_seconds),
-            )?;
-            let net = |f: fn(&crate::store::NetDevReading) -> u64| {
-                h.net_devices
+                    .map(|d| (l("device", d.device.clone()), field(d)));
+                counter(e, name, help, unit.as_ref(), rows)?;
+            }
+            type NetField = fn(&NetDevReading) -> u64;
+            let net_counters: [(&str, &str, Option<Unit>, NetField); 8] = [
+                (
+                    "insite_host_network_receive",
+                    "Bytes received by a network device",
+                    Some(Unit::Bytes),
+                    |d| d.rx_bytes,
+                ),
+                (
+                    "insite_host_network_transmit",
+                    "Bytes sent by a network device",
+                    Some(Unit::Bytes),
+                    |d| d.tx_bytes,
+                ),
+                (
+                    "insite_host_network_receive_packets",
+                    "Packets received by a network device",
+                    None,
+                    |d| d.rx_packets,
+                ),
+                (
+                    "insite_host_network_transmit_packets",
+                    "Packets sent by a network device",
+                    None,
+                    |d| d.tx_packets,
+                ),
+                (
+                    "insite_host_network_receive_errors",
+                    "Receive errors of a network device",
+                    None,
+                    |d| d.rx_errors,
+                ),
+                (
+                    "insite_host_network_transmit_errors",
+                    "Transmit errors of a network device",
+                    None,
+                    |d| d.tx_errors,
+                ),
+                (
+                    "insite_host_network_receive_drops",
+                    "Received packets dropped by a network device",
+                    None,
+                    |d| d.rx_dropped,
+                ),
+                (
+                    "insite_host_network_transmit_drops",
+                    "Outgoing packets dropped by a network device",
+                    None,
+                    |d| d.tx_dropped,
+                ),
+            ];
+            for (name, help, unit, field) in net_counters {
+                let rows = h
+                    .net_devices
                     .iter()
-                    .map(move |d| (l("device", d.device.clone()), f(d) as f64))
-            };
-            counter(
-                e,
-                "insite_host_network_receive",
-                "Bytes received by a network device",
-                Some(&Unit::Bytes),
-                net(|d| d.rx_bytes),
-            )?;
-            counter(
-                e,
-                "insite_host_network_transmit",
-                "Bytes sent by a network device",
-                Some(&Unit::Bytes),
-                net(|d| d.tx_bytes),
-            )?;
-            counter(
-                e,
-                "insite_host_network_receive_packets",
-                "Packets received by a network device",
-                None,
-                net(|d| d.rx_packets),
-            )?;
-            counter(
-                e,
-                "insite_host_network_transmit_packets",
-                "Packets sent by a network device",
-                None,
-                net(|d| d.tx_packets),
-            )?;
-            counter(
-                e,
-                "insite_host_network_receive_errors",
-                "Receive errors of a network device",
-                None,
-                net(|d| d.rx_errors),
-            )?;
-            counter(
-                e,
-                "insite_host_network_transmit_errors",
-                "Transmit errors of a network device",
-                None,
-                net(|d| d.tx_errors),
-            )?;
-            counter(
-                e,
-                "insite_host_network_receive_drops",
-                "Received packets dropped by a network device",
-                None,
-                net(|d| d.rx_dropped),
-            )?;
-            counter(
-                e,
-                "insite_host_network_transmit_drops",
-                "Outgoing packets dropped by a network device",
-                None,
-                net(|d| d.tx_dropped),
-            )?;
+                    .map(|d| (l("device", d.device.clone()), field(d) as f64));
+                counter(e, name, help, unit.as_ref(), rows)?;
+            }
         }
         Ok(())
     }
