@@ -230,7 +230,10 @@ fn cgroup_filter_traces_only_that_cgroup() {
     let before = agent.scrape();
     let procs = dir.join("cgroup.procs");
     let mut child = std::process::Command::new("python3");
-    child.args(["-c", "import os\nfor _ in range(3000): os.getppid()"]);
+    child.args([
+        "-c",
+        "import os, time\nfor _ in range(3000): os.getppid()\ntime.sleep(0.03)",
+    ]);
     // SAFETY: only async-signal-safe calls (write to a file) between fork and exec.
     unsafe {
         child.pre_exec(move || std::fs::write(&procs, b"0"));
@@ -243,6 +246,15 @@ fn cgroup_filter_traces_only_that_cgroup() {
     assert!(
         (3_000.0..20_000.0).contains(&got),
         "getppid in the cgroup: {got}"
+    );
+    // The child's 30 ms sleep is a slow call, attributed to its cgroup by path.
+    let v = agent.data(r#"{"cmd":"syscalls","limit":512}"#);
+    let cg = format!("/{name}");
+    let slow = v["slow_calls"].as_array().unwrap();
+    assert!(
+        slow.iter().any(|c| c["cgroup"] == cg.as_str()
+            && c["duration_ns"].as_u64().unwrap() >= 30_000_000),
+        "no slow call from {cg}: {v:#}"
     );
 }
 

@@ -221,13 +221,14 @@ fn print_syscalls(v: &SyscallsView) {
     }
     for c in &v.slow_calls {
         println!(
-            "  {:<16} pid {:<7} tid {:<7} {:<18} {:>10} ret {}",
+            "  {:<16} pid {:<7} tid {:<7} {:<18} {:>10} ret {:<6} {}",
             c.comm,
             c.pid,
             c.tid,
             c.syscall,
             fmt_us(Some(c.duration_ns as f64 / 1e3)),
-            c.ret
+            c.ret,
+            c.service.as_deref().or(c.cgroup.as_deref()).unwrap_or("")
         );
     }
 }

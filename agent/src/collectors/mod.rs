@@ -1,6 +1,7 @@
 //! Collectors: every tick, read the kernel maps and procfs and fold what they say into the
 //! store. Slow-call events arrive on their own task, as they happen.
 
+pub mod cgroups;
 pub mod host;
 pub mod syscalls;
 

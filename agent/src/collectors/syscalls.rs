@@ -7,8 +7,9 @@ use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, warn};
 
+use super::cgroups::{service_of, CgroupNames};
 use crate::{
-    probes::syscalls::comm_str,
+    probes::{cgroup2_root, syscalls::comm_str},
     store::{SharedStore, SlowCall},
     syscall_names,
 };
@@ -24,6 +25,7 @@ pub async fn run_slow_reader(ring: RingBuf<MapData>, store: SharedStore) {
             return;
         }
     };
+    let mut cgroups = CgroupNames::new(cgroup2_root());
     loop {
         let mut guard = match fd.readable_mut().await {
             Ok(g) => g,
@@ -44,9 +46,19 @@ pub async fn run_slow_reader(ring: RingBuf<MapData>, store: SharedStore) {
             continue;
         }
         let (mono_now, wall_now) = (monotonic_ns(), SystemTime::now());
+        // Resolve names before taking the store lock: a rescan reads the cgroup tree.
+        let calls: Vec<SlowCall> = batch
+            .iter()
+            .map(|ev| {
+                let mut call = to_slow_call(ev, mono_now, wall_now);
+                call.cgroup = cgroups.resolve(ev.cgroup_id);
+                call.service = call.cgroup.as_deref().and_then(service_of);
+                call
+            })
+            .collect();
         if let Ok(mut st) = store.write() {
-            for ev in batch {
-                st.push_slow_call(to_slow_call(&ev, mono_now, wall_now));
+            for call in calls {
+                st.push_slow_call(call);
             }
         }
     }
@@ -83,6 +95,8 @@ fn to_slow_call(ev: &SlowSyscallEvent, mono_now: u64, wall_now: SystemTime) -> S
         tid: ev.tid,
         comm: comm_str(&ev.comm),
         cgroup_id: ev.cgroup_id,
+        cgroup: None,
+        service: None,
     }
 }
 

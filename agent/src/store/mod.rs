@@ -82,6 +82,12 @@ pub struct SlowCall {
     pub tid: u32,
     pub comm: String,
     pub cgroup_id: u64,
+    /// cgroup v2 path, when the id could be resolved.
+    #[serde(default)]
+    pub cgroup: Option<String>,
+    /// systemd unit (`nginx.service`) the cgroup belongs to, if any.
+    #[serde(default)]
+    pub service: Option<String>,
 }
 
 /// State of one probe family.
@@ -257,6 +263,8 @@ mod tests {
                 tid: 1,
                 comm: "x".into(),
                 cgroup_id: 0,
+                cgroup: None,
+                service: None,
             });
         }
         assert_eq!(s.slow_calls.len(), 3);
