@@ -168,3 +168,31 @@ fn second_agent_on_the_same_socket_refuses_to_start() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("already listening"));
     assert_eq!(agent.data(r#"{"cmd":"status"}"#)["pid"], agent.pid());
 }
+
+#[test]
+fn without_privileges_the_probe_fails_alone_and_the_rest_runs() {
+    let agent = Agent::start_unprivileged("");
+    let probe = agent.probe("syscalls");
+    assert_eq!(probe["state"], "failed", "{probe}");
+    let why = probe["error"].as_str().unwrap_or("");
+    assert!(why.contains("ermitted") || why.contains("EPERM"), "{probe}");
+    assert_eq!(agent.probe("host")["state"], "attached");
+    agent.wait_ticks(2);
+    let m = agent.scrape();
+    assert_eq!(
+        m.value(
+            "insite_probe_attached",
+            &[("probe", "syscalls"), ("state", "failed")]
+        ),
+        Some(0.0)
+    );
+    assert!(
+        m.value("insite_host_memory_bytes", &[("kind", "total")])
+            .unwrap()
+            > 0.0
+    );
+    assert!(m.value("insite_agent_ticks_total", &[]).unwrap() >= 2.0);
+    let r = agent.request(r#"{"cmd":"syscalls"}"#).unwrap();
+    assert_eq!(r["ok"], false);
+    assert!(r["error"].as_str().unwrap().contains("failed"), "{r}");
+}

@@ -187,8 +187,9 @@ fn attach_syscalls(cfg: &Config, store: &SharedStore) -> Option<Arc<Mutex<Syscal
                 Some(Arc::new(Mutex::new(p))),
             ),
             Err(e) => {
-                error!(error = %e, "syscall probe failed; the agent continues without it");
-                (status(ProbeState::Failed, None, Some(e.to_string())), None)
+                let why = probes::error_chain(&e);
+                error!(error = %why, "syscall probe failed; the agent continues without it");
+                (status(ProbeState::Failed, None, Some(why)), None)
             }
         }
     };

@@ -73,6 +73,17 @@ impl Agent {
     }
 
     pub fn start_with(extra: &str, control_extra: &str) -> Self {
+        Self::spawn(extra, control_extra, None)
+    }
+
+    /// Starts the agent as uid/gid `nobody`: it cannot load eBPF programs, and must say so and
+    /// keep running everything else.
+    pub fn start_unprivileged(extra: &str) -> Self {
+        Self::spawn(extra, "", Some(65534))
+    }
+
+    fn spawn(extra: &str, control_extra: &str, uid: Option<u32>) -> Self {
+        use std::os::unix::process::CommandExt as _;
         require_root();
         let guard = ONE_AGENT_AT_A_TIME
             .lock()
@@ -88,7 +99,17 @@ impl Agent {
         .expect("write config");
         let log_path = dir.path().join("agent.log");
         let log = std::fs::File::create(&log_path).expect("log file");
-        let child = Command::new(agent_bin())
+        let mut cmd = match uid {
+            Some(uid) => {
+                let bin = world_executable_copy(dir.path());
+                std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid)).expect("chown");
+                let mut c = Command::new(bin);
+                c.uid(uid).gid(uid);
+                c
+            }
+            None => Command::new(agent_bin()),
+        };
+        let child = cmd
             .args(["run", "--config"])
             .arg(&config_path)
             .env("INSITE_LOG", "info")

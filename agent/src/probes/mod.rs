@@ -67,6 +67,22 @@ fn raise_memlock() {
     }
 }
 
+/// An error with every cause in its chain (`failed to create map X: Operation not
+/// permitted`), for status and logs: aya's outer errors alone rarely say why.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !s.contains(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 /// Where the cgroup v2 hierarchy is mounted: `/sys/fs/cgroup` on unified hosts,
 /// `/sys/fs/cgroup/unified` on hybrid ones.
 pub fn cgroup2_root() -> Option<std::path::PathBuf> {
@@ -78,4 +94,31 @@ pub fn cgroup2_root() -> Option<std::path::PathBuf> {
         }
         pre.split_whitespace().nth(4).map(std::path::PathBuf::from)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("failed to create map `X`")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn error_chain_names_the_cause_once() {
+        let e = Outer(std::io::Error::from_raw_os_error(libc::EPERM));
+        assert_eq!(
+            error_chain(&e),
+            "failed to create map `X`: Operation not permitted (os error 1)"
+        );
+        let plain = std::io::Error::other("plain");
+        assert_eq!(error_chain(&plain), "plain");
+    }
+
+    #[test]
+    fn cgroup2_is_found_here() {
+        // The build machines have cgroup2 (hybrid or unified); the id lookups depend on it.
+        let root = cgroup2_root().expect("cgroup2 mounted");
+        assert!(root.join("cgroup.procs").exists(), "{}", root.display());
+    }
 }

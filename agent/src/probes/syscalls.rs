@@ -335,7 +335,7 @@ fn attach_pair(ebpf: &mut Ebpf, mode: AttachMode) -> Result<(), String> {
                 warn!(program = prog, error = %e, "unloading after a failed attach");
             }
         }
-        return Err(e.to_string());
+        return Err(super::error_chain(&e));
     }
     Ok(())
 }
