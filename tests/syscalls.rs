@@ -27,6 +27,17 @@ fn workload_is_counted_and_sleeps_land_in_their_bucket() {
     nanosleep_calls(5, 50);
     agent.wait_ticks(2);
     let after = agent.scrape();
+    for le in [LE_33MS, LE_67MS] {
+        assert!(
+            after
+                .value(
+                    "insite_syscall_duration_seconds_bucket",
+                    &[("syscall", "nanosleep"), ("le", le)]
+                )
+                .is_some(),
+            "no le={le} bucket in the scrape"
+        );
+    }
 
     let getppid = count(&after, "getppid") - count(&before, "getppid");
     assert!(getppid >= 20_000.0, "getppid counted {getppid}, made 20000");
@@ -280,4 +291,58 @@ fn missing_cgroup_is_reported_not_fatal() {
         ),
         None
     );
+}
+
+#[test]
+fn blocking_calls_across_threads_are_each_timed_once() {
+    // Sleeping calls switch out mid-call (their start is parked in task storage and found
+    // again on whatever CPU they wake on); getppid never does (per-CPU fast path). Both must be
+    // counted exactly, with sleeps timed at least as long as they slept.
+    let me = std::process::id();
+    let agent = Agent::start(&format!("[syscalls]\npids = [{me}]\n"));
+    let before = agent.scrape();
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(|| {
+                for _ in 0..500 {
+                    getppid_calls(1);
+                    let ts = libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: 50_000,
+                    };
+                    // SAFETY: valid timespec; null remainder.
+                    unsafe {
+                        libc::syscall(libc::SYS_nanosleep, &ts as *const libc::timespec, 0usize)
+                    };
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    agent.wait_ticks(2);
+    let after = agent.scrape();
+    assert_eq!(
+        count(&after, "getppid") - count(&before, "getppid"),
+        2_000.0
+    );
+    assert_eq!(
+        count(&after, "nanosleep") - count(&before, "nanosleep"),
+        2_000.0
+    );
+    // 50 us sleeps: none may be timed under 2^15 ns (32.8 us).
+    const LE_32US: &str = "0.000032768"; // 2^15 ns
+    assert!(
+        after
+            .value(
+                "insite_syscall_duration_seconds_bucket",
+                &[("syscall", "nanosleep"), ("le", LE_32US)]
+            )
+            .is_some(),
+        "no le={LE_32US} bucket in the scrape"
+    );
+    let short =
+        hist_bucket(&after, "nanosleep", LE_32US) - hist_bucket(&before, "nanosleep", LE_32US);
+    assert_eq!(short, 0.0, "sleeps timed shorter than they slept");
 }

@@ -46,6 +46,16 @@ pub struct SyscallStart {
     pub nr: u64,
 }
 
+/// The call in flight on a CPU (`SYSCALL_INFLIGHT`): the fast path for calls that do not
+/// block. `task` tags the owner (a `task_struct` address); `start_ns` 0 means none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InflightSyscall {
+    pub task: u64,
+    pub start_ns: u64,
+    pub nr: u64,
+}
+
 /// Per-CPU, per-syscall aggregate, element `nr` of `SYSCALL_STATS`. Monotonic counters:
 /// userspace computes deltas.
 #[repr(C)]
@@ -86,6 +96,7 @@ pub struct SlowSyscallEvent {
 // No implicit padding: every size is the plain sum of its fields.
 const _: () = assert!(core::mem::size_of::<SyscallConfig>() == 16);
 const _: () = assert!(core::mem::size_of::<SyscallStart>() == 16);
+const _: () = assert!(core::mem::size_of::<InflightSyscall>() == 24);
 const _: () = assert!(core::mem::size_of::<SyscallStats>() == 8 * (3 + HIST_BUCKETS));
 const _: () = assert!(core::mem::size_of::<SlowSyscallEvent>() == 8 * 4 + 4 * 4 + TASK_COMM_LEN);
 
@@ -94,6 +105,7 @@ mod pod {
     // SAFETY: plain-old-data: repr(C), no padding (asserted above), every bit pattern valid.
     unsafe impl aya::Pod for super::SyscallConfig {}
     unsafe impl aya::Pod for super::SyscallStart {}
+    unsafe impl aya::Pod for super::InflightSyscall {}
     unsafe impl aya::Pod for super::SyscallStats {}
     unsafe impl aya::Pod for super::SlowSyscallEvent {}
 }

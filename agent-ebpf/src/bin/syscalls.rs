@@ -1,5 +1,12 @@
-//! Syscall latency: sys_enter records a per-thread start time, sys_exit folds the duration into
-//! a per-CPU log2 histogram keyed by syscall number and, past the slow threshold, emits an event.
+//! Syscall latency: sys_enter records a start time, sys_exit folds the duration into a per-CPU
+//! log2 histogram keyed by syscall number and, past the slow threshold, emits an event.
+//!
+//! Where the start time lives is the hot-path design. Most calls do not block: they enter and
+//! exit on one CPU with no other task in between, so the start goes into a per-CPU slot tagged
+//! with the task (an inlined array access). When the task is switched out mid-call (it
+//! blocked, or was preempted), sched_switch moves the slot into the task's own local storage,
+//! where sys_exit finds it on whatever CPU the task wakes up on. Task storage costs a helper
+//! call with locking, so only calls that switched pay for it.
 //!
 //! Two attachment flavours share one body: tp_btf (cheapest on 6.x kernels) and raw tracepoints
 //! (the fallback where BTF-typed tracing is unavailable). Userspace attaches exactly one pair.
@@ -11,16 +18,17 @@ agent_ebpf::license!();
 use agent_common::{
     counters, log2_bucket,
     syscalls::{
-        SlowSyscallEvent, SyscallConfig, SyscallStart, SyscallStats, FILTER_CGROUP, FILTER_COMM,
-        FILTER_PID, FILTER_PROCESS_MASK, FILTER_SYSCALL, MAX_FILTER_ENTRIES, MAX_SYSCALLS,
-        SEEN_WORDS, SLOW_RINGBUF_BYTES,
+        InflightSyscall, SlowSyscallEvent, SyscallConfig, SyscallStart, SyscallStats,
+        FILTER_CGROUP, FILTER_COMM, FILTER_PID, FILTER_PROCESS_MASK, FILTER_SYSCALL,
+        MAX_FILTER_ENTRIES, MAX_SYSCALLS, SEEN_WORDS, SLOW_RINGBUF_BYTES,
     },
     TASK_COMM_LEN,
 };
 use agent_ebpf::TaskStorage;
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_task_btf, bpf_ktime_get_ns,
     },
     macros::{btf_map, btf_tracepoint, map, raw_tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -33,7 +41,11 @@ static SYSCALL_CONFIG: Array<SyscallConfig> = Array::with_max_entries(1, 0);
 #[map]
 static SYSCALL_STATS: PerCpuArray<SyscallStats> = PerCpuArray::with_max_entries(MAX_SYSCALLS, 0);
 
-/// The call in flight, per thread.
+/// The call in flight on each CPU (fast path).
+#[map]
+static SYSCALL_INFLIGHT: PerCpuArray<InflightSyscall> = PerCpuArray::with_max_entries(1, 0);
+
+/// The call in flight of a task that was switched out during it.
 #[btf_map]
 static SYSCALL_START: TaskStorage<SyscallStart> = TaskStorage::new();
 
@@ -76,6 +88,12 @@ pub fn isa_btf_exit(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+#[btf_tracepoint(function = "sched_switch")]
+pub fn isa_btf_switch(_ctx: BtfTracePointContext) -> i32 {
+    on_switch();
+    0
+}
+
 #[raw_tracepoint(tracepoint = "sys_enter")]
 pub fn isa_raw_enter(ctx: RawTracePointContext) -> i32 {
     let id: i64 = ctx.arg(1);
@@ -88,6 +106,19 @@ pub fn isa_raw_exit(ctx: RawTracePointContext) -> i32 {
     let ret: i64 = ctx.arg(1);
     on_exit(ret);
     0
+}
+
+#[raw_tracepoint(tracepoint = "sched_switch")]
+pub fn isa_raw_switch(_ctx: RawTracePointContext) -> i32 {
+    on_switch();
+    0
+}
+
+/// The running task, as the tag of the per-CPU slot.
+#[inline(always)]
+fn current_task() -> u64 {
+    // SAFETY: no preconditions; the pointer is only compared, never dereferenced here.
+    unsafe { bpf_get_current_task_btf() as u64 }
 }
 
 #[inline(always)]
@@ -111,14 +142,41 @@ fn on_enter(id: i64) {
     if flags != 0 && !selected(flags, nr) {
         return;
     }
-    let Some(slot) = SYSCALL_START.current_or_insert() else {
-        bump(counters::START_DROPS);
+    let Some(slot) = SYSCALL_INFLIGHT.get_ptr_mut(0) else {
         return;
     };
-    // SAFETY: bpf_ktime_get_ns has no preconditions; the slot is this thread's own storage.
+    // SAFETY: this CPU's slot; sched_switch empties it before another task can run here.
     unsafe {
-        (*slot).start_ns = bpf_ktime_get_ns();
+        (*slot).task = current_task();
         (*slot).nr = nr as u64;
+        (*slot).start_ns = bpf_ktime_get_ns();
+    }
+}
+
+/// sched_switch fires while the outgoing task is still current: park its call in flight (if
+/// any) in its task storage, freeing this CPU's slot for the next task.
+#[inline(always)]
+fn on_switch() {
+    let Some(slot) = SYSCALL_INFLIGHT.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot; the storage is the outgoing (current) task's own.
+    unsafe {
+        let start = (*slot).start_ns;
+        if start == 0 {
+            return;
+        }
+        (*slot).start_ns = 0;
+        if (*slot).task != current_task() {
+            return;
+        }
+        match SYSCALL_START.current_or_insert() {
+            Some(parked) => {
+                (*parked).start_ns = start;
+                (*parked).nr = (*slot).nr;
+            }
+            None => bump(counters::START_DROPS),
+        }
     }
 }
 
@@ -156,17 +214,8 @@ fn selected(flags: u32, nr: u32) -> bool {
 
 #[inline(always)]
 fn on_exit(ret: i64) {
-    let Some(slot) = SYSCALL_START.current() else {
+    let Some((start, nr)) = take_start() else {
         return;
-    };
-    // SAFETY: as in on_enter, the slot is this thread's.
-    let (start, nr) = unsafe {
-        let s = (*slot).start_ns;
-        if s == 0 {
-            return;
-        }
-        (*slot).start_ns = 0;
-        (s, (*slot).nr as u32)
     };
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
@@ -194,6 +243,33 @@ fn on_exit(ret: i64) {
     };
     if threshold != 0 && duration >= threshold {
         emit_slow(now, duration, ret, bpf_get_current_pid_tgid(), nr);
+    }
+}
+
+/// The start and number of the current task's call: from this CPU's slot when the call did
+/// not switch out, from its task storage when it did. Either is emptied.
+#[inline(always)]
+fn take_start() -> Option<(u64, u32)> {
+    let task = current_task();
+    if let Some(slot) = SYSCALL_INFLIGHT.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot.
+        unsafe {
+            if (*slot).start_ns != 0 && (*slot).task == task {
+                let start = (*slot).start_ns;
+                (*slot).start_ns = 0;
+                return Some((start, (*slot).nr as u32));
+            }
+        }
+    }
+    let parked = SYSCALL_START.current()?;
+    // SAFETY: the current task's own storage.
+    unsafe {
+        let start = (*parked).start_ns;
+        if start == 0 {
+            return None;
+        }
+        (*parked).start_ns = 0;
+        Some((start, (*parked).nr as u32))
     }
 }
 

@@ -283,10 +283,20 @@ fn add_stats(c: &mut SyscallCounters, s: &SyscallStats) {
     c.errors += s.errors;
 }
 
+/// Attaches sched_switch, sys_exit and sys_enter (in that order: a start recorded before its
+/// consumers are live would be stranded) with one method, or nothing.
 fn attach_pair(ebpf: &mut Ebpf, mode: AttachMode) -> Result<(), String> {
-    let (enter, exit) = match mode {
-        AttachMode::TpBtf => ("isa_btf_enter", "isa_btf_exit"),
-        _ => ("isa_raw_enter", "isa_raw_exit"),
+    let progs: [(&str, &str); 3] = match mode {
+        AttachMode::TpBtf => [
+            ("isa_btf_switch", "sched_switch"),
+            ("isa_btf_exit", "sys_exit"),
+            ("isa_btf_enter", "sys_enter"),
+        ],
+        _ => [
+            ("isa_raw_switch", "sched_switch"),
+            ("isa_raw_exit", "sys_exit"),
+            ("isa_raw_enter", "sys_enter"),
+        ],
     };
     let result = (|| -> Result<(), SyscallProbeError> {
         let btf = if mode == AttachMode::TpBtf {
@@ -297,8 +307,7 @@ fn attach_pair(ebpf: &mut Ebpf, mode: AttachMode) -> Result<(), String> {
         } else {
             None
         };
-        // exit first: an enter without its exit would record starts nobody consumes.
-        for (prog, tp) in [(exit, "sys_exit"), (enter, "sys_enter")] {
+        for (prog, tp) in progs {
             let wrap = |source| SyscallProbeError::Program {
                 what: format!("{prog} ({tp})"),
                 source,
@@ -323,7 +332,7 @@ fn attach_pair(ebpf: &mut Ebpf, mode: AttachMode) -> Result<(), String> {
     })();
     if let Err(e) = result {
         // Leave nothing half-attached behind before trying the next method.
-        for prog in [enter, exit] {
+        for (prog, _) in progs {
             let Some(p) = ebpf.program_mut(prog) else {
                 continue;
             };
