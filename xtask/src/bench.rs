@@ -77,7 +77,7 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(attach: &str) -> Result<Self> {
+    fn start(attach: &str, extra: &str) -> Result<Self> {
         let dir =
             std::env::temp_dir().join(format!("insite-bench-{}-{attach}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
@@ -86,7 +86,7 @@ impl Agent {
         std::fs::write(
             &cfg,
             format!(
-                "[metrics]\nlisten = \"127.0.0.1:0\"\n[control]\nsocket = \"{}\"\n[syscalls]\nattach = \"{attach}\"\n",
+                "[metrics]\nlisten = \"127.0.0.1:0\"\n[control]\nsocket = \"{}\"\n[syscalls]\nattach = \"{attach}\"\n{extra}\n",
                 sock.display()
             ),
         )?;
@@ -129,8 +129,8 @@ impl Agent {
     }
 }
 
-fn with_agent(attach: &str, calls: u64, rounds: u32) -> Result<(f64, f64, u64)> {
-    let mut agent = Agent::start(attach)?;
+fn with_agent(attach: &str, extra: &str, calls: u64, rounds: u32) -> Result<(f64, f64, u64)> {
+    let mut agent = Agent::start(attach, extra)?;
     let pid = agent.child.id();
     let before = usage(pid);
     let t = Instant::now();
@@ -198,8 +198,11 @@ fn syscalls(calls: u64, rounds: u32) -> Result<()> {
     // Warm up the CPU and caches before the first figure.
     getppid_loop(calls / 4, 1);
     let base1 = getppid_loop(calls, rounds);
-    let (btf, btf_cpu, btf_rss) = with_agent("tp_btf", calls, rounds)?;
-    let (raw, raw_cpu, raw_rss) = with_agent("raw_tracepoint", calls, rounds)?;
+    let (btf, btf_cpu, btf_rss) = with_agent("tp_btf", "", calls, rounds)?;
+    let (raw, raw_cpu, raw_rss) = with_agent("raw_tracepoint", "", calls, rounds)?;
+    // The same hooks with getppid filtered out: what the tracepoints themselves cost, before
+    // any clock read or map update.
+    let (floor, _, _) = with_agent("tp_btf", "syscalls = [\"read\"]", calls, rounds)?;
     let bt = with_bpftrace(calls, rounds)?;
     let base2 = getppid_loop(calls, rounds);
     // The two baselines bracket the hooked runs; their mean is the reference.
@@ -220,6 +223,11 @@ fn syscalls(calls: u64, rounds: u32) -> Result<()> {
         "insite-agent, raw_tracepoint",
         raw,
         format!("agent cpu {raw_cpu:.1}%, rss {} KiB", raw_rss),
+    );
+    row(
+        "insite-agent, getppid filtered",
+        floor,
+        "(hook cost alone)".to_string(),
     );
     row("bpftrace hist() one-liner", bt, String::new());
     let ratio = |agent: f64| (agent - base).max(0.0) / (bt - base).max(1e-9);

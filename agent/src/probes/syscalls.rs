@@ -340,8 +340,9 @@ fn attach_pair(ebpf: &mut Ebpf, mode: AttachMode) -> Result<(), String> {
                 AttachMode::TpBtf => <&mut BtfTracePoint>::try_from(p).map(|p| p.unload()),
                 _ => <&mut RawTracePoint>::try_from(p).map(|p| p.unload()),
             };
-            if let Ok(Err(e)) = unloaded {
-                warn!(program = prog, error = %e, "unloading after a failed attach");
+            match unloaded {
+                Ok(Err(ProgramError::NotLoaded)) | Ok(Ok(())) | Err(_) => {}
+                Ok(Err(e)) => warn!(program = prog, error = %e, "unloading after a failed attach"),
             }
         }
         return Err(super::error_chain(&e));
