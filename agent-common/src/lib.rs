@@ -37,7 +37,7 @@ pub mod counters {
     pub const SLOW_EVENTS: u32 = 0;
     /// Slow-syscall events lost because the ring buffer was full.
     pub const SLOW_DROPS: u32 = 1;
-    /// sys_enter calls that could not record a start time (per-thread map full).
+    /// Calls whose start could not be parked in task storage when they switched out.
     pub const START_DROPS: u32 = 2;
     /// Number of counters.
     pub const COUNT: u32 = 3;

@@ -264,7 +264,7 @@ impl Collector for StoreCollector {
             counter(
                 e,
                 "insite_syscall_untimed",
-                "Syscalls not timed because the per-thread start map was full",
+                "Syscalls not timed because their start could not be parked in task storage (allocation failed)",
                 None,
                 [(vec![], t.start_drops as f64)],
             )?;

@@ -42,7 +42,7 @@ pub struct SyscallTotals {
     /// Slow-call events the kernel wrote / could not write (ring buffer full).
     pub slow_events: u64,
     pub slow_drops: u64,
-    /// Calls not timed because the per-thread start map was full.
+    /// Calls not timed because their start could not be parked in task storage.
     pub start_drops: u64,
 }
 
