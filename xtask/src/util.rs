@@ -29,6 +29,9 @@ pub fn ensure_root() -> Result<()> {
     if is_root() {
         return Ok(());
     }
+    if !have("sudo") {
+        bail!("this command loads eBPF programs and needs root: run it as root (no sudo here)");
+    }
     let exe = std::env::current_exe().context("locating xtask")?;
     eprintln!("xtask: not root, re-running through sudo -E");
     let mut cmd = Command::new("sudo");
