@@ -19,6 +19,11 @@ fn count(m: &insite_e2e::Metrics, syscall: &str) -> f64 {
     )
 }
 
+/// Calls of `syscall` counted between two scrapes.
+fn delta(before: &insite_e2e::Metrics, after: &insite_e2e::Metrics, syscall: &str) -> f64 {
+    count(after, syscall) - count(before, syscall)
+}
+
 #[test]
 fn workload_is_counted_and_sleeps_land_in_their_bucket() {
     let agent = Agent::start("");
@@ -39,7 +44,7 @@ fn workload_is_counted_and_sleeps_land_in_their_bucket() {
         );
     }
 
-    let getppid = count(&after, "getppid") - count(&before, "getppid");
+    let getppid = delta(&before, &after, "getppid");
     assert!(getppid >= 20_000.0, "getppid counted {getppid}, made 20000");
 
     // 50 ms sleeps: above 2^25 ns (33.5 ms), at most 2^26 ns (67.1 ms).
@@ -73,15 +78,9 @@ fn pid_filter_counts_exactly_this_process() {
     }
     agent.wait_ticks(2);
     let after = agent.scrape();
-    assert_eq!(
-        count(&after, "getppid") - count(&before, "getppid"),
-        12_345.0
-    );
-    assert_eq!(
-        count(&after, "nanosleep") - count(&before, "nanosleep"),
-        3.0
-    );
-    assert_eq!(count(&after, "execve") - count(&before, "execve"), 0.0);
+    assert_eq!(delta(&before, &after, "getppid"), 12_345.0);
+    assert_eq!(delta(&before, &after, "nanosleep"), 3.0);
+    assert_eq!(delta(&before, &after, "execve"), 0.0);
     // The agent's own reads of the maps are another process too.
     assert_eq!(count(&after, "bpf"), 0.0);
 }
@@ -171,7 +170,7 @@ fn raw_tracepoint_attachment_works_too() {
     getppid_calls(5_000);
     agent.wait_ticks(2);
     let after = agent.scrape();
-    assert!(count(&after, "getppid") - count(&before, "getppid") >= 5_000.0);
+    assert!(delta(&before, &after, "getppid") >= 5_000.0);
 }
 
 #[test]
@@ -217,10 +216,7 @@ fn comm_filter_traces_only_named_threads() {
     getppid_calls(10_000); // this thread's comm is not selected
     agent.wait_ticks(2);
     let after = agent.scrape();
-    assert_eq!(
-        count(&after, "getppid") - count(&before, "getppid"),
-        4_321.0
-    );
+    assert_eq!(delta(&before, &after, "getppid"), 4_321.0);
 }
 
 #[test]
@@ -253,7 +249,7 @@ fn cgroup_filter_traces_only_that_cgroup() {
     getppid_calls(20_000); // outside the cgroup
     agent.wait_ticks(2);
     let after = agent.scrape();
-    let got = count(&after, "getppid") - count(&before, "getppid");
+    let got = delta(&before, &after, "getppid");
     assert!(
         (3_000.0..20_000.0).contains(&got),
         "getppid in the cgroup: {got}"
@@ -306,14 +302,7 @@ fn blocking_calls_across_threads_are_each_timed_once() {
             std::thread::spawn(|| {
                 for _ in 0..500 {
                     getppid_calls(1);
-                    let ts = libc::timespec {
-                        tv_sec: 0,
-                        tv_nsec: 50_000,
-                    };
-                    // SAFETY: valid timespec; null remainder.
-                    unsafe {
-                        libc::syscall(libc::SYS_nanosleep, &ts as *const libc::timespec, 0usize)
-                    };
+                    insite_e2e::nanosleep_for(std::time::Duration::from_micros(50));
                 }
             })
         })
@@ -323,14 +312,8 @@ fn blocking_calls_across_threads_are_each_timed_once() {
     }
     agent.wait_ticks(2);
     let after = agent.scrape();
-    assert_eq!(
-        count(&after, "getppid") - count(&before, "getppid"),
-        2_000.0
-    );
-    assert_eq!(
-        count(&after, "nanosleep") - count(&before, "nanosleep"),
-        2_000.0
-    );
+    assert_eq!(delta(&before, &after, "getppid"), 2_000.0);
+    assert_eq!(delta(&before, &after, "nanosleep"), 2_000.0);
     // 50 us sleeps: none may be timed under 2^15 ns (32.8 us).
     const LE_32US: &str = "0.000032768"; // 2^15 ns
     assert!(

@@ -60,32 +60,28 @@ impl<T> TaskStorage<T> {
     #[cfg(target_arch = "bpf")]
     #[inline(always)]
     pub fn current_or_insert(&self) -> Option<*mut T> {
-        use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_storage_get};
-        // SAFETY: the map pointer is this map; the task is the current one (a trusted BTF
-        // pointer); a null value asks for zero-initialised storage.
-        let p = unsafe {
-            bpf_task_storage_get(
-                core::ptr::from_ref(self).cast_mut().cast(),
-                bpf_get_current_task_btf(),
-                core::ptr::null_mut(),
-                1, // BPF_LOCAL_STORAGE_GET_F_CREATE
-            )
-        };
-        (!p.is_null()).then_some(p.cast())
+        self.lookup(1) // BPF_LOCAL_STORAGE_GET_F_CREATE
     }
 
     /// The current task's value if it has one.
     #[cfg(target_arch = "bpf")]
     #[inline(always)]
     pub fn current(&self) -> Option<*mut T> {
+        self.lookup(0)
+    }
+
+    #[cfg(target_arch = "bpf")]
+    #[inline(always)]
+    fn lookup(&self, flags: u64) -> Option<*mut T> {
         use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_storage_get};
-        // SAFETY: as above, without creation.
+        // SAFETY: the map pointer is this map; the task is the current one (a trusted BTF
+        // pointer); a null value asks for zero-initialised storage when creating.
         let p = unsafe {
             bpf_task_storage_get(
                 core::ptr::from_ref(self).cast_mut().cast(),
                 bpf_get_current_task_btf(),
                 core::ptr::null_mut(),
-                0,
+                flags,
             )
         };
         (!p.is_null()).then_some(p.cast())

@@ -378,16 +378,20 @@ pub fn getppid_calls(n: u64) {
     }
 }
 
-/// The workload: `n` nanosleep(2) calls of `ms` milliseconds each (the raw syscall: glibc's
-/// nanosleep() would call clock_nanosleep).
+/// One nanosleep(2) of `d` (the raw syscall: glibc's nanosleep() would call clock_nanosleep).
+pub fn nanosleep_for(d: Duration) {
+    let ts = libc::timespec {
+        tv_sec: d.as_secs() as libc::time_t,
+        tv_nsec: d.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: valid timespec pointer; null remainder is allowed.
+    unsafe { libc::syscall(libc::SYS_nanosleep, &ts as *const libc::timespec, 0usize) };
+}
+
+/// The workload: `n` nanosleep(2) calls of `ms` milliseconds each.
 pub fn nanosleep_calls(n: u32, ms: u64) {
     for _ in 0..n {
-        let ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: (ms * 1_000_000) as libc::c_long,
-        };
-        // SAFETY: valid timespec pointer; null remainder is allowed.
-        unsafe { libc::syscall(libc::SYS_nanosleep, &ts as *const libc::timespec, 0usize) };
+        nanosleep_for(Duration::from_millis(ms));
     }
 }
 

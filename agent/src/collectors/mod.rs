@@ -64,7 +64,6 @@ pub async fn run_ticks(
             }
             _ = crate::daemon::shutdown_requested(&mut shutdown) => return,
         }
-        let t0 = Instant::now();
         let now = Instant::now();
         let sys = match &syscalls {
             Some(p) => match p.lock() {
@@ -92,7 +91,7 @@ pub async fn run_ticks(
         } else {
             None
         };
-        let took = t0.elapsed();
+        let took = now.elapsed();
         if let Ok(mut st) = store.write() {
             if let Some(t) = sys {
                 st.syscalls.push(now, t);

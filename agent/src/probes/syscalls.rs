@@ -128,7 +128,7 @@ impl SyscallProbe {
         let mut errors = Vec::new();
         let mut mode = None;
         for &m in order {
-            match attach_pair(&mut probe.ebpf, m) {
+            match attach_set(&mut probe.ebpf, m) {
                 Ok(()) => {
                     mode = Some(m);
                     break;
@@ -164,9 +164,8 @@ impl SyscallProbe {
         let mut problems = Vec::new();
         let mut flags = 0u32;
 
-        let pids: Vec<u32> = cfg.pids.clone();
-        replace_keys(&mut self.filter_pids, &pids, "SYSCALL_FILTER_PIDS")?;
-        if !pids.is_empty() {
+        replace_keys(&mut self.filter_pids, &cfg.pids, "SYSCALL_FILTER_PIDS")?;
+        if !cfg.pids.is_empty() {
             flags |= FILTER_PID;
         }
 
@@ -285,7 +284,7 @@ fn add_stats(c: &mut SyscallCounters, s: &SyscallStats) {
 
 /// Attaches sched_switch, sys_exit and sys_enter (in that order: a start recorded before its
 /// consumers are live would be stranded) with one method, or nothing.
-fn attach_pair(ebpf: &mut Ebpf, mode: AttachMode) -> Result<(), String> {
+fn attach_set(ebpf: &mut Ebpf, mode: AttachMode) -> Result<(), String> {
     let progs: [(&str, &str); 3] = match mode {
         AttachMode::TpBtf => [
             ("isa_btf_switch", "sched_switch"),
