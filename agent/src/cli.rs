@@ -1,4 +1,4 @@
-//! Command line: `insite-agent run | status | syscalls`.
+//! Command line: `insite-agent run | status | syscalls | connections | map`.
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -8,6 +8,7 @@ use crate::{
     config,
     control::{
         client,
+        connections::{human_bytes, ConnectionsView, MapView},
         protocol::Request,
         views::{StatusView, SyscallRow, SyscallsView},
     },
@@ -60,6 +61,29 @@ pub enum Command {
         #[arg(long, default_value = config::DEFAULT_CONTROL_SOCKET)]
         control_socket: PathBuf,
     },
+    /// TCP connection edges: who talks to whom, connect times, failures, bytes.
+    Connections {
+        /// Window to report on (1s..60s).
+        #[arg(long, default_value = "60s")]
+        window: String,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = config::DEFAULT_CONTROL_SOCKET)]
+        control_socket: PathBuf,
+    },
+    /// The dependency map: services -> endpoints, clients -> local endpoints.
+    Map {
+        /// Window to report on (1s..60s).
+        #[arg(long, default_value = "60s")]
+        window: String,
+        #[arg(long, conflicts_with = "dot")]
+        json: bool,
+        /// Graphviz dot (render with `dot -Tsvg`).
+        #[arg(long)]
+        dot: bool,
+        #[arg(long, default_value = config::DEFAULT_CONTROL_SOCKET)]
+        control_socket: PathBuf,
+    },
 }
 
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -99,6 +123,39 @@ pub fn main() -> ExitCode {
             },
             json,
             |v| serde_json::from_value::<SyscallsView>(v).map(|s| print_syscalls(&s)),
+        ),
+        Command::Connections {
+            window,
+            json,
+            control_socket,
+        } => client_cmd(
+            &control_socket,
+            &Request::Connections {
+                window: Some(window),
+            },
+            json,
+            |v| serde_json::from_value::<ConnectionsView>(v).map(|c| print_connections(&c)),
+        ),
+        Command::Map {
+            window,
+            json,
+            dot,
+            control_socket,
+        } => client_cmd(
+            &control_socket,
+            &Request::Map {
+                window: Some(window),
+            },
+            json,
+            |v| {
+                serde_json::from_value::<MapView>(v).map(|m| {
+                    if dot {
+                        print!("{}", m.to_dot());
+                    } else {
+                        print_map(&m);
+                    }
+                })
+            },
         ),
     };
     match result {
@@ -229,6 +286,99 @@ fn print_syscalls(v: &SyscallsView) {
             fmt_us(Some(c.duration_ns as f64 / 1e3)),
             c.ret,
             c.service.as_deref().or(c.cgroup.as_deref()).unwrap_or("")
+        );
+    }
+}
+
+fn fmt_ms(v: Option<f64>) -> String {
+    fmt_us(v.map(|ms| ms * 1e3))
+}
+
+fn print_connections(c: &ConnectionsView) {
+    println!(
+        "TCP connections over the last {:.1}s: {} edges, resets sent {} / received {}, retransmits {} (all sockets)",
+        c.window_seconds,
+        c.edges.len(),
+        c.resets_sent,
+        c.resets_received,
+        c.retransmits_all
+    );
+    if c.events_dropped > 0 || c.edges_overflowed > 0 {
+        println!(
+            "  warning: {} events dropped by the kernel, {} updates folded into `other` (net.max_edges)",
+            c.events_dropped, c.edges_overflowed
+        );
+    }
+    println!(
+        "  {:<3} {:<24} {:<28} {:<16} {:>6} {:>6} {:>9} {:>9} {:>9} {:>10} {:>10} {:>6} {:>6}",
+        "DIR",
+        "SERVICE",
+        "DESTINATION",
+        "PEER",
+        "CONN",
+        "FAIL",
+        "CONN P50",
+        "CONN P99",
+        "RTT P50",
+        "SENT",
+        "RECEIVED",
+        "RETX",
+        "OPEN"
+    );
+    for e in &c.edges {
+        let dir = match e.direction {
+            crate::store::net::Direction::Outbound => "out",
+            crate::store::net::Direction::Inbound => "in",
+        };
+        println!(
+            "  {:<3} {:<24} {:<28} {:<16} {:>6} {:>6} {:>9} {:>9} {:>9} {:>10} {:>10} {:>6} {:>6}",
+            dir,
+            e.service,
+            e.destination,
+            e.peer,
+            e.connections,
+            e.failures,
+            fmt_ms(e.connect_p50_ms),
+            fmt_ms(e.connect_p99_ms),
+            fmt_ms(e.rtt_p50_ms),
+            human_bytes(e.bytes_sent),
+            human_bytes(e.bytes_received),
+            e.retransmits,
+            e.active
+        );
+        if !e.failures_by_reason.is_empty() {
+            let reasons: Vec<String> = e
+                .failures_by_reason
+                .iter()
+                .map(|(r, n)| format!("{r} {n}"))
+                .collect();
+            println!("      failed: {}", reasons.join(", "));
+        }
+    }
+}
+
+fn print_map(m: &MapView) {
+    println!("dependency map over the last {:.1}s:", m.window_seconds);
+    let label = |id: &str| {
+        m.nodes.iter().find(|n| n.id == id).map_or_else(
+            || id.to_string(),
+            |n| match &n.served_by {
+                Some(s) => format!("{} ({s})", n.label),
+                None => n.label.clone(),
+            },
+        )
+    };
+    for e in &m.edges {
+        let s = &e.stats;
+        println!(
+            "  {} -> {}  {} conn, {} failed, connect p99 {}, {} out / {} in",
+            label(&e.from),
+            label(&e.to),
+            s.connections,
+            s.failures,
+            fmt_ms(s.connect_p99_ms),
+            human_bytes(s.bytes_sent),
+            human_bytes(s.bytes_received)
         );
     }
 }

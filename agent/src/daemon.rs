@@ -19,7 +19,7 @@ use crate::{
     collectors::{self, TickMetrics},
     config::{Config, ConfigSource},
     control, exporters,
-    probes::{self, syscalls::SyscallProbe},
+    probes::{self, net::NetProbe, syscalls::SyscallProbe},
     store::{ProbeState, ProbeStatus, SharedStore, Store},
 };
 
@@ -89,7 +89,13 @@ async fn run_async(args: RunArgs, cfg: Config, source: ConfigSource) -> anyhow::
     // Servers first: a port or socket conflict is a start-up error, before any probe loads.
     let top_n = Arc::new(AtomicUsize::new(cfg.syscalls.top_n));
     let tick_metrics = TickMetrics::default();
-    let registry = exporters::prometheus::registry(store.clone(), top_n.clone(), &tick_metrics);
+    let net_top_n = Arc::new(AtomicUsize::new(cfg.net.top_n));
+    let registry = exporters::prometheus::registry(
+        store.clone(),
+        top_n.clone(),
+        net_top_n.clone(),
+        &tick_metrics,
+    );
     let metrics_server =
         exporters::prometheus::serve(cfg.metrics.listen, registry, shutdown_rx.clone())
             .await
@@ -99,6 +105,7 @@ async fn run_async(args: RunArgs, cfg: Config, source: ConfigSource) -> anyhow::
 
     probes::prepare_host();
     let syscall_probe = attach_syscalls(&cfg, &store);
+    let net_probe = attach_net(&cfg, &store);
     if let Ok(mut st) = store.write() {
         st.set_probe(ProbeStatus {
             name: "host".into(),
@@ -119,9 +126,20 @@ async fn run_async(args: RunArgs, cfg: Config, source: ConfigSource) -> anyhow::
             tasks.spawn(collectors::syscalls::run_slow_reader(ring, store.clone()));
         }
     }
+    if let Some(p) = &net_probe {
+        let ring = p.lock().ok().and_then(|mut p| p.take_ring());
+        if let Some(ring) = ring {
+            tasks.spawn(collectors::net::run_event_reader(
+                ring,
+                store.clone(),
+                cfg_rx.clone(),
+            ));
+        }
+    }
     tasks.spawn(collectors::run_ticks(
         store.clone(),
         syscall_probe.clone(),
+        net_probe.clone(),
         cfg_rx.clone(),
         tick_metrics,
         shutdown_rx.clone(),
@@ -150,7 +168,7 @@ async fn run_async(args: RunArgs, cfg: Config, source: ConfigSource) -> anyhow::
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => {
-                reload(&args, &cfg_tx, &store, syscall_probe.as_ref(), &top_n);
+                reload(&args, &cfg_tx, &store, syscall_probe.as_ref(), net_probe.as_ref(), (&top_n, &net_top_n));
             }
         }
     }
@@ -162,6 +180,7 @@ async fn run_async(args: RunArgs, cfg: Config, source: ConfigSource) -> anyhow::
     tasks.shutdown().await;
     // Dropping the probe detaches its programs and frees its maps.
     drop(syscall_probe);
+    drop(net_probe);
     control::server::remove_socket(&socket_path);
     info!("insite-agent stopped");
     Ok(())
@@ -199,13 +218,46 @@ fn attach_syscalls(cfg: &Config, store: &SharedStore) -> Option<Arc<Mutex<Syscal
     probe
 }
 
+fn attach_net(cfg: &Config, store: &SharedStore) -> Option<Arc<Mutex<NetProbe>>> {
+    let status = |state, attach: Option<String>, error: Option<String>| ProbeStatus {
+        name: "net".into(),
+        state,
+        attach,
+        error,
+    };
+    let (st, probe) = if !cfg.net.enabled {
+        (status(ProbeState::Disabled, None, None), None)
+    } else {
+        match NetProbe::attach(&cfg.net) {
+            Ok((p, problems)) => (
+                status(
+                    ProbeState::Attached,
+                    Some(format!("tp_btf: {}", p.attached().join(", "))),
+                    (!problems.is_empty()).then(|| problems.join("; ")),
+                ),
+                Some(Arc::new(Mutex::new(p))),
+            ),
+            Err(e) => {
+                let why = probes::error_chain(&e);
+                error!(error = %why, "network probe failed; the agent continues without it");
+                (status(ProbeState::Failed, None, Some(why)), None)
+            }
+        }
+    };
+    if let Ok(mut s) = store.write() {
+        s.set_probe(st);
+    }
+    probe
+}
+
 /// SIGHUP: re-read the config; apply it if it is good, keep the running one if not.
 fn reload(
     args: &RunArgs,
     cfg_tx: &watch::Sender<Arc<Config>>,
     store: &SharedStore,
     probe: Option<&Arc<Mutex<SyscallProbe>>>,
-    top_n: &AtomicUsize,
+    net_probe: Option<&Arc<Mutex<NetProbe>>>,
+    (top_n, net_top_n): (&AtomicUsize, &AtomicUsize),
 ) {
     let (new, source) = match load(args) {
         Ok(x) => x,
@@ -226,6 +278,7 @@ fn reload(
             "syscalls.attach",
             old.syscalls.attach != new.syscalls.attach,
         ),
+        ("net.enabled", old.net.enabled != new.net.enabled),
     ] {
         if changed {
             warn!(
@@ -248,7 +301,15 @@ fn reload(
             }
         }
     }
+    if let Some(p) = net_probe {
+        if let Ok(mut p) = p.lock() {
+            if let Err(e) = p.apply_config(&new.net) {
+                error!(error = %e, "SIGHUP: could not apply network settings");
+            }
+        }
+    }
     top_n.store(new.syscalls.top_n, Ordering::Relaxed);
+    net_top_n.store(new.net.top_n, Ordering::Relaxed);
     if let Ok(mut st) = store.write() {
         st.set_slow_capacity(new.syscalls.slow_log_size);
         st.config_source = source;
@@ -258,6 +319,7 @@ fn reload(
     applied.metrics = old.metrics.clone();
     applied.control = old.control.clone();
     applied.syscalls.enabled = old.syscalls.enabled;
+    applied.net.enabled = old.net.enabled;
     applied.syscalls.attach = old.syscalls.attach;
     let _ = cfg_tx.send(Arc::new(applied));
     info!("SIGHUP: config reloaded");

@@ -1,8 +1,8 @@
-//! Host signals from procfs: CPU, memory, load, PSI, disks, network devices.
+//! Host signals from procfs: CPU, memory, load, PSI, disks, network devices, TCP counters.
 
 use procfs::{Current as _, CurrentSI as _};
 
-use crate::store::{DiskReading, HostSample, NetDevReading, PressureReading};
+use crate::store::{DiskReading, HostSample, NetDevReading, PressureReading, TcpHostReading};
 
 /// Sectors in /proc/diskstats are always 512 bytes, whatever the device's block size.
 const SECTOR_BYTES: u64 = 512;
@@ -90,7 +90,42 @@ impl HostCollector {
             .collect();
         devs.sort_by(|a, b| a.device.cmp(&b.device));
         s.net_devices = devs;
+        s.tcp = read_tcp().ok();
         Ok(s)
+    }
+}
+
+fn read_tcp() -> Result<TcpHostReading, procfs::ProcError> {
+    let snmp = procfs::net::snmp()?;
+    let mut t = TcpHostReading {
+        established: snmp.tcp_curr_estab,
+        active_opens: snmp.tcp_active_opens,
+        passive_opens: snmp.tcp_passive_opens,
+        attempt_fails: snmp.tcp_attempt_fails,
+        retrans_segs: snmp.tcp_retrans_segs,
+        out_rsts: snmp.tcp_out_rsts,
+        ..Default::default()
+    };
+    // procfs has no reader for the TcpExt counters: header and value lines alternate.
+    let netstat = std::fs::read_to_string("/proc/net/netstat")?;
+    let ext = tcp_ext(&netstat);
+    t.listen_overflows = ext("ListenOverflows").unwrap_or(0);
+    t.listen_drops = ext("ListenDrops").unwrap_or(0);
+    Ok(t)
+}
+
+/// A lookup of `TcpExt:` counters by name in /proc/net/netstat text.
+fn tcp_ext(text: &str) -> impl Fn(&str) -> Option<u64> + '_ {
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let names = lines.next().unwrap_or_default();
+    let values = lines.next().unwrap_or_default();
+    move |want| {
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .skip(1)
+            .find(|(n, _)| *n == want)
+            .and_then(|(_, v)| v.parse().ok())
     }
 }
 
@@ -114,6 +149,18 @@ fn read_psi() -> Result<Vec<PressureReading>, procfs::ProcError> {
 }
 
 /// Whole disks only: partitions would double count, loop/ram devices are noise.
+#[cfg(test)]
+#[test]
+fn tcp_ext_parses_header_value_pairs() {
+    let text =
+        "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 0 7 9\nIpExt: A\nIpExt: 1\n";
+    let ext = tcp_ext(text);
+    assert_eq!(ext("ListenOverflows"), Some(7));
+    assert_eq!(ext("ListenDrops"), Some(9));
+    assert_eq!(ext("Nope"), None);
+    assert_eq!(tcp_ext("")("ListenDrops"), None);
+}
+
 fn is_real_disk(name: &str) -> bool {
     if name.starts_with("loop") || name.starts_with("ram") || name.starts_with("zram") {
         return false;
@@ -134,5 +181,6 @@ mod tests {
         assert!(s.memory_available_bytes <= s.memory_total_bytes);
         assert!(s.cpu_seconds["idle"] > 0.0);
         assert!(s.net_devices.iter().any(|d| d.device == "lo"));
+        assert!(s.tcp.is_some());
     }
 }

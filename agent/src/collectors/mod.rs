@@ -1,8 +1,10 @@
 //! Collectors: every tick, read the kernel maps and procfs and fold what they say into the
-//! store. Slow-call events arrive on their own task, as they happen.
+//! store. Slow-call and connection events arrive on their own tasks, as they happen.
 
 pub mod cgroups;
 pub mod host;
+pub mod listeners;
+pub mod net;
 pub mod syscalls;
 
 use std::{
@@ -14,7 +16,11 @@ use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use tokio::sync::watch;
 use tracing::warn;
 
-use crate::{config::Config, probes::syscalls::SyscallProbe, store::SharedStore};
+use crate::{
+    config::Config,
+    probes::{net::NetProbe, syscalls::SyscallProbe},
+    store::SharedStore,
+};
 
 /// Self-metrics the tick loop updates.
 #[derive(Clone, Debug)]
@@ -41,6 +47,7 @@ impl Default for TickMetrics {
 pub async fn run_ticks(
     store: SharedStore,
     syscalls: Option<Arc<Mutex<SyscallProbe>>>,
+    net: Option<Arc<Mutex<NetProbe>>>,
     mut config: watch::Receiver<Arc<Config>>,
     metrics: TickMetrics,
     mut shutdown: watch::Receiver<bool>,
@@ -79,6 +86,18 @@ pub async fn run_ticks(
             },
             None => None,
         };
+        let net_counters = match &net {
+            Some(p) => match p.lock().map(|p| p.read_counters()) {
+                Ok(Ok(c)) => Some(c),
+                Ok(Err(e)) => {
+                    metrics.collect_errors.inc();
+                    warn!(error = %e, "reading network probe counters");
+                    None
+                }
+                Err(_) => None,
+            },
+            None => None,
+        };
         let host_sample = if host_enabled {
             match host.sample() {
                 Ok(s) => Some(s),
@@ -95,6 +114,14 @@ pub async fn run_ticks(
         if let Ok(mut st) = store.write() {
             if let Some(t) = sys {
                 st.syscalls.push(now, t);
+            }
+            if net.is_some() {
+                if let Some(c) = net_counters {
+                    st.net_live.kernel = c;
+                }
+                // Cheap: edges are shared with the previous snapshot unless they changed.
+                let snap = st.net_live.clone();
+                st.net.push(now, snap);
             }
             st.host = host_sample;
             st.ticks += 1;

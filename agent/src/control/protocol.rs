@@ -1,7 +1,8 @@
 //! Wire format of the control socket.
 //!
 //! One JSON object per line each way. A request names its command in `cmd`:
-//! `{"cmd":"status"}`, `{"cmd":"syscalls","window":"10s","limit":10}`. The reply is
+//! `{"cmd":"status"}`, `{"cmd":"syscalls","window":"10s","limit":10}`,
+//! `{"cmd":"connections","window":"60s"}`, `{"cmd":"map"}`. The reply is
 //! `{"ok":true,"data":{...}}` or `{"ok":false,"error":"..."}`. Lines are capped in size; a
 //! connection may send several requests.
 
@@ -18,6 +19,16 @@ pub enum Request {
         /// Rows per table; default 10.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<usize>,
+    },
+    /// Connection edges over a window (default 60s).
+    Connections {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        window: Option<String>,
+    },
+    /// The dependency map over a window (default 60s).
+    Map {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        window: Option<String>,
     },
 }
 
@@ -122,6 +133,10 @@ mod tests {
                 window: Some("60s".into()),
                 limit: Some(5),
             },
+            Request::Connections {
+                window: Some("30s".into()),
+            },
+            Request::Map { window: None },
         ] {
             let s = serde_json::to_string(&r).unwrap();
             assert_eq!(parse_request(&s), Ok(r));

@@ -16,6 +16,7 @@ use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, Framed};
 use tracing::{debug, info, warn};
 
 use super::{
+    connections,
     protocol::{parse_request, Request, Response},
     views,
 };
@@ -245,10 +246,29 @@ fn dispatch(ctx: &Context, req: Request) -> Response {
                 Err(e) => return Response::error(e),
             }
         }
+        Request::Connections { window } => {
+            match net_window(window.as_deref()).and_then(|w| connections::connections(&store, w)) {
+                Ok(v) => serde_json::to_value(v),
+                Err(e) => return Response::error(e),
+            }
+        }
+        Request::Map { window } => {
+            match net_window(window.as_deref()).and_then(|w| connections::map(&store, w)) {
+                Ok(v) => serde_json::to_value(v),
+                Err(e) => return Response::error(e),
+            }
+        }
     };
     match value {
         Ok(v) => Response::ok(v),
         Err(e) => Response::error(format!("internal: {e}")),
+    }
+}
+
+fn net_window(w: Option<&str>) -> Result<std::time::Duration, String> {
+    match w {
+        None => Ok(connections::DEFAULT_WINDOW),
+        Some(w) => views::parse_window(Some(w)),
     }
 }
 

@@ -25,8 +25,9 @@ use tracing::info;
 use crate::{
     collectors::TickMetrics,
     store::{
-        histogram::Log2Histogram, DiskReading, NetDevReading, ProbeState, SharedStore,
-        SyscallCounters,
+        histogram::Log2Histogram,
+        net::{DestinationSeries, Direction, EdgeCounters, FailureReason, NetTotals},
+        DiskReading, NetDevReading, ProbeState, SharedStore, SyscallCounters,
     },
     syscall_names,
 };
@@ -41,7 +42,12 @@ const EXPORT_MIN_POW: usize = 10;
 const EXPORT_MAX_POW: usize = 36;
 
 /// Builds the registry: store-backed families plus the tick self-metrics.
-pub fn registry(store: SharedStore, top_n: Arc<AtomicUsize>, tick: &TickMetrics) -> Registry {
+pub fn registry(
+    store: SharedStore,
+    top_n: Arc<AtomicUsize>,
+    net_top_n: Arc<AtomicUsize>,
+    tick: &TickMetrics,
+) -> Registry {
     let mut r = Registry::default();
     r.register(
         "insite_agent_ticks",
@@ -59,7 +65,11 @@ pub fn registry(store: SharedStore, top_n: Arc<AtomicUsize>, tick: &TickMetrics)
         "Collector reads that failed (kernel maps or procfs)",
         tick.collect_errors.clone(),
     );
-    r.register_collector(Box::new(StoreCollector { store, top_n }));
+    r.register_collector(Box::new(StoreCollector {
+        store,
+        top_n,
+        net_top_n,
+    }));
     r
 }
 
@@ -67,6 +77,7 @@ pub fn registry(store: SharedStore, top_n: Arc<AtomicUsize>, tick: &TickMetrics)
 struct StoreCollector {
     store: SharedStore,
     top_n: Arc<AtomicUsize>,
+    net_top_n: Arc<AtomicUsize>,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -211,6 +222,9 @@ impl Collector for StoreCollector {
             }),
         )?;
 
+        // One family per name: rings of every probe are rows of the same two counters.
+        let mut ring_events: Vec<(Labels, f64)> = Vec::new();
+        let mut ring_drops: Vec<(Labels, f64)> = Vec::new();
         if let Some(latest) = st.syscalls.latest() {
             let t = &latest.totals;
             let (rows, folded) = top_n_syscalls(&t.by_nr, self.top_n.load(Ordering::Relaxed));
@@ -247,20 +261,8 @@ impl Collector for StoreCollector {
                 None,
                 [(vec![], folded as f64)],
             )?;
-            counter(
-                e,
-                "insite_ringbuf_events",
-                "Events written to a kernel ring buffer",
-                None,
-                [(l("ring", "syscall_slow"), t.slow_events as f64)],
-            )?;
-            counter(
-                e,
-                "insite_ringbuf_drops",
-                "Events lost because a kernel ring buffer was full",
-                None,
-                [(l("ring", "syscall_slow"), t.slow_drops as f64)],
-            )?;
+            ring_events.push((l("ring", "syscall_slow"), t.slow_events as f64));
+            ring_drops.push((l("ring", "syscall_slow"), t.slow_drops as f64));
             counter(
                 e,
                 "insite_syscall_untimed",
@@ -275,6 +277,26 @@ impl Collector for StoreCollector {
             "Slow-call events received by the agent",
             None,
             [(vec![], st.slow_received as f64)],
+        )?;
+        if let Some(latest) = st.net.latest() {
+            let t = &latest.totals;
+            ring_events.push((l("ring", "net_events"), t.kernel.events as f64));
+            ring_drops.push((l("ring", "net_events"), t.kernel.drops as f64));
+            encode_net(e, t, self.net_top_n.load(Ordering::Relaxed))?;
+        }
+        counter(
+            e,
+            "insite_ringbuf_events",
+            "Events written to a kernel ring buffer",
+            None,
+            ring_events,
+        )?;
+        counter(
+            e,
+            "insite_ringbuf_drops",
+            "Events lost because a kernel ring buffer was full",
+            None,
+            ring_drops,
         )?;
 
         if let Some(h) = &st.host {
@@ -439,9 +461,198 @@ impl Collector for StoreCollector {
                     .map(|d| (l("device", d.device.clone()), field(d) as f64));
                 counter(e, name, help, unit.as_ref(), rows)?;
             }
+            if let Some(t) = &h.tcp {
+                gauge(
+                    e,
+                    "insite_host_tcp_established",
+                    "TCP connections in ESTABLISHED or CLOSE-WAIT, all sockets (/proc/net/snmp)",
+                    None,
+                    [(vec![], t.established as f64)],
+                )?;
+                for (name, help, v) in [
+                    ("insite_host_tcp_active_opens", "TCP connects started (/proc/net/snmp)", t.active_opens),
+                    ("insite_host_tcp_passive_opens", "TCP handshakes answered by listeners (/proc/net/snmp)", t.passive_opens),
+                    ("insite_host_tcp_attempt_fails", "TCP handshakes that failed (/proc/net/snmp)", t.attempt_fails),
+                    ("insite_host_tcp_retransmitted_segments", "TCP segments retransmitted (/proc/net/snmp)", t.retrans_segs),
+                    ("insite_host_tcp_resets_sent", "TCP segments sent with RST (/proc/net/snmp)", t.out_rsts),
+                    ("insite_host_tcp_listen_overflows", "Handshakes dropped because a listener's accept queue was full (/proc/net/netstat)", t.listen_overflows),
+                    ("insite_host_tcp_listen_drops", "Handshakes dropped by listeners for any reason (/proc/net/netstat)", t.listen_drops),
+                ] {
+                    counter(e, name, help, None, [(vec![], v as f64)])?;
+                }
+            }
         }
         Ok(())
     }
+}
+
+fn encode_net(
+    e: &mut DescriptorEncoder<'_>,
+    t: &NetTotals,
+    top_n: usize,
+) -> Result<(), std::fmt::Error> {
+    let (rows, folded) = t.by_destination(top_n);
+    let labels = |r: &DestinationSeries| -> Labels {
+        vec![
+            ("direction", r.direction.as_str().to_string()),
+            ("destination", r.destination.clone()),
+            ("service", r.service.clone()),
+        ]
+    };
+    let histogram = |e: &mut DescriptorEncoder<'_>,
+                     name: &str,
+                     help: &str,
+                     pick: fn(&EdgeCounters) -> &Log2Histogram,
+                     outbound_only: bool|
+     -> Result<(), std::fmt::Error> {
+        let mut m = e.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
+        for r in &rows {
+            if outbound_only && r.direction != Direction::Outbound {
+                continue;
+            }
+            let h = pick(&r.counters);
+            let ls = labels(r);
+            let mut fam = m.encode_family(&ls)?;
+            fam.encode_histogram::<NoLabelSet>(
+                h.sum_ns as f64 / 1e9,
+                h.count,
+                &export_buckets(h),
+                None,
+            )?;
+        }
+        Ok(())
+    };
+    histogram(
+        e,
+        "insite_tcp_connect_duration",
+        "TCP connect time, SYN sent to ESTABLISHED (outbound connections)",
+        |c| &c.connect_time,
+        true,
+    )?;
+    histogram(
+        e,
+        "insite_tcp_rtt",
+        "Smoothed RTT of TCP connections, sampled at handshake, at most once per sample interval while data flows, and at close",
+        |c| &c.rtt,
+        false,
+    )?;
+    let per = |f: fn(&EdgeCounters) -> u64| -> Vec<(Labels, f64)> {
+        rows.iter()
+            .map(|r| (labels(r), f(&r.counters) as f64))
+            .collect()
+    };
+    counter(
+        e,
+        "insite_tcp_connections",
+        "TCP connections established: outbound connects, inbound accepts (per local listening address)",
+        None,
+        per(|c| c.connects),
+    )?;
+    counter(
+        e,
+        "insite_tcp_connect_failures",
+        "Outbound TCP connects that failed, by reason (refused, timed_out, reset, unreachable, aborted, other)",
+        None,
+        rows.iter().flat_map(|r| {
+            FailureReason::ALL.iter().filter_map(move |&reason| {
+                let n = r.counters.failure(reason);
+                (n > 0).then(|| {
+                    let mut ls = labels(r);
+                    ls.push(("reason", reason.as_str().to_string()));
+                    (ls, n as f64)
+                })
+            })
+        }),
+    )?;
+    gauge(
+        e,
+        "insite_tcp_active_connections",
+        "TCP connections open now (those established since the agent started)",
+        None,
+        per(EdgeCounters::active),
+    )?;
+    counter(
+        e,
+        "insite_tcp_closed_connections",
+        "TCP connections closed after being established",
+        None,
+        per(|c| c.closes),
+    )?;
+    counter(
+        e,
+        "insite_tcp_connection_lifetime",
+        "Summed lifetime of closed TCP connections (divide by closed connections for the mean)",
+        Some(&Unit::Seconds),
+        rows.iter()
+            .map(|r| (labels(r), r.counters.lifetime_ns as f64 / 1e9)),
+    )?;
+    counter(
+        e,
+        "insite_tcp_sent",
+        "Bytes sent and acknowledged by the peer (counted at samples and at close)",
+        Some(&Unit::Bytes),
+        per(|c| c.bytes_sent),
+    )?;
+    counter(
+        e,
+        "insite_tcp_received",
+        "Bytes received (counted at samples and at close)",
+        Some(&Unit::Bytes),
+        per(|c| c.bytes_received),
+    )?;
+    counter(
+        e,
+        "insite_tcp_retransmits",
+        "Segments retransmitted on tracked TCP connections (the kernel's total_retrans; counted at samples, retransmits and close)",
+        None,
+        per(|c| c.retransmits),
+    )?;
+    gauge(
+        e,
+        "insite_tcp_series_folded",
+        "Destinations folded into destination=\"other\" by the top-N bound (net.top_n)",
+        None,
+        [(vec![], folded as f64)],
+    )?;
+    counter(
+        e,
+        "insite_tcp_edges_overflowed",
+        "Connection updates counted under the `other` edge because net.max_edges was reached",
+        None,
+        [(vec![], t.overflowed as f64)],
+    )?;
+    counter(
+        e,
+        "insite_tcp_all_retransmits",
+        "Retransmission attempts on any TCP socket, tracked or not (tcp_retransmit_skb; includes attempts the device refused, which the kernel's own counters leave out)",
+        None,
+        [(vec![], t.kernel.retransmits as f64)],
+    )?;
+    counter(
+        e,
+        "insite_tcp_resets",
+        "TCP resets sent and received (tcp_send_reset, tcp_receive_reset)",
+        None,
+        [
+            (l("direction", "sent"), t.kernel.resets_sent as f64),
+            (l("direction", "received"), t.kernel.resets_received as f64),
+        ],
+    )?;
+    counter(
+        e,
+        "insite_tcp_untracked_connections",
+        "Connections the kernel could not start tracking (connection map insert failed)",
+        None,
+        [(vec![], t.kernel.track_failed as f64)],
+    )?;
+    counter(
+        e,
+        "insite_net_events_ignored",
+        "Connection events dropped in userspace (net.ignore_cidrs, or undecodable)",
+        None,
+        [(vec![], t.ignored as f64)],
+    )?;
+    Ok(())
 }
 
 /// The agent's own RSS (bytes) and CPU time (seconds).

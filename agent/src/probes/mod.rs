@@ -4,6 +4,8 @@
 //! one family needs degrades that family (visible in `status` and in
 //! `insite_probe_attached`), and the others keep running.
 
+pub mod btf;
+pub mod net;
 pub mod syscalls;
 
 use std::path::Path;
@@ -13,6 +15,10 @@ use tracing::{debug, info, warn};
 /// The object of the syscall family, built by build.rs from `agent-ebpf`.
 pub(crate) static SYSCALLS_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/insite-syscalls"));
+
+/// The object of the network family.
+pub(crate) static NET_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/insite-net"));
 
 const TRACEFS_MAGIC: i64 = 0x7472_6163;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;

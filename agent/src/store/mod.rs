@@ -3,6 +3,7 @@
 //! collectors write.
 
 pub mod histogram;
+pub mod net;
 pub mod window;
 
 use std::{
@@ -128,6 +129,24 @@ pub struct HostSample {
     pub pressure: Vec<PressureReading>,
     pub disks: Vec<DiskReading>,
     pub net_devices: Vec<NetDevReading>,
+    /// Host-wide TCP counters (all sockets, also those opened before the agent started).
+    pub tcp: Option<TcpHostReading>,
+}
+
+/// From /proc/net/snmp and /proc/net/netstat.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TcpHostReading {
+    /// Connections in ESTABLISHED or CLOSE-WAIT now.
+    pub established: u64,
+    pub active_opens: u64,
+    pub passive_opens: u64,
+    pub attempt_fails: u64,
+    pub retrans_segs: u64,
+    pub out_rsts: u64,
+    /// Handshakes dropped because a listener's accept queue was full.
+    pub listen_overflows: u64,
+    /// Handshakes dropped by listeners for any reason (includes overflows).
+    pub listen_drops: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -168,6 +187,10 @@ pub struct Store {
     pub config_source: ConfigSource,
     pub probes: BTreeMap<String, ProbeStatus>,
     pub syscalls: Windows<SyscallTotals>,
+    /// Connection edges, cumulative (the event reader adds to it)...
+    pub net_live: net::NetTotals,
+    /// ...and its per-second snapshots (the tick pushes them).
+    pub net: Windows<net::NetTotals>,
     pub slow_calls: VecDeque<SlowCall>,
     pub slow_capacity: usize,
     /// Slow calls received from the kernel (userspace side of the ring buffer).
@@ -185,6 +208,8 @@ impl Store {
             config_source,
             probes: BTreeMap::new(),
             syscalls: Windows::new(WINDOW_GRANULARITY, WINDOW_RETENTION),
+            net_live: net::NetTotals::default(),
+            net: Windows::new(WINDOW_GRANULARITY, WINDOW_RETENTION),
             slow_calls: VecDeque::new(),
             slow_capacity,
             slow_received: 0,

@@ -1,0 +1,320 @@
+//! Connection events from the kernel ring buffer into the store's connection edges.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+};
+
+use agent_common::net::{direction, kind, NetEvent};
+use aya::maps::{MapData, RingBuf};
+use tokio::{io::unix::AsyncFd, sync::watch};
+use tracing::{debug, warn};
+
+use super::{
+    cgroups::{service_of, CgroupNames},
+    listeners::ListenerOwners,
+};
+use crate::{
+    config::Config,
+    probes::{cgroup2_root, syscalls::comm_str},
+    store::{
+        net::{ConnUpdate, Direction, EdgeKey, FailureReason},
+        SharedStore,
+    },
+};
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+/// One decoded event: the edge it belongs to and what happened on it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    pub key: EdgeKey,
+    pub update: ConnUpdate,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub retransmits: u64,
+}
+
+/// Reads connection events until the ring buffer's fd fails (the probe was dropped).
+pub async fn run_event_reader(
+    ring: RingBuf<MapData>,
+    store: SharedStore,
+    config: watch::Receiver<Arc<Config>>,
+) {
+    // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long as
+    // the AsyncFd owns the ring buffer.
+    let mut fd = match unsafe { AsyncFd::register(ring) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(error = %e, "cannot poll the connection-event ring buffer");
+            return;
+        }
+    };
+    let mut names = Names::new();
+    loop {
+        let mut guard = match fd.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                debug!(error = %e, "connection-event ring buffer closed");
+                return;
+            }
+        };
+        let ring = guard.get_inner_mut();
+        let mut batch = Vec::new();
+        while let Some(item) = ring.next() {
+            batch.push(decode(&item));
+        }
+        guard.clear_ready();
+        if batch.is_empty() {
+            continue;
+        }
+        let (max_edges, ignored_nets) = {
+            let cfg = config.borrow();
+            (cfg.net.max_edges, cfg.net.ignored_networks())
+        };
+        // Name everything before taking the store lock: a cgroup rescan reads the tree.
+        let mut observations = Vec::with_capacity(batch.len());
+        let mut ignored = 0u64;
+        for ev in &batch {
+            match ev.as_ref().and_then(|ev| observe(ev, &mut names)) {
+                Some(o)
+                    if o.key
+                        .peer
+                        .is_some_and(|p| ignored_nets.iter().any(|n| n.contains(&p))) =>
+                {
+                    ignored += 1
+                }
+                Some(o) => observations.push(o),
+                None => ignored += 1,
+            }
+        }
+        if let Ok(mut st) = store.write() {
+            let t = &mut st.net_live;
+            t.events += batch.len() as u64;
+            t.ignored += ignored;
+            for o in observations {
+                t.apply(
+                    o.key,
+                    &o.update,
+                    o.bytes_sent,
+                    o.bytes_received,
+                    o.retransmits,
+                    max_edges,
+                );
+            }
+        }
+    }
+}
+
+fn decode(bytes: &[u8]) -> Option<NetEvent> {
+    if bytes.len() < std::mem::size_of::<NetEvent>() {
+        return None;
+    }
+    // SAFETY: length checked; NetEvent is plain data (agent-common) and read_unaligned copes
+    // with the ring buffer's 8-byte alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<NetEvent>()) })
+}
+
+/// Service names by cgroup id, cached, with interned strings (every event of an edge shares
+/// one allocation).
+pub struct Names {
+    cgroups: CgroupNames,
+    listeners: ListenerOwners,
+    interned: std::collections::HashMap<String, Arc<str>>,
+}
+
+impl Names {
+    pub fn new() -> Self {
+        Self {
+            cgroups: CgroupNames::new(cgroup2_root()),
+            listeners: ListenerOwners::new(),
+            interned: std::collections::HashMap::new(),
+        }
+    }
+
+    /// The systemd unit of the cgroup; else the cgroup path (unless it is the root); else the
+    /// process name (for inbound connections: of the listener on `listen_port`); else
+    /// `unknown`.
+    fn service(&mut self, cgroup_id: u64, comm: &str, listen_port: Option<u16>) -> Arc<str> {
+        let path = self.cgroups.resolve(cgroup_id);
+        let name = path
+            .as_deref()
+            .and_then(service_of)
+            .or_else(|| path.filter(|p| p != "/"))
+            .or_else(|| (!comm.is_empty()).then(|| comm.to_string()))
+            .or_else(|| listen_port.and_then(|p| self.listeners.owner(p)))
+            .unwrap_or_else(|| "unknown".to_string());
+        if self.interned.len() > 10_000 {
+            self.interned.clear();
+        }
+        self.interned
+            .entry(name)
+            .or_insert_with_key(|k| Arc::from(k.as_str()))
+            .clone()
+    }
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn addr(family: u16, raw: &[u8; 16]) -> Option<IpAddr> {
+    match family {
+        AF_INET => Some(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
+        // v4-mapped addresses (an AF_INET6 socket talking to an IPv4 peer) show as IPv4.
+        AF_INET6 => Some(Ipv6Addr::from(*raw).to_canonical()),
+        _ => None,
+    }
+}
+
+/// The edge and update an event stands for; `None` for events we cannot place.
+pub fn observe(ev: &NetEvent, names: &mut Names) -> Option<Observation> {
+    let local = addr(ev.family, &ev.saddr)?;
+    let remote = addr(ev.family, &ev.daddr)?;
+    let (dir, destination) = match ev.direction {
+        direction::OUTBOUND => (Direction::Outbound, SocketAddr::new(remote, ev.dport)),
+        direction::INBOUND => (Direction::Inbound, SocketAddr::new(local, ev.sport)),
+        _ => return None,
+    };
+    let rtt_ns = u64::from(ev.srtt_us) * 1000;
+    let update = match ev.kind {
+        kind::CONNECT => ConnUpdate::Connected {
+            connect_ns: ev.duration_ns,
+            rtt_ns,
+        },
+        kind::CONNECT_FAILED => ConnUpdate::Failed {
+            reason: FailureReason::from_errno(ev.error),
+        },
+        kind::ACCEPT => ConnUpdate::Accepted { rtt_ns },
+        kind::CLOSE => ConnUpdate::Closed {
+            lifetime_ns: ev.duration_ns,
+            rtt_ns,
+        },
+        kind::SAMPLE => ConnUpdate::Sampled { rtt_ns },
+        kind::RETRANSMIT => ConnUpdate::Retransmitted,
+        _ => return None,
+    };
+    let listen_port = (dir == Direction::Inbound).then_some(ev.sport);
+    let service = names.service(ev.cgroup_id, &comm_str(&ev.comm), listen_port);
+    Some(Observation {
+        key: EdgeKey {
+            direction: dir,
+            service,
+            peer: Some(remote),
+            destination: Some(destination),
+        },
+        update,
+        bytes_sent: ev.bytes_sent,
+        bytes_received: ev.bytes_received,
+        retransmits: u64::from(ev.retransmits),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: u8, dir: u8, family: u16) -> NetEvent {
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"curl");
+        let mut saddr = [0u8; 16];
+        let mut daddr = [0u8; 16];
+        if family == AF_INET {
+            saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
+            daddr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        } else {
+            saddr = "fd00::1".parse::<Ipv6Addr>().unwrap().octets();
+            daddr = "::ffff:192.0.2.7".parse::<Ipv6Addr>().unwrap().octets();
+        }
+        NetEvent {
+            ts_ns: 1,
+            sock: 0xffff_0000,
+            cgroup_id: u64::MAX,
+            duration_ns: 3_000_000,
+            bytes_sent: 100,
+            bytes_received: 200,
+            saddr,
+            daddr,
+            pid: 42,
+            srtt_us: 250,
+            retransmits: 2,
+            error: libc::ECONNREFUSED,
+            sport: 40000,
+            dport: 5432,
+            family,
+            kind,
+            direction: dir,
+            comm,
+        }
+    }
+
+    #[test]
+    fn outbound_connect_is_keyed_by_remote_destination() {
+        let mut names = Names {
+            cgroups: CgroupNames::new(None),
+            listeners: ListenerOwners::new(),
+            interned: Default::default(),
+        };
+        let o = observe(
+            &event(kind::CONNECT, direction::OUTBOUND, AF_INET),
+            &mut names,
+        )
+        .unwrap();
+        assert_eq!(o.key.direction, Direction::Outbound);
+        assert_eq!(&*o.key.service, "curl");
+        assert_eq!(o.key.destination_label(), "10.0.0.2:5432");
+        assert_eq!(
+            o.update,
+            ConnUpdate::Connected {
+                connect_ns: 3_000_000,
+                rtt_ns: 250_000
+            }
+        );
+        assert_eq!(
+            (o.bytes_sent, o.bytes_received, o.retransmits),
+            (100, 200, 2)
+        );
+    }
+
+    #[test]
+    fn inbound_is_keyed_by_local_port_and_v4_mapped_peers_are_v4() {
+        let mut names = Names {
+            cgroups: CgroupNames::new(None),
+            listeners: ListenerOwners::new(),
+            interned: Default::default(),
+        };
+        let mut ev = event(kind::ACCEPT, direction::INBOUND, AF_INET6);
+        ev.comm = [0; 16];
+        let o = observe(&ev, &mut names).unwrap();
+        assert_eq!(o.key.destination_label(), "[fd00::1]:40000");
+        assert_eq!(o.key.peer, Some("192.0.2.7".parse().unwrap()));
+        assert_eq!(&*o.key.service, "unknown");
+    }
+
+    #[test]
+    fn failures_and_junk() {
+        let mut names = Names {
+            cgroups: CgroupNames::new(None),
+            listeners: ListenerOwners::new(),
+            interned: Default::default(),
+        };
+        let o = observe(
+            &event(kind::CONNECT_FAILED, direction::OUTBOUND, AF_INET),
+            &mut names,
+        )
+        .unwrap();
+        assert_eq!(
+            o.update,
+            ConnUpdate::Failed {
+                reason: FailureReason::Refused
+            }
+        );
+        assert!(observe(&event(99, direction::OUTBOUND, AF_INET), &mut names).is_none());
+        assert!(observe(&event(kind::CONNECT, 7, AF_INET), &mut names).is_none());
+        assert!(observe(&event(kind::CONNECT, direction::OUTBOUND, 1), &mut names).is_none());
+        assert!(decode(&[0u8; 8]).is_none());
+    }
+}

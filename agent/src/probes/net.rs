@@ -1,0 +1,254 @@
+//! Network probe: TCP connection lifecycle (see `agent-ebpf/src/bin/net.rs`).
+
+use std::collections::BTreeSet;
+
+use agent_common::net::{
+    counters, NetConfig as KernelNetConfig, NetOffsets, NET_HAVE_SK_CGROUP, PORT_SLOTS,
+};
+use aya::{
+    maps::{Array, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, ProgramError},
+    Btf, Ebpf, EbpfError,
+};
+use tracing::{info, warn};
+
+use super::btf::{BtfError, KernelBtf};
+use crate::config::NetConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetProbeError {
+    #[error("loading the network object: {0}")]
+    Load(#[from] EbpfError),
+    #[error("kernel BTF: {0}")]
+    Btf(#[from] BtfError),
+    #[error("kernel BTF for tp_btf: {0}")]
+    AyaBtf(#[from] aya::BtfError),
+    #[error("{what}: {source}")]
+    Program {
+        what: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("map {0} missing from the object")]
+    MissingMap(&'static str),
+    #[error("program {0} missing from the object")]
+    MissingProgram(&'static str),
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> NetProbeError {
+    move |source| NetProbeError::Map { name, source }
+}
+
+/// Kernel-side counters of the network probe (cumulative, summed over CPUs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetKernelCounters {
+    pub events: u64,
+    pub drops: u64,
+    pub retransmits: u64,
+    pub resets_sent: u64,
+    pub resets_received: u64,
+    pub track_failed: u64,
+}
+
+/// The attached network probe and the maps userspace talks to.
+pub struct NetProbe {
+    // Owns the programs and their links: dropping it detaches everything.
+    _ebpf: Ebpf,
+    config: Array<MapData, KernelNetConfig>,
+    ignore_ports: Array<MapData, u8>,
+    counters: PerCpuArray<MapData, u64>,
+    ring: Option<RingBuf<MapData>>,
+    kernel_config: KernelNetConfig,
+    ignored: BTreeSet<u16>,
+    attached: Vec<&'static str>,
+}
+
+impl std::fmt::Debug for NetProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetProbe")
+            .field("attached", &self.attached)
+            .finish_non_exhaustive()
+    }
+}
+
+/// (program, tracepoint, required). Without the state tracepoint there is nothing to report;
+/// the others only enrich it, so a kernel without them degrades the probe instead.
+const PROGRAMS: [(&str, &str, bool); 5] = [
+    ("isa_net_retransmit", "tcp_retransmit_skb", false),
+    ("isa_net_sample", "tcp_rcv_space_adjust", false),
+    ("isa_net_reset_sent", "tcp_send_reset", false),
+    ("isa_net_reset_received", "tcp_receive_reset", false),
+    // Last: connections start being tracked once everything that reads them is live.
+    ("isa_net_state", "inet_sock_set_state", true),
+];
+
+fn take<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    conv: impl FnOnce(aya::maps::Map) -> Result<T, MapError>,
+) -> Result<T, NetProbeError> {
+    let map = ebpf.take_map(name).ok_or(NetProbeError::MissingMap(name))?;
+    conv(map).map_err(map_err(name))
+}
+
+impl NetProbe {
+    /// Resolves the kernel struct offsets, loads the object, configures it and attaches the
+    /// tracepoints. Returns the probe and any non-fatal problems.
+    pub fn attach(cfg: &NetConfig) -> Result<(Self, Vec<String>), NetProbeError> {
+        let kbtf = KernelBtf::from_sys_fs()?;
+        let (offsets, flags, mut problems) = resolve_offsets(&kbtf)?;
+        let mut ebpf = aya::EbpfLoader::new().load(super::NET_OBJECT)?;
+        let mut probe = Self {
+            config: take(&mut ebpf, "NET_CONFIG", Array::try_from)?,
+            ignore_ports: take(&mut ebpf, "NET_IGNORE_PORTS", Array::try_from)?,
+            counters: take(&mut ebpf, "NET_COUNTERS", PerCpuArray::try_from)?,
+            ring: Some(take(&mut ebpf, "NET_EVENTS", RingBuf::try_from)?),
+            _ebpf: ebpf,
+            kernel_config: KernelNetConfig {
+                sample_interval_ns: 0,
+                offsets,
+                flags,
+                _reserved: 0,
+            },
+            ignored: BTreeSet::new(),
+            attached: Vec::new(),
+        };
+        probe.apply_config(cfg)?;
+
+        let btf = Btf::from_sys_fs()?;
+        for (prog, tp, required) in PROGRAMS {
+            let res = (|| -> Result<(), NetProbeError> {
+                let wrap = |source| NetProbeError::Program {
+                    what: format!("{prog} ({tp})"),
+                    source,
+                };
+                let p: &mut BtfTracePoint = probe
+                    ._ebpf
+                    .program_mut(prog)
+                    .ok_or(NetProbeError::MissingProgram(prog))?
+                    .try_into()
+                    .map_err(wrap)?;
+                p.load(tp, &btf).map_err(wrap)?;
+                p.attach().map_err(wrap)?;
+                Ok(())
+            })();
+            match res {
+                Ok(()) => probe.attached.push(tp),
+                Err(e) if !required => {
+                    let why = super::error_chain(&e);
+                    warn!(tracepoint = tp, error = %why, "network probe: optional hook not attached");
+                    problems.push(format!("{tp} not attached: {why}"));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        info!(tracepoints = ?probe.attached, "network probe attached");
+        Ok((probe, problems))
+    }
+
+    /// The ring buffer of connection events, for the reader task (once).
+    pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
+        self.ring.take()
+    }
+
+    /// Pushes the sample interval and the ignored ports into the kernel.
+    pub fn apply_config(&mut self, cfg: &NetConfig) -> Result<(), NetProbeError> {
+        let wanted: BTreeSet<u16> = cfg.ignore_ports.iter().copied().collect();
+        for &port in self.ignored.difference(&wanted) {
+            self.ignore_ports
+                .set(u32::from(port), 0, 0)
+                .map_err(map_err("NET_IGNORE_PORTS"))?;
+        }
+        for &port in wanted.difference(&self.ignored) {
+            if u32::from(port) < PORT_SLOTS {
+                self.ignore_ports
+                    .set(u32::from(port), 1, 0)
+                    .map_err(map_err("NET_IGNORE_PORTS"))?;
+            }
+        }
+        self.ignored = wanted;
+        self.kernel_config.sample_interval_ns =
+            u64::try_from(cfg.sample_interval.as_nanos()).unwrap_or(u64::MAX);
+        self.config
+            .set(0, self.kernel_config, 0)
+            .map_err(map_err("NET_CONFIG"))?;
+        Ok(())
+    }
+
+    /// The tracepoints that are attached (for `status`).
+    pub fn attached(&self) -> &[&'static str] {
+        &self.attached
+    }
+
+    pub fn read_counters(&self) -> Result<NetKernelCounters, NetProbeError> {
+        let get = |idx: u32| -> Result<u64, NetProbeError> {
+            let v = self
+                .counters
+                .get(&idx, 0)
+                .map_err(map_err("NET_COUNTERS"))?;
+            Ok(v.iter().sum())
+        };
+        Ok(NetKernelCounters {
+            events: get(counters::EVENTS)?,
+            drops: get(counters::DROPS)?,
+            retransmits: get(counters::RETRANSMITS)?,
+            resets_sent: get(counters::RESETS_SENT)?,
+            resets_received: get(counters::RESETS_RECEIVED)?,
+            track_failed: get(counters::TRACK_FAILED)?,
+        })
+    }
+}
+
+/// Offsets of the fields the programs read, from the running kernel's BTF. The socket's
+/// cgroup is optional (kernels without CONFIG_SOCK_CGROUP_DATA attribute outbound connections
+/// by the connecting task's cgroup only); everything else is required.
+fn resolve_offsets(btf: &KernelBtf) -> Result<(NetOffsets, u32, Vec<String>), BtfError> {
+    let sock = |path: &str| btf.field("sock", path).map(|f| f.offset);
+    let tcp = |path: &str| btf.field("tcp_sock", path).map(|f| f.offset);
+    let offsets = NetOffsets {
+        sk_protocol: sock("sk_protocol")?,
+        sk_err: sock("sk_err")?,
+        skc_family: sock("__sk_common.skc_family")?,
+        skc_daddr: sock("__sk_common.skc_daddr")?,
+        skc_rcv_saddr: sock("__sk_common.skc_rcv_saddr")?,
+        skc_dport: sock("__sk_common.skc_dport")?,
+        skc_num: sock("__sk_common.skc_num")?,
+        skc_v6_daddr: sock("__sk_common.skc_v6_daddr")?,
+        skc_v6_rcv_saddr: sock("__sk_common.skc_v6_rcv_saddr")?,
+        tp_srtt_us: tcp("srtt_us")?,
+        tp_bytes_acked: tcp("bytes_acked")?,
+        tp_bytes_received: tcp("bytes_received")?,
+        tp_total_retrans: tcp("total_retrans")?,
+        sk_cgroup: 0,
+        cgroup_kn: 0,
+        kn_id: 0,
+    };
+    let mut offsets = offsets;
+    let mut flags = 0;
+    let mut problems = Vec::new();
+    let cgroup = (|| -> Result<(u32, u32, u32), BtfError> {
+        Ok((
+            sock("sk_cgrp_data.cgroup")?,
+            btf.field("cgroup", "kn")?.offset,
+            btf.field("kernfs_node", "id")?.offset,
+        ))
+    })();
+    match cgroup {
+        Ok((sk_cgroup, cgroup_kn, kn_id)) => {
+            offsets.sk_cgroup = sk_cgroup;
+            offsets.cgroup_kn = cgroup_kn;
+            offsets.kn_id = kn_id;
+            flags |= NET_HAVE_SK_CGROUP;
+        }
+        Err(e) => problems.push(format!(
+            "socket cgroups unavailable ({e}): inbound connections are not attributed to a service"
+        )),
+    }
+    Ok((offsets, flags, problems))
+}

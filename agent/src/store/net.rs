@@ -1,0 +1,482 @@
+//! Connection edges: who talks to whom, how fast and how well.
+//!
+//! An edge is (direction, service, peer, destination): "checkout.service -> 10.0.0.5:5432"
+//! outbound, or "10.0.0.9 -> 10.0.0.2:443 (nginx.service)" inbound. The reader of the kernel's
+//! connection events adds to the edges' cumulative counters; the tick takes a snapshot each
+//! second so windows are differences (see `window.rs`). Edge counters sit behind `Arc` so a
+//! snapshot shares every edge that did not change since the previous one.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{histogram::Log2Histogram, window::Cumulative};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Outbound => "outbound",
+            Self::Inbound => "inbound",
+        }
+    }
+}
+
+/// Why a connect failed, from the socket error the kernel left on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureReason {
+    /// RST in answer to the SYN: nothing listens there (ECONNREFUSED).
+    Refused,
+    /// No answer to the SYN and its retries (ETIMEDOUT).
+    TimedOut,
+    /// Reset during the handshake for another reason (ECONNRESET).
+    Reset,
+    /// ICMP unreachable (EHOSTUNREACH, ENETUNREACH).
+    Unreachable,
+    /// The application closed the socket before the handshake finished.
+    Aborted,
+    Other,
+}
+
+impl FailureReason {
+    pub const ALL: [Self; 6] = [
+        Self::Refused,
+        Self::TimedOut,
+        Self::Reset,
+        Self::Unreachable,
+        Self::Aborted,
+        Self::Other,
+    ];
+
+    pub fn from_errno(err: i32) -> Self {
+        match err {
+            0 => Self::Aborted,
+            libc::ECONNREFUSED => Self::Refused,
+            libc::ETIMEDOUT => Self::TimedOut,
+            libc::ECONNRESET => Self::Reset,
+            libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EHOSTDOWN | libc::ENETDOWN => {
+                Self::Unreachable
+            }
+            _ => Self::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Refused => "refused",
+            Self::TimedOut => "timed_out",
+            Self::Reset => "reset",
+            Self::Unreachable => "unreachable",
+            Self::Aborted => "aborted",
+            Self::Other => "other",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EdgeKey {
+    pub direction: Direction,
+    /// The local end's service (systemd unit, else cgroup, else process name).
+    pub service: Arc<str>,
+    /// The remote end: the server (outbound) or the client (inbound). `None`: the `other` edge.
+    pub peer: Option<IpAddr>,
+    /// Where the SYN went: the remote address and port (outbound) or the local address and
+    /// listening port (inbound). `None`: the `other` edge.
+    pub destination: Option<SocketAddr>,
+}
+
+impl EdgeKey {
+    /// The edge that collects everything past `max_edges`.
+    pub fn other(direction: Direction) -> Self {
+        Self {
+            direction,
+            service: Arc::from("other"),
+            peer: None,
+            destination: None,
+        }
+    }
+
+    /// `addr:port`, `[v6]:port` or `other`.
+    pub fn destination_label(&self) -> String {
+        self.destination
+            .map_or_else(|| "other".to_string(), |d| d.to_string())
+    }
+}
+
+/// Cumulative counters of one edge.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EdgeCounters {
+    /// Handshakes completed: outbound connects, inbound accepts.
+    pub connects: u64,
+    pub failures: [u64; 6],
+    /// SYN sent -> ESTABLISHED (outbound only).
+    pub connect_time: Log2Histogram,
+    /// Smoothed RTT samples, in ns.
+    pub rtt: Log2Histogram,
+    pub closes: u64,
+    /// Summed lifetime of the closed connections, in ns.
+    pub lifetime_ns: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub retransmits: u64,
+}
+
+impl EdgeCounters {
+    pub fn failures_total(&self) -> u64 {
+        self.failures.iter().sum()
+    }
+
+    pub fn failure(&self, r: FailureReason) -> u64 {
+        self.failures[r.index()]
+    }
+
+    /// Connections open now (tracked since the agent started).
+    pub fn active(&self) -> u64 {
+        self.connects.saturating_sub(self.closes)
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes_sent.saturating_add(self.bytes_received)
+    }
+
+    pub fn add(&mut self, o: &Self) {
+        self.connects += o.connects;
+        for (a, b) in self.failures.iter_mut().zip(o.failures.iter()) {
+            *a += b;
+        }
+        self.connect_time.add(&o.connect_time);
+        self.rtt.add(&o.rtt);
+        self.closes += o.closes;
+        self.lifetime_ns = self.lifetime_ns.saturating_add(o.lifetime_ns);
+        self.bytes_sent = self.bytes_sent.saturating_add(o.bytes_sent);
+        self.bytes_received = self.bytes_received.saturating_add(o.bytes_received);
+        self.retransmits += o.retransmits;
+    }
+
+    fn delta_since(&self, e: &Self) -> Self {
+        let mut failures = [0; 6];
+        for (i, f) in failures.iter_mut().enumerate() {
+            *f = self.failures[i].saturating_sub(e.failures[i]);
+        }
+        Self {
+            connects: self.connects.saturating_sub(e.connects),
+            failures,
+            connect_time: self.connect_time.delta_since(&e.connect_time),
+            rtt: self.rtt.delta_since(&e.rtt),
+            closes: self.closes.saturating_sub(e.closes),
+            lifetime_ns: self.lifetime_ns.saturating_sub(e.lifetime_ns),
+            bytes_sent: self.bytes_sent.saturating_sub(e.bytes_sent),
+            bytes_received: self.bytes_received.saturating_sub(e.bytes_received),
+            retransmits: self.retransmits.saturating_sub(e.retransmits),
+        }
+    }
+}
+
+/// One observation of a connection, decoded from a kernel event and named.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConnUpdate {
+    Connected { connect_ns: u64, rtt_ns: u64 },
+    Failed { reason: FailureReason },
+    Accepted { rtt_ns: u64 },
+    Closed { lifetime_ns: u64, rtt_ns: u64 },
+    Sampled { rtt_ns: u64 },
+    Retransmitted,
+}
+
+/// Everything the network probe counts, cumulative since the agent started.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NetTotals {
+    pub edges: BTreeMap<EdgeKey, Arc<EdgeCounters>>,
+    /// Updates that went to an `other` edge because `max_edges` was reached.
+    pub overflowed: u64,
+    /// Events the reader received.
+    pub events: u64,
+    /// Events dropped in userspace (undecodable, or an ignored network).
+    pub ignored: u64,
+    pub kernel: crate::probes::net::NetKernelCounters,
+}
+
+impl NetTotals {
+    /// Applies one update to its edge, within `max_edges` distinct edges.
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply(
+        &mut self,
+        mut key: EdgeKey,
+        update: &ConnUpdate,
+        bytes_sent: u64,
+        bytes_received: u64,
+        retransmits: u64,
+        max_edges: usize,
+    ) {
+        if !self.edges.contains_key(&key) && self.edges.len() >= max_edges {
+            self.overflowed += 1;
+            key = EdgeKey::other(key.direction);
+        }
+        let e = Arc::make_mut(self.edges.entry(key).or_default());
+        e.bytes_sent = e.bytes_sent.saturating_add(bytes_sent);
+        e.bytes_received = e.bytes_received.saturating_add(bytes_received);
+        e.retransmits += retransmits;
+        let rtt = |e: &mut EdgeCounters, ns: u64| {
+            if ns > 0 {
+                e.rtt.record(ns);
+            }
+        };
+        match *update {
+            ConnUpdate::Connected { connect_ns, rtt_ns } => {
+                e.connects += 1;
+                e.connect_time.record(connect_ns);
+                rtt(e, rtt_ns);
+            }
+            ConnUpdate::Failed { reason, .. } => e.failures[reason.index()] += 1,
+            ConnUpdate::Accepted { rtt_ns } => {
+                e.connects += 1;
+                rtt(e, rtt_ns);
+            }
+            ConnUpdate::Closed {
+                lifetime_ns,
+                rtt_ns,
+            } => {
+                e.closes += 1;
+                e.lifetime_ns = e.lifetime_ns.saturating_add(lifetime_ns);
+                rtt(e, rtt_ns);
+            }
+            ConnUpdate::Sampled { rtt_ns } => rtt(e, rtt_ns),
+            ConnUpdate::Retransmitted => {}
+        }
+    }
+}
+
+/// One exported series: the edges of a (direction, service, destination), summed over peers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DestinationSeries {
+    pub direction: Direction,
+    pub service: String,
+    pub destination: String,
+    pub counters: EdgeCounters,
+}
+
+impl NetTotals {
+    /// Edges summed per (direction, service, destination); the top `n` by traffic (then by
+    /// connections) keep their labels, the rest fold into one `other` series per direction.
+    /// Returns the series and how many were folded.
+    pub fn by_destination(&self, n: usize) -> (Vec<DestinationSeries>, usize) {
+        let mut sums: BTreeMap<(Direction, Arc<str>, String), EdgeCounters> = BTreeMap::new();
+        for (k, c) in &self.edges {
+            sums.entry((k.direction, k.service.clone(), k.destination_label()))
+                .or_default()
+                .add(c);
+        }
+        let mut all: Vec<_> = sums.into_iter().collect();
+        all.sort_by(|a, b| {
+            (b.1.bytes(), b.1.connects + b.1.failures_total())
+                .cmp(&(a.1.bytes(), a.1.connects + a.1.failures_total()))
+                .then_with(|| a.0.cmp(&b.0))
+        });
+        let mut rows = Vec::new();
+        let mut other: BTreeMap<Direction, EdgeCounters> = BTreeMap::new();
+        let mut folded = 0;
+        for (i, ((direction, service, destination), counters)) in all.into_iter().enumerate() {
+            if i < n {
+                rows.push(DestinationSeries {
+                    direction,
+                    service: service.to_string(),
+                    destination,
+                    counters,
+                });
+            } else {
+                other.entry(direction).or_default().add(&counters);
+                folded += 1;
+            }
+        }
+        rows.sort_by(|a, b| {
+            (a.direction, &a.service, &a.destination).cmp(&(
+                b.direction,
+                &b.service,
+                &b.destination,
+            ))
+        });
+        for (direction, counters) in other {
+            rows.push(DestinationSeries {
+                direction,
+                service: "other".into(),
+                destination: "other".into(),
+                counters,
+            });
+        }
+        (rows, folded)
+    }
+}
+
+impl Cumulative for NetTotals {
+    fn delta_since(&self, earlier: &Self) -> Self {
+        let mut edges = BTreeMap::new();
+        for (k, now) in &self.edges {
+            let d = match earlier.edges.get(k) {
+                Some(e) if Arc::ptr_eq(e, now) => continue,
+                Some(e) => now.delta_since(e),
+                None => (**now).clone(),
+            };
+            if d != EdgeCounters::default() {
+                edges.insert(k.clone(), Arc::new(d));
+            }
+        }
+        let k = &self.kernel;
+        let ek = &earlier.kernel;
+        Self {
+            edges,
+            overflowed: self.overflowed.saturating_sub(earlier.overflowed),
+            events: self.events.saturating_sub(earlier.events),
+            ignored: self.ignored.saturating_sub(earlier.ignored),
+            kernel: crate::probes::net::NetKernelCounters {
+                events: k.events.saturating_sub(ek.events),
+                drops: k.drops.saturating_sub(ek.drops),
+                retransmits: k.retransmits.saturating_sub(ek.retransmits),
+                resets_sent: k.resets_sent.saturating_sub(ek.resets_sent),
+                resets_received: k.resets_received.saturating_sub(ek.resets_received),
+                track_failed: k.track_failed.saturating_sub(ek.track_failed),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(service: &str, port: u16) -> EdgeKey {
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        EdgeKey {
+            direction: Direction::Outbound,
+            service: Arc::from(service),
+            peer: Some(ip),
+            destination: Some(SocketAddr::new(ip, port)),
+        }
+    }
+
+    #[test]
+    fn updates_fold_into_edges_and_overflow_into_other() {
+        let mut t = NetTotals::default();
+        let c = ConnUpdate::Connected {
+            connect_ns: 1000,
+            rtt_ns: 50_000,
+        };
+        t.apply(key("a", 1), &c, 10, 20, 0, 2);
+        t.apply(key("a", 1), &c, 0, 0, 0, 2);
+        t.apply(key("b", 1), &c, 0, 0, 0, 2);
+        t.apply(key("c", 1), &c, 0, 0, 0, 2);
+        let fail = ConnUpdate::Failed {
+            reason: FailureReason::Refused,
+        };
+        t.apply(key("a", 1), &fail, 0, 0, 0, 2);
+        assert_eq!(t.edges.len(), 3);
+        assert_eq!(t.overflowed, 1);
+        let a = &t.edges[&key("a", 1)];
+        assert_eq!(a.connects, 2);
+        assert_eq!(a.failure(FailureReason::Refused), 1);
+        assert_eq!(a.bytes(), 30);
+        assert_eq!(a.rtt.count, 2);
+        assert_eq!(t.edges[&EdgeKey::other(Direction::Outbound)].connects, 1);
+    }
+
+    #[test]
+    fn deltas_skip_unchanged_edges_and_snapshots_share_them() {
+        let mut t = NetTotals::default();
+        let c = ConnUpdate::Connected {
+            connect_ns: 1000,
+            rtt_ns: 0,
+        };
+        t.apply(key("a", 1), &c, 0, 0, 0, 10);
+        t.apply(key("b", 1), &c, 0, 0, 0, 10);
+        let snap = t.clone();
+        t.apply(key("b", 1), &ConnUpdate::Retransmitted, 0, 0, 3, 10);
+        assert!(Arc::ptr_eq(
+            &snap.edges[&key("a", 1)],
+            &t.edges[&key("a", 1)]
+        ));
+        let d = t.delta_since(&snap);
+        assert_eq!(d.edges.len(), 1);
+        assert_eq!(d.edges[&key("b", 1)].retransmits, 3);
+        assert_eq!(d.edges[&key("b", 1)].connects, 0);
+    }
+
+    #[test]
+    fn destinations_are_summed_over_peers_and_bounded() {
+        let mut t = NetTotals::default();
+        let dest: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        for (i, peer) in ["10.0.0.7", "10.0.0.8"].iter().enumerate() {
+            let k = EdgeKey {
+                direction: Direction::Inbound,
+                service: Arc::from("web"),
+                peer: Some(peer.parse().unwrap()),
+                destination: Some(dest),
+            };
+            t.apply(
+                k,
+                &ConnUpdate::Accepted { rtt_ns: 0 },
+                1000 * (i as u64 + 1),
+                0,
+                0,
+                100,
+            );
+        }
+        for port in 1..=3 {
+            t.apply(
+                key("db", port),
+                &ConnUpdate::Connected {
+                    connect_ns: 1,
+                    rtt_ns: 0,
+                },
+                port.into(),
+                0,
+                0,
+                100,
+            );
+        }
+        let (rows, folded) = t.by_destination(2);
+        assert_eq!(folded, 2);
+        assert_eq!(rows.len(), 3);
+        let web = rows.iter().find(|r| r.service == "web").unwrap();
+        assert_eq!((web.counters.connects, web.counters.bytes_sent), (2, 3000));
+        assert_eq!(web.destination, "10.0.0.2:80");
+        let db = rows.iter().find(|r| r.service == "db").unwrap();
+        assert_eq!(db.destination, "10.0.0.1:3");
+        let other = rows.iter().find(|r| r.service == "other").unwrap();
+        assert_eq!(other.counters.connects, 2);
+    }
+
+    #[test]
+    fn errno_reasons() {
+        assert_eq!(
+            FailureReason::from_errno(libc::ECONNREFUSED),
+            FailureReason::Refused
+        );
+        assert_eq!(
+            FailureReason::from_errno(libc::ETIMEDOUT),
+            FailureReason::TimedOut
+        );
+        assert_eq!(FailureReason::from_errno(0), FailureReason::Aborted);
+        assert_eq!(
+            FailureReason::from_errno(libc::EHOSTUNREACH),
+            FailureReason::Unreachable
+        );
+        assert_eq!(FailureReason::from_errno(9999), FailureReason::Other);
+        for (i, r) in FailureReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+    }
+}
