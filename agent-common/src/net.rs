@@ -11,6 +11,11 @@ use crate::TASK_COMM_LEN;
 pub const MAX_TRACKED_CONNS: u32 = 65_536;
 /// Ring buffer of connection events.
 pub const NET_RINGBUF_BYTES: u32 = 1 << 20;
+/// Unread bytes in the ring at which the kernel wakes the reader (it also drains the ring
+/// every [`NET_DRAIN_INTERVAL_MS`]).
+pub const NET_WAKEUP_BYTES: u32 = NET_RINGBUF_BYTES / 8;
+/// How often userspace drains the ring without being woken.
+pub const NET_DRAIN_INTERVAL_MS: u64 = 100;
 /// One byte per port: non-zero means "do not track connections to or from this port".
 pub const PORT_SLOTS: u32 = 65_536;
 

@@ -18,7 +18,7 @@ agent_ebpf::license!();
 use agent_common::{
     net::{
         counters, direction, kind, NetConfig, NetEvent, MAX_TRACKED_CONNS, NET_HAVE_SK_CGROUP,
-        NET_RINGBUF_BYTES, PORT_SLOTS,
+        NET_RINGBUF_BYTES, NET_WAKEUP_BYTES, PORT_SLOTS,
     },
     TASK_COMM_LEN,
 };
@@ -288,6 +288,21 @@ fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
+/// Wake the reader only once a batch has built up: a wakeup per event would cost more than the
+/// event on a host that opens tens of thousands of connections a second. Userspace also drains
+/// the ring on a short timer, so a trickle of events is never stranded.
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    const BPF_RB_AVAIL_DATA: u64 = 0;
+    const BPF_RB_NO_WAKEUP: u64 = 1;
+    const BPF_RB_FORCE_WAKEUP: u64 = 2;
+    if NET_EVENTS.query(BPF_RB_AVAIL_DATA) >= NET_WAKEUP_BYTES as u64 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
 #[inline(always)]
 fn read_tuple(sk: *const u8, cfg: &NetConfig) -> Tuple {
     let o = &cfg.offsets;
@@ -348,6 +363,6 @@ fn emit(sk: *const u8, cfg: &NetConfig, c: &mut Conn, what: u8, duration_ns: u64
     c.bytes_received = received;
     c.total_retrans = retrans;
     entry.write(ev);
-    entry.submit(0);
+    entry.submit(wakeup_flags());
     bump(counters::EVENTS);
 }

@@ -3,9 +3,10 @@
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
+    time::Duration,
 };
 
-use agent_common::net::{direction, kind, NetEvent};
+use agent_common::net::{direction, kind, NetEvent, NET_DRAIN_INTERVAL_MS};
 use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::watch};
 use tracing::{debug, warn};
@@ -52,20 +53,34 @@ pub async fn run_event_reader(
         }
     };
     let mut names = Names::new();
+    // The kernel wakes us only when a batch has built up (see wakeup_flags in the kernel
+    // program); the timer drains whatever trickled in meanwhile.
+    let mut drain = tokio::time::interval(Duration::from_millis(NET_DRAIN_INTERVAL_MS));
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = match fd.readable_mut().await {
-            Ok(g) => g,
-            Err(e) => {
-                debug!(error = %e, "connection-event ring buffer closed");
-                return;
-            }
-        };
-        let ring = guard.get_inner_mut();
         let mut batch = Vec::new();
-        while let Some(item) = ring.next() {
-            batch.push(decode(&item));
+        tokio::select! {
+            ready = fd.readable_mut() => {
+                let mut guard = match ready {
+                    Ok(g) => g,
+                    Err(e) => {
+                        debug!(error = %e, "connection-event ring buffer closed");
+                        return;
+                    }
+                };
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    batch.push(decode(&item));
+                }
+                guard.clear_ready();
+            }
+            _ = drain.tick() => {
+                let ring = fd.get_mut();
+                while let Some(item) = ring.next() {
+                    batch.push(decode(&item));
+                }
+            }
         }
-        guard.clear_ready();
         if batch.is_empty() {
             continue;
         }
