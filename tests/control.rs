@@ -61,6 +61,13 @@ fn disabled_probe_shows_and_the_rest_keeps_running() {
 #[test]
 fn promtool_accepts_the_scrape_and_openmetrics_is_negotiated() {
     let agent = Agent::start("");
+    // Something for every network family: a connection that closes and one that is refused.
+    drop(std::net::TcpStream::connect(("127.0.0.1", agent.port)).unwrap());
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    assert!(std::net::TcpStream::connect(closed).is_err());
     agent.wait_ticks(2);
     let (ctype, text) = agent.scrape_with(false).unwrap();
     assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
@@ -76,6 +83,16 @@ fn promtool_accepts_the_scrape_and_openmetrics_is_negotiated() {
         "insite_agent_tick_duration_seconds_bucket",
         "insite_ringbuf_drops_total",
         "insite_probe_attached",
+        "insite_tcp_connect_duration_seconds_bucket",
+        "insite_tcp_connect_failures_total",
+        "insite_tcp_connections_total",
+        "insite_tcp_active_connections",
+        "insite_tcp_rtt_seconds_bucket",
+        "insite_tcp_sent_bytes_total",
+        "insite_tcp_received_bytes_total",
+        "insite_tcp_retransmits_total",
+        "insite_tcp_series_folded",
+        "insite_host_tcp_listen_overflows_total",
     ] {
         assert!(
             text.contains(&format!("\n{name}")),

@@ -176,6 +176,13 @@ fn without_privileges_the_probe_fails_alone_and_the_rest_runs() {
     assert_eq!(probe["state"], "failed", "{probe}");
     let why = probe["error"].as_str().unwrap_or("");
     assert!(why.contains("ermitted") || why.contains("EPERM"), "{probe}");
+    // Each family fails on its own, with its own cause.
+    let net = agent.probe("net");
+    assert_eq!(net["state"], "failed", "{net}");
+    assert!(
+        net["error"].as_str().unwrap_or("").contains("ermitted"),
+        "{net}"
+    );
     assert_eq!(agent.probe("host")["state"], "attached");
     agent.wait_ticks(2);
     let m = agent.scrape();

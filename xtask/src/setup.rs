@@ -82,7 +82,15 @@ pub fn run(want: Want) -> Result<()> {
     }
 
     if want.tests {
-        for (tool, package) in [("promtool", "prometheus"), ("bpftrace", "bpftrace")] {
+        // promtool checks the scrape format, bpftrace is the benchmarks' peer, dot (graphviz)
+        // renders `insite-agent map --dot`, ip (iproute2) builds the network namespaces.
+        for (tool, package) in [
+            ("promtool", "prometheus"),
+            ("bpftrace", "bpftrace"),
+            ("dot", "graphviz"),
+            ("ip", "iproute2"),
+            ("python3", "python3"),
+        ] {
             if !have(tool) {
                 apt.install(&[package])?;
             }
