@@ -187,59 +187,56 @@ async fn run_async(args: RunArgs, cfg: Config, source: ConfigSource) -> anyhow::
 }
 
 fn attach_syscalls(cfg: &Config, store: &SharedStore) -> Option<Arc<Mutex<SyscallProbe>>> {
-    let status = |state, attach: Option<String>, error: Option<String>| ProbeStatus {
-        name: "syscalls".into(),
-        state,
-        attach,
-        error,
-    };
-    let (st, probe) = if !cfg.syscalls.enabled {
-        (status(ProbeState::Disabled, None, None), None)
-    } else {
-        match SyscallProbe::attach(&cfg.syscalls) {
-            Ok((p, problems)) => (
-                status(
-                    ProbeState::Attached,
-                    Some(p.mode().to_string()),
-                    (!problems.is_empty()).then(|| problems.join("; ")),
-                ),
-                Some(Arc::new(Mutex::new(p))),
-            ),
-            Err(e) => {
-                let why = probes::error_chain(&e);
-                error!(error = %why, "syscall probe failed; the agent continues without it");
-                (status(ProbeState::Failed, None, Some(why)), None)
-            }
-        }
-    };
-    if let Ok(mut s) = store.write() {
-        s.set_probe(st);
-    }
-    probe
+    attach_family(store, "syscalls", cfg.syscalls.enabled, || {
+        SyscallProbe::attach(&cfg.syscalls)
+            .map(|(p, problems)| {
+                let how = p.mode().to_string();
+                (p, how, problems)
+            })
+            .map_err(|e| probes::error_chain(&e))
+    })
 }
 
 fn attach_net(cfg: &Config, store: &SharedStore) -> Option<Arc<Mutex<NetProbe>>> {
+    attach_family(store, "net", cfg.net.enabled, || {
+        NetProbe::attach(&cfg.net)
+            .map(|(p, problems)| {
+                let how = format!("tp_btf: {}", p.attached().join(", "));
+                (p, how, problems)
+            })
+            .map_err(|e| probes::error_chain(&e))
+    })
+}
+
+/// Attaches one probe family unless it is disabled, and records how that went in the store:
+/// attached (how, and any non-fatal problems), disabled, or failed (why). A failure is logged
+/// and the agent goes on without the family.
+fn attach_family<P>(
+    store: &SharedStore,
+    name: &str,
+    enabled: bool,
+    attach: impl FnOnce() -> Result<(P, String, Vec<String>), String>,
+) -> Option<Arc<Mutex<P>>> {
     let status = |state, attach: Option<String>, error: Option<String>| ProbeStatus {
-        name: "net".into(),
+        name: name.into(),
         state,
         attach,
         error,
     };
-    let (st, probe) = if !cfg.net.enabled {
+    let (st, probe) = if !enabled {
         (status(ProbeState::Disabled, None, None), None)
     } else {
-        match NetProbe::attach(&cfg.net) {
-            Ok((p, problems)) => (
+        match attach() {
+            Ok((p, how, problems)) => (
                 status(
                     ProbeState::Attached,
-                    Some(format!("tp_btf: {}", p.attached().join(", "))),
+                    Some(how),
                     (!problems.is_empty()).then(|| problems.join("; ")),
                 ),
                 Some(Arc::new(Mutex::new(p))),
             ),
-            Err(e) => {
-                let why = probes::error_chain(&e);
-                error!(error = %why, "network probe failed; the agent continues without it");
+            Err(why) => {
+                error!(probe = name, error = %why, "probe failed; the agent continues without it");
                 (status(ProbeState::Failed, None, Some(why)), None)
             }
         }

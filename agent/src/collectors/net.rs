@@ -232,6 +232,14 @@ pub fn observe(ev: &NetEvent, names: &mut Names) -> Option<Observation> {
 mod tests {
     use super::*;
 
+    fn names_without_cgroups() -> Names {
+        Names {
+            cgroups: CgroupNames::new(None),
+            listeners: ListenerOwners::new(),
+            interned: Default::default(),
+        }
+    }
+
     fn event(kind: u8, dir: u8, family: u16) -> NetEvent {
         let mut comm = [0u8; 16];
         comm[..4].copy_from_slice(b"curl");
@@ -268,11 +276,7 @@ mod tests {
 
     #[test]
     fn outbound_connect_is_keyed_by_remote_destination() {
-        let mut names = Names {
-            cgroups: CgroupNames::new(None),
-            listeners: ListenerOwners::new(),
-            interned: Default::default(),
-        };
+        let mut names = names_without_cgroups();
         let o = observe(
             &event(kind::CONNECT, direction::OUTBOUND, AF_INET),
             &mut names,
@@ -296,11 +300,7 @@ mod tests {
 
     #[test]
     fn inbound_is_keyed_by_local_port_and_v4_mapped_peers_are_v4() {
-        let mut names = Names {
-            cgroups: CgroupNames::new(None),
-            listeners: ListenerOwners::new(),
-            interned: Default::default(),
-        };
+        let mut names = names_without_cgroups();
         let mut ev = event(kind::ACCEPT, direction::INBOUND, AF_INET6);
         ev.comm = [0; 16];
         let o = observe(&ev, &mut names).unwrap();
@@ -311,11 +311,7 @@ mod tests {
 
     #[test]
     fn failures_and_junk() {
-        let mut names = Names {
-            cgroups: CgroupNames::new(None),
-            listeners: ListenerOwners::new(),
-            interned: Default::default(),
-        };
+        let mut names = names_without_cgroups();
         let o = observe(
             &event(kind::CONNECT_FAILED, direction::OUTBOUND, AF_INET),
             &mut names,

@@ -20,6 +20,42 @@ pub(crate) static SYSCALLS_OBJECT: &[u8] =
 pub(crate) static NET_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/insite-net"));
 
+/// What can go wrong with a loaded object's maps and programs, in any family.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    #[error("{what}: {source}")]
+    Program {
+        what: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("map {0} missing from the object")]
+    MissingMap(&'static str),
+    #[error("program {0} missing from the object")]
+    MissingProgram(&'static str),
+}
+
+/// `.map_err(map_err("NAME"))`: a map operation's error, naming the map.
+pub(crate) fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> ObjectError {
+    move |source| ObjectError::Map { name, source }
+}
+
+/// Takes a map out of a loaded object, as the typed wrapper `conv` makes of it.
+pub(crate) fn take_map<T>(
+    ebpf: &mut aya::Ebpf,
+    name: &'static str,
+    conv: impl FnOnce(aya::maps::Map) -> Result<T, aya::maps::MapError>,
+) -> Result<T, ObjectError> {
+    let map = ebpf.take_map(name).ok_or(ObjectError::MissingMap(name))?;
+    conv(map).map_err(map_err(name))
+}
+
 const TRACEFS_MAGIC: i64 = 0x7472_6163;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 

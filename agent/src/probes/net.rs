@@ -6,8 +6,8 @@ use agent_common::net::{
     counters, NetConfig as KernelNetConfig, NetOffsets, NET_HAVE_SK_CGROUP, PORT_SLOTS,
 };
 use aya::{
-    maps::{Array, MapData, MapError, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, ProgramError},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
+    programs::BtfTracePoint,
     Btf, Ebpf, EbpfError,
 };
 use tracing::{info, warn};
@@ -23,26 +23,8 @@ pub enum NetProbeError {
     Btf(#[from] BtfError),
     #[error("kernel BTF for tp_btf: {0}")]
     AyaBtf(#[from] aya::BtfError),
-    #[error("{what}: {source}")]
-    Program {
-        what: String,
-        #[source]
-        source: ProgramError,
-    },
-    #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: MapError,
-    },
-    #[error("map {0} missing from the object")]
-    MissingMap(&'static str),
-    #[error("program {0} missing from the object")]
-    MissingProgram(&'static str),
-}
-
-fn map_err(name: &'static str) -> impl FnOnce(MapError) -> NetProbeError {
-    move |source| NetProbeError::Map { name, source }
+    #[error(transparent)]
+    Object(#[from] super::ObjectError),
 }
 
 /// Kernel-side counters of the network probe (cumulative, summed over CPUs).
@@ -88,15 +70,6 @@ const PROGRAMS: [(&str, &str, bool); 5] = [
     ("isa_net_state", "inet_sock_set_state", true),
 ];
 
-fn take<T>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    conv: impl FnOnce(aya::maps::Map) -> Result<T, MapError>,
-) -> Result<T, NetProbeError> {
-    let map = ebpf.take_map(name).ok_or(NetProbeError::MissingMap(name))?;
-    conv(map).map_err(map_err(name))
-}
-
 impl NetProbe {
     /// Resolves the kernel struct offsets, loads the object, configures it and attaches the
     /// tracepoints. Returns the probe and any non-fatal problems.
@@ -105,10 +78,10 @@ impl NetProbe {
         let (offsets, flags, mut problems) = resolve_offsets(&kbtf)?;
         let mut ebpf = aya::EbpfLoader::new().load(super::NET_OBJECT)?;
         let mut probe = Self {
-            config: take(&mut ebpf, "NET_CONFIG", Array::try_from)?,
-            ignore_ports: take(&mut ebpf, "NET_IGNORE_PORTS", Array::try_from)?,
-            counters: take(&mut ebpf, "NET_COUNTERS", PerCpuArray::try_from)?,
-            ring: Some(take(&mut ebpf, "NET_EVENTS", RingBuf::try_from)?),
+            config: super::take_map(&mut ebpf, "NET_CONFIG", Array::try_from)?,
+            ignore_ports: super::take_map(&mut ebpf, "NET_IGNORE_PORTS", Array::try_from)?,
+            counters: super::take_map(&mut ebpf, "NET_COUNTERS", PerCpuArray::try_from)?,
+            ring: Some(super::take_map(&mut ebpf, "NET_EVENTS", RingBuf::try_from)?),
             _ebpf: ebpf,
             kernel_config: KernelNetConfig {
                 sample_interval_ns: 0,
@@ -124,14 +97,14 @@ impl NetProbe {
         let btf = Btf::from_sys_fs()?;
         for (prog, tp, required) in PROGRAMS {
             let res = (|| -> Result<(), NetProbeError> {
-                let wrap = |source| NetProbeError::Program {
+                let wrap = |source| super::ObjectError::Program {
                     what: format!("{prog} ({tp})"),
                     source,
                 };
                 let p: &mut BtfTracePoint = probe
                     ._ebpf
                     .program_mut(prog)
-                    .ok_or(NetProbeError::MissingProgram(prog))?
+                    .ok_or(super::ObjectError::MissingProgram(prog))?
                     .try_into()
                     .map_err(wrap)?;
                 p.load(tp, &btf).map_err(wrap)?;
@@ -163,13 +136,13 @@ impl NetProbe {
         for &port in self.ignored.difference(&wanted) {
             self.ignore_ports
                 .set(u32::from(port), 0, 0)
-                .map_err(map_err("NET_IGNORE_PORTS"))?;
+                .map_err(super::map_err("NET_IGNORE_PORTS"))?;
         }
         for &port in wanted.difference(&self.ignored) {
             if u32::from(port) < PORT_SLOTS {
                 self.ignore_ports
                     .set(u32::from(port), 1, 0)
-                    .map_err(map_err("NET_IGNORE_PORTS"))?;
+                    .map_err(super::map_err("NET_IGNORE_PORTS"))?;
             }
         }
         self.ignored = wanted;
@@ -177,7 +150,7 @@ impl NetProbe {
             u64::try_from(cfg.sample_interval.as_nanos()).unwrap_or(u64::MAX);
         self.config
             .set(0, self.kernel_config, 0)
-            .map_err(map_err("NET_CONFIG"))?;
+            .map_err(super::map_err("NET_CONFIG"))?;
         Ok(())
     }
 
@@ -191,7 +164,7 @@ impl NetProbe {
             let v = self
                 .counters
                 .get(&idx, 0)
-                .map_err(map_err("NET_COUNTERS"))?;
+                .map_err(super::map_err("NET_COUNTERS"))?;
             Ok(v.iter().sum())
         };
         Ok(NetKernelCounters {

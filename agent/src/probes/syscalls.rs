@@ -14,7 +14,7 @@ use agent_common::{
     TASK_COMM_LEN,
 };
 use aya::{
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, ProgramError, RawTracePoint},
     Btf, Ebpf, EbpfError,
 };
@@ -30,26 +30,10 @@ use crate::{
 pub enum SyscallProbeError {
     #[error("loading the syscall object: {0}")]
     Load(#[from] EbpfError),
-    #[error("{what}: {source}")]
-    Program {
-        what: String,
-        #[source]
-        source: ProgramError,
-    },
-    #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: MapError,
-    },
-    #[error("map {0} missing from the object")]
-    MissingMap(&'static str),
+    #[error(transparent)]
+    Object(#[from] super::ObjectError),
     #[error("could not attach with any method: {0}")]
     NoAttach(String),
-}
-
-fn map_err(name: &'static str) -> impl FnOnce(MapError) -> SyscallProbeError {
-    move |source| SyscallProbeError::Map { name, source }
 }
 
 /// The attached syscall probe and the maps userspace talks to.
@@ -81,17 +65,6 @@ impl std::fmt::Debug for SyscallProbe {
     }
 }
 
-fn take<T>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    conv: impl FnOnce(aya::maps::Map) -> Result<T, MapError>,
-) -> Result<T, SyscallProbeError> {
-    let map = ebpf
-        .take_map(name)
-        .ok_or(SyscallProbeError::MissingMap(name))?;
-    conv(map).map_err(map_err(name))
-}
-
 impl SyscallProbe {
     /// Loads the object and attaches sys_enter/sys_exit with the configured method (`auto`:
     /// tp_btf, then raw tracepoints). Returns the probe and any non-fatal problems.
@@ -102,15 +75,23 @@ impl SyscallProbe {
             .allow_unsupported_maps()
             .load(super::SYSCALLS_OBJECT)?;
         let mut probe = Self {
-            stats: take(&mut ebpf, "SYSCALL_STATS", PerCpuArray::try_from)?,
-            counters: take(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?,
-            config: take(&mut ebpf, "SYSCALL_CONFIG", Array::try_from)?,
-            filter_pids: take(&mut ebpf, "SYSCALL_FILTER_PIDS", HashMap::try_from)?,
-            filter_comms: take(&mut ebpf, "SYSCALL_FILTER_COMMS", HashMap::try_from)?,
-            filter_cgroups: take(&mut ebpf, "SYSCALL_FILTER_CGROUPS", HashMap::try_from)?,
-            filter_nrs: take(&mut ebpf, "SYSCALL_FILTER_NRS", Array::try_from)?,
-            ring: Some(take(&mut ebpf, "SYSCALL_SLOW_EVENTS", RingBuf::try_from)?),
-            seen_bitmap: take(&mut ebpf, "SYSCALL_SEEN", Array::try_from)?,
+            stats: super::take_map(&mut ebpf, "SYSCALL_STATS", PerCpuArray::try_from)?,
+            counters: super::take_map(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?,
+            config: super::take_map(&mut ebpf, "SYSCALL_CONFIG", Array::try_from)?,
+            filter_pids: super::take_map(&mut ebpf, "SYSCALL_FILTER_PIDS", HashMap::try_from)?,
+            filter_comms: super::take_map(&mut ebpf, "SYSCALL_FILTER_COMMS", HashMap::try_from)?,
+            filter_cgroups: super::take_map(
+                &mut ebpf,
+                "SYSCALL_FILTER_CGROUPS",
+                HashMap::try_from,
+            )?,
+            filter_nrs: super::take_map(&mut ebpf, "SYSCALL_FILTER_NRS", Array::try_from)?,
+            ring: Some(super::take_map(
+                &mut ebpf,
+                "SYSCALL_SLOW_EVENTS",
+                RingBuf::try_from,
+            )?),
+            seen_bitmap: super::take_map(&mut ebpf, "SYSCALL_SEEN", Array::try_from)?,
             ebpf,
             mode: cfg.attach,
             seen: BTreeSet::new(),
@@ -209,7 +190,7 @@ impl SyscallProbe {
         for (nr, w) in wanted.iter().enumerate() {
             self.filter_nrs
                 .set(nr as u32, w, 0)
-                .map_err(map_err("SYSCALL_FILTER_NRS"))?;
+                .map_err(super::map_err("SYSCALL_FILTER_NRS"))?;
         }
 
         // Flags last: the filter maps are complete before the kernel starts consulting them.
@@ -220,7 +201,7 @@ impl SyscallProbe {
         };
         self.config
             .set(0, kcfg, 0)
-            .map_err(map_err("SYSCALL_CONFIG"))?;
+            .map_err(super::map_err("SYSCALL_CONFIG"))?;
         Ok(problems)
     }
 
@@ -249,7 +230,10 @@ impl SyscallProbe {
         };
         let mut by_nr = BTreeMap::new();
         for nr in slots {
-            let per_cpu = self.stats.get(&nr, 0).map_err(map_err("SYSCALL_STATS"))?;
+            let per_cpu = self
+                .stats
+                .get(&nr, 0)
+                .map_err(super::map_err("SYSCALL_STATS"))?;
             let mut c = SyscallCounters::default();
             for s in per_cpu.iter() {
                 add_stats(&mut c, s);
@@ -260,7 +244,10 @@ impl SyscallProbe {
             }
         }
         let counter = |idx: u32| -> Result<u64, SyscallProbeError> {
-            let v = self.counters.get(&idx, 0).map_err(map_err("COUNTERS"))?;
+            let v = self
+                .counters
+                .get(&idx, 0)
+                .map_err(super::map_err("COUNTERS"))?;
             Ok(v.iter().sum())
         };
         Ok(SyscallTotals {
@@ -307,7 +294,7 @@ fn attach_set(ebpf: &mut Ebpf, mode: AttachMode) -> Result<(), String> {
             None
         };
         for (prog, tp) in progs {
-            let wrap = |source| SyscallProbeError::Program {
+            let wrap = |source| super::ObjectError::Program {
                 what: format!("{prog} ({tp})"),
                 source,
             };
@@ -357,11 +344,11 @@ fn replace_keys<K: aya::Pod + Ord>(
     let existing: Vec<K> = map.keys().filter_map(Result::ok).collect();
     for k in existing {
         if !wanted.contains(&k) {
-            map.remove(&k).map_err(map_err(name))?;
+            map.remove(&k).map_err(super::map_err(name))?;
         }
     }
     for k in wanted {
-        map.insert(k, 1, 0).map_err(map_err(name))?;
+        map.insert(k, 1, 0).map_err(super::map_err(name))?;
     }
     Ok(())
 }
