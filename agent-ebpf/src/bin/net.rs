@@ -161,6 +161,8 @@ fn on_state(sk: *const u8, old: i32, new: i32) {
         // connect(): process context, so the current task is the one connecting.
         start(sk, cfg, direction::OUTBOUND, true);
     } else if old == TCP_SYN_SENT {
+        // ESTABLISHED: connected; CLOSE: failed. (SYN_RECV, a simultaneous open, goes on to
+        // ESTABLISHED from there and is not timed.)
         let Some(c) = NET_CONNS.get_ptr_mut(key) else {
             return;
         };
@@ -168,20 +170,23 @@ fn on_state(sk: *const u8, old: i32, new: i32) {
         // SAFETY: a value of our own map, valid for this program run.
         let c = unsafe { &mut *c };
         if new == TCP_ESTABLISHED {
-            let elapsed = now.saturating_sub(c.start_ns);
-            // connect() enters SYN_SENT before it picks the local port: read it now.
-            c.tuple = read_tuple(sk, cfg);
-            c.start_ns = now;
-            c.established = 1;
-            c.last_sample_ns = now;
-            emit(sk, cfg, c, kind::CONNECT, elapsed, 0);
-        } else {
+            connected(sk, cfg, c, now);
+        } else if new == TCP_CLOSE {
             let err: i32 = read(sk, o.sk_err);
             let elapsed = now.saturating_sub(c.start_ns);
             emit(sk, cfg, c, kind::CONNECT_FAILED, elapsed, err);
             let _ = NET_CONNS.remove(key);
         }
     } else if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
+        if let Some(c) = NET_CONNS.get_ptr_mut(key) {
+            // A simultaneous open: our own connect, through SYN_RECV.
+            // SAFETY: a value of our own map, valid for this program run.
+            let c = unsafe { &mut *c };
+            if c.established == 0 {
+                connected(sk, cfg, c, now_ns());
+            }
+            return;
+        }
         // The child socket of a listener completed its handshake (softirq context).
         if let Some(c) = start(sk, cfg, direction::INBOUND, false) {
             // SAFETY: a value of our own map, valid for this program run.
@@ -201,6 +206,18 @@ fn on_state(sk: *const u8, old: i32, new: i32) {
         }
         let _ = NET_CONNS.remove(key);
     }
+}
+
+/// An outbound connect completed: time it, and from now on time the connection's life.
+#[inline(always)]
+fn connected(sk: *const u8, cfg: &NetConfig, c: &mut Conn, now: u64) {
+    let elapsed = now.saturating_sub(c.start_ns);
+    // connect() enters SYN_SENT before it picks the local port: read the addresses again.
+    c.tuple = read_tuple(sk, cfg);
+    c.start_ns = now;
+    c.established = 1;
+    c.last_sample_ns = now;
+    emit(sk, cfg, c, kind::CONNECT, elapsed, 0);
 }
 
 /// Starts tracking a connection (unless one of its ports is ignored).
