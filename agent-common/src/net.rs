@@ -7,13 +7,10 @@
 
 use crate::TASK_COMM_LEN;
 
-/// Connections tracked at once (LRU: the oldest idle entry makes room for a new one).
+/// Connections tracked at once; beyond it new connections go untracked (counted).
 pub const MAX_TRACKED_CONNS: u32 = 65_536;
 /// Ring buffer of connection events.
 pub const NET_RINGBUF_BYTES: u32 = 1 << 20;
-/// Unread bytes in the ring at which the kernel wakes the reader (it also drains the ring
-/// every [`NET_DRAIN_INTERVAL_MS`]).
-pub const NET_WAKEUP_BYTES: u32 = NET_RINGBUF_BYTES / 8;
 /// How often userspace drains the ring without being woken.
 pub const NET_DRAIN_INTERVAL_MS: u64 = 100;
 /// One byte per port: non-zero means "do not track connections to or from this port".
@@ -54,13 +51,17 @@ pub mod counters {
     pub const RESETS_SENT: u32 = 3;
     /// Resets received.
     pub const RESETS_RECEIVED: u32 = 4;
-    /// Connections that could not be tracked (the map refused the insert).
+    /// Connections that could not be tracked (the connection map was full).
     pub const TRACK_FAILED: u32 = 5;
     pub const COUNT: u32 = 6;
 }
 
 /// [`NetConfig::flags`]: the socket's cgroup can be read (`sk_cgrp_data.cgroup->kn->id`).
 pub const NET_HAVE_SK_CGROUP: u32 = 1;
+/// [`NetConfig::flags`]: `sock_common` starts with the v4 destination and source addresses,
+/// the hash, the destination and local ports and the family (offsets 0, 4, 8, 12, 14, 16),
+/// so one read of its first 18 bytes gets them all.
+pub const NET_FAST_TUPLE: u32 = 2;
 
 /// Byte offsets of kernel struct fields, from the running kernel's BTF. All `sk_*`/`skc_*`
 /// offsets are from the start of `struct sock`; `tp_*` from the start of `struct tcp_sock`
@@ -68,7 +69,7 @@ pub const NET_HAVE_SK_CGROUP: u32 = 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetOffsets {
-    pub sk_protocol: u32,
+    pub _reserved: u32,
     pub sk_err: u32,
     pub skc_family: u32,
     pub skc_daddr: u32,

@@ -4,9 +4,13 @@
 //! Nothing here runs per packet. State transitions happen a handful of times per connection;
 //! RTT and byte counts are read from the socket itself at those transitions and, for live
 //! connections, at most once per sample interval from `tcp_rcv_space_adjust` (which the
-//! receive path calls about once per RTT, not per segment). Each connection's state lives in
-//! an LRU hash keyed by the socket's address; every event carries byte and retransmit deltas
-//! since the previous one, so userspace only adds.
+//! receive path calls after reads that copied data). Each connection's state lives in a hash
+//! keyed by the socket's address; every event carries byte and retransmit deltas since the
+//! previous one, so userspace only adds.
+//!
+//! On these VMs every helper call costs tens of nanoseconds, so the programs count them:
+//! uninteresting transitions return before the first, the addresses come in one read, and the
+//! reader is woken once per batch of events.
 //!
 //! Kernel struct fields are read with `bpf_probe_read_kernel` at offsets that userspace
 //! resolved from the running kernel's BTF (see `agent_common::net::NetOffsets`).
@@ -17,8 +21,8 @@ agent_ebpf::license!();
 
 use agent_common::{
     net::{
-        counters, direction, kind, NetConfig, NetEvent, MAX_TRACKED_CONNS, NET_HAVE_SK_CGROUP,
-        NET_RINGBUF_BYTES, NET_WAKEUP_BYTES, PORT_SLOTS,
+        counters, direction, kind, NetConfig, NetEvent, MAX_TRACKED_CONNS, NET_FAST_TUPLE,
+        NET_HAVE_SK_CGROUP, NET_RINGBUF_BYTES, PORT_SLOTS,
     },
     TASK_COMM_LEN,
 };
@@ -28,7 +32,7 @@ use aya_ebpf::{
         bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{btf_tracepoint, map},
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
 
@@ -36,9 +40,15 @@ const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
 const TCP_SYN_RECV: i32 = 3;
 const TCP_CLOSE: i32 = 7;
-const IPPROTO_TCP: u16 = 6;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
+
+/// Conn::state
+const CONNECTING: u8 = 1;
+const ESTABLISHED: u8 = 2;
+
+/// Wake the reader every this many events per CPU (see `wakeup_flags`).
+const WAKEUP_EVERY: u32 = 64;
 
 /// The connection's addresses, kept from when they are complete: by the time a socket reaches
 /// CLOSE the kernel may already have released its local port (`skc_num` reads 0).
@@ -53,7 +63,7 @@ struct Tuple {
     _pad: u16,
 }
 
-/// What we remember about a live connection.
+/// What we remember about a connection, in the socket's own storage.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Conn {
@@ -67,15 +77,18 @@ struct Conn {
     comm: [u8; TASK_COMM_LEN],
     tuple: Tuple,
     direction: u8,
-    established: u8,
+    state: u8,
     _pad: [u8; 6],
 }
 
 #[map]
 static NET_CONFIG: Array<NetConfig> = Array::with_max_entries(1, 0);
 
+/// Connections being tracked, by socket address. A plain (preallocated) hash: an LRU would
+/// evict live connections silently, and socket storage, measured here, costs more per
+/// connection (an allocation per socket). Full means new connections go untracked, counted.
 #[map]
-static NET_CONNS: LruHashMap<u64, Conn> = LruHashMap::with_max_entries(MAX_TRACKED_CONNS, 0);
+static NET_CONNS: HashMap<u64, Conn> = HashMap::with_max_entries(MAX_TRACKED_CONNS, 0);
 
 #[map]
 static NET_EVENTS: RingBuf = RingBuf::with_byte_size(NET_RINGBUF_BYTES, 0);
@@ -85,6 +98,10 @@ static NET_IGNORE_PORTS: Array<u8> = Array::with_max_entries(PORT_SLOTS, 0);
 
 #[map]
 static NET_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
+
+/// Events written on each CPU since it last woke the reader.
+#[map]
+static NET_PENDING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn isa_net_state(ctx: BtfTracePointContext) -> i32 {
@@ -140,8 +157,9 @@ fn read<T: Default>(base: *const u8, off: u32) -> T {
 }
 
 #[inline(always)]
-fn config() -> Option<&'static NetConfig> {
-    NET_CONFIG.get(0)
+fn now_ns() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_ktime_get_ns() }
 }
 
 #[inline(always)]
@@ -149,62 +167,74 @@ fn ignored(port: u16) -> bool {
     matches!(NET_IGNORE_PORTS.get(port as u32), Some(v) if *v != 0)
 }
 
+/// The connection state of a socket we track, if we do.
+#[inline(always)]
+fn tracked(sk: *const u8) -> Option<&'static mut Conn> {
+    let c = NET_CONNS.get_ptr_mut(sk as u64)?;
+    // SAFETY: a value of our own map, valid for this program run.
+    Some(unsafe { &mut *c })
+}
+
+#[inline(always)]
+fn untrack(sk: *const u8) {
+    let _ = NET_CONNS.remove(sk as u64);
+}
+
+// Only TCP reaches SYN_SENT and SYN_RECV (SCTP shares the tracepoint but has neither state), so
+// starting to track needs no protocol check, and every later transition finds the socket in
+// our map or ignores it.
 #[inline(always)]
 fn on_state(sk: *const u8, old: i32, new: i32) {
-    let Some(cfg) = config() else { return };
-    let o = &cfg.offsets;
-    if read::<u16>(sk, o.sk_protocol) != IPPROTO_TCP {
+    // Six of a connection's ten or so transitions (FIN_WAIT*, CLOSE_WAIT, LAST_ACK, TIME_WAIT,
+    // LISTEN -> SYN_RECV) need nothing: decide on the states alone, before any helper call.
+    let wanted = new == TCP_SYN_SENT
+        || old == TCP_SYN_SENT
+        || new == TCP_CLOSE
+        || (old == TCP_SYN_RECV && new == TCP_ESTABLISHED);
+    if !wanted {
         return;
     }
-    let key = sk as u64;
+    let Some(cfg) = NET_CONFIG.get(0) else {
+        return;
+    };
     if new == TCP_SYN_SENT {
         // connect(): process context, so the current task is the one connecting.
         start(sk, cfg, direction::OUTBOUND, true);
     } else if old == TCP_SYN_SENT {
         // ESTABLISHED: connected; CLOSE: failed. (SYN_RECV, a simultaneous open, goes on to
-        // ESTABLISHED from there and is not timed.)
-        let Some(c) = NET_CONNS.get_ptr_mut(key) else {
-            return;
-        };
-        let now = now_ns();
-        // SAFETY: a value of our own map, valid for this program run.
-        let c = unsafe { &mut *c };
+        // ESTABLISHED from there.)
+        let Some(c) = tracked(sk) else { return };
         if new == TCP_ESTABLISHED {
-            connected(sk, cfg, c, now);
+            connected(sk, cfg, c, now_ns());
         } else if new == TCP_CLOSE {
-            let err: i32 = read(sk, o.sk_err);
+            let now = now_ns();
+            let err: i32 = read(sk, cfg.offsets.sk_err);
             let elapsed = now.saturating_sub(c.start_ns);
-            emit(sk, cfg, c, kind::CONNECT_FAILED, elapsed, err);
-            let _ = NET_CONNS.remove(key);
+            emit(sk, cfg, c, kind::CONNECT_FAILED, now, elapsed, err);
+            untrack(sk);
         }
     } else if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
-        if let Some(c) = NET_CONNS.get_ptr_mut(key) {
+        if let Some(c) = tracked(sk) {
             // A simultaneous open: our own connect, through SYN_RECV.
-            // SAFETY: a value of our own map, valid for this program run.
-            let c = unsafe { &mut *c };
-            if c.established == 0 {
+            if c.state == CONNECTING {
                 connected(sk, cfg, c, now_ns());
             }
             return;
         }
         // The child socket of a listener completed its handshake (softirq context).
         if let Some(c) = start(sk, cfg, direction::INBOUND, false) {
-            // SAFETY: a value of our own map, valid for this program run.
-            let c = unsafe { &mut *c };
-            c.established = 1;
-            emit(sk, cfg, c, kind::ACCEPT, 0, 0);
+            c.state = ESTABLISHED;
+            let now = c.start_ns;
+            emit(sk, cfg, c, kind::ACCEPT, now, 0, 0);
         }
     } else if new == TCP_CLOSE {
-        let Some(c) = NET_CONNS.get_ptr_mut(key) else {
-            return;
-        };
-        // SAFETY: a value of our own map, valid for this program run.
-        let c = unsafe { &mut *c };
-        if c.established != 0 {
-            let lifetime = now_ns().saturating_sub(c.start_ns);
-            emit(sk, cfg, c, kind::CLOSE, lifetime, 0);
+        let Some(c) = tracked(sk) else { return };
+        if c.state == ESTABLISHED {
+            let now = now_ns();
+            let lifetime = now.saturating_sub(c.start_ns);
+            emit(sk, cfg, c, kind::CLOSE, now, lifetime, 0);
         }
-        let _ = NET_CONNS.remove(key);
+        untrack(sk);
     }
 }
 
@@ -215,49 +245,58 @@ fn connected(sk: *const u8, cfg: &NetConfig, c: &mut Conn, now: u64) {
     // connect() enters SYN_SENT before it picks the local port: read the addresses again.
     c.tuple = read_tuple(sk, cfg);
     c.start_ns = now;
-    c.established = 1;
+    c.state = ESTABLISHED;
     c.last_sample_ns = now;
-    emit(sk, cfg, c, kind::CONNECT, elapsed, 0);
+    emit(sk, cfg, c, kind::CONNECT, now, elapsed, 0);
 }
 
 /// Starts tracking a connection (unless one of its ports is ignored).
 #[inline(always)]
-fn start(sk: *const u8, cfg: &NetConfig, dir: u8, process_context: bool) -> Option<*mut Conn> {
+fn start(
+    sk: *const u8,
+    cfg: &NetConfig,
+    dir: u8,
+    process_context: bool,
+) -> Option<&'static mut Conn> {
     let tuple = read_tuple(sk, cfg);
     if ignored(tuple.sport) || ignored(tuple.dport) {
         return None;
     }
-    let mut cgroup_id = sock_cgroup(sk, cfg);
-    let (mut pid, mut comm) = (0u32, [0u8; TASK_COMM_LEN]);
-    if process_context {
-        pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        comm = bpf_get_current_comm().unwrap_or_default();
-        if cgroup_id == 0 {
-            // SAFETY: no preconditions.
-            cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-        }
-    }
-    let now = now_ns();
-    let conn = Conn {
-        start_ns: now,
-        last_sample_ns: now,
-        cgroup_id,
+    let fresh = Conn {
+        start_ns: 0,
+        last_sample_ns: 0,
+        cgroup_id: 0,
         bytes_acked: 0,
         bytes_received: 0,
-        pid,
+        pid: 0,
         total_retrans: 0,
-        comm,
+        comm: [0; TASK_COMM_LEN],
         tuple,
         direction: dir,
-        established: 0,
+        state: CONNECTING,
         _pad: [0; 6],
     };
-    let key = sk as u64;
-    if NET_CONNS.insert(key, conn, 0).is_err() {
+    if NET_CONNS.insert(sk as u64, fresh, 0).is_err() {
         bump(counters::TRACK_FAILED);
         return None;
     }
-    NET_CONNS.get_ptr_mut(key)
+    let c = tracked(sk)?;
+    // In process context the task is the socket's user: its cgroup is one helper call away.
+    // In softirq, the socket's own cgroup (three dependent reads) names the owner.
+    if process_context {
+        // SAFETY: no preconditions.
+        c.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        c.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        c.comm = bpf_get_current_comm().unwrap_or_default();
+    } else {
+        c.cgroup_id = sock_cgroup(sk, cfg);
+        c.pid = 0;
+        c.comm = [0; TASK_COMM_LEN];
+    }
+    let now = now_ns();
+    c.start_ns = now;
+    c.last_sample_ns = now;
+    Some(c)
 }
 
 /// The cgroup (v2) the socket was created in: `sk->sk_cgrp_data.cgroup->kn->id`.
@@ -282,27 +321,19 @@ fn sock_cgroup(sk: *const u8, cfg: &NetConfig) -> u64 {
 /// (retransmits are always reported: they are what the user is looking for).
 #[inline(always)]
 fn sample(sk: *const u8, what: u8, always: bool) {
-    let Some(c) = NET_CONNS.get_ptr_mut(sk as u64) else {
-        return;
-    };
-    // SAFETY: a value of our own map, valid for this program run.
-    let c = unsafe { &mut *c };
-    if c.established == 0 {
+    let Some(c) = tracked(sk) else { return };
+    if c.state != ESTABLISHED {
         return;
     }
-    let Some(cfg) = config() else { return };
+    let Some(cfg) = NET_CONFIG.get(0) else {
+        return;
+    };
     let now = now_ns();
     if !always && now.saturating_sub(c.last_sample_ns) < cfg.sample_interval_ns {
         return;
     }
     c.last_sample_ns = now;
-    emit(sk, cfg, c, what, 0, 0);
-}
-
-#[inline(always)]
-fn now_ns() -> u64 {
-    // SAFETY: no preconditions.
-    unsafe { bpf_ktime_get_ns() }
+    emit(sk, cfg, c, what, now, 0, 0);
 }
 
 /// Wake the reader only once a batch has built up: a wakeup per event would cost more than the
@@ -310,64 +341,107 @@ fn now_ns() -> u64 {
 /// the ring on a short timer, so a trickle of events is never stranded.
 #[inline(always)]
 fn wakeup_flags() -> u64 {
-    const BPF_RB_AVAIL_DATA: u64 = 0;
     const BPF_RB_NO_WAKEUP: u64 = 1;
     const BPF_RB_FORCE_WAKEUP: u64 = 2;
-    if NET_EVENTS.query(BPF_RB_AVAIL_DATA) >= NET_WAKEUP_BYTES as u64 {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
+    let Some(n) = NET_PENDING.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU slot; programs do not preempt each other on one CPU.
+    unsafe {
+        *n += 1;
+        if *n >= WAKEUP_EVERY {
+            *n = 0;
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        }
     }
 }
 
+/// The socket's addresses and ports. Where the kernel lays out `sock_common` as it has for
+/// years (v4 addresses, hash, ports, family in its first 18 bytes: userspace checks the BTF and
+/// sets NET_FAST_TUPLE), one read fetches them all.
 #[inline(always)]
 fn read_tuple(sk: *const u8, cfg: &NetConfig) -> Tuple {
     let o = &cfg.offsets;
-    let family: u16 = read(sk, o.skc_family);
     let mut t = Tuple {
         saddr: [0; 16],
         daddr: [0; 16],
-        sport: read(sk, o.skc_num),
-        dport: u16::from_be(read::<u16>(sk, o.skc_dport)),
-        family,
+        sport: 0,
+        dport: 0,
+        family: 0,
         _pad: 0,
     };
-    if family == AF_INET6 {
+    if cfg.flags & NET_FAST_TUPLE != 0 {
+        let head: [u8; 18] = read(sk, 0);
+        t.daddr[..4].copy_from_slice(&head[0..4]);
+        t.saddr[..4].copy_from_slice(&head[4..8]);
+        t.dport = u16::from_be_bytes([head[12], head[13]]);
+        t.sport = u16::from_ne_bytes([head[14], head[15]]);
+        t.family = u16::from_ne_bytes([head[16], head[17]]);
+    } else {
+        t.family = read(sk, o.skc_family);
+        t.sport = read(sk, o.skc_num);
+        t.dport = u16::from_be(read::<u16>(sk, o.skc_dport));
+        if t.family == AF_INET {
+            let s: [u8; 4] = read(sk, o.skc_rcv_saddr);
+            let d: [u8; 4] = read(sk, o.skc_daddr);
+            t.saddr[..4].copy_from_slice(&s);
+            t.daddr[..4].copy_from_slice(&d);
+        }
+    }
+    if t.family == AF_INET6 {
         t.saddr = read(sk, o.skc_v6_rcv_saddr);
         t.daddr = read(sk, o.skc_v6_daddr);
-    } else if family == AF_INET {
-        let s: [u8; 4] = read(sk, o.skc_rcv_saddr);
-        let d: [u8; 4] = read(sk, o.skc_daddr);
-        t.saddr[..4].copy_from_slice(&s);
-        t.daddr[..4].copy_from_slice(&d);
+    } else if t.family != AF_INET {
+        t.saddr = [0; 16];
+        t.daddr = [0; 16];
     }
     t
 }
 
-/// Writes one event for `c`, with counters read from the socket now and deltas against what
-/// the previous event of this connection reported.
+/// Writes one event for `c`. Events after the first carry byte and retransmit deltas, read
+/// from the socket now, against what the previous event of this connection reported (the
+/// handshake events skip those reads: nothing has flowed yet).
 #[inline(always)]
-fn emit(sk: *const u8, cfg: &NetConfig, c: &mut Conn, what: u8, duration_ns: u64, error: i32) {
+fn emit(
+    sk: *const u8,
+    cfg: &NetConfig,
+    c: &mut Conn,
+    what: u8,
+    now: u64,
+    duration_ns: u64,
+    error: i32,
+) {
     let Some(mut entry) = NET_EVENTS.reserve::<NetEvent>(0) else {
         bump(counters::DROPS);
         return;
     };
     let o = &cfg.offsets;
-    let acked: u64 = read(sk, o.tp_bytes_acked);
-    let received: u64 = read(sk, o.tp_bytes_received);
-    let retrans: u32 = read(sk, o.tp_total_retrans);
+    let (mut sent, mut received, mut retransmits) = (0, 0, 0);
+    if what != kind::CONNECT && what != kind::ACCEPT {
+        let acked: u64 = read(sk, o.tp_bytes_acked);
+        let rcvd: u64 = read(sk, o.tp_bytes_received);
+        let retrans: u32 = read(sk, o.tp_total_retrans);
+        sent = acked.saturating_sub(c.bytes_acked);
+        received = rcvd.saturating_sub(c.bytes_received);
+        retransmits = retrans.saturating_sub(c.total_retrans);
+        c.bytes_acked = acked;
+        c.bytes_received = rcvd;
+        c.total_retrans = retrans;
+    }
     let ev = NetEvent {
-        ts_ns: now_ns(),
+        ts_ns: now,
         sock: sk as u64,
         cgroup_id: c.cgroup_id,
         duration_ns,
-        bytes_sent: acked.saturating_sub(c.bytes_acked),
-        bytes_received: received.saturating_sub(c.bytes_received),
+        bytes_sent: sent,
+        bytes_received: received,
         saddr: c.tuple.saddr,
         daddr: c.tuple.daddr,
         pid: c.pid,
         srtt_us: read::<u32>(sk, o.tp_srtt_us) >> 3,
-        retransmits: retrans.saturating_sub(c.total_retrans),
+        retransmits,
         error,
         sport: c.tuple.sport,
         dport: c.tuple.dport,
@@ -376,9 +450,6 @@ fn emit(sk: *const u8, cfg: &NetConfig, c: &mut Conn, what: u8, duration_ns: u64
         direction: c.direction,
         comm: c.comm,
     };
-    c.bytes_acked = acked;
-    c.bytes_received = received;
-    c.total_retrans = retrans;
     entry.write(ev);
     entry.submit(wakeup_flags());
     bump(counters::EVENTS);

@@ -3,7 +3,8 @@
 use std::collections::BTreeSet;
 
 use agent_common::net::{
-    counters, NetConfig as KernelNetConfig, NetOffsets, NET_HAVE_SK_CGROUP, PORT_SLOTS,
+    counters, NetConfig as KernelNetConfig, NetOffsets, NET_FAST_TUPLE, NET_HAVE_SK_CGROUP,
+    PORT_SLOTS,
 };
 use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
@@ -76,7 +77,9 @@ impl NetProbe {
     pub fn attach(cfg: &NetConfig) -> Result<(Self, Vec<String>), NetProbeError> {
         let kbtf = KernelBtf::from_sys_fs()?;
         let (offsets, flags, mut problems) = resolve_offsets(&kbtf)?;
-        let mut ebpf = aya::EbpfLoader::new().load(super::NET_OBJECT)?;
+        let mut ebpf = aya::EbpfLoader::new()
+            .allow_unsupported_maps()
+            .load(super::NET_OBJECT)?;
         let mut probe = Self {
             config: super::take_map(&mut ebpf, "NET_CONFIG", Array::try_from)?,
             ignore_ports: super::take_map(&mut ebpf, "NET_IGNORE_PORTS", Array::try_from)?,
@@ -185,7 +188,7 @@ fn resolve_offsets(btf: &KernelBtf) -> Result<(NetOffsets, u32, Vec<String>), Bt
     let sock = |path: &str| btf.field("sock", path).map(|f| f.offset);
     let tcp = |path: &str| btf.field("tcp_sock", path).map(|f| f.offset);
     let offsets = NetOffsets {
-        sk_protocol: sock("sk_protocol")?,
+        _reserved: 0,
         sk_err: sock("sk_err")?,
         skc_family: sock("__sk_common.skc_family")?,
         skc_daddr: sock("__sk_common.skc_daddr")?,
@@ -204,6 +207,17 @@ fn resolve_offsets(btf: &KernelBtf) -> Result<(NetOffsets, u32, Vec<String>), Bt
     };
     let mut offsets = offsets;
     let mut flags = 0;
+    let o = &offsets;
+    if (
+        o.skc_daddr,
+        o.skc_rcv_saddr,
+        o.skc_dport,
+        o.skc_num,
+        o.skc_family,
+    ) == (0, 4, 12, 14, 16)
+    {
+        flags |= NET_FAST_TUPLE;
+    }
     let mut problems = Vec::new();
     let cgroup = (|| -> Result<(u32, u32, u32), BtfError> {
         Ok((
