@@ -24,11 +24,44 @@ pub enum Which {
         #[arg(long, default_value_t = 5)]
         rounds: u32,
     },
+    /// Loopback connections per second and bulk throughput without the agent, with it and
+    /// with a bpftrace connection tracer, interleaved over several rounds.
+    Net {
+        /// Rounds of [baseline, agent, bpftrace]; one closing baseline follows the last.
+        #[arg(long, default_value_t = 8)]
+        rounds: u32,
+        /// Seconds of the connect/accept/close loop per run.
+        #[arg(long, default_value_t = 2.0)]
+        conn_secs: f64,
+        /// Seconds of the bulk transfer per run (after 0.25 s untimed on the same connection).
+        #[arg(long, default_value_t = 1.0)]
+        bulk_secs: f64,
+        /// Start the agent with `[syscalls] enabled = false`, to see the network probe's cost
+        /// without the syscall probe's (which also hooks every connect, accept and close).
+        #[arg(long)]
+        no_syscalls_probe: bool,
+        /// Pin the client and the server to different CPUs (default: both to the last one).
+        #[arg(long)]
+        split_cpus: bool,
+    },
 }
 
 pub fn run(which: Which) -> Result<()> {
     match which {
         Which::Syscalls { calls, rounds } => syscalls(calls, rounds),
+        Which::Net {
+            rounds,
+            conn_secs,
+            bulk_secs,
+            no_syscalls_probe,
+            split_cpus,
+        } => crate::bench_net::run(crate::bench_net::Opts {
+            rounds,
+            conn: Duration::from_secs_f64(conn_secs),
+            bulk: Duration::from_secs_f64(bulk_secs),
+            no_syscalls_probe,
+            split_cpus,
+        }),
     }
 }
 
@@ -49,12 +82,12 @@ fn getppid_loop(calls: u64, rounds: u32) -> f64 {
     samples.into_iter().fold(f64::INFINITY, f64::min)
 }
 
-struct Usage {
-    cpu_ticks: u64,
-    rss_kib: u64,
+pub(crate) struct Usage {
+    pub cpu_ticks: u64,
+    pub rss_kib: u64,
 }
 
-fn usage(pid: u32) -> Option<Usage> {
+pub(crate) fn usage(pid: u32) -> Option<Usage> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = after.split_whitespace().collect();
@@ -71,13 +104,22 @@ fn usage(pid: u32) -> Option<Usage> {
     Some(Usage { cpu_ticks, rss_kib })
 }
 
-struct Agent {
-    child: Child,
+/// The start of `Agent::check_running`'s error.
+pub(crate) const EXITED_DURING_RUN: &str = "insite-agent exited during the measurement";
+
+pub(crate) struct Agent {
+    pub child: Child,
     dir: PathBuf,
 }
 
 impl Agent {
-    fn start(attach: &str, extra: &str) -> Result<Self> {
+    pub fn start(attach: &str, extra: &str) -> Result<Self> {
+        Self::start_requiring(attach, extra, &[])
+    }
+
+    /// Like `start`, and also waits until each probe named in `probes` reports `attached`
+    /// (fails at once if one reports anything else but `disabled` while starting).
+    pub fn start_requiring(attach: &str, extra: &str, probes: &[&str]) -> Result<Self> {
         let dir =
             std::env::temp_dir().join(format!("insite-bench-{}-{attach}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
@@ -90,30 +132,49 @@ impl Agent {
                 sock.display()
             ),
         )?;
+        let log_path = dir.join("agent.log");
+        let log = std::fs::File::create(&log_path)?;
         let child = Command::new(agent_bin())
             .args(["run", "--config"])
             .arg(&cfg)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .context("starting insite-agent")?;
         let mut agent = Self { child, dir };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let ok = Command::new(agent_bin())
+            let status = Command::new(agent_bin())
                 .args(["status", "--json", "--control-socket"])
                 .arg(&sock)
                 .output()
-                .is_ok_and(|o| {
-                    o.status.success()
-                        && String::from_utf8_lossy(&o.stdout).contains("\"attached\"")
-                });
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            let mut problem = None;
+            let ok = status.as_deref().is_some_and(|s| {
+                s.contains("\"attached\"")
+                    && probes.iter().all(|p| match probe_state(s, p).as_deref() {
+                        Some("attached") => true,
+                        Some("disabled") | None => false,
+                        Some(other) => {
+                            problem = Some(format!("probe {p} is {other}: {s}"));
+                            false
+                        }
+                    })
+            });
             if ok {
                 break;
             }
-            if Instant::now() > deadline || agent.child.try_wait()?.is_some() {
+            let exited = agent.child.try_wait()?.is_some();
+            if problem.is_some() || exited || Instant::now() > deadline {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let config = std::fs::read_to_string(&cfg).unwrap_or_default();
                 agent.stop();
-                bail!("insite-agent did not become ready");
+                bail!(
+                    "insite-agent did not become ready{}\nconfig:\n{config}log:\n{log}",
+                    problem.map(|p| format!(" ({p})")).unwrap_or_default(),
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -121,11 +182,76 @@ impl Agent {
         Ok(agent)
     }
 
-    fn stop(&mut self) {
+    /// An error with the agent's log if it has exited (a run measured without it is void).
+    pub fn check_running(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            let log = std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default();
+            bail!("{EXITED_DURING_RUN} ({status}); log:\n{log}");
+        }
+        Ok(())
+    }
+
+    pub fn stop(&mut self) {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The `state` of probe `name` in `insite-agent status --json` output ("attached", "disabled",
+/// "failed", ...), without a JSON parser: the probe objects are flat, so the text between the
+/// braces around `"name": "<name>"` is that probe's object.
+fn probe_state(status_json: &str, name: &str) -> Option<String> {
+    let flat: String = status_json.split_whitespace().collect();
+    let at = flat.find(&format!("\"name\":\"{name}\""))?;
+    let start = flat[..at].rfind('{')?;
+    let end = at + flat[at..].find('}')?;
+    let obj = &flat[start..end];
+    let v = obj.split_once("\"state\":\"")?.1;
+    Some(v.split('"').next()?.to_string())
+}
+
+/// A bpftrace one-liner, started and waited for until its probes are live.
+pub(crate) struct Bpftrace {
+    child: Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Bpftrace {
+    pub fn start(prog: &str) -> Result<Self> {
+        let mut child = Command::new("bpftrace")
+            .args(["-e", prog])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting bpftrace (apt-get install bpftrace)")?;
+        let stdout = child.stdout.take().context("bpftrace stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        // bpftrace prints "Attaching N probes..." once its probes are live.
+        match lines.next() {
+            Some(Ok(l)) if l.contains("Attaching") => {}
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("bpftrace did not attach: {other:?}");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(Self { child, lines })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGINT (bpftrace prints its maps and exits); returns what it printed.
+    pub fn stop(mut self) -> String {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let out: Vec<String> = self.lines.by_ref().map_while(Result::ok).collect();
+        let _ = self.child.wait();
+        out.join("\n")
     }
 }
 
@@ -151,28 +277,9 @@ fn with_agent(attach: &str, extra: &str, calls: u64, rounds: u32) -> Result<(f64
 }
 
 fn with_bpftrace(calls: u64, rounds: u32) -> Result<f64> {
-    let mut child = Command::new("bpftrace")
-        .args(["-e", BPFTRACE_PROG])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting bpftrace (apt-get install bpftrace)")?;
-    let stdout = child.stdout.take().context("bpftrace stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    // bpftrace prints "Attaching N probes..." once its probes are live.
-    match lines.next() {
-        Some(Ok(l)) if l.contains("Attaching") => {}
-        other => {
-            let _ = child.kill();
-            bail!("bpftrace did not attach: {other:?}");
-        }
-    }
-    std::thread::sleep(Duration::from_millis(500));
+    let bt = Bpftrace::start(BPFTRACE_PROG)?;
     let ns = getppid_loop(calls, rounds);
-    // SAFETY: signalling our own child; SIGINT makes bpftrace print its maps and exit.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    let _ = child.wait();
+    bt.stop();
     Ok(ns)
 }
 

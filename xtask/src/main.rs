@@ -4,6 +4,7 @@
 //! `cargo xtask test` work on a clean clone (CI runs the latter as root).
 
 mod bench;
+mod bench_net;
 mod setup;
 mod util;
 
@@ -41,7 +42,7 @@ enum Cmd {
         #[arg(long)]
         no_lint: bool,
     },
-    /// Benchmarks (not tests): `cargo xtask bench syscalls`.
+    /// Benchmarks (not tests): `cargo xtask bench syscalls`, `cargo xtask bench net`.
     Bench {
         #[command(subcommand)]
         which: bench::Which,
