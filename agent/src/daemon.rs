@@ -106,6 +106,10 @@ async fn run_async(args: RunArgs, cfg: Config, source: ConfigSource) -> anyhow::
     probes::prepare_host();
     let syscall_probe = attach_syscalls(&cfg, &store);
     let net_probe = attach_net(&cfg, &store);
+    // Loading parsed the kernel's BTF (several MiB) twice; give that memory back rather than
+    // keep it in the allocator's free lists for the agent's lifetime.
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe { libc::malloc_trim(0) };
     if let Ok(mut st) = store.write() {
         st.set_probe(ProbeStatus {
             name: "host".into(),
