@@ -73,6 +73,20 @@ struct AgentRun {
     sample: Sample,
     cpu_pct: f64,
     rss_kib: u64,
+    /// Time the agent's network programs ran, per connection of the conn loop (from the
+    /// kernel's own BPF run-time statistics; NaN where they are unavailable).
+    bpf_ns_per_conn: f64,
+}
+
+/// Summed (run time ns, runs) of the loaded programs whose name starts with `prefix`, as the
+/// kernel counts them while run-time statistics are enabled.
+fn bpf_run_time(prefix: &str) -> (u64, u64) {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with(prefix)))
+        .fold((0, 0), |(t, n), p| {
+            (t + p.run_time().as_nanos() as u64, n + p.run_count())
+        })
 }
 
 struct BtRun {
@@ -235,8 +249,31 @@ fn foreign_tracers(ours: Option<u32>) -> Vec<String> {
 /// One run of the conn loop and, with `with_bulk`, the bulk transfer; `ours` is the tracer this
 /// bench started for it.
 fn measure(o: &Opts, ours: Option<u32>, with_bulk: bool) -> Result<Sample> {
+    measure_with_bpf(o, ours, with_bulk, None).map(|(s, _)| s)
+}
+
+/// `measure`, and with `bpf_prefix` the run time of those programs during the conn loop, per
+/// connection.
+fn measure_with_bpf(
+    o: &Opts,
+    ours: Option<u32>,
+    with_bulk: bool,
+    bpf_prefix: Option<&str>,
+) -> Result<(Sample, f64)> {
     let mut foreign = foreign_tracers(ours);
+    let bpf_before = bpf_prefix.map(bpf_run_time);
     let (conn_per_s, conns, conn_errors) = conn_loop(o.conn, cpus(o.split_cpus))?;
+    let bpf_ns_per_conn = match (bpf_prefix, bpf_before) {
+        (Some(p), Some((t0, _))) if conns > 0 => {
+            let (t1, _) = bpf_run_time(p);
+            if t1 > t0 {
+                (t1 - t0) as f64 / conns as f64
+            } else {
+                f64::NAN
+            }
+        }
+        _ => f64::NAN,
+    };
     let bulk_gbps = if with_bulk {
         bulk(o.bulk, cpus(o.split_cpus))?
     } else {
@@ -245,13 +282,16 @@ fn measure(o: &Opts, ours: Option<u32>, with_bulk: bool) -> Result<Sample> {
     foreign.extend(foreign_tracers(ours));
     foreign.sort();
     foreign.dedup();
-    Ok(Sample {
-        conn_per_s,
-        conns,
-        conn_errors,
-        bulk_gbps,
-        foreign,
-    })
+    Ok((
+        Sample {
+            conn_per_s,
+            conns,
+            conn_errors,
+            bulk_gbps,
+            foreign,
+        },
+        bpf_ns_per_conn,
+    ))
 }
 
 fn with_agent(o: &Opts, extra: &str) -> Result<AgentRun> {
@@ -259,8 +299,16 @@ fn with_agent(o: &Opts, extra: &str) -> Result<AgentRun> {
     let mut agent = Agent::start_requiring("auto", extra, required)?;
     let pid = agent.child.id();
     let before = usage(pid);
+    // Kernel run-time statistics while the fd is open (two clock reads per program run: a
+    // few percent of what they measure here).
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
     let t = Instant::now();
-    let sample = measure(o, Some(pid), true);
+    let measured = measure_with_bpf(o, Some(pid), true, Some("isa_net"));
+    drop(stats);
+    let (sample, bpf_ns_per_conn) = match measured {
+        Ok((s, b)) => (Ok(s), b),
+        Err(e) => (Err(e), f64::NAN),
+    };
     let wall = t.elapsed().as_secs_f64();
     let after = usage(pid);
     let running = agent.check_running();
@@ -280,6 +328,7 @@ fn with_agent(o: &Opts, extra: &str) -> Result<AgentRun> {
         sample,
         cpu_pct,
         rss_kib,
+        bpf_ns_per_conn,
     })
 }
 
@@ -469,8 +518,16 @@ pub fn run(o: Opts) -> Result<()> {
         "connect/accept/close loop, conn/s (ratio: vs. the mean of the baselines before and after)"
     );
     println!(
-        "  {:>5} {:>10} {:>10} {:>6} {:>10} {:>6} {:>9} {:>11}",
-        "round", "baseline", "agent", "ratio", "bpftrace", "ratio", "agent cpu", "agent rss"
+        "  {:>5} {:>10} {:>10} {:>6} {:>10} {:>6} {:>9} {:>11} {:>12}",
+        "round",
+        "baseline",
+        "agent",
+        "ratio",
+        "bpftrace",
+        "ratio",
+        "agent cpu",
+        "agent rss",
+        "bpf ns/conn"
     );
     let (mut agent_conn, mut bt_conn, mut agent_bulk) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..rounds {
@@ -479,13 +536,14 @@ pub fn run(o: Opts) -> Result<()> {
         agent_conn.push(a);
         bt_conn.push(b);
         println!(
-            "  {:>5} {:>10.0} {:>10.0} {a:>6.3} {:>10.0} {b:>6.3} {:>8.1}% {:>7} KiB{}",
+            "  {:>5} {:>10.0} {:>10.0} {a:>6.3} {:>10.0} {b:>6.3} {:>8.1}% {:>7} KiB {:>12.0}{}",
             r + 1,
             base[r].conn_per_s,
             agent[r].sample.conn_per_s,
             bt[r].sample.conn_per_s,
             agent[r].cpu_pct,
             agent[r].rss_kib,
+            agent[r].bpf_ns_per_conn,
             mark(r)
         );
     }
@@ -577,6 +635,16 @@ pub fn run(o: Opts) -> Result<()> {
     let traced: u64 = bt.iter().map(|b| b.traced).sum();
     let cpu = median(agent.iter().map(|a| a.cpu_pct).collect());
     let rss = agent.iter().map(|a| a.rss_kib).max().unwrap_or(0);
+    // The in-kernel share: BPF time per connection against the CPU time a connection takes
+    // without the agent (the loop is CPU-bound on one CPU: 1 / baseline conn/s). It has none
+    // of the throughput's VM noise.
+    let bpf_ns = median(agent.iter().map(|a| a.bpf_ns_per_conn).collect());
+    let base_ns = 1e9 / median(base.iter().map(|b| b.conn_per_s).collect());
+    println!(
+        "in-kernel cost: the network programs ran {bpf_ns:.0} ns per connection (median, \
+         kernel.bpf_stats), {:.2}% of the {base_ns:.0} ns a baseline connection takes",
+        bpf_ns / base_ns * 100.0
+    );
     println!(
         "checks: {errors} failed connects in all runs; bpftrace's histogram counted {traced} \
          connects (host-wide) while its runs made {made}; agent cpu {cpu:.1}% (median), \
