@@ -3,7 +3,7 @@
 //!
 //! Our kernel programs have no CO-RE relocations (Rust BPF has no `preserve_access_index`), so
 //! userspace resolves the offsets of the few `struct sock`/`tcp_sock` fields we need from the
-//! running kernel's BTF and hands them over in [`NetConfig`].
+//! running kernel's BTF and hands them over in [`NetOffsets`].
 
 use crate::TASK_COMM_LEN;
 
@@ -56,20 +56,17 @@ pub mod counters {
     pub const COUNT: u32 = 6;
 }
 
-/// [`NetConfig::flags`]: the socket's cgroup can be read (`sk_cgrp_data.cgroup->kn->id`).
+/// [`NetOffsets::flags`]: the socket's cgroup can be read (`sk_cgrp_data.cgroup->kn->id`).
 pub const NET_HAVE_SK_CGROUP: u32 = 1;
-/// [`NetConfig::flags`]: `sock_common` starts with the v4 destination and source addresses,
-/// the hash, the destination and local ports and the family (offsets 0, 4, 8, 12, 14, 16),
-/// so one read of its first 18 bytes gets them all.
-pub const NET_FAST_TUPLE: u32 = 2;
 
-/// Byte offsets of kernel struct fields, from the running kernel's BTF. All `sk_*`/`skc_*`
-/// offsets are from the start of `struct sock`; `tp_*` from the start of `struct tcp_sock`
-/// (the same pointer).
+/// Byte offsets of kernel struct fields, from the running kernel's BTF, handed to the programs
+/// as the read-only global `NET_OFFSETS`. All `sk_*`/`skc_*` offsets are from the start of
+/// `struct sock`; `tp_*` from the start of `struct tcp_sock` (the same pointer).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetOffsets {
-    pub _reserved: u32,
+    /// NET_HAVE_SK_CGROUP when the socket-cgroup chain below was found.
+    pub flags: u32,
     pub sk_err: u32,
     pub skc_family: u32,
     pub skc_daddr: u32,
@@ -90,14 +87,12 @@ pub struct NetOffsets {
     pub kn_id: u32,
 }
 
+/// Settings userspace may change while the probe runs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetConfig {
     /// A live connection is sampled (RTT, bytes) at most this often.
     pub sample_interval_ns: u64,
-    pub offsets: NetOffsets,
-    pub flags: u32,
-    pub _reserved: u32,
 }
 
 /// One connection event. Addresses are as on the wire (network byte order); IPv4 addresses
@@ -139,12 +134,13 @@ pub struct NetEvent {
 }
 
 const _: () = assert!(core::mem::size_of::<NetOffsets>() == 16 * 4);
-const _: () = assert!(core::mem::size_of::<NetConfig>() == 8 + 16 * 4 + 8);
+const _: () = assert!(core::mem::size_of::<NetConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<NetEvent>() == 6 * 8 + 32 + 4 * 4 + 4 * 2 + 16);
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain repr(C) data without padding (sizes asserted above).
     unsafe impl aya::Pod for super::NetConfig {}
+    unsafe impl aya::Pod for super::NetOffsets {}
     unsafe impl aya::Pod for super::NetEvent {}
 }

@@ -8,12 +8,14 @@
 //! keyed by the socket's address; every event carries byte and retransmit deltas since the
 //! previous one, so userspace only adds.
 //!
-//! On these VMs every helper call costs tens of nanoseconds, so the programs count them:
-//! uninteresting transitions return before the first, the addresses come in one read, and the
-//! reader is woken once per batch of events.
+//! On these VMs a helper call costs a hundred nanoseconds or more, so the programs count them:
+//! uninteresting transitions return before the first, fields are plain loads, and the reader
+//! is woken once per batch of events.
 //!
-//! Kernel struct fields are read with `bpf_probe_read_kernel` at offsets that userspace
-//! resolved from the running kernel's BTF (see `agent_common::net::NetOffsets`).
+//! Kernel struct fields are read with plain loads at offsets that userspace resolved from the
+//! running kernel's BTF and set as the read-only global `NET_OFFSETS` (see
+//! `agent_common::net::NetOffsets`): the verifier knows their values, checks every load against
+//! the BTF, and makes it fault-tolerant. No helper call per field.
 #![no_std]
 #![no_main]
 
@@ -21,7 +23,7 @@ agent_ebpf::license!();
 
 use agent_common::{
     net::{
-        counters, direction, kind, NetConfig, NetEvent, MAX_TRACKED_CONNS, NET_FAST_TUPLE,
+        counters, direction, kind, NetConfig, NetEvent, NetOffsets, MAX_TRACKED_CONNS,
         NET_HAVE_SK_CGROUP, NET_RINGBUF_BYTES, PORT_SLOTS,
     },
     TASK_COMM_LEN,
@@ -29,7 +31,7 @@ use agent_common::{
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_ktime_get_ns, generated::bpf_skc_to_tcp_sock,
     },
     macros::{btf_tracepoint, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -83,6 +85,35 @@ struct Conn {
 
 #[map]
 static NET_CONFIG: Array<NetConfig> = Array::with_max_entries(1, 0);
+
+/// Field offsets, set by userspace at load from the kernel's BTF. A read-only global: the
+/// verifier knows its value, so `sk + offset` is a typed pointer with a known offset and a
+/// field read is one inlined load it checks against the BTF, not a helper call.
+#[unsafe(no_mangle)]
+static NET_OFFSETS: NetOffsets = NetOffsets {
+    flags: 0,
+    sk_err: 0,
+    skc_family: 0,
+    skc_daddr: 0,
+    skc_rcv_saddr: 0,
+    skc_dport: 0,
+    skc_num: 0,
+    skc_v6_daddr: 0,
+    skc_v6_rcv_saddr: 0,
+    tp_srtt_us: 0,
+    tp_bytes_acked: 0,
+    tp_bytes_received: 0,
+    tp_total_retrans: 0,
+    sk_cgroup: 0,
+    cgroup_kn: 0,
+    kn_id: 0,
+};
+
+#[inline(always)]
+fn offsets() -> NetOffsets {
+    // SAFETY: a static of our own; volatile so the compiler does not fold the zero placeholder.
+    unsafe { core::ptr::read_volatile(&NET_OFFSETS) }
+}
 
 /// Connections being tracked, by socket address. A plain (preallocated) hash: an LRU would
 /// evict live connections silently, and socket storage, measured here, costs more per
@@ -148,12 +179,13 @@ fn bump(counter: u32) {
     }
 }
 
-/// Reads a `T` at `base + off` from kernel memory (zero if unreadable).
+/// Reads a `T` at `base + off`, where `base` is a BTF-typed kernel pointer the program was
+/// given (or loaded from one) and `off` a known constant: the verifier turns it into a
+/// fault-tolerant load (a bad address reads as zero).
 #[inline(always)]
-fn read<T: Default>(base: *const u8, off: u32) -> T {
-    // SAFETY: bpf_probe_read_kernel checks the address; a bad one yields an error, not a fault.
-    unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize).cast::<T>()) }
-        .unwrap_or_default()
+fn load<T: Copy>(base: *const u8, off: u32) -> T {
+    // SAFETY: see above: the verifier checks the access against the type's BTF.
+    unsafe { core::ptr::read_volatile(base.wrapping_add(off as usize).cast::<T>()) }
 }
 
 #[inline(always)]
@@ -194,45 +226,42 @@ fn on_state(sk: *const u8, old: i32, new: i32) {
     if !wanted {
         return;
     }
-    let Some(cfg) = NET_CONFIG.get(0) else {
-        return;
-    };
     if new == TCP_SYN_SENT {
         // connect(): process context, so the current task is the one connecting.
-        start(sk, cfg, direction::OUTBOUND, true);
+        start(sk, direction::OUTBOUND, true);
     } else if old == TCP_SYN_SENT {
         // ESTABLISHED: connected; CLOSE: failed. (SYN_RECV, a simultaneous open, goes on to
         // ESTABLISHED from there.)
         let Some(c) = tracked(sk) else { return };
         if new == TCP_ESTABLISHED {
-            connected(sk, cfg, c, now_ns());
+            connected(sk, c, now_ns());
         } else if new == TCP_CLOSE {
             let now = now_ns();
-            let err: i32 = read(sk, cfg.offsets.sk_err);
+            let err: i32 = load(sk, offsets().sk_err);
             let elapsed = now.saturating_sub(c.start_ns);
-            emit(sk, cfg, c, kind::CONNECT_FAILED, now, elapsed, err);
+            emit(sk, c, kind::CONNECT_FAILED, now, elapsed, err);
             untrack(sk);
         }
     } else if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
         if let Some(c) = tracked(sk) {
             // A simultaneous open: our own connect, through SYN_RECV.
             if c.state == CONNECTING {
-                connected(sk, cfg, c, now_ns());
+                connected(sk, c, now_ns());
             }
             return;
         }
         // The child socket of a listener completed its handshake (softirq context).
-        if let Some(c) = start(sk, cfg, direction::INBOUND, false) {
+        if let Some(c) = start(sk, direction::INBOUND, false) {
             c.state = ESTABLISHED;
             let now = c.start_ns;
-            emit(sk, cfg, c, kind::ACCEPT, now, 0, 0);
+            emit(sk, c, kind::ACCEPT, now, 0, 0);
         }
     } else if new == TCP_CLOSE {
         let Some(c) = tracked(sk) else { return };
         if c.state == ESTABLISHED {
             let now = now_ns();
             let lifetime = now.saturating_sub(c.start_ns);
-            emit(sk, cfg, c, kind::CLOSE, now, lifetime, 0);
+            emit(sk, c, kind::CLOSE, now, lifetime, 0);
         }
         untrack(sk);
     }
@@ -240,25 +269,20 @@ fn on_state(sk: *const u8, old: i32, new: i32) {
 
 /// An outbound connect completed: time it, and from now on time the connection's life.
 #[inline(always)]
-fn connected(sk: *const u8, cfg: &NetConfig, c: &mut Conn, now: u64) {
+fn connected(sk: *const u8, c: &mut Conn, now: u64) {
     let elapsed = now.saturating_sub(c.start_ns);
     // connect() enters SYN_SENT before it picks the local port: read the addresses again.
-    c.tuple = read_tuple(sk, cfg);
+    c.tuple = read_tuple(sk);
     c.start_ns = now;
     c.state = ESTABLISHED;
     c.last_sample_ns = now;
-    emit(sk, cfg, c, kind::CONNECT, now, elapsed, 0);
+    emit(sk, c, kind::CONNECT, now, elapsed, 0);
 }
 
 /// Starts tracking a connection (unless one of its ports is ignored).
 #[inline(always)]
-fn start(
-    sk: *const u8,
-    cfg: &NetConfig,
-    dir: u8,
-    process_context: bool,
-) -> Option<&'static mut Conn> {
-    let tuple = read_tuple(sk, cfg);
+fn start(sk: *const u8, dir: u8, process_context: bool) -> Option<&'static mut Conn> {
+    let tuple = read_tuple(sk);
     if ignored(tuple.sport) || ignored(tuple.dport) {
         return None;
     }
@@ -289,7 +313,7 @@ fn start(
         c.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
         c.comm = bpf_get_current_comm().unwrap_or_default();
     } else {
-        c.cgroup_id = sock_cgroup(sk, cfg);
+        c.cgroup_id = sock_cgroup(sk);
         c.pid = 0;
         c.comm = [0; TASK_COMM_LEN];
     }
@@ -301,20 +325,20 @@ fn start(
 
 /// The cgroup (v2) the socket was created in: `sk->sk_cgrp_data.cgroup->kn->id`.
 #[inline(always)]
-fn sock_cgroup(sk: *const u8, cfg: &NetConfig) -> u64 {
-    if cfg.flags & NET_HAVE_SK_CGROUP == 0 {
+fn sock_cgroup(sk: *const u8) -> u64 {
+    let o = offsets();
+    if o.flags & NET_HAVE_SK_CGROUP == 0 {
         return 0;
     }
-    let o = &cfg.offsets;
-    let cgrp: *const u8 = read::<u64>(sk, o.sk_cgroup) as *const u8;
+    let cgrp = load::<u64>(sk, o.sk_cgroup) as *const u8;
     if cgrp.is_null() {
         return 0;
     }
-    let kn: *const u8 = read::<u64>(cgrp, o.cgroup_kn) as *const u8;
+    let kn = load::<u64>(cgrp, o.cgroup_kn) as *const u8;
     if kn.is_null() {
         return 0;
     }
-    read(kn, o.kn_id)
+    load(kn, o.kn_id)
 }
 
 /// A live-connection sample or a retransmit: RTT and byte deltas, rate-limited per connection
@@ -333,7 +357,7 @@ fn sample(sk: *const u8, what: u8, always: bool) {
         return;
     }
     c.last_sample_ns = now;
-    emit(sk, cfg, c, what, now, 0, 0);
+    emit(sk, c, what, now, 0, 0);
 }
 
 /// Wake the reader only once a batch has built up: a wakeup per event would cost more than the
@@ -358,77 +382,71 @@ fn wakeup_flags() -> u64 {
     }
 }
 
-/// The socket's addresses and ports. Where the kernel lays out `sock_common` as it has for
-/// years (v4 addresses, hash, ports, family in its first 18 bytes: userspace checks the BTF and
-/// sets NET_FAST_TUPLE), one read fetches them all.
+/// The socket's addresses and ports.
 #[inline(always)]
-fn read_tuple(sk: *const u8, cfg: &NetConfig) -> Tuple {
-    let o = &cfg.offsets;
+fn read_tuple(sk: *const u8) -> Tuple {
+    let o = offsets();
     let mut t = Tuple {
         saddr: [0; 16],
         daddr: [0; 16],
-        sport: 0,
-        dport: 0,
-        family: 0,
+        sport: load(sk, o.skc_num),
+        dport: u16::from_be(load::<u16>(sk, o.skc_dport)),
+        family: load(sk, o.skc_family),
         _pad: 0,
     };
-    if cfg.flags & NET_FAST_TUPLE != 0 {
-        let head: [u8; 18] = read(sk, 0);
-        t.daddr[..4].copy_from_slice(&head[0..4]);
-        t.saddr[..4].copy_from_slice(&head[4..8]);
-        t.dport = u16::from_be_bytes([head[12], head[13]]);
-        t.sport = u16::from_ne_bytes([head[14], head[15]]);
-        t.family = u16::from_ne_bytes([head[16], head[17]]);
-    } else {
-        t.family = read(sk, o.skc_family);
-        t.sport = read(sk, o.skc_num);
-        t.dport = u16::from_be(read::<u16>(sk, o.skc_dport));
-        if t.family == AF_INET {
-            let s: [u8; 4] = read(sk, o.skc_rcv_saddr);
-            let d: [u8; 4] = read(sk, o.skc_daddr);
-            t.saddr[..4].copy_from_slice(&s);
-            t.daddr[..4].copy_from_slice(&d);
-        }
-    }
-    if t.family == AF_INET6 {
-        t.saddr = read(sk, o.skc_v6_rcv_saddr);
-        t.daddr = read(sk, o.skc_v6_daddr);
-    } else if t.family != AF_INET {
-        t.saddr = [0; 16];
-        t.daddr = [0; 16];
+    if t.family == AF_INET {
+        t.saddr[..4].copy_from_slice(&load::<u32>(sk, o.skc_rcv_saddr).to_ne_bytes());
+        t.daddr[..4].copy_from_slice(&load::<u32>(sk, o.skc_daddr).to_ne_bytes());
+    } else if t.family == AF_INET6 {
+        t.saddr = load_in6(sk, o.skc_v6_rcv_saddr);
+        t.daddr = load_in6(sk, o.skc_v6_daddr);
     }
     t
+}
+
+/// A `struct in6_addr` as four 32-bit loads (its alignment).
+#[inline(always)]
+fn load_in6(sk: *const u8, off: u32) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let w: u32 = load(sk, off + 4 * i as u32);
+        a[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        i += 1;
+    }
+    a
 }
 
 /// Writes one event for `c`. Events after the first carry byte and retransmit deltas, read
 /// from the socket now, against what the previous event of this connection reported (the
 /// handshake events skip those reads: nothing has flowed yet).
 #[inline(always)]
-fn emit(
-    sk: *const u8,
-    cfg: &NetConfig,
-    c: &mut Conn,
-    what: u8,
-    now: u64,
-    duration_ns: u64,
-    error: i32,
-) {
+fn emit(sk: *const u8, c: &mut Conn, what: u8, now: u64, duration_ns: u64, error: i32) {
     let Some(mut entry) = NET_EVENTS.reserve::<NetEvent>(0) else {
         bump(counters::DROPS);
         return;
     };
-    let o = &cfg.offsets;
-    let (mut sent, mut received, mut retransmits) = (0, 0, 0);
-    if what != kind::CONNECT && what != kind::ACCEPT {
-        let acked: u64 = read(sk, o.tp_bytes_acked);
-        let rcvd: u64 = read(sk, o.tp_bytes_received);
-        let retrans: u32 = read(sk, o.tp_total_retrans);
-        sent = acked.saturating_sub(c.bytes_acked);
-        received = rcvd.saturating_sub(c.bytes_received);
-        retransmits = retrans.saturating_sub(c.total_retrans);
-        c.bytes_acked = acked;
-        c.bytes_received = rcvd;
-        c.total_retrans = retrans;
+    let o = offsets();
+    // The tcp_sock fields lie past `struct sock`: reach them through a pointer typed as
+    // tcp_sock (NULL for anything that is not a full TCP socket).
+    // SAFETY: `sk` is the tracepoint's socket argument, as the helper requires.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast_mut().cast()) }
+        .cast::<u8>()
+        .cast_const();
+    let (mut sent, mut received, mut retransmits, mut srtt_us) = (0, 0, 0, 0);
+    if !tp.is_null() {
+        srtt_us = load::<u32>(tp, o.tp_srtt_us) >> 3;
+        if what != kind::CONNECT && what != kind::ACCEPT {
+            let acked: u64 = load(tp, o.tp_bytes_acked);
+            let rcvd: u64 = load(tp, o.tp_bytes_received);
+            let retrans: u32 = load(tp, o.tp_total_retrans);
+            sent = acked.saturating_sub(c.bytes_acked);
+            received = rcvd.saturating_sub(c.bytes_received);
+            retransmits = retrans.saturating_sub(c.total_retrans);
+            c.bytes_acked = acked;
+            c.bytes_received = rcvd;
+            c.total_retrans = retrans;
+        }
     }
     let ev = NetEvent {
         ts_ns: now,
@@ -440,7 +458,7 @@ fn emit(
         saddr: c.tuple.saddr,
         daddr: c.tuple.daddr,
         pid: c.pid,
-        srtt_us: read::<u32>(sk, o.tp_srtt_us) >> 3,
+        srtt_us,
         retransmits,
         error,
         sport: c.tuple.sport,

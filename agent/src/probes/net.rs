@@ -3,8 +3,7 @@
 use std::collections::BTreeSet;
 
 use agent_common::net::{
-    counters, NetConfig as KernelNetConfig, NetOffsets, NET_FAST_TUPLE, NET_HAVE_SK_CGROUP,
-    PORT_SLOTS,
+    counters, NetConfig as KernelNetConfig, NetOffsets, NET_HAVE_SK_CGROUP, PORT_SLOTS,
 };
 use aya::{
     maps::{Array, MapData, PerCpuArray, RingBuf},
@@ -76,9 +75,11 @@ impl NetProbe {
     /// tracepoints. Returns the probe and any non-fatal problems.
     pub fn attach(cfg: &NetConfig) -> Result<(Self, Vec<String>), NetProbeError> {
         let kbtf = KernelBtf::from_sys_fs()?;
-        let (offsets, flags, mut problems) = resolve_offsets(&kbtf)?;
+        let (offsets, mut problems) = resolve_offsets(&kbtf)?;
+        // Offsets go in as a read-only global: the verifier then knows them, and every field
+        // read in the programs is a checked, inlined load.
         let mut ebpf = aya::EbpfLoader::new()
-            .allow_unsupported_maps()
+            .override_global("NET_OFFSETS", &offsets, true)
             .load(super::NET_OBJECT)?;
         let mut probe = Self {
             config: super::take_map(&mut ebpf, "NET_CONFIG", Array::try_from)?,
@@ -88,9 +89,6 @@ impl NetProbe {
             _ebpf: ebpf,
             kernel_config: KernelNetConfig {
                 sample_interval_ns: 0,
-                offsets,
-                flags,
-                _reserved: 0,
             },
             ignored: BTreeSet::new(),
             attached: Vec::new(),
@@ -184,11 +182,11 @@ impl NetProbe {
 /// Offsets of the fields the programs read, from the running kernel's BTF. The socket's
 /// cgroup is optional (kernels without CONFIG_SOCK_CGROUP_DATA attribute outbound connections
 /// by the connecting task's cgroup only); everything else is required.
-fn resolve_offsets(btf: &KernelBtf) -> Result<(NetOffsets, u32, Vec<String>), BtfError> {
+fn resolve_offsets(btf: &KernelBtf) -> Result<(NetOffsets, Vec<String>), BtfError> {
     let sock = |path: &str| btf.field("sock", path).map(|f| f.offset);
     let tcp = |path: &str| btf.field("tcp_sock", path).map(|f| f.offset);
     let offsets = NetOffsets {
-        _reserved: 0,
+        flags: 0,
         sk_err: sock("sk_err")?,
         skc_family: sock("__sk_common.skc_family")?,
         skc_daddr: sock("__sk_common.skc_daddr")?,
@@ -206,18 +204,6 @@ fn resolve_offsets(btf: &KernelBtf) -> Result<(NetOffsets, u32, Vec<String>), Bt
         kn_id: 0,
     };
     let mut offsets = offsets;
-    let mut flags = 0;
-    let o = &offsets;
-    if (
-        o.skc_daddr,
-        o.skc_rcv_saddr,
-        o.skc_dport,
-        o.skc_num,
-        o.skc_family,
-    ) == (0, 4, 12, 14, 16)
-    {
-        flags |= NET_FAST_TUPLE;
-    }
     let mut problems = Vec::new();
     let cgroup = (|| -> Result<(u32, u32, u32), BtfError> {
         Ok((
@@ -231,11 +217,11 @@ fn resolve_offsets(btf: &KernelBtf) -> Result<(NetOffsets, u32, Vec<String>), Bt
             offsets.sk_cgroup = sk_cgroup;
             offsets.cgroup_kn = cgroup_kn;
             offsets.kn_id = kn_id;
-            flags |= NET_HAVE_SK_CGROUP;
+            offsets.flags |= NET_HAVE_SK_CGROUP;
         }
         Err(e) => problems.push(format!(
             "socket cgroups unavailable ({e}): inbound connections are not attributed to a service"
         )),
     }
-    Ok((offsets, flags, problems))
+    Ok((offsets, problems))
 }
