@@ -85,6 +85,9 @@ pub struct NetOffsets {
     pub cgroup_kn: u32,
     /// `kernfs_node.id` (the cgroup id).
     pub kn_id: u32,
+    /// `sock.sk_socket`: NULL on a listener's child until it is accepted.
+    pub sk_socket: u32,
+    pub _reserved: u32,
 }
 
 /// Settings userspace may change while the probe runs.
@@ -133,7 +136,7 @@ pub struct NetEvent {
     pub comm: [u8; TASK_COMM_LEN],
 }
 
-const _: () = assert!(core::mem::size_of::<NetOffsets>() == 16 * 4);
+const _: () = assert!(core::mem::size_of::<NetOffsets>() == 18 * 4);
 const _: () = assert!(core::mem::size_of::<NetConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<NetEvent>() == 6 * 8 + 32 + 4 * 4 + 4 * 2 + 16);
 

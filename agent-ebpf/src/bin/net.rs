@@ -107,6 +107,8 @@ static NET_OFFSETS: NetOffsets = NetOffsets {
     sk_cgroup: 0,
     cgroup_kn: 0,
     kn_id: 0,
+    sk_socket: 0,
+    _reserved: 0,
 };
 
 #[inline(always)]
@@ -243,18 +245,20 @@ fn on_state(sk: *const u8, old: i32, new: i32) {
             untrack(sk);
         }
     } else if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
-        if let Some(c) = tracked(sk) {
-            // A simultaneous open: our own connect, through SYN_RECV.
-            if c.state == CONNECTING {
-                connected(sk, c, now_ns());
+        // A listener's child completing its handshake has no `struct socket` until accept();
+        // a socket that has one came here by connecting (a simultaneous open).
+        if load::<u64>(sk, offsets().sk_socket) != 0 {
+            if let Some(c) = tracked(sk) {
+                if c.state == CONNECTING {
+                    connected(sk, c, now_ns());
+                }
             }
             return;
         }
-        // The child socket of a listener completed its handshake (softirq context).
-        if let Some(c) = start(sk, direction::INBOUND, false) {
-            c.state = ESTABLISHED;
+        // Softirq context: the owner is known by the socket's cgroup.
+        if let Some(mut c) = start(sk, direction::INBOUND, false) {
             let now = c.start_ns;
-            emit(sk, c, kind::ACCEPT, now, 0, 0);
+            emit(sk, &mut c, kind::ACCEPT, now, 0, 0);
         }
     } else if new == TCP_CLOSE {
         let Some(c) = tracked(sk) else { return };
@@ -279,48 +283,50 @@ fn connected(sk: *const u8, c: &mut Conn, now: u64) {
     emit(sk, c, kind::CONNECT, now, elapsed, 0);
 }
 
-/// Starts tracking a connection (unless one of its ports is ignored).
+/// Starts tracking a connection (unless one of its ports is ignored); returns what it stored.
+/// An inbound connection is established from the start; an outbound one is connecting.
 #[inline(always)]
-fn start(sk: *const u8, dir: u8, process_context: bool) -> Option<&'static mut Conn> {
+fn start(sk: *const u8, dir: u8, process_context: bool) -> Option<Conn> {
     let tuple = read_tuple(sk);
     if ignored(tuple.sport) || ignored(tuple.dport) {
         return None;
     }
-    let fresh = Conn {
-        start_ns: 0,
-        last_sample_ns: 0,
-        cgroup_id: 0,
+    // In process context the task is the socket's user: its cgroup is one helper call away.
+    // In softirq, the socket's own cgroup (three dependent loads) names the owner.
+    let (cgroup_id, pid, comm) = if process_context {
+        (
+            // SAFETY: no preconditions.
+            unsafe { bpf_get_current_cgroup_id() },
+            (bpf_get_current_pid_tgid() >> 32) as u32,
+            bpf_get_current_comm().unwrap_or_default(),
+        )
+    } else {
+        (sock_cgroup(sk), 0, [0u8; TASK_COMM_LEN])
+    };
+    let now = now_ns();
+    let conn = Conn {
+        start_ns: now,
+        last_sample_ns: now,
+        cgroup_id,
         bytes_acked: 0,
         bytes_received: 0,
-        pid: 0,
+        pid,
         total_retrans: 0,
-        comm: [0; TASK_COMM_LEN],
+        comm,
         tuple,
         direction: dir,
-        state: CONNECTING,
+        state: if dir == direction::INBOUND {
+            ESTABLISHED
+        } else {
+            CONNECTING
+        },
         _pad: [0; 6],
     };
-    if NET_CONNS.insert(sk as u64, fresh, 0).is_err() {
+    if NET_CONNS.insert(sk as u64, conn, 0).is_err() {
         bump(counters::TRACK_FAILED);
         return None;
     }
-    let c = tracked(sk)?;
-    // In process context the task is the socket's user: its cgroup is one helper call away.
-    // In softirq, the socket's own cgroup (three dependent reads) names the owner.
-    if process_context {
-        // SAFETY: no preconditions.
-        c.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-        c.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        c.comm = bpf_get_current_comm().unwrap_or_default();
-    } else {
-        c.cgroup_id = sock_cgroup(sk);
-        c.pid = 0;
-        c.comm = [0; TASK_COMM_LEN];
-    }
-    let now = now_ns();
-    c.start_ns = now;
-    c.last_sample_ns = now;
-    Some(c)
+    Some(conn)
 }
 
 /// The cgroup (v2) the socket was created in: `sk->sk_cgrp_data.cgroup->kn->id`.

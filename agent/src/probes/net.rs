@@ -202,6 +202,8 @@ fn resolve_offsets(btf: &KernelBtf) -> Result<(NetOffsets, Vec<String>), BtfErro
         sk_cgroup: 0,
         cgroup_kn: 0,
         kn_id: 0,
+        sk_socket: sock("sk_socket")?,
+        _reserved: 0,
     };
     let mut offsets = offsets;
     let mut problems = Vec::new();
