@@ -129,8 +129,22 @@ for _ in range(3):
     let dest = server.to_string();
     let out: Vec<(&str, &str)> =
         [labels("outbound", &dest), vec![("service", unit.as_str())]].concat();
+    let refused_dest = format!("127.0.0.1:{refused}");
+    let v6 = server6.to_string();
+    let comm = my_comm();
+    let inbound = [labels("inbound", &dest), vec![("service", comm.as_str())]].concat();
+    // Events reach the agent in batches (at most 100 ms late): wait for all of them.
     let m = scrape_until(&agent, |m| {
         m.value_or_zero("insite_tcp_closed_connections_total", &out) >= K as f64
+            && m.value_or_zero("insite_tcp_connections_total", &inbound) >= K as f64
+            && m.value_or_zero(
+                "insite_tcp_connect_failures_total",
+                &[
+                    ("destination", refused_dest.as_str()),
+                    ("reason", "refused"),
+                ],
+            ) >= 4.0
+            && m.value_or_zero("insite_tcp_connections_total", &labels("outbound", &v6)) >= 3.0
     });
     // Exactly K handshakes from the service's cgroup to that destination, all timed.
     assert_eq!(
@@ -166,8 +180,6 @@ for _ in range(3):
 
     // The server side: K accepts on that local address, owned by this test process (found
     // through its listening socket: the test runs in the root cgroup).
-    let comm = my_comm();
-    let inbound = [labels("inbound", &dest), vec![("service", comm.as_str())]].concat();
     assert_eq!(
         m.value("insite_tcp_connections_total", &inbound),
         Some(K as f64),
@@ -175,7 +187,6 @@ for _ in range(3):
         m.0
     );
 
-    let refused_dest = format!("127.0.0.1:{refused}");
     assert_eq!(
         m.value(
             "insite_tcp_connect_failures_total",
@@ -187,7 +198,6 @@ for _ in range(3):
         ),
         Some(4.0)
     );
-    let v6 = server6.to_string();
     assert_eq!(
         m.value("insite_tcp_connections_total", &labels("outbound", &v6)),
         Some(3.0)
@@ -203,6 +213,14 @@ for _ in range(3):
         .unwrap_or_else(|| panic!("no edge to {dest}: {v:#}"));
     assert_eq!(e["service"], unit.as_str());
     assert_eq!(e["connections"], K);
+    // The process behind the service: the python client, by comm and pid.
+    let procs = e["processes"].as_array().unwrap();
+    assert!(
+        procs
+            .iter()
+            .any(|p| p.as_str().is_some_and(|p| p.starts_with("python3["))),
+        "{e:#}"
+    );
     assert!(e["connect_p99_ms"].as_f64().unwrap() < 134.0);
     let r = edges
         .iter()
@@ -344,6 +362,7 @@ fn connects_across_a_veth_pair_are_attributed_to_the_peer() {
             "insite_tcp_closed_connections_total",
             &labels("outbound", dest),
         ) >= 5.0
+            && m.value_or_zero("insite_tcp_connections_total", &labels("inbound", dest)) >= 5.0
     });
     let _ = server.kill();
     let _ = server.wait();
@@ -531,8 +550,14 @@ except ConnectionRefusedError:
         Some(&procs),
     );
     let dest = server.to_string();
+    let refused_dest = format!("127.0.0.1:{refused}");
     scrape_until(&agent, |m| {
         m.value_or_zero("insite_tcp_connections_total", &labels("outbound", &dest)) >= 3.0
+            && m.value_or_zero("insite_tcp_connections_total", &labels("inbound", &dest)) >= 3.0
+            && m.value_or_zero(
+                "insite_tcp_connect_failures_total",
+                &[("destination", refused_dest.as_str())],
+            ) >= 1.0
     });
     let out = agent.cli(&["map", "--dot"]);
     assert!(out.status.success(), "{out:?}");
@@ -600,6 +625,7 @@ fn ignored_ports_and_networks_are_not_counted() {
             "insite_tcp_connections_total",
             &labels("outbound", &other.to_string()),
         ) >= 2.0
+            && m.value_or_zero("insite_net_events_ignored_total", &[]) >= 4.0
     });
     assert_eq!(
         m.value(

@@ -354,6 +354,9 @@ fn print_connections(c: &ConnectionsView) {
                 .collect();
             println!("      failed: {}", reasons.join(", "));
         }
+        if !e.processes.is_empty() {
+            println!("      processes: {}", e.processes.join(", "));
+        }
     }
 }
 

@@ -32,6 +32,8 @@ const AF_INET6: u16 = 10;
 pub struct Observation {
     pub key: EdgeKey,
     pub update: ConnUpdate,
+    /// The process that connected (outbound events), by pid and comm.
+    pub process: Option<(u32, Arc<str>)>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub retransmits: u64,
@@ -109,6 +111,7 @@ pub async fn run_event_reader(
             t.events += batch.len() as u64;
             t.ignored += ignored;
             for o in observations {
+                let key = o.process.as_ref().map(|_| o.key.clone());
                 t.apply(
                     o.key,
                     &o.update,
@@ -117,6 +120,9 @@ pub async fn run_event_reader(
                     o.retransmits,
                     max_edges,
                 );
+                if let (Some(key), Some((pid, comm))) = (key, &o.process) {
+                    t.note_process(&key, *pid, comm);
+                }
             }
         }
     }
@@ -160,6 +166,11 @@ impl Names {
             .or_else(|| (!comm.is_empty()).then(|| comm.to_string()))
             .or_else(|| listen_port.and_then(|p| self.listeners.owner(p)))
             .unwrap_or_else(|| "unknown".to_string());
+        self.intern(name)
+    }
+
+    /// One shared allocation per distinct name (bounded).
+    fn intern(&mut self, name: String) -> Arc<str> {
         if self.interned.len() > 10_000 {
             self.interned.clear();
         }
@@ -213,7 +224,9 @@ pub fn observe(ev: &NetEvent, names: &mut Names) -> Option<Observation> {
         _ => return None,
     };
     let listen_port = (dir == Direction::Inbound).then_some(ev.sport);
-    let service = names.service(ev.cgroup_id, &comm_str(&ev.comm), listen_port);
+    let comm = comm_str(&ev.comm);
+    let service = names.service(ev.cgroup_id, &comm, listen_port);
+    let process = (ev.pid != 0).then(|| (ev.pid, names.intern(comm)));
     Some(Observation {
         key: EdgeKey {
             direction: dir,
@@ -222,6 +235,7 @@ pub fn observe(ev: &NetEvent, names: &mut Names) -> Option<Observation> {
             destination: Some(destination),
         },
         update,
+        process,
         bytes_sent: ev.bytes_sent,
         bytes_received: ev.bytes_received,
         retransmits: u64::from(ev.retransmits),

@@ -34,6 +34,10 @@ pub struct EdgeRow {
     pub closed: u64,
     /// Open now (not a window figure).
     pub active: u64,
+    /// Processes seen on the edge, most recent first: `comm[pid]` (outbound; inbound
+    /// connections are accepted in softirq, where the owner is known by its service only).
+    #[serde(default)]
+    pub processes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,6 +58,12 @@ pub struct ConnectionsView {
 
 fn ms(v: Option<f64>) -> Option<f64> {
     v.map(|ns| ns / 1e6)
+}
+
+fn process_labels(p: &[(u32, std::sync::Arc<str>)]) -> Vec<String> {
+    p.iter()
+        .map(|(pid, comm)| format!("{comm}[{pid}]"))
+        .collect()
 }
 
 fn row(k: &EdgeKey, d: &EdgeCounters, active: u64) -> EdgeRow {
@@ -78,6 +88,7 @@ fn row(k: &EdgeKey, d: &EdgeCounters, active: u64) -> EdgeRow {
         retransmits: d.retransmits,
         closed: d.closes,
         active,
+        processes: process_labels(&d.processes),
     }
 }
 
@@ -104,7 +115,14 @@ pub fn connections(store: &Store, window: Duration) -> Result<ConnectionsView, S
         .filter_map(|(k, now)| {
             let d = w.delta.edges.get(k).map_or(&empty, |d| &**d);
             let active = now.active();
-            (d != &empty || active > 0).then(|| row(k, d, active))
+            // Processes come from the edge itself, so an idle window still names them.
+            (d.has_activity() || active > 0).then(|| {
+                let mut r = row(k, d, active);
+                if r.processes.is_empty() {
+                    r.processes = process_labels(&now.processes);
+                }
+                r
+            })
         })
         .collect();
     edges.sort_by(|a, b| {

@@ -134,9 +134,37 @@ pub struct EdgeCounters {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub retransmits: u64,
+    /// The processes seen on this edge (pid, comm), most recent first, at most
+    /// `MAX_PROCESSES`: not a counter, windows carry the latest.
+    pub processes: Vec<(u32, Arc<str>)>,
 }
 
+/// Processes remembered per edge.
+pub const MAX_PROCESSES: usize = 4;
+
 impl EdgeCounters {
+    /// Whether any counter is non-zero (the process list aside).
+    pub fn has_activity(&self) -> bool {
+        self.connects != 0
+            || self.failures.iter().any(|&f| f != 0)
+            || self.connect_time.count != 0
+            || self.rtt.count != 0
+            || self.closes != 0
+            || self.bytes_sent != 0
+            || self.bytes_received != 0
+            || self.retransmits != 0
+    }
+
+    /// Remembers `pid`/`comm` as the edge's most recent process.
+    pub fn note_process(&mut self, pid: u32, comm: &Arc<str>) {
+        if self.processes.first().is_some_and(|(p, _)| *p == pid) {
+            return;
+        }
+        self.processes.retain(|(p, _)| *p != pid);
+        self.processes.insert(0, (pid, comm.clone()));
+        self.processes.truncate(MAX_PROCESSES);
+    }
+
     pub fn failures_total(&self) -> u64 {
         self.failures.iter().sum()
     }
@@ -166,6 +194,9 @@ impl EdgeCounters {
         self.bytes_sent = self.bytes_sent.saturating_add(o.bytes_sent);
         self.bytes_received = self.bytes_received.saturating_add(o.bytes_received);
         self.retransmits += o.retransmits;
+        for (pid, comm) in o.processes.iter().rev() {
+            self.note_process(*pid, comm);
+        }
     }
 
     fn delta_since(&self, e: &Self) -> Self {
@@ -183,6 +214,7 @@ impl EdgeCounters {
             bytes_sent: self.bytes_sent.saturating_sub(e.bytes_sent),
             bytes_received: self.bytes_received.saturating_sub(e.bytes_received),
             retransmits: self.retransmits.saturating_sub(e.retransmits),
+            processes: self.processes.clone(),
         }
     }
 }
@@ -212,6 +244,16 @@ pub struct NetTotals {
 }
 
 impl NetTotals {
+    /// Remembers the process behind an update of `key` (if the edge exists: an update that
+    /// overflowed into `other` names no process).
+    pub fn note_process(&mut self, key: &EdgeKey, pid: u32, comm: &Arc<str>) {
+        if let Some(e) = self.edges.get_mut(key) {
+            if e.processes.first().is_none_or(|(p, _)| *p != pid) {
+                Arc::make_mut(e).note_process(pid, comm);
+            }
+        }
+    }
+
     /// Applies one update to its edge, within `max_edges` distinct edges.
     #[allow(clippy::too_many_arguments)]
     pub fn apply(
@@ -331,7 +373,7 @@ impl Cumulative for NetTotals {
                 Some(e) => now.delta_since(e),
                 None => (**now).clone(),
             };
-            if d != EdgeCounters::default() {
+            if d.has_activity() {
                 edges.insert(k.clone(), Arc::new(d));
             }
         }
@@ -457,6 +499,30 @@ mod tests {
         assert_eq!(db.destination, "10.0.0.1:3");
         let other = rows.iter().find(|r| r.service == "other").unwrap();
         assert_eq!(other.counters.connects, 2);
+    }
+
+    #[test]
+    fn processes_are_bounded_most_recent_first_and_not_activity() {
+        let mut t = NetTotals::default();
+        let c = ConnUpdate::Connected {
+            connect_ns: 1,
+            rtt_ns: 0,
+        };
+        t.apply(key("a", 1), &c, 0, 0, 0, 10);
+        for pid in 1..=6 {
+            t.note_process(&key("a", 1), pid, &Arc::from(format!("p{pid}").as_str()));
+        }
+        t.note_process(&key("a", 1), 5, &Arc::from("p5"));
+        let e = &t.edges[&key("a", 1)];
+        let pids: Vec<u32> = e.processes.iter().map(|(p, _)| *p).collect();
+        assert_eq!(pids, vec![5, 6, 4, 3]);
+        // A process noted on an idle edge is not activity.
+        let snap = t.clone();
+        t.note_process(&key("a", 1), 9, &Arc::from("p9"));
+        assert!(t.delta_since(&snap).edges.is_empty());
+        // Unknown edges are not created by noting a process.
+        t.note_process(&key("zz", 9), 1, &Arc::from("x"));
+        assert!(!t.edges.contains_key(&key("zz", 9)));
     }
 
     #[test]
