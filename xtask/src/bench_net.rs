@@ -29,9 +29,9 @@ use anyhow::{anyhow, Context as _, Result};
 
 use crate::bench::{usage, Agent, Bpftrace};
 
-/// Whether the agent's config gets `NET_CONFIG`. Keep false until the agent's config knows the
-/// `[net]` section (it rejects unknown sections); then flip to true so the run states the
-/// probe explicitly instead of relying on its default.
+/// Whether the agent's config gets `NET_CONFIG`: the run states the probe explicitly instead of
+/// relying on its default (false only for agents that predate the `[net]` section, which
+/// reject it).
 const NET_SECTION: bool = true;
 const NET_CONFIG: &str = "[net]\nenabled = true\n";
 /// The probe name `insite-agent status` reports for the network family; with `NET_SECTION` the
