@@ -13,3 +13,4 @@ pub mod exporters;
 pub mod probes;
 pub mod store;
 pub mod syscall_names;
+pub mod wire;
