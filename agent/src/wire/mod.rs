@@ -2,4 +2,5 @@
 //! prefixes the kernel hands over (issue 4's collectors build on these). Every function here
 //! takes untrusted bytes: none may panic, whatever they are.
 
+pub mod resp;
 pub mod sql;

@@ -1,0 +1,227 @@
+//! Redis: commands from RESP arrays (`*2\r\n$3\r\nGET\r\n$1\r\nk\r\n`) or inline commands
+//! (`GET k\r\n`), and the outcome of a reply from its first bytes (`+`/`:` ok, `-` error,
+//! `$-1`/`*-1`/`_` null: a miss for a read).
+//!
+//! Input is a bounded prefix of what crossed the socket: a command may be cut anywhere, and
+//! one prefix may hold several pipelined commands. Nothing here allocates per byte or panics.
+
+/// A command found at the start of a buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    /// Upper-cased (`GET`, `SET`, `HGET`; `CLIENT` for `CLIENT SETNAME`).
+    pub name: String,
+    /// Arguments after the name.
+    pub args: usize,
+    /// Bytes the command takes, when it is complete in the buffer (for pipelines).
+    pub len: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Error,
+    /// A null reply: for a read command, a cache miss.
+    Null,
+}
+
+const MAX_NAME: usize = 32;
+
+/// The command at the start of `buf`, or `None` if it is not RESP or an inline command.
+pub fn command(buf: &[u8]) -> Option<Command> {
+    match buf.first()? {
+        b'*' => array_command(buf),
+        c if c.is_ascii_alphabetic() => inline_command(buf),
+        _ => None,
+    }
+}
+
+/// Every complete command in `buf`, in order (a pipeline), and the count of bytes they took.
+pub fn commands(buf: &[u8]) -> (Vec<Command>, usize) {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some(rest) = buf.get(at..) {
+        let Some(c) = command(rest) else { break };
+        let Some(len) = c.len else {
+            out.push(c);
+            break;
+        };
+        at += len;
+        out.push(c);
+        if out.len() >= 4096 {
+            break;
+        }
+    }
+    (out, at)
+}
+
+/// A decimal number ending at `\r\n`: (value, bytes including the CRLF).
+fn number(buf: &[u8]) -> Option<(i64, usize)> {
+    let end = buf.windows(2).take(21).position(|w| w == b"\r\n")?;
+    let text = std::str::from_utf8(buf.get(..end)?).ok()?;
+    Some((text.parse().ok()?, end + 2))
+}
+
+fn array_command(buf: &[u8]) -> Option<Command> {
+    let (n, mut at) = number(buf.get(1..)?)?;
+    at += 1;
+    if !(1..=1_000_000).contains(&n) {
+        return None;
+    }
+    let mut name = None;
+    let mut complete = true;
+    for i in 0..n {
+        // Each element: $len\r\n bytes \r\n.
+        let Some(rest) = buf.get(at..) else {
+            complete = false;
+            break;
+        };
+        if rest.first() != Some(&b'$') {
+            if rest.is_empty() {
+                complete = false;
+                break;
+            }
+            return None;
+        }
+        let Some((len, hdr)) = rest.get(1..).and_then(number) else {
+            complete = false;
+            break;
+        };
+        let len = usize::try_from(len).ok()?;
+        let body = at + 1 + hdr;
+        if i == 0 {
+            let end = body.saturating_add(len.min(MAX_NAME)).min(buf.len());
+            let raw = buf.get(body..end)?;
+            // A name cut short (or lying about its length) ends at the line end at the latest.
+            let raw = raw.split(|&c| c == b'\r').next().unwrap_or_default();
+            name = Some(String::from_utf8_lossy(raw).to_ascii_uppercase());
+        }
+        at = body.saturating_add(len).saturating_add(2);
+        if at > buf.len() {
+            complete = false;
+            break;
+        }
+    }
+    Some(Command {
+        name: name?,
+        args: usize::try_from(n - 1).unwrap_or(0),
+        len: complete.then_some(at),
+    })
+}
+
+fn inline_command(buf: &[u8]) -> Option<Command> {
+    let end = buf.windows(2).position(|w| w == b"\r\n");
+    let line = &buf[..end.unwrap_or(buf.len())];
+    let mut words = line
+        .split(|c| c.is_ascii_whitespace())
+        .filter(|w| !w.is_empty());
+    let first = words.next()?;
+    if first.len() > MAX_NAME || !first.iter().all(|c| c.is_ascii_alphabetic()) {
+        return None;
+    }
+    Some(Command {
+        name: String::from_utf8_lossy(first).to_ascii_uppercase(),
+        args: words.count(),
+        len: end.map(|e| e + 2),
+    })
+}
+
+/// The outcome of the reply at the start of `buf`.
+pub fn outcome(buf: &[u8]) -> Option<Outcome> {
+    Some(match buf.first()? {
+        b'-' | b'!' => Outcome::Error,
+        b'_' => Outcome::Null,
+        b'$' | b'*' if buf.get(1..3) == Some(b"-1") => Outcome::Null,
+        b'+' | b':' | b'$' | b'*' | b',' | b'#' | b'%' | b'~' | b'=' | b'(' | b'>' | b'|' => {
+            Outcome::Ok
+        }
+        _ => return None,
+    })
+}
+
+/// Read commands whose null reply means "not there": a cache miss.
+pub fn is_read(name: &str) -> bool {
+    matches!(
+        name,
+        "GET"
+            | "GETEX"
+            | "GETDEL"
+            | "HGET"
+            | "LINDEX"
+            | "ZSCORE"
+            | "GETRANGE"
+            | "LPOP"
+            | "RPOP"
+            | "SPOP"
+            | "HGETALL"
+            | "SMEMBERS"
+            | "ZRANGE"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn array_and_inline_commands() {
+        let c = command(b"*3\r\n$3\r\nset\r\n$1\r\nk\r\n$2\r\nvv\r\n").unwrap();
+        assert_eq!((c.name.as_str(), c.args, c.len), ("SET", 2, Some(28)));
+        let c = command(b"GET key\r\n").unwrap();
+        assert_eq!((c.name.as_str(), c.args, c.len), ("GET", 1, Some(9)));
+        assert_eq!(command(b"\x00junk"), None);
+        assert_eq!(command(b"*0\r\n"), None);
+    }
+
+    #[test]
+    fn a_pipeline_counts_each_command_and_a_cut_one_is_incomplete() {
+        let one = b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n";
+        let mut buf = Vec::new();
+        for _ in 0..5 {
+            buf.extend_from_slice(one);
+        }
+        let (cmds, used) = commands(&buf);
+        assert_eq!(cmds.len(), 5);
+        assert_eq!(used, buf.len());
+        let (cmds, used) = commands(&buf[..buf.len() - 3]);
+        assert_eq!(cmds.len(), 5);
+        assert_eq!(cmds[4].len, None);
+        assert_eq!(used, one.len() * 4);
+    }
+
+    #[test]
+    fn outcomes_and_misses() {
+        assert_eq!(outcome(b"+OK\r\n"), Some(Outcome::Ok));
+        assert_eq!(outcome(b"-ERR unknown\r\n"), Some(Outcome::Error));
+        assert_eq!(outcome(b"$-1\r\n"), Some(Outcome::Null));
+        assert_eq!(outcome(b"*-1\r\n"), Some(Outcome::Null));
+        assert_eq!(outcome(b"_\r\n"), Some(Outcome::Null));
+        assert_eq!(outcome(b"$3\r\nabc\r\n"), Some(Outcome::Ok));
+        assert_eq!(outcome(b""), None);
+        assert!(is_read("GET") && !is_read("SET"));
+    }
+
+    #[test]
+    fn every_prefix_and_garbage_is_safe() {
+        let buf = b"*3\r\n$3\r\nSET\r\n$5\r\nkey:1\r\n$10\r\n0123456789\r\nGET k\r\n";
+        for i in 0..=buf.len() {
+            let _ = commands(&buf[..i]);
+            let _ = outcome(&buf[..i]);
+        }
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..20_000 {
+            let mut b = [0u8; 48];
+            for v in b.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *v = b"*$\r\n0123456789-GETSET "[(x % 22) as usize];
+            }
+            let _ = commands(&b);
+        }
+        assert_eq!(command(b"*99999999999999999999999\r\n"), None);
+        // A length past i64 is not RESP; a huge one that parses leaves the command incomplete.
+        assert_eq!(command(b"*2\r\n$18446744073709551615\r\nGET\r\n"), None);
+        let c = command(b"*2\r\n$9223372036854775807\r\nGET\r\n").unwrap();
+        assert_eq!((c.name.as_str(), c.len), ("GET", None));
+    }
+}
