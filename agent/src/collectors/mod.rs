@@ -132,6 +132,17 @@ pub async fn run_ticks(
     }
 }
 
+/// A ring-buffer record as the `#[repr(C)]` event type the kernel wrote (agent-common), or
+/// `None` if the record is too short to be one.
+pub(crate) fn decode_event<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < std::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: length checked; T is plain data (aya::Pod) and read_unaligned copes with the
+    // ring buffer's 8-byte alignment.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
 fn new_interval(period: Duration) -> tokio::time::Interval {
     let mut i = tokio::time::interval(period);
     // A late tick is folded into the next one rather than replayed in a burst.

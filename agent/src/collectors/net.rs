@@ -55,6 +55,11 @@ pub async fn run_event_reader(
         }
     };
     let mut names = Names::new();
+    let mut nets_of = {
+        let cfg = config.borrow().clone();
+        let nets = cfg.net.ignored_networks();
+        (cfg, nets)
+    };
     // The kernel wakes us only when a batch has built up (see wakeup_flags in the kernel
     // program); the timer drains whatever trickled in meanwhile.
     let mut drain = tokio::time::interval(Duration::from_millis(NET_DRAIN_INTERVAL_MS));
@@ -72,24 +77,26 @@ pub async fn run_event_reader(
                 };
                 let ring = guard.get_inner_mut();
                 while let Some(item) = ring.next() {
-                    batch.push(decode(&item));
+                    batch.push(super::decode_event::<NetEvent>(&item));
                 }
                 guard.clear_ready();
             }
             _ = drain.tick() => {
                 let ring = fd.get_mut();
                 while let Some(item) = ring.next() {
-                    batch.push(decode(&item));
+                    batch.push(super::decode_event::<NetEvent>(&item));
                 }
             }
         }
         if batch.is_empty() {
             continue;
         }
-        let (max_edges, ignored_nets) = {
-            let cfg = config.borrow();
-            (cfg.net.max_edges, cfg.net.ignored_networks())
-        };
+        // The networks are parsed once per config (reload), not per batch.
+        let cfg = config.borrow().clone();
+        if !Arc::ptr_eq(&cfg, &nets_of.0) {
+            nets_of = (cfg.clone(), cfg.net.ignored_networks());
+        }
+        let (max_edges, ignored_nets) = (cfg.net.max_edges, &nets_of.1);
         // Name everything before taking the store lock: a cgroup rescan reads the tree.
         let mut observations = Vec::with_capacity(batch.len());
         let mut ignored = 0u64;
@@ -126,15 +133,6 @@ pub async fn run_event_reader(
             }
         }
     }
-}
-
-fn decode(bytes: &[u8]) -> Option<NetEvent> {
-    if bytes.len() < std::mem::size_of::<NetEvent>() {
-        return None;
-    }
-    // SAFETY: length checked; NetEvent is plain data (agent-common) and read_unaligned copes
-    // with the ring buffer's 8-byte alignment.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<NetEvent>()) })
 }
 
 /// Service names by cgroup id, cached, with interned strings (every event of an edge shares
@@ -340,6 +338,6 @@ mod tests {
         assert!(observe(&event(99, direction::OUTBOUND, AF_INET), &mut names).is_none());
         assert!(observe(&event(kind::CONNECT, 7, AF_INET), &mut names).is_none());
         assert!(observe(&event(kind::CONNECT, direction::OUTBOUND, 1), &mut names).is_none());
-        assert!(decode(&[0u8; 8]).is_none());
+        assert!(crate::collectors::decode_event::<NetEvent>(&[0u8; 8]).is_none());
     }
 }

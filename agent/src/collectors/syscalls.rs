@@ -37,7 +37,7 @@ pub async fn run_slow_reader(ring: RingBuf<MapData>, store: SharedStore) {
         let ring = guard.get_inner_mut();
         let mut batch = Vec::new();
         while let Some(item) = ring.next() {
-            if let Some(ev) = decode(&item) {
+            if let Some(ev) = super::decode_event::<SlowSyscallEvent>(&item) {
                 batch.push(ev);
             }
         }
@@ -62,15 +62,6 @@ pub async fn run_slow_reader(ring: RingBuf<MapData>, store: SharedStore) {
             }
         }
     }
-}
-
-fn decode(bytes: &[u8]) -> Option<SlowSyscallEvent> {
-    if bytes.len() < std::mem::size_of::<SlowSyscallEvent>() {
-        return None;
-    }
-    // SAFETY: length checked; SlowSyscallEvent is plain data (agent-common) and
-    // read_unaligned copes with the ring buffer's 8-byte alignment.
-    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<SlowSyscallEvent>()) })
 }
 
 fn monotonic_ns() -> u64 {
@@ -106,7 +97,7 @@ mod tests {
 
     #[test]
     fn short_records_are_ignored() {
-        assert!(decode(&[0u8; 10]).is_none());
+        assert!(crate::collectors::decode_event::<SlowSyscallEvent>(&[0u8; 10]).is_none());
     }
 
     #[test]
@@ -133,6 +124,11 @@ mod tests {
         let bytes: [u8; std::mem::size_of::<SlowSyscallEvent>()] =
             // SAFETY: plain data to bytes, for the round-trip test.
             unsafe { std::mem::transmute(ev) };
-        assert_eq!(decode(&bytes).unwrap().tid, 11);
+        assert_eq!(
+            crate::collectors::decode_event::<SlowSyscallEvent>(&bytes)
+                .unwrap()
+                .tid,
+            11
+        );
     }
 }
