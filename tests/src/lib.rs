@@ -17,6 +17,9 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
+pub mod servers;
+pub mod wire_clients;
+
 static ONE_AGENT_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// The agent binary: $INSITE_AGENT_BIN (set by `cargo xtask test`) or target/release.

@@ -23,6 +23,22 @@ const LLVM_PACKAGES: &[&str] = &[
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// (binary, Debian package that ships it). PostgreSQL 15's server package ships `pgbench`;
+/// `psql` comes with it (postgresql-client-15).
+const DATABASE_TOOLS: &[(&str, &str)] = &[
+    ("/usr/lib/postgresql/15/bin/postgres", "postgresql"),
+    ("/usr/lib/postgresql/15/bin/initdb", "postgresql"),
+    ("/usr/lib/postgresql/15/bin/pgbench", "postgresql"),
+    ("/usr/lib/postgresql/15/bin/psql", "postgresql"),
+    ("/usr/sbin/mariadbd", "mariadb-server"),
+    ("/usr/bin/mariadb-install-db", "mariadb-server"),
+    ("/usr/bin/mariadb", "mariadb-client"),
+    ("/usr/bin/mysqlslap", "mariadb-client"),
+    ("/usr/bin/redis-server", "redis-server"),
+    ("/usr/bin/redis-cli", "redis-tools"),
+    ("/usr/bin/redis-benchmark", "redis-tools"),
+];
+
 pub fn run(want: Want) -> Result<()> {
     let mut apt = Apt::default();
 
@@ -92,6 +108,14 @@ pub fn run(want: Want) -> Result<()> {
             ("python3", "python3"),
         ] {
             if !have(tool) {
+                apt.install(&[package])?;
+            }
+        }
+        // The database servers whose queries the agent times off the wire, and their clients
+        // and load generators. The tests start private instances of them on free ports; they
+        // never use (or need) a cluster or service the packages set up.
+        for &(binary, package) in DATABASE_TOOLS {
+            if !Path::new(binary).exists() {
                 apt.install(&[package])?;
             }
         }
