@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_net;
+mod fuzz;
 mod setup;
 mod util;
 
@@ -47,6 +48,14 @@ enum Cmd {
         #[command(subcommand)]
         which: bench::Which,
     },
+    /// Fuzz the wire decoders (cargo-fuzz, nightly): `cargo xtask fuzz [TARGET] [--seconds N]`.
+    Fuzz {
+        /// One target (sql, resp, pg, mysql); every target when omitted.
+        target: Option<String>,
+        /// Seconds to fuzz each target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Install the binary, the systemd unit and an example config (as root).
     Install {
         /// Root to install under (for packaging).
@@ -82,6 +91,7 @@ fn main() -> Result<()> {
             build()?;
             bench::run(which)
         }
+        Cmd::Fuzz { target, seconds } => fuzz::run(target.as_deref(), seconds),
         Cmd::Install { destdir } => {
             util::ensure_root()?;
             setup::run(setup::Want { tests: false })?;
