@@ -5,6 +5,7 @@
 //! pointers. Change a layout here and both sides change together.
 #![no_std]
 
+pub mod db;
 pub mod net;
 pub mod syscalls;
 

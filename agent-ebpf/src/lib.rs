@@ -87,3 +87,67 @@ impl<T> TaskStorage<T> {
         (!p.is_null()).then_some(p.cast())
     }
 }
+
+/// Socket-local storage (BPF_MAP_TYPE_SK_STORAGE), BTF-defined like [`TaskStorage`]: state that
+/// lives in the socket itself and is freed with it, so a connection that closes without our
+/// noticing (unix sockets have no state tracepoint) leaks nothing.
+#[repr(C)]
+pub struct SkStorage<T> {
+    r#type: *const [i32; 24], // BPF_MAP_TYPE_SK_STORAGE
+    key: *const i32,
+    value: *const T,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; 1], // BPF_F_NO_PREALLOC, required for local storage
+}
+
+// SAFETY: a placeholder the loader patches; never dereferenced from Rust.
+unsafe impl<T> Sync for SkStorage<T> {}
+
+impl<T> Default for SkStorage<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> SkStorage<T> {
+    pub const fn new() -> Self {
+        Self {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+        }
+    }
+
+    /// The socket's value if it has one. `sk` must be a `struct sock *` the program was given.
+    #[cfg(target_arch = "bpf")]
+    #[inline(always)]
+    pub fn get(&self, sk: *const u8) -> Option<*mut T> {
+        self.lookup(sk, 0)
+    }
+
+    /// The socket's value, created zeroed if it has none; `None` if it could not be allocated.
+    #[cfg(target_arch = "bpf")]
+    #[inline(always)]
+    pub fn get_or_insert(&self, sk: *const u8) -> Option<*mut T> {
+        self.lookup(sk, 1) // BPF_LOCAL_STORAGE_GET_F_CREATE
+    }
+
+    #[cfg(target_arch = "bpf")]
+    #[inline(always)]
+    fn lookup(&self, sk: *const u8, flags: u64) -> Option<*mut T> {
+        use aya_ebpf::helpers::generated::bpf_sk_storage_get;
+        // SAFETY: the map pointer is this map; the socket is a trusted BTF pointer from the
+        // tracepoint's arguments.
+        let p = unsafe {
+            bpf_sk_storage_get(
+                core::ptr::from_ref(self).cast_mut().cast(),
+                sk.cast_mut().cast(),
+                core::ptr::null_mut(),
+                flags,
+            )
+        };
+        (!p.is_null()).then_some(p.cast())
+    }
+}

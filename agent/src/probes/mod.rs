@@ -5,6 +5,7 @@
 //! `insite_probe_attached`), and the others keep running.
 
 pub mod btf;
+pub mod db;
 pub mod net;
 pub mod syscalls;
 
@@ -19,6 +20,10 @@ pub(crate) static SYSCALLS_OBJECT: &[u8] =
 /// The object of the network family.
 pub(crate) static NET_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/insite-net"));
+
+/// The object of the database and cache family.
+pub(crate) static DB_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/insite-db"));
 
 /// What can go wrong with a loaded object's maps and programs, in any family.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,195 @@
+//! Database and cache probe (`insite-db`): queries to PostgreSQL, MySQL/MariaDB and Redis timed
+//! off the wire, from socket reads and writes (TCP and unix-domain sockets alike).
+//!
+//! The kernel recognises the protocol from a connection's bytes, matches every request to its
+//! response (several may be in flight) and timestamps both. Userspace gets three kinds of
+//! events: a connection was recognised ([`DbConnEvent`]), a request was sent or received, with a
+//! bounded prefix of its bytes ([`DbRequestEvent`]), and a request completed
+//! ([`DbResponseEvent`]). The last two share `(sk, conn_id, seq)`.
+
+use crate::TASK_COMM_LEN;
+
+/// Ring buffer of query events.
+pub const DB_RINGBUF_BYTES: u32 = 4 << 20;
+/// Bytes of each request handed to userspace.
+pub const DB_PREFIX_LEN: usize = 256;
+/// Requests in flight per connection (a power of two); more are counted, not timed.
+pub const DB_INFLIGHT: usize = 64;
+/// Bytes of a unix socket's path kept for naming the destination.
+pub const DB_PATH_LEN: usize = 108;
+/// How often userspace drains the ring without being woken.
+pub const DB_DRAIN_INTERVAL_MS: u64 = 100;
+
+/// [`DbConnEvent::system`] and friends.
+pub mod system {
+    pub const POSTGRESQL: u8 = 1;
+    pub const MYSQL: u8 = 2;
+    pub const REDIS: u8 = 3;
+}
+
+/// Which end of the connection this host's socket is.
+pub mod role {
+    /// Sends requests, receives responses.
+    pub const CLIENT: u8 = 1;
+    /// Receives requests, sends responses.
+    pub const SERVER: u8 = 2;
+}
+
+/// [`DbResponseEvent::outcome`].
+pub mod outcome {
+    pub const OK: u8 = 0;
+    /// PostgreSQL `ErrorResponse`, MySQL `ERR` packet, Redis `-` reply.
+    pub const ERROR: u8 = 1;
+    /// A Redis null reply (`$-1`, `*-1`, RESP3 `_`): a miss when the command was a read.
+    pub const NULL: u8 = 2;
+    /// A PostgreSQL pipelined statement the server skipped after an earlier error.
+    pub const SKIPPED: u8 = 3;
+}
+
+/// Event kinds: the first byte of every event.
+pub mod kind {
+    pub const CONN: u8 = 1;
+    pub const REQUEST: u8 = 2;
+    pub const RESPONSE: u8 = 3;
+}
+
+/// Indices into the per-CPU `DB_COUNTERS` array.
+pub mod counters {
+    /// Events written to the ring buffer.
+    pub const EVENTS: u32 = 0;
+    /// Events lost because the ring buffer was full.
+    pub const DROPS: u32 = 1;
+    /// Requests not timed because `DB_INFLIGHT` were already in flight on the connection.
+    pub const INFLIGHT_FULL: u32 = 2;
+    /// Times a connection's framing was lost (bytes that fit no message); its requests in
+    /// flight are dropped and it resynchronises on a later read or write.
+    pub const DESYNC: u32 = 3;
+    /// Connections recognised.
+    pub const CONNS: u32 = 4;
+    /// Connections whose state could not be allocated.
+    pub const STORAGE_FAILED: u32 = 5;
+    /// Connections that switched to TLS (not decoded).
+    pub const TLS: u32 = 6;
+    /// Socket reads and writes looked at (stream sockets with data).
+    pub const IOS: u32 = 7;
+    pub const COUNT: u32 = 8;
+}
+
+/// [`DbOffsets::flags`]: the socket's cgroup can be read (`sk_cgrp_data.cgroup->kn->id`).
+pub const DB_HAVE_SK_CGROUP: u32 = 1;
+/// [`DbOffsets::flags`]: `unix_sock` offsets are valid.
+pub const DB_HAVE_UNIX: u32 = 2;
+
+/// Kernel struct member offsets, resolved by userspace from the running kernel's BTF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DbOffsets {
+    pub flags: u32,
+    pub skc_family: u32,
+    /// `sock.sk_type` (u16).
+    pub sk_type: u32,
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    /// `unix_sock.addr` (struct unix_address *).
+    pub unix_addr: u32,
+    /// `unix_sock.peer` (struct sock *).
+    pub unix_peer: u32,
+    /// `unix_address.name` (struct sockaddr_un[]).
+    pub unix_address_name: u32,
+    /// `unix_address.len` (int).
+    pub unix_address_len: u32,
+    /// `task_struct` is not needed: the syscall's arguments come from `bpf_task_pt_regs`.
+    pub _reserved: u32,
+}
+
+/// A connection was recognised (or changed owner). Carries who and where.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DbConnEvent {
+    pub kind: u8,
+    pub system: u8,
+    pub role: u8,
+    /// AF_INET, AF_INET6 or AF_UNIX.
+    pub family: u8,
+    pub pid: u32,
+    /// The socket's address: with `conn_id`, names the connection.
+    pub sk: u64,
+    /// The time the connection was recognised: tells reused socket addresses apart.
+    pub conn_id: u64,
+    pub cgroup_id: u64,
+    pub comm: [u8; TASK_COMM_LEN],
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    /// Bytes of `path` that are valid.
+    pub path_len: u32,
+    /// The unix socket's path (the server's listening path, seen from either end).
+    pub path: [u8; DB_PATH_LEN],
+    pub _pad: u32,
+}
+
+/// A request was sent (client) or received (server).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DbRequestEvent {
+    pub kind: u8,
+    pub system: u8,
+    pub role: u8,
+    pub _pad: u8,
+    pub pid: u32,
+    pub sk: u64,
+    pub conn_id: u64,
+    /// The request's number on this connection.
+    pub seq: u64,
+    pub start_ns: u64,
+    /// Bytes of the request in this read or write, from its first byte (PostgreSQL: the first
+    /// message of the request, MySQL: the command byte, Redis: the command).
+    pub len: u32,
+    /// Bytes of `prefix` that are valid.
+    pub prefix_len: u32,
+    pub prefix: [u8; DB_PREFIX_LEN],
+}
+
+/// A request's response was received (client) or sent (server).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DbResponseEvent {
+    pub kind: u8,
+    pub system: u8,
+    pub role: u8,
+    pub outcome: u8,
+    pub pid: u32,
+    pub sk: u64,
+    pub conn_id: u64,
+    /// The first request this completes...
+    pub seq: u64,
+    /// ...and how many in a row (PostgreSQL completes the rest of a pipeline's Sync group at
+    /// once: skipped after an error, or at a ReadyForQuery that ends a long response).
+    pub count: u32,
+    pub _pad: u32,
+    /// When the first of them started (each one's own start is in its request event).
+    pub start_ns: u64,
+    pub end_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<DbOffsets>() == 14 * 4);
+const _: () = assert!(
+    core::mem::size_of::<DbConnEvent>() == 8 + 3 * 8 + 16 + 32 + 2 * 2 + 4 + DB_PATH_LEN + 4
+);
+const _: () = assert!(core::mem::size_of::<DbRequestEvent>() == 8 + 4 * 8 + 8 + DB_PREFIX_LEN);
+const _: () = assert!(core::mem::size_of::<DbResponseEvent>() == 8 + 6 * 8);
+const _: () = assert!(DB_INFLIGHT.is_power_of_two());
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain repr(C) data without padding (sizes asserted above).
+    unsafe impl aya::Pod for super::DbOffsets {}
+    unsafe impl aya::Pod for super::DbConnEvent {}
+    unsafe impl aya::Pod for super::DbRequestEvent {}
+    unsafe impl aya::Pod for super::DbResponseEvent {}
+}

@@ -1,0 +1,1366 @@
+//! Database and cache queries timed off the wire: PostgreSQL, MySQL/MariaDB and Redis, over
+//! TCP and unix-domain sockets, from the `sock:sock_send_length` and `sock:sock_recv_length`
+//! tracepoints (tp_btf).
+//!
+//! Both fire once per socket read or write, after the data moved, with the socket and the byte
+//! count. The bytes themselves are still in the caller's buffer, whose address is in the
+//! syscall's arguments (`bpf_task_pt_regs`). A socket whose first request matches one of the
+//! protocols gets state in its own storage (freed with it); the rest cost a storage lookup and
+//! a 16-byte read per I/O.
+//!
+//! Per connection the program walks the protocol's framing in both directions, keeps the start
+//! times of requests in flight in a FIFO, and pairs each response with the oldest one: Redis
+//! pipelines and pipelined PostgreSQL Executes are timed one by one. Userspace gets a request
+//! event with the first `DB_PREFIX_LEN` bytes of each request and a response event with both
+//! timestamps and the outcome.
+//!
+//! The walkers keep their state in the connection's storage, not in registers: the verifier
+//! then sees the same register state at every loop head and prunes, which keeps bounded loops
+//! of several hundred steps verifiable.
+#![no_std]
+#![no_main]
+
+agent_ebpf::license!();
+
+use agent_common::db::{
+    counters, kind, outcome, role, system, DbConnEvent, DbOffsets, DbRequestEvent, DbResponseEvent,
+    DB_HAVE_UNIX, DB_INFLIGHT, DB_PATH_LEN, DB_PREFIX_LEN, DB_RINGBUF_BYTES,
+};
+use agent_ebpf::SkStorage;
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_ktime_get_ns, bpf_probe_read_kernel_buf,
+        generated::{bpf_get_current_task_btf, bpf_probe_read_user, bpf_task_pt_regs},
+    },
+    macros::{btf_map, btf_tracepoint, map},
+    maps::{PerCpuArray, ProgramArray, RingBuf},
+    programs::BtfTracePointContext,
+};
+
+const AF_UNIX: u16 = 1;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const SOCK_STREAM: u16 = 1;
+const MSG_PEEK: i32 = 2;
+
+// x86_64 syscall numbers and `struct pt_regs` offsets (a fixed ABI).
+const NR_READ: u64 = 0;
+const NR_WRITE: u64 = 1;
+const NR_READV: u64 = 19;
+const NR_WRITEV: u64 = 20;
+const NR_SENDTO: u64 = 44;
+const NR_RECVFROM: u64 = 45;
+const NR_SENDMSG: u64 = 46;
+const NR_RECVMSG: u64 = 47;
+const REGS_SI: usize = 13 * 8;
+const REGS_ORIG_AX: usize = 15 * 8;
+/// `struct user_msghdr.msg_iov`.
+const MSGHDR_IOV: usize = 16;
+
+/// Bytes of each read or write copied for the walkers at once (a power of two).
+const SCRATCH: usize = 1024;
+const SCRATCH_MASK: u32 = (SCRATCH - 1) as u32;
+/// Steps per read or write: messages (PostgreSQL, MySQL) or bytes of RESP headers (Redis).
+const PG_MAX_MSGS: u32 = 96;
+const MY_MAX_PACKETS: u32 = 8;
+/// RESP steps per program run; a longer read or write continues in a tail call of the same
+/// walker (at most `MAX_HOPS` times): each program stays small enough for the verifier.
+const RESP_MAX_STEPS: u32 = 96;
+const MAX_HOPS: u32 = 16;
+
+/// Walker programs in `DB_WALKERS`.
+const WALK_PG: u32 = 0;
+const WALK_MYSQL: u32 = 1;
+const WALK_RESP_REQ: u32 = 2;
+const WALK_RESP_RESP: u32 = 3;
+/// Requests or completions noted per read or write (a power of two); more are still timed,
+/// without their own event.
+const MAX_OPS: usize = 64;
+/// PostgreSQL Sync groups in flight per connection (a power of two).
+const PG_SYNCS: usize = 16;
+const WAKEUP_EVERY: u32 = 64;
+const INFLIGHT_MASK: u64 = (DB_INFLIGHT - 1) as u64;
+
+/// Conn::phase
+const READY: u8 = 0;
+/// PostgreSQL: an untyped startup packet comes next from the client.
+const PG_STARTUP: u8 = 1;
+/// PostgreSQL: the SSL/GSS request awaits its one-byte answer.
+const PG_SSL_WAIT: u8 = 2;
+/// MySQL: greeting seen, authentication under way.
+const MY_HANDSHAKE: u8 = 3;
+/// Encrypted: nothing more to read.
+const TLS: u8 = 4;
+
+/// FIFO entry flags (PostgreSQL).
+const Q_EXEC: u8 = 1;
+
+/// RESP walker states.
+const R_TYPE: u8 = 0;
+const R_NUM: u8 = 1;
+const R_NUM_LF: u8 = 2;
+const R_LINE: u8 = 3;
+const R_BAD: u8 = 4;
+/// What a RESP number counts.
+const N_AGG: u8 = 1;
+const N_MAP: u8 = 2;
+const N_BULK: u8 = 3;
+/// Flags of the top-level RESP value being read.
+const TOP_ERR: u8 = 1;
+const TOP_NULL: u8 = 2;
+
+/// A RESP walker for one direction.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Resp {
+    num: u64,
+    /// Payload bytes (plus CRLF) of a bulk string still to pass.
+    skip: u64,
+    /// Elements still owed by the top-level value being read (0: between values).
+    remaining: u32,
+    state: u8,
+    num_kind: u8,
+    neg: u8,
+    /// The element being read is the top-level value itself.
+    at_top: u8,
+    top: u8,
+    _pad: [u8; 7],
+}
+
+/// What we remember about a recognised connection, in the socket's storage.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Conn {
+    sk: u64,
+    conn_id: u64,
+    /// Sequence numbers: `head` is the oldest request in flight, `tail` the next to assign.
+    head: u64,
+    tail: u64,
+    start: [u64; DB_INFLIGHT],
+    qflags: [u8; DB_INFLIGHT],
+    /// Bytes of a length-framed message (PostgreSQL, MySQL) that continue in the next read or
+    /// write, per direction.
+    req_skip: u64,
+    resp_skip: u64,
+    req: Resp,
+    resp: Resp,
+    /// MySQL: a command's header came alone; its body (command byte first) comes next.
+    my_cmd_pending: u64,
+    /// MySQL: a response header came alone (time it arrived); the outcome byte comes next.
+    my_resp_pending_ns: u64,
+    pid: u32,
+    system: u8,
+    role: u8,
+    phase: u8,
+    /// PostgreSQL: an ErrorResponse arrived for the simple query in flight.
+    pg_err: u8,
+    /// PostgreSQL: an Execute failed; the server skips to the next Sync.
+    pg_aborted: u8,
+    /// PostgreSQL: framing lost inside a long response; only a trailing ReadyForQuery tells
+    /// where it ends.
+    pg_hunt: u8,
+    _pad: [u8; 6],
+    /// PostgreSQL: where each Sync group in flight ends (the `tail` after its Sync or Query).
+    syncs: [u64; PG_SYNCS],
+    sync_head: u64,
+    sync_tail: u64,
+}
+
+#[btf_map]
+static DB_CONNS: SkStorage<Conn> = SkStorage::new();
+
+/// Per-CPU working memory of one read or write: a copy of its first bytes, the walk's
+/// position, and what the walk found (announced once it is done).
+#[repr(C)]
+struct Scratch {
+    /// Slack past SCRATCH so that header reads at a masked offset stay inside.
+    buf: [u8; SCRATCH + 16],
+    /// The user buffer and the bytes of it that are ours to read.
+    buf_addr: u64,
+    now: u64,
+    len: u32,
+    /// `buf` holds bytes `base..base + copied` of the user buffer.
+    base: u32,
+    copied: u32,
+    at: u32,
+    span: u32,
+    nreq: u32,
+    ndone: u32,
+    /// Tail calls taken for this read or write.
+    hops: u32,
+    /// The bytes travel in the request direction (client to server).
+    req: u8,
+    _pad: [u8; 3],
+    first_req: u64,
+    req_at: [u32; MAX_OPS],
+    done_seq: [u64; MAX_OPS],
+    /// When a completion was not at `now` (a MySQL response whose header came alone); 0: now.
+    done_end: [u64; MAX_OPS],
+    done_count: [u8; MAX_OPS],
+    done_outcome: [u8; MAX_OPS],
+}
+
+#[map]
+static DB_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// The protocol walkers, each its own program (see `WALK_*`), loaded for the same tracepoint
+/// prototype as the entry programs so that they can be tail-called.
+#[map]
+static DB_WALKERS: ProgramArray = ProgramArray::with_max_entries(4, 0);
+
+#[map]
+static DB_EVENTS: RingBuf = RingBuf::with_byte_size(DB_RINGBUF_BYTES, 0);
+
+#[map]
+static DB_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
+
+#[map]
+static DB_PENDING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Field offsets from the kernel's BTF, set by userspace at load (see `net.rs`).
+#[unsafe(no_mangle)]
+static DB_OFFSETS: DbOffsets = DbOffsets {
+    flags: 0,
+    skc_family: 0,
+    sk_type: 0,
+    skc_daddr: 0,
+    skc_rcv_saddr: 0,
+    skc_dport: 0,
+    skc_num: 0,
+    skc_v6_daddr: 0,
+    skc_v6_rcv_saddr: 0,
+    unix_addr: 0,
+    unix_peer: 0,
+    unix_address_name: 0,
+    unix_address_len: 0,
+    _reserved: 0,
+};
+
+#[inline(always)]
+fn offsets() -> DbOffsets {
+    // SAFETY: a static of our own; volatile so the compiler does not fold the placeholder.
+    unsafe { core::ptr::read_volatile(&DB_OFFSETS) }
+}
+
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn isa_db_send(ctx: BtfTracePointContext) -> i32 {
+    // sock_send_length(struct sock *sk, int ret, int flags)
+    let sk: *const u8 = ctx.arg(0);
+    let ret: i32 = ctx.arg(1);
+    if let Some(walker) = on_io(sk, ret, true) {
+        // SAFETY: our own program array and context; on success this does not return.
+        unsafe { DB_WALKERS.tail_call(&ctx, walker) };
+        bump(counters::DESYNC);
+    }
+    0
+}
+
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn isa_db_recv(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    let ret: i32 = ctx.arg(1);
+    let flags: i32 = ctx.arg(2);
+    if flags & MSG_PEEK != 0 {
+        return 0;
+    }
+    if let Some(walker) = on_io(sk, ret, false) {
+        // SAFETY: as above.
+        unsafe { DB_WALKERS.tail_call(&ctx, walker) };
+        bump(counters::DESYNC);
+    }
+    0
+}
+
+/// The walkers: same prototype as the entry programs (`sock_*_length`), never attached, only
+/// tail-called with the scratch set up by `on_io`.
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn isa_db_walk_pg(ctx: BtfTracePointContext) -> i32 {
+    if let Some((c, w)) = walk_state(&ctx) {
+        let req = w.req != 0;
+        pg_walk(c, w, req);
+        announce(c, w);
+    }
+    0
+}
+
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn isa_db_walk_mysql(ctx: BtfTracePointContext) -> i32 {
+    if let Some((c, w)) = walk_state(&ctx) {
+        let req = w.req != 0;
+        my_walk(c, w, req);
+        announce(c, w);
+    }
+    0
+}
+
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn isa_db_walk_resp_req(ctx: BtfTracePointContext) -> i32 {
+    resp_program::<true>(&ctx, WALK_RESP_REQ);
+    0
+}
+
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn isa_db_walk_resp_resp(ctx: BtfTracePointContext) -> i32 {
+    resp_program::<false>(&ctx, WALK_RESP_RESP);
+    0
+}
+
+#[inline(always)]
+fn resp_program<const REQ: bool>(ctx: &BtfTracePointContext, me: u32) {
+    let Some((c, w)) = walk_state(ctx) else {
+        return;
+    };
+    if resp_walk::<REQ>(c, w) {
+        // Steps ran out with bytes left: go on in a fresh run of this program.
+        if w.hops < MAX_HOPS {
+            w.hops += 1;
+            // SAFETY: our own program array and context; on success this does not return.
+            unsafe { DB_WALKERS.tail_call(ctx, me) };
+        }
+        desync(c);
+    }
+    announce(c, w);
+}
+
+/// The connection and the scratch `on_io` prepared.
+#[inline(always)]
+fn walk_state(ctx: &BtfTracePointContext) -> Option<(&'static mut Conn, &'static mut Scratch)> {
+    let sk: *const u8 = ctx.arg(0);
+    let c = DB_CONNS.get(sk)?;
+    let w = DB_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: the socket's storage and the per-CPU scratch, both live for this run.
+    Some(unsafe { (&mut *c, &mut *w) })
+}
+
+#[inline(always)]
+fn bump(counter: u32) {
+    if let Some(c) = DB_COUNTERS.get_ptr_mut(counter) {
+        // SAFETY: per-CPU slot; programs do not preempt each other on one CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn load<T: Copy>(base: *const u8, off: u32) -> T {
+    // SAFETY: a BTF-typed kernel pointer at a known offset: the verifier checks the access.
+    unsafe { core::ptr::read_volatile(base.wrapping_add(off as usize).cast::<T>()) }
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn read_user(dst: *mut u8, len: u32, src: u64) -> bool {
+    // SAFETY: the helper checks both addresses; a fault returns an error.
+    unsafe { bpf_probe_read_user(dst.cast(), len, src as *const _) == 0 }
+}
+
+/// The user buffer this read or write used, from the syscall's arguments, and how many of
+/// `ret` bytes are in its first segment.
+#[inline(always)]
+fn user_buffer(ret: u32) -> Option<(u64, u32)> {
+    // SAFETY: the current task is a trusted pointer; the result is its saved user registers.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
+    if regs.is_null() {
+        return None;
+    }
+    // SAFETY: pt_regs is a BTF type; constant offsets inside it.
+    let nr: u64 = unsafe { core::ptr::read_volatile(regs.add(REGS_ORIG_AX).cast()) };
+    let si: u64 = unsafe { core::ptr::read_volatile(regs.add(REGS_SI).cast()) };
+    let iov_ptr = match nr {
+        NR_READ | NR_WRITE | NR_RECVFROM | NR_SENDTO => return Some((si, ret)),
+        NR_READV | NR_WRITEV => si,
+        NR_RECVMSG | NR_SENDMSG => {
+            let mut p = 0u64;
+            if !read_user((&raw mut p).cast(), 8, si + MSGHDR_IOV as u64) {
+                return None;
+            }
+            p
+        }
+        // io_uring, sendfile, splice, compat syscalls: not followed.
+        _ => return None,
+    };
+    let mut iov = [0u64; 2];
+    if !read_user(iov.as_mut_ptr().cast(), 16, iov_ptr) {
+        return None;
+    }
+    let first = if iov[1] < ret as u64 {
+        iov[1] as u32
+    } else {
+        ret
+    };
+    Some((iov[0], first))
+}
+
+/// Filters, recognises and prepares the scratch; returns the walker to tail-call.
+#[inline(always)]
+fn on_io(sk: *const u8, ret: i32, send: bool) -> Option<u32> {
+    if ret <= 0 {
+        return None;
+    }
+    let off = offsets();
+    let family: u16 = load(sk, off.skc_family);
+    if family != AF_INET && family != AF_INET6 && family != AF_UNIX {
+        return None;
+    }
+    let ty: u16 = load(sk, off.sk_type);
+    if ty != SOCK_STREAM {
+        return None;
+    }
+    let conn = match DB_CONNS.get(sk) {
+        Some(c) => c,
+        None => recognise(sk, ret as u32, send, family, &off)?,
+    };
+    // SAFETY: storage of this socket; tracepoints on one socket may run on two CPUs at once
+    // (a reader and a writer), which at worst misorders a request with its own response: the
+    // FIFO indices stay in range because every index is masked.
+    let c = unsafe { &mut *conn };
+    if c.phase == TLS {
+        return None;
+    }
+    let (buf, len) = user_buffer(ret as u32)?;
+    let w = DB_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU scratch; programs do not preempt each other on one CPU.
+    let w = unsafe { &mut *w };
+    w.buf_addr = buf;
+    w.len = len;
+    w.base = 0;
+    w.copied = fill(w, 0);
+    w.nreq = 0;
+    w.ndone = 0;
+    w.hops = 0;
+    w.at = 0;
+    let request_dir = (c.role == role::CLIENT) == send;
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if pid != c.pid {
+        c.pid = pid;
+        conn_event(sk, c, family, &off);
+    }
+    w.now = now_ns();
+    w.req = request_dir as u8;
+    match c.system {
+        system::POSTGRESQL => Some(WALK_PG),
+        system::MYSQL => Some(WALK_MYSQL),
+        system::REDIS if request_dir => Some(WALK_RESP_REQ),
+        system::REDIS => Some(WALK_RESP_RESP),
+        _ => None,
+    }
+}
+
+/// Copies up to SCRATCH bytes of the user buffer from `from` into the scratch; returns how many.
+#[inline(always)]
+fn fill(s: &mut Scratch, from: u32) -> u32 {
+    let len = s.len;
+    if from >= len {
+        return 0;
+    }
+    let mut n = len - from;
+    if n > SCRATCH as u32 {
+        n = SCRATCH as u32;
+    }
+    if read_user(s.buf.as_mut_ptr(), n, s.buf_addr + from as u64) {
+        n
+    } else {
+        0
+    }
+}
+
+/// The first read or write of a socket without state: is it one of ours?
+#[inline(always)]
+fn recognise(
+    sk: *const u8,
+    ret: u32,
+    send: bool,
+    family: u16,
+    off: &DbOffsets,
+) -> Option<*mut Conn> {
+    let (buf, n) = user_buffer(ret)?;
+    if n < 5 {
+        return None;
+    }
+    let mut h = [0u8; 16];
+    let want = if n < 16 { n } else { 16 };
+    if !read_user(h.as_mut_ptr(), want, buf) {
+        return None;
+    }
+    let be32 = |i: usize| u32::from_be_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+    let le24 = u32::from_le_bytes([h[0], h[1], h[2], 0]);
+    let letter = |b: u8| b.is_ascii_alphabetic() || b == b'(' || b == b' ' || b == b'\n';
+    // (system, phase, the data is a request: else a server greeting)
+    let (sys, phase, request) = if n >= 8 && be32(0) == n && be32(4) == 196_608 {
+        (system::POSTGRESQL, READY, true) // startup packet: consumed here
+    } else if n == 8 && be32(0) == 8 && (be32(4) == 80_877_103 || be32(4) == 80_877_104) {
+        (system::POSTGRESQL, PG_SSL_WAIT, true)
+    } else if (h[0] == b'Q' && be32(1) + 1 == n && be32(1) >= 5 && letter(h[5]))
+        || (h[0] == b'P' && be32(1) >= 6 && be32(1) < n && (h[5] == 0 || letter(h[5])))
+    {
+        // A simple query alone, or a Parse: an established connection the agent joins late.
+        (system::POSTGRESQL, READY, true)
+    } else if h[3] == 0 && le24 + 4 == n && h[4] == 0x0a && h[5].is_ascii_digit() {
+        (system::MYSQL, MY_HANDSHAKE, false) // server greeting: consumed here
+    } else if h[3] == 0 && le24 + 4 == n && h[4] == 0x03 && letter(h[5]) {
+        (system::MYSQL, READY, true)
+    } else if h[0] == b'*'
+        && h[1].is_ascii_digit()
+        && h[1] != b'0'
+        && ((h[2] == b'\r' && h[3] == b'\n' && h[4] == b'$')
+            || (h[2].is_ascii_digit() && h[3] == b'\r' && h[4] == b'\n' && h[5] == b'$'))
+    {
+        (system::REDIS, READY, true)
+    } else {
+        return None;
+    };
+    let Some(conn) = DB_CONNS.get_or_insert(sk) else {
+        bump(counters::STORAGE_FAILED);
+        return None;
+    };
+    bump(counters::CONNS);
+    // SAFETY: fresh, zeroed storage of this socket.
+    let c = unsafe { &mut *conn };
+    c.sk = sk as u64;
+    c.conn_id = now_ns();
+    c.system = sys;
+    // Who sends requests is the client; who sends the greeting is the server.
+    c.role = if send == request {
+        role::CLIENT
+    } else {
+        role::SERVER
+    };
+    c.phase = phase;
+    c.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    conn_event(sk, c, family, off);
+    // A startup packet or greeting is not walked; for a request, say so by returning the state
+    // and letting the walker see the same bytes.
+    let consumed = (sys == system::POSTGRESQL && request && phase == READY && h[0] == 0)
+        || phase == PG_SSL_WAIT
+        || phase == MY_HANDSHAKE;
+    if consumed {
+        return None;
+    }
+    Some(conn)
+}
+
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    const BPF_RB_NO_WAKEUP: u64 = 1;
+    const BPF_RB_FORCE_WAKEUP: u64 = 2;
+    let Some(n) = DB_PENDING.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU slot.
+    unsafe {
+        *n += 1;
+        if *n >= WAKEUP_EVERY {
+            *n = 0;
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        }
+    }
+}
+
+/// Who owns the connection and where it goes.
+#[inline(always)]
+fn conn_event(sk: *const u8, c: &Conn, family: u16, off: &DbOffsets) {
+    let Some(mut e) = DB_EVENTS.reserve::<DbConnEvent>(0) else {
+        bump(counters::DROPS);
+        return;
+    };
+    let p = e.as_mut_ptr();
+    // SAFETY: reserved ring space of exactly this type; every field is written below.
+    unsafe {
+        (*p).kind = kind::CONN;
+        (*p).system = c.system;
+        (*p).role = c.role;
+        (*p).family = family as u8;
+        (*p).pid = c.pid;
+        (*p).sk = sk as u64;
+        (*p).conn_id = c.conn_id;
+        (*p).cgroup_id = bpf_get_current_cgroup_id();
+        (*p).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        (*p).saddr = [0; 16];
+        (*p).daddr = [0; 16];
+        (*p).sport = 0;
+        (*p).dport = 0;
+        (*p).path_len = 0;
+        (*p)._pad = 0;
+        (*p).path = [0; DB_PATH_LEN];
+        if family == AF_INET {
+            let d: [u8; 4] = load(sk, off.skc_daddr);
+            let s: [u8; 4] = load(sk, off.skc_rcv_saddr);
+            (*p).daddr = [d[0], d[1], d[2], d[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            (*p).saddr = [s[0], s[1], s[2], s[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        } else if family == AF_INET6 {
+            (*p).daddr = load(sk, off.skc_v6_daddr);
+            (*p).saddr = load(sk, off.skc_v6_rcv_saddr);
+        }
+        if family != AF_UNIX {
+            (*p).dport = u16::from_be(load::<u16>(sk, off.skc_dport));
+            (*p).sport = load::<u16>(sk, off.skc_num);
+        } else if off.flags & DB_HAVE_UNIX != 0 {
+            // The listening path: an accepted socket carries it as its own address, a
+            // client finds it on its peer.
+            let mut owner = sk as u64;
+            if c.role == role::CLIENT {
+                let mut peer = 0u64;
+                let _ = bpf_probe_read_kernel_buf(
+                    sk.wrapping_add(off.unix_peer as usize),
+                    core::slice::from_raw_parts_mut((&raw mut peer).cast::<u8>(), 8),
+                );
+                owner = peer;
+            }
+            let mut addr = 0u64;
+            if owner != 0 {
+                let _ = bpf_probe_read_kernel_buf(
+                    (owner as *const u8).wrapping_add(off.unix_addr as usize),
+                    core::slice::from_raw_parts_mut((&raw mut addr).cast::<u8>(), 8),
+                );
+            }
+            if addr != 0 {
+                let mut alen = 0i32;
+                let _ = bpf_probe_read_kernel_buf(
+                    (addr as *const u8).wrapping_add(off.unix_address_len as usize),
+                    core::slice::from_raw_parts_mut((&raw mut alen).cast::<u8>(), 4),
+                );
+                // sockaddr_un: a 2-byte family, then the path.
+                if bpf_probe_read_kernel_buf(
+                    (addr as *const u8).wrapping_add(off.unix_address_name as usize + 2),
+                    &mut (*p).path,
+                )
+                .is_ok()
+                {
+                    let l = alen - 2;
+                    (*p).path_len = if l < 0 {
+                        0
+                    } else if l > DB_PATH_LEN as i32 {
+                        DB_PATH_LEN as u32
+                    } else {
+                        l as u32
+                    };
+                }
+            }
+        }
+    }
+    e.submit(wakeup_flags());
+    bump(counters::EVENTS);
+}
+
+/// Starts timing a request; returns its sequence number, or None if too many are in flight.
+#[inline(always)]
+fn push(c: &mut Conn, flags: u8, now: u64) -> Option<u64> {
+    let (head, tail) = (vget(&c.head), vget(&c.tail));
+    if tail.wrapping_sub(head) >= DB_INFLIGHT as u64 {
+        bump(counters::INFLIGHT_FULL);
+        return None;
+    }
+    let i = (tail & INFLIGHT_MASK) as usize;
+    if i < DB_INFLIGHT {
+        c.start[i] = now;
+        c.qflags[i] = flags;
+    }
+    vset(&mut c.tail, tail + 1);
+    Some(tail)
+}
+
+#[inline(always)]
+fn head_flags(c: &Conn) -> Option<u8> {
+    let head = vget(&c.head);
+    if head == vget(&c.tail) {
+        return None;
+    }
+    let i = (head & INFLIGHT_MASK) as usize;
+    if i < DB_INFLIGHT {
+        Some(vget(&c.qflags[i]))
+    } else {
+        None
+    }
+}
+
+/// Notes a request that starts at `at` of this read or write (announced after the walk).
+#[inline(always)]
+fn note_request(c: &mut Conn, w: &mut Scratch, flags: u8, at: u32) {
+    let Some(seq) = push(c, flags, w.now) else {
+        return;
+    };
+    let k = vget(&w.nreq);
+    if k == 0 {
+        w.first_req = seq;
+    }
+    if (k as usize) < MAX_OPS {
+        w.req_at[k as usize & (MAX_OPS - 1)] = at;
+        vset(&mut w.nreq, k + 1);
+    }
+}
+
+/// Completes the oldest `count` requests in flight with `result` (announced after the walk).
+#[inline(always)]
+fn note_done(c: &mut Conn, w: &mut Scratch, result: u8, count: u64) {
+    let head = vget(&c.head);
+    let inflight = vget(&c.tail).wrapping_sub(head);
+    let n = if count > inflight { inflight } else { count };
+    if n == 0 {
+        return;
+    }
+    let k = vget(&w.ndone);
+    if (k as usize) < MAX_OPS {
+        let i = k as usize & (MAX_OPS - 1);
+        w.done_seq[i] = head;
+        w.done_count[i] = n as u8;
+        w.done_outcome[i] = result;
+        w.done_end[i] = 0;
+        vset(&mut w.ndone, k + 1);
+    }
+    vset(&mut c.head, head + n);
+}
+
+/// Drops the requests in flight: the framing is lost, their responses cannot be told apart.
+#[inline(always)]
+fn desync(c: &mut Conn) {
+    bump(counters::DESYNC);
+    c.head = c.tail;
+    c.sync_head = c.sync_tail;
+    c.req_skip = 0;
+    c.resp_skip = 0;
+    c.req = Resp::zero();
+    c.resp = Resp::zero();
+    c.my_cmd_pending = 0;
+    c.my_resp_pending_ns = 0;
+    c.pg_err = 0;
+    c.pg_aborted = 0;
+    c.pg_hunt = 0;
+}
+
+/// Loop state lives in map memory, read and written with volatile accesses: the verifier then
+/// sees no data-dependent registers at the loop head and prunes every path after the first.
+#[inline(always)]
+fn vget<T: Copy>(p: &T) -> T {
+    // SAFETY: a reference is a valid pointer.
+    unsafe { core::ptr::read_volatile(p) }
+}
+
+#[inline(always)]
+fn vset<T: Copy>(p: &mut T, v: T) {
+    // SAFETY: a reference is a valid pointer.
+    unsafe { core::ptr::write_volatile(p, v) }
+}
+
+/// Emits the requests and completions the walk noted.
+#[inline(always)]
+fn announce(c: &Conn, w: &Scratch) {
+    let nreq = vget(&w.nreq);
+    for k in 0..MAX_OPS as u32 {
+        if k >= nreq {
+            break;
+        }
+        let at = w.req_at[k as usize & (MAX_OPS - 1)];
+        request_event(c, w.first_req + k as u64, w.now, w.buf_addr, at, w.len);
+    }
+    let ndone = vget(&w.ndone);
+    for k in 0..MAX_OPS as u32 {
+        if k >= ndone {
+            break;
+        }
+        let i = k as usize & (MAX_OPS - 1);
+        response_event(
+            c,
+            w.done_seq[i],
+            w.done_count[i] as u32,
+            w.done_outcome[i],
+            w.done_end[i],
+            w.now,
+        );
+    }
+}
+
+#[inline(always)]
+fn response_event(c: &Conn, seq: u64, count: u32, result: u8, end: u64, now: u64) {
+    let Some(mut e) = DB_EVENTS.reserve::<DbResponseEvent>(0) else {
+        bump(counters::DROPS);
+        return;
+    };
+    let i = (seq & INFLIGHT_MASK) as usize;
+    let start = if i < DB_INFLIGHT { c.start[i] } else { 0 };
+    let p = e.as_mut_ptr();
+    // SAFETY: reserved ring space of exactly this type; every field is written.
+    unsafe {
+        (*p).kind = kind::RESPONSE;
+        (*p).system = c.system;
+        (*p).role = c.role;
+        (*p).outcome = result;
+        (*p).pid = c.pid;
+        (*p).sk = c.sk;
+        (*p).conn_id = c.conn_id;
+        (*p).seq = seq;
+        (*p).count = count;
+        (*p)._pad = 0;
+        (*p).start_ns = start;
+        (*p).end_ns = if end != 0 { end } else { now };
+    }
+    e.submit(wakeup_flags());
+    bump(counters::EVENTS);
+}
+
+/// Announces a request with the first bytes of it.
+#[inline(always)]
+fn request_event(c: &Conn, seq: u64, now: u64, buf: u64, at: u32, len: u32) {
+    let Some(mut e) = DB_EVENTS.reserve::<DbRequestEvent>(0) else {
+        bump(counters::DROPS);
+        return;
+    };
+    let p = e.as_mut_ptr();
+    let avail = len.saturating_sub(at);
+    let mut n = avail;
+    if n > DB_PREFIX_LEN as u32 {
+        n = DB_PREFIX_LEN as u32;
+    }
+    // SAFETY: reserved ring space of exactly this type; every field is written.
+    unsafe {
+        (*p).kind = kind::REQUEST;
+        (*p).system = c.system;
+        (*p).role = c.role;
+        (*p)._pad = 0;
+        (*p).pid = c.pid;
+        (*p).sk = c.sk;
+        (*p).conn_id = c.conn_id;
+        (*p).seq = seq;
+        (*p).start_ns = now;
+        (*p).len = avail;
+        (*p).prefix_len = 0;
+        if n > 0 && read_user((*p).prefix.as_mut_ptr(), n, buf + at as u64) {
+            (*p).prefix_len = n;
+        }
+    }
+    e.submit(wakeup_flags());
+    bump(counters::EVENTS);
+}
+
+#[inline(always)]
+fn byte(s: &Scratch, i: u32) -> u8 {
+    s.buf[(i & SCRATCH_MASK) as usize]
+}
+
+/// The 5-byte PostgreSQL message header at `at`: type and length (which counts itself).
+#[inline(always)]
+fn pg_header(s: &Scratch, at: u32) -> (u8, u32) {
+    let mut h = [0u8; 5];
+    if at + 5 <= vget(&s.copied) {
+        let i = (at & SCRATCH_MASK) as usize;
+        h.copy_from_slice(&s.buf[i..i + 5]);
+    } else if !read_user(h.as_mut_ptr(), 5, s.buf_addr + at as u64) {
+        return (0, 0);
+    }
+    (h[0], u32::from_be_bytes([h[1], h[2], h[3], h[4]]))
+}
+
+#[inline(always)]
+fn pg_walk(c: &mut Conn, w: &mut Scratch, req: bool) {
+    if c.phase == PG_SSL_WAIT {
+        if req {
+            return;
+        }
+        // One byte: 'S' (or 'G') and the rest is encrypted, 'N' and a startup packet follows.
+        if w.copied > 0 && byte(w, 0) == b'N' {
+            c.phase = PG_STARTUP;
+        } else {
+            c.phase = TLS;
+            bump(counters::TLS);
+        }
+        return;
+    }
+    if c.phase == PG_STARTUP {
+        if req {
+            c.phase = READY;
+        }
+        return;
+    }
+    if !req && c.pg_hunt != 0 {
+        pg_tail_ready(c, w);
+        return;
+    }
+    let len = w.len as u64;
+    let skip = if req { c.req_skip } else { c.resp_skip };
+    if skip >= len {
+        if req {
+            c.req_skip = skip - len;
+        } else {
+            c.resp_skip = skip - len;
+        }
+        return;
+    }
+    if req {
+        c.req_skip = 0;
+    } else {
+        c.resp_skip = 0;
+    }
+    vset(&mut w.at, skip as u32);
+    // Where the current request's messages began (Parse/Bind... before its Execute).
+    vset(&mut w.span, skip as u32);
+    for _ in 0..PG_MAX_MSGS {
+        let at = vget(&w.at);
+        if at >= w.len {
+            return;
+        }
+        if at + 5 > w.len {
+            // A header split across reads.
+            if req {
+                desync(c);
+            } else {
+                c.pg_hunt = 1;
+            }
+            return;
+        }
+        let (t, mlen) = pg_header(w, at);
+        if mlen < 4 {
+            desync(c);
+            return;
+        }
+        let end = at as u64 + 1 + mlen as u64;
+        if req {
+            match t {
+                b'Q' | b'E' => {
+                    let span = vget(&w.span);
+                    note_request(c, w, if t == b'E' { Q_EXEC } else { 0 }, span);
+                    if t == b'Q' {
+                        sync_push(c);
+                    }
+                    vset(&mut w.span, end as u32);
+                }
+                b'S' => {
+                    // A group that runs nothing (Parse/Describe only: a prepared statement)
+                    // is still a round trip, and userspace learns the statement's SQL from it.
+                    let span = vget(&w.span);
+                    if span < at {
+                        note_request(c, w, 0, span);
+                    }
+                    sync_push(c);
+                    vset(&mut w.span, end as u32);
+                }
+                b'P' | b'B' | b'D' | b'C' | b'H' | b'X' | b'p' | b'd' | b'c' | b'f' | b'F' => {}
+                _ => {
+                    desync(c);
+                    return;
+                }
+            }
+        } else {
+            match t {
+                b'C' | b'I' | b's' => {
+                    if head_flags(c).is_some_and(|f| f & Q_EXEC != 0) {
+                        note_done(c, w, outcome::OK, 1);
+                    }
+                }
+                b'E' => match head_flags(c) {
+                    Some(f) if f & Q_EXEC != 0 => {
+                        note_done(c, w, outcome::ERROR, 1);
+                        c.pg_aborted = 1;
+                    }
+                    Some(_) => c.pg_err = 1,
+                    None => {}
+                },
+                b'Z' => pg_ready(c, w),
+                b'1' | b'2' | b'3' | b'n' | b't' | b'T' | b'D' | b'N' | b'A' | b'S' | b'K'
+                | b'R' | b'G' | b'H' | b'W' | b'd' | b'c' | b'v' | b'V' => {}
+                _ => {
+                    desync(c);
+                    return;
+                }
+            }
+        }
+        if end > len {
+            if req {
+                c.req_skip = end - len;
+            } else {
+                c.resp_skip = end - len;
+            }
+            return;
+        }
+        vset(&mut w.at, end as u32);
+    }
+    if vget(&w.at) < w.len {
+        if req {
+            desync(c);
+        } else {
+            // Too many messages for one pass (a long result): find its end by its last message.
+            c.pg_hunt = 1;
+            pg_tail_ready(c, w);
+        }
+    }
+}
+
+/// A Sync (or simple Query) closes a group: its ReadyForQuery completes what is left of it.
+#[inline(always)]
+fn sync_push(c: &mut Conn) {
+    let st = vget(&c.sync_tail);
+    if st.wrapping_sub(vget(&c.sync_head)) >= PG_SYNCS as u64 {
+        return;
+    }
+    c.syncs[(st & (PG_SYNCS as u64 - 1)) as usize] = vget(&c.tail);
+    vset(&mut c.sync_tail, st + 1);
+}
+
+/// ReadyForQuery: the requests of the oldest group still in flight are done: a simple query
+/// (failed if an ErrorResponse came), or Executes the server skipped after an error (or whose
+/// CommandCompletes were in a part of a long response that was not walked).
+#[inline(always)]
+fn pg_ready(c: &mut Conn, w: &mut Scratch) {
+    let aborted = c.pg_aborted != 0;
+    let failed = c.pg_err != 0;
+    c.pg_aborted = 0;
+    c.pg_err = 0;
+    let sh = vget(&c.sync_head);
+    if sh == vget(&c.sync_tail) {
+        return;
+    }
+    let end = vget(&c.syncs[(sh & (PG_SYNCS as u64 - 1)) as usize]);
+    vset(&mut c.sync_head, sh + 1);
+    let n = end.wrapping_sub(vget(&c.head));
+    if n == 0 || n > DB_INFLIGHT as u64 {
+        return;
+    }
+    let result = match head_flags(c) {
+        _ if aborted => outcome::SKIPPED,
+        Some(f) if f & Q_EXEC == 0 && failed => outcome::ERROR,
+        _ => outcome::OK,
+    };
+    note_done(c, w, result, n);
+}
+
+/// In a long response whose messages were not all walked: a read that ends with
+/// ReadyForQuery ends it.
+#[inline(always)]
+fn pg_tail_ready(c: &mut Conn, w: &mut Scratch) {
+    let len = w.len;
+    if len < 6 {
+        return;
+    }
+    let mut t = [0u8; 6];
+    let at = len - 6;
+    if len <= vget(&w.copied) {
+        let i = (at & SCRATCH_MASK) as usize;
+        t.copy_from_slice(&w.buf[i..i + 6]);
+    } else if !read_user(t.as_mut_ptr(), 6, w.buf_addr + at as u64) {
+        return;
+    }
+    if t[0] != b'Z' || t[1..5] != [0, 0, 0, 5] {
+        return;
+    }
+    c.pg_hunt = 0;
+    c.resp_skip = 0;
+    pg_ready(c, w);
+}
+
+#[inline(always)]
+fn my_walk(c: &mut Conn, w: &mut Scratch, req: bool) {
+    let len = w.len;
+    let copied = w.copied;
+    if !req {
+        if c.my_resp_pending_ns != 0 {
+            // The outcome byte of a response whose header came alone.
+            let t = c.my_resp_pending_ns;
+            c.my_resp_pending_ns = 0;
+            let r = if copied > 0 && byte(w, 0) == 0xff {
+                outcome::ERROR
+            } else {
+                outcome::OK
+            };
+            note_done(c, w, r, 1);
+            w.done_end[0] = t;
+            return;
+        }
+        if c.phase == MY_HANDSHAKE {
+            // Authentication ends with OK (or ERR); switch requests and more data go on.
+            if copied >= 5 && (byte(w, 4) == 0x00 || byte(w, 4) == 0xff) {
+                c.phase = READY;
+            }
+            return;
+        }
+        // The first packet after a command is its response; rows that follow are not walked
+        // (the classic protocol has one command in flight).
+        if c.head == c.tail {
+            return;
+        }
+        if len == 4 {
+            c.my_resp_pending_ns = w.now;
+            return;
+        }
+        if copied >= 5 {
+            let r = if byte(w, 4) == 0xff {
+                outcome::ERROR
+            } else {
+                outcome::OK
+            };
+            note_done(c, w, r, 1);
+        }
+        return;
+    }
+    let mut at: u32 = 0;
+    if c.my_cmd_pending != 0 {
+        // The body of a command whose header came alone: the command byte is first.
+        let plen = c.my_cmd_pending;
+        c.my_cmd_pending = 0;
+        my_command(c, w, 0, plen);
+        if plen > len as u64 {
+            c.req_skip = plen - len as u64;
+            return;
+        }
+        at = plen as u32;
+    } else if c.req_skip > 0 {
+        if c.req_skip >= len as u64 {
+            c.req_skip -= len as u64;
+            return;
+        }
+        at = c.req_skip as u32;
+        c.req_skip = 0;
+    }
+    for _ in 0..MY_MAX_PACKETS {
+        if at >= len {
+            return;
+        }
+        if at + 4 > len {
+            desync(c);
+            return;
+        }
+        let mut h = [0u8; 4];
+        if at + 4 <= copied {
+            let i = (at & SCRATCH_MASK) as usize;
+            h.copy_from_slice(&w.buf[i..i + 4]);
+        } else if !read_user(h.as_mut_ptr(), 4, w.buf_addr + at as u64) {
+            return;
+        }
+        let plen = u32::from_le_bytes([h[0], h[1], h[2], 0]) as u64;
+        let seq = h[3];
+        if c.phase == MY_HANDSHAKE {
+            // A 32-byte handshake response is an SSL request: TLS follows.
+            if seq == 1 && plen == 32 {
+                c.phase = TLS;
+                bump(counters::TLS);
+                return;
+            }
+        } else if seq == 0 {
+            if at + 4 == len {
+                c.my_cmd_pending = plen;
+                return;
+            }
+            my_command(c, w, at + 4, plen);
+        }
+        let end = at as u64 + 4 + plen;
+        if end > len as u64 {
+            c.req_skip = end - len as u64;
+            return;
+        }
+        at = end as u32;
+    }
+}
+
+/// A command packet's body at `at`: starts timing commands that get a response.
+#[inline(always)]
+fn my_command(c: &mut Conn, w: &mut Scratch, at: u32, plen: u64) {
+    if plen == 0 {
+        return;
+    }
+    let cmd = if at < w.copied {
+        byte(w, at)
+    } else {
+        let mut b = [0u8; 1];
+        if !read_user(b.as_mut_ptr(), 1, w.buf_addr + at as u64) {
+            return;
+        }
+        b[0]
+    };
+    // COM_QUIT, COM_STMT_SEND_LONG_DATA and COM_STMT_CLOSE get no response.
+    if cmd == 0x01 || cmd == 0x18 || cmd == 0x19 {
+        return;
+    }
+    note_request(c, w, 0, at);
+}
+
+impl Resp {
+    const fn zero() -> Self {
+        Self {
+            num: 0,
+            skip: 0,
+            remaining: 0,
+            state: R_TYPE,
+            num_kind: 0,
+            neg: 0,
+            at_top: 0,
+            top: 0,
+            _pad: [0; 7],
+        }
+    }
+}
+
+/// Walks RESP: requests are top-level arrays (or inline lines), each response one top-level
+/// value however nested. One step is one header byte or one jump over a bulk payload.
+/// Returns true when bytes are left for another run.
+#[inline(always)]
+fn resp_walk<const REQ: bool>(c: &mut Conn, w: &mut Scratch) -> bool {
+    let req = REQ;
+    for _ in 0..RESP_MAX_STEPS {
+        let at = vget(&w.at);
+        let len = vget(&w.len);
+        if at >= len {
+            return false;
+        }
+        let r = if req { &mut c.req } else { &mut c.resp };
+        let skip = vget(&r.skip);
+        if skip > 0 {
+            let left = (len - at) as u64;
+            if skip > left {
+                vset(&mut r.skip, skip - left);
+                return false;
+            }
+            vset(&mut w.at, at + skip as u32);
+            vset(&mut r.skip, 0);
+            if vget(&r.remaining) == 0 && !req {
+                let o = resp_outcome(r.top);
+                note_done(c, w, o, 1);
+            }
+            continue;
+        }
+        let base = vget(&w.base);
+        if at >= base + vget(&w.copied) {
+            vset(&mut w.base, at);
+            let n = fill(w, at);
+            vset(&mut w.copied, n);
+            if n == 0 {
+                return false;
+            }
+        }
+        let b = byte(w, at - vget(&w.base));
+        vset(&mut w.at, at + 1);
+        let r = if req { &mut c.req } else { &mut c.resp };
+        match vget(&r.state) {
+            R_TYPE => {
+                if vget(&r.remaining) == 0 {
+                    vset(&mut r.remaining, 1);
+                    vset(&mut r.at_top, 1);
+                    vset(&mut r.top, 0);
+                    if req {
+                        note_request(c, w, 0, at);
+                    }
+                }
+                let r = if req { &mut c.req } else { &mut c.resp };
+                vset(&mut r.num, 0);
+                vset(&mut r.neg, 0);
+                let (state, nk, flag) = match b {
+                    b'*' | b'~' | b'>' => (R_NUM, N_AGG, 0),
+                    b'%' | b'|' => (R_NUM, N_MAP, 0),
+                    b'$' | b'=' | b'!' => (R_NUM, N_BULK, 0),
+                    b'-' => (R_LINE, 0, TOP_ERR),
+                    b'_' => (R_LINE, 0, TOP_NULL),
+                    b'+' | b':' | b',' | b'#' | b'(' => (R_LINE, 0, 0),
+                    // An inline command: one line.
+                    _ if req && vget(&r.at_top) != 0 => (R_LINE, 0, 0),
+                    _ => (R_BAD, 0, 0),
+                };
+                if state == R_BAD {
+                    desync(c);
+                    return false;
+                }
+                vset(&mut r.state, state);
+                vset(&mut r.num_kind, nk);
+                if vget(&r.at_top) != 0 {
+                    {
+                        let v = vget(&r.top) | flag;
+                        vset(&mut r.top, v);
+                    }
+                }
+            }
+            R_NUM => {
+                if b.is_ascii_digit() {
+                    let n = vget(&r.num);
+                    if n < (1 << 40) {
+                        vset(&mut r.num, n * 10 + (b - b'0') as u64);
+                    }
+                } else if b == b'-' {
+                    vset(&mut r.neg, 1);
+                } else if b == b'\r' {
+                    vset(&mut r.state, R_NUM_LF);
+                } else {
+                    desync(c);
+                    return false;
+                }
+            }
+            R_NUM_LF => {
+                if b != b'\n' {
+                    desync(c);
+                    return false;
+                }
+                resp_number_done(r);
+                if vget(&r.remaining) == 0 && vget(&r.skip) == 0 && !req {
+                    let o = resp_outcome(vget(&r.top));
+                    note_done(c, w, o, 1);
+                }
+            }
+            _ => {
+                // R_LINE: a simple value (or inline command) runs to its LF.
+                if b == b'\n' {
+                    vset(&mut r.state, R_TYPE);
+                    {
+                        let v = vget(&r.remaining).saturating_sub(1);
+                        vset(&mut r.remaining, v);
+                    }
+                    vset(&mut r.at_top, 0);
+                    if vget(&r.remaining) == 0 && !req {
+                        let o = resp_outcome(vget(&r.top));
+                        note_done(c, w, o, 1);
+                    }
+                }
+            }
+        }
+    }
+    vget(&w.at) < vget(&w.len)
+}
+
+/// An aggregate's count or a bulk string's length has been read.
+#[inline(always)]
+fn resp_number_done(r: &mut Resp) {
+    vset(&mut r.state, R_TYPE);
+    {
+        let v = vget(&r.remaining).saturating_sub(1);
+        vset(&mut r.remaining, v);
+    }
+    let null = vget(&r.neg) != 0;
+    let at_top = vget(&r.at_top) != 0;
+    if null && at_top {
+        {
+            let v = vget(&r.top) | TOP_NULL;
+            vset(&mut r.top, v);
+        }
+    }
+    vset(&mut r.at_top, 0);
+    if null {
+        return;
+    }
+    let num = vget(&r.num);
+    if vget(&r.num_kind) == N_BULK {
+        vset(&mut r.skip, num + 2);
+    } else {
+        let mut n = num;
+        if vget(&r.num_kind) == N_MAP {
+            n *= 2;
+        }
+        if n > 1 << 24 {
+            n = 1 << 24;
+        }
+        {
+            let v = vget(&r.remaining) + n as u32;
+            vset(&mut r.remaining, v);
+        }
+    }
+}
+
+#[inline(always)]
+fn resp_outcome(top: u8) -> u8 {
+    if top & TOP_ERR != 0 {
+        outcome::ERROR
+    } else if top & TOP_NULL != 0 {
+        outcome::NULL
+    } else {
+        outcome::OK
+    }
+}

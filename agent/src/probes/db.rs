@@ -1,0 +1,240 @@
+//! Database and cache probe: queries timed off socket reads and writes (see
+//! `agent-ebpf/src/bin/db.rs`).
+
+use agent_common::db::{counters, DbOffsets, DB_HAVE_UNIX};
+use aya::{
+    maps::{MapData, PerCpuArray, ProgramArray, RingBuf},
+    programs::BtfTracePoint,
+    Btf, Ebpf, EbpfError,
+};
+use tracing::{info, warn};
+
+use super::btf::{BtfError, KernelBtf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbProbeError {
+    #[error("loading the database object: {0}")]
+    Load(#[from] EbpfError),
+    #[error("kernel BTF: {0}")]
+    Btf(#[from] BtfError),
+    #[error("kernel BTF for tp_btf: {0}")]
+    AyaBtf(#[from] aya::BtfError),
+    #[error(transparent)]
+    Object(#[from] super::ObjectError),
+}
+
+/// Kernel-side counters of the database probe (cumulative, summed over CPUs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DbKernelCounters {
+    pub events: u64,
+    pub drops: u64,
+    pub inflight_full: u64,
+    pub desync: u64,
+    pub conns: u64,
+    pub storage_failed: u64,
+    pub tls: u64,
+}
+
+/// The attached database probe and the maps userspace reads.
+pub struct DbProbe {
+    // Owns the programs and their links: dropping it detaches everything.
+    _ebpf: Ebpf,
+    counters: PerCpuArray<MapData, u64>,
+    ring: Option<RingBuf<MapData>>,
+    // Holds the walkers' slots for as long as the probe lives.
+    _walkers: Option<ProgramArray<MapData>>,
+    attached: Vec<&'static str>,
+}
+
+impl std::fmt::Debug for DbProbe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbProbe")
+            .field("attached", &self.attached)
+            .finish_non_exhaustive()
+    }
+}
+
+/// (program, tracepoint). Both are needed: a request without its response (or the reverse)
+/// times nothing.
+/// The protocol walkers, by their index in `DB_WALKERS`: loaded (for the tracepoint prototype
+/// they share with the entry programs) and tail-called, never attached.
+const WALKERS: [&str; 4] = [
+    "isa_db_walk_pg",
+    "isa_db_walk_mysql",
+    "isa_db_walk_resp_req",
+    "isa_db_walk_resp_resp",
+];
+
+const PROGRAMS: [(&str, &str); 2] = [
+    ("isa_db_recv", "sock_recv_length"),
+    ("isa_db_send", "sock_send_length"),
+];
+
+impl DbProbe {
+    pub fn attach() -> Result<(Self, Vec<String>), DbProbeError> {
+        let kbtf = KernelBtf::from_sys_fs()?;
+        let (offsets, problems) = resolve_offsets(&kbtf)?;
+        let mut ebpf = aya::EbpfLoader::new()
+            .override_global("DB_OFFSETS", &offsets, true)
+            .load(super::DB_OBJECT)?;
+        let mut probe = Self {
+            counters: super::take_map(&mut ebpf, "DB_COUNTERS", PerCpuArray::try_from)?,
+            ring: Some(super::take_map(&mut ebpf, "DB_EVENTS", RingBuf::try_from)?),
+            _ebpf: ebpf,
+            _walkers: None,
+            attached: Vec::new(),
+        };
+        let btf = Btf::from_sys_fs()?;
+        let mut walkers: ProgramArray<MapData> =
+            super::take_map(&mut probe._ebpf, "DB_WALKERS", ProgramArray::try_from)?;
+        for (idx, prog) in WALKERS.iter().enumerate() {
+            let wrap = |source| super::ObjectError::Program {
+                what: (*prog).to_string(),
+                source,
+            };
+            let p: &mut BtfTracePoint = probe
+                ._ebpf
+                .program_mut(prog)
+                .ok_or(super::ObjectError::MissingProgram(prog))?
+                .try_into()
+                .map_err(wrap)?;
+            p.load("sock_send_length", &btf).map_err(wrap)?;
+            let fd = p.fd().map_err(wrap)?;
+            walkers
+                .set(idx as u32, fd, 0)
+                .map_err(super::map_err("DB_WALKERS"))?;
+        }
+        probe._walkers = Some(walkers);
+        for (prog, tp) in PROGRAMS {
+            let wrap = |source| super::ObjectError::Program {
+                what: format!("{prog} ({tp})"),
+                source,
+            };
+            let p: &mut BtfTracePoint = probe
+                ._ebpf
+                .program_mut(prog)
+                .ok_or(super::ObjectError::MissingProgram(prog))?
+                .try_into()
+                .map_err(wrap)?;
+            p.load(tp, &btf).map_err(wrap)?;
+            p.attach().map_err(wrap)?;
+            probe.attached.push(tp);
+        }
+        for p in &problems {
+            warn!(problem = %p, "database probe degraded");
+        }
+        info!(tracepoints = ?probe.attached, "database probe attached");
+        Ok((probe, problems))
+    }
+
+    /// The ring buffer of query events, for the reader task (once).
+    pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
+        self.ring.take()
+    }
+
+    pub fn attached(&self) -> &[&'static str] {
+        &self.attached
+    }
+
+    pub fn read_counters(&self) -> Result<DbKernelCounters, DbProbeError> {
+        let get = |idx: u32| -> Result<u64, DbProbeError> {
+            let v = self
+                .counters
+                .get(&idx, 0)
+                .map_err(super::map_err("DB_COUNTERS"))?;
+            Ok(v.iter().sum())
+        };
+        Ok(DbKernelCounters {
+            events: get(counters::EVENTS)?,
+            drops: get(counters::DROPS)?,
+            inflight_full: get(counters::INFLIGHT_FULL)?,
+            desync: get(counters::DESYNC)?,
+            conns: get(counters::CONNS)?,
+            storage_failed: get(counters::STORAGE_FAILED)?,
+            tls: get(counters::TLS)?,
+        })
+    }
+}
+
+/// Socket fields are required; the unix-socket ones only name destinations, so a kernel
+/// without them shows unix connections as `unix` without a path.
+fn resolve_offsets(btf: &KernelBtf) -> Result<(DbOffsets, Vec<String>), BtfError> {
+    let sock = |path: &str| btf.field("sock", path).map(|f| f.offset);
+    let mut offsets = DbOffsets {
+        flags: 0,
+        skc_family: sock("__sk_common.skc_family")?,
+        sk_type: sock("sk_type")?,
+        skc_daddr: sock("__sk_common.skc_daddr")?,
+        skc_rcv_saddr: sock("__sk_common.skc_rcv_saddr")?,
+        skc_dport: sock("__sk_common.skc_dport")?,
+        skc_num: sock("__sk_common.skc_num")?,
+        skc_v6_daddr: sock("__sk_common.skc_v6_daddr")?,
+        skc_v6_rcv_saddr: sock("__sk_common.skc_v6_rcv_saddr")?,
+        ..DbOffsets::default()
+    };
+    let mut problems = Vec::new();
+    let unix = (|| -> Result<(u32, u32, u32, u32), BtfError> {
+        Ok((
+            btf.field("unix_sock", "addr")?.offset,
+            btf.field("unix_sock", "peer")?.offset,
+            btf.field("unix_address", "name")?.offset,
+            btf.field("unix_address", "len")?.offset,
+        ))
+    })();
+    match unix {
+        Ok((addr, peer, name, len)) => {
+            offsets.unix_addr = addr;
+            offsets.unix_peer = peer;
+            offsets.unix_address_name = name;
+            offsets.unix_address_len = len;
+            offsets.flags |= DB_HAVE_UNIX;
+        }
+        Err(e) => problems.push(format!(
+            "unix socket paths unavailable ({e}): unix destinations show without a path"
+        )),
+    }
+    Ok((offsets, problems))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_resolve_on_this_kernel() {
+        let Ok(btf) = KernelBtf::from_sys_fs() else {
+            return; // no BTF here: nothing to check against
+        };
+        let (o, problems) = resolve_offsets(&btf).expect("socket fields");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_ne!(o.sk_type, 0);
+        assert_ne!(o.unix_peer, 0);
+        assert!(o.unix_addr < o.unix_peer);
+        assert_eq!(o.flags & DB_HAVE_UNIX, DB_HAVE_UNIX);
+    }
+
+    /// The verifier accepts both programs on this kernel (as root; skipped otherwise).
+    #[test]
+    fn programs_load_and_attach() {
+        // SAFETY: no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        match DbProbe::attach() {
+            Ok((probe, problems)) => {
+                assert!(problems.is_empty(), "{problems:?}");
+                assert_eq!(probe.attached().len(), 2);
+                for p in aya::programs::loaded_programs().flatten() {
+                    if p.name_as_str().is_some_and(|n| n.starts_with("isa_db")) {
+                        eprintln!(
+                            "{:?} verified insns {:?}",
+                            p.name_as_str(),
+                            p.verified_instruction_count()
+                        );
+                    }
+                }
+            }
+            Err(e) => panic!("{}", super::super::error_chain(&e)),
+        }
+    }
+}
