@@ -10,6 +10,7 @@ use crate::{
         client,
         connections::{human_bytes, ConnectionsView, MapView},
         protocol::Request,
+        queries::QueriesView,
         views::{StatusView, SyscallRow, SyscallsView},
     },
     daemon,
@@ -84,6 +85,26 @@ pub enum Command {
         #[arg(long, default_value = config::DEFAULT_CONTROL_SOCKET)]
         control_socket: PathBuf,
     },
+    /// Top normalized queries of every PostgreSQL, MySQL and Redis on the host: count, errors,
+    /// p50, p99 and total time; then the recent slow queries.
+    Queries {
+        /// Only this system: postgresql, mysql or redis.
+        #[arg(long)]
+        system: Option<String>,
+        /// Window to report on (1s..60s).
+        #[arg(long, default_value = "60s")]
+        window: String,
+        /// Order by p99 latency, count, or total time.
+        #[arg(long, default_value = "total", value_parser = ["p99", "count", "total"])]
+        sort: String,
+        /// Rows (queries and slow queries each).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = config::DEFAULT_CONTROL_SOCKET)]
+        control_socket: PathBuf,
+    },
 }
 
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -135,6 +156,24 @@ pub fn main() -> ExitCode {
             },
             json,
             |v| serde_json::from_value::<ConnectionsView>(v).map(|c| print_connections(&c)),
+        ),
+        Command::Queries {
+            system,
+            window,
+            sort,
+            limit,
+            json,
+            control_socket,
+        } => client_cmd(
+            &control_socket,
+            &Request::Queries {
+                window: Some(window),
+                system,
+                sort: Some(sort),
+                limit: Some(limit),
+            },
+            json,
+            |v| serde_json::from_value::<QueriesView>(v).map(|q| print_queries(&q)),
         ),
         Command::Map {
             window,
@@ -292,6 +331,78 @@ fn print_syscalls(v: &SyscallsView) {
 
 fn fmt_ms(v: Option<f64>) -> String {
     fmt_us(v.map(|ms| ms * 1e3))
+}
+
+fn print_queries(q: &QueriesView) {
+    println!(
+        "Queries over the last {:.1}s{}: {} fingerprints, by {:?}",
+        q.window_seconds,
+        q.system
+            .map(|s| format!(" ({})", s.as_str()))
+            .unwrap_or_default(),
+        q.fingerprints,
+        q.sort
+    );
+    if q.events_dropped > 0 || q.unmatched > 0 || q.desyncs > 0 || q.untimed > 0 {
+        println!(
+            "  warning: {} events dropped by the kernel, {} responses without their request, {} framing losses, {} requests untimed",
+            q.events_dropped, q.unmatched, q.desyncs, q.untimed
+        );
+    }
+    if q.tls_connections > 0 {
+        println!(
+            "  note: {} connections switched to TLS and are not decoded",
+            q.tls_connections
+        );
+    }
+    println!(
+        "  {:<10} {:<6} {:>8} {:>6} {:>6} {:>9} {:>9} {:>10}  {:<22} QUERY",
+        "SYSTEM", "ROLE", "COUNT", "ERR", "MISS", "P50", "P99", "TOTAL", "DESTINATION"
+    );
+    for r in &q.queries {
+        println!(
+            "  {:<10} {:<6} {:>8} {:>6} {:>6} {:>9} {:>9} {:>10}  {:<22} {}",
+            r.system.as_str(),
+            r.role.as_str(),
+            r.count,
+            r.errors,
+            r.misses,
+            fmt_ms(r.p50_ms),
+            fmt_ms(r.p99_ms),
+            fmt_ms(Some(r.total_ms)),
+            r.destination,
+            one_line(&r.fingerprint, 100)
+        );
+    }
+    if !q.slow.is_empty() {
+        println!("Slow queries (most recent first):");
+        for s in &q.slow {
+            println!(
+                "  {:>10}  {:<10} {:<6} {:<7} {}[{}] -> {}  {}",
+                fmt_ms(Some(s.duration_ms)),
+                s.system.as_str(),
+                s.role.as_str(),
+                format!("{:?}", s.outcome).to_lowercase(),
+                s.comm,
+                s.pid,
+                s.destination,
+                one_line(&s.text, 100)
+            );
+        }
+    }
+}
+
+/// Control characters become spaces and long text is cut, so that one row stays one line.
+fn one_line(s: &str, max: usize) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(max)
+        .collect();
+    if s.chars().count() > max {
+        out.push_str("...");
+    }
+    out
 }
 
 fn print_connections(c: &ConnectionsView) {

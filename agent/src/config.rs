@@ -31,6 +31,7 @@ pub struct Config {
     pub control: ControlConfig,
     pub syscalls: SyscallsConfig,
     pub net: NetConfig,
+    pub db: DbConfig,
     pub host: HostConfig,
 }
 
@@ -127,6 +128,39 @@ pub struct NetConfig {
     pub ignore_cidrs: Vec<String>,
 }
 
+/// Database and cache queries timed off the wire (PostgreSQL, MySQL/MariaDB, Redis).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DbConfig {
+    pub enabled: bool,
+    /// Series of `insite_db_*` exported with their own labels (by query count); the rest fold
+    /// into `operation="other"`, `destination="other"`, `service="other"`.
+    pub top_n: usize,
+    /// (system, operation, role, destination, service) keys kept in memory; beyond it new ones
+    /// count under an `other` key.
+    pub max_series: usize,
+    /// Query fingerprints kept in memory (for `insite-agent queries`); beyond it new ones count
+    /// under the fingerprint `other`.
+    pub max_fingerprints: usize,
+    /// Queries at least this slow are logged and kept for `insite-agent queries --slow`.
+    pub slow_threshold: SlowThresholds,
+    /// Slow queries kept in memory.
+    pub slow_log_capacity: usize,
+    /// Log and show the query text as sent. Off: literals are masked (`id = ?`).
+    pub log_raw_text: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SlowThresholds {
+    #[serde(with = "humantime_serde")]
+    pub postgresql: Duration,
+    #[serde(with = "humantime_serde")]
+    pub mysql: Duration,
+    #[serde(with = "humantime_serde")]
+    pub redis: Duration,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HostConfig {
@@ -208,6 +242,30 @@ pub fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
     s.parse::<ipnet::IpNet>()
         .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
         .map_err(|_| format!("{s:?} is not an address or a network like 10.0.0.0/8"))
+}
+
+impl Default for DbConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            top_n: 50,
+            max_series: 2048,
+            max_fingerprints: 1000,
+            slow_threshold: SlowThresholds::default(),
+            slow_log_capacity: 256,
+            log_raw_text: false,
+        }
+    }
+}
+
+impl Default for SlowThresholds {
+    fn default() -> Self {
+        Self {
+            postgresql: Duration::from_millis(100),
+            mysql: Duration::from_millis(100),
+            redis: Duration::from_millis(10),
+        }
+    }
 }
 
 impl Default for HostConfig {
@@ -453,6 +511,35 @@ impl Config {
         for c in &n.ignore_cidrs {
             parse_cidr(c).map_err(|reason| violation("net.ignore_cidrs", reason))?;
         }
+
+        let d = &self.db;
+        if d.top_n == 0 || d.top_n > 1000 {
+            return Err(violation("db.top_n", "must be between 1 and 1000"));
+        }
+        if d.max_series < 16 || d.max_series > 65_536 {
+            return Err(violation("db.max_series", "must be between 16 and 65536"));
+        }
+        if d.max_fingerprints < 16 || d.max_fingerprints > 100_000 {
+            return Err(violation(
+                "db.max_fingerprints",
+                "must be between 16 and 100000",
+            ));
+        }
+        if d.slow_log_capacity == 0 || d.slow_log_capacity > 100_000 {
+            return Err(violation(
+                "db.slow_log_capacity",
+                "must be between 1 and 100000",
+            ));
+        }
+        for (key, t) in [
+            ("db.slow_threshold.postgresql", d.slow_threshold.postgresql),
+            ("db.slow_threshold.mysql", d.slow_threshold.mysql),
+            ("db.slow_threshold.redis", d.slow_threshold.redis),
+        ] {
+            if t.is_zero() || t > Duration::from_secs(3600) {
+                return Err(violation(key, "must be more than 0s and at most 1h"));
+            }
+        }
         Ok(())
     }
 }
@@ -663,6 +750,20 @@ enabled = false
                 "[syscalls]\nslow_log_size = 0\n",
                 "syscalls.slow_log_size",
                 2,
+            ),
+            ("[db]\ntop_n = 0\n", "db.top_n", 2),
+            ("[db]\nmax_series = 8\n", "db.max_series", 2),
+            ("[db]\nmax_fingerprints = 1\n", "db.max_fingerprints", 2),
+            ("[db]\nslow_log_capacity = 0\n", "db.slow_log_capacity", 2),
+            (
+                "[db.slow_threshold]\nredis = \"0s\"\n",
+                "db.slow_threshold.redis",
+                2,
+            ),
+            (
+                "[db]\nenabled = true\n[db.slow_threshold]\npostgresql = \"2h\"\n",
+                "db.slow_threshold.postgresql",
+                4,
             ),
         ] {
             let (k, l, reason) = invalid(text);

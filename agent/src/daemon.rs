@@ -19,7 +19,7 @@ use crate::{
     collectors::{self, TickMetrics},
     config::{Config, ConfigSource},
     control, exporters,
-    probes::{self, net::NetProbe, syscalls::SyscallProbe},
+    probes::{self, db::DbProbe, net::NetProbe, syscalls::SyscallProbe},
     store::{ProbeState, ProbeStatus, SharedStore, Store},
 };
 
@@ -90,10 +90,12 @@ async fn run_async(args: RunArgs, cfg: Config, source: ConfigSource) -> anyhow::
     let top_n = Arc::new(AtomicUsize::new(cfg.syscalls.top_n));
     let tick_metrics = TickMetrics::default();
     let net_top_n = Arc::new(AtomicUsize::new(cfg.net.top_n));
+    let db_top_n = Arc::new(AtomicUsize::new(cfg.db.top_n));
     let registry = exporters::prometheus::registry(
         store.clone(),
         top_n.clone(),
         net_top_n.clone(),
+        db_top_n.clone(),
         &tick_metrics,
     );
     let metrics_server =
@@ -106,6 +108,7 @@ async fn run_async(args: RunArgs, cfg: Config, source: ConfigSource) -> anyhow::
     probes::prepare_host();
     let syscall_probe = attach_syscalls(&cfg, &store);
     let net_probe = attach_net(&cfg, &store);
+    let db_probe = attach_db(&cfg, &store);
     // Loading parsed the kernel's BTF (several MiB) twice; give that memory back rather than
     // keep it in the allocator's free lists for the agent's lifetime.
     // SAFETY: malloc_trim only releases free heap memory.
@@ -140,10 +143,21 @@ async fn run_async(args: RunArgs, cfg: Config, source: ConfigSource) -> anyhow::
             ));
         }
     }
+    if let Some(p) = &db_probe {
+        let ring = p.lock().ok().and_then(|mut p| p.take_ring());
+        if let Some(ring) = ring {
+            tasks.spawn(collectors::db::run_event_reader(
+                ring,
+                store.clone(),
+                cfg_rx.clone(),
+            ));
+        }
+    }
     tasks.spawn(collectors::run_ticks(
         store.clone(),
         syscall_probe.clone(),
         net_probe.clone(),
+        db_probe.clone(),
         cfg_rx.clone(),
         tick_metrics,
         shutdown_rx.clone(),
@@ -172,7 +186,7 @@ async fn run_async(args: RunArgs, cfg: Config, source: ConfigSource) -> anyhow::
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => {
-                reload(&args, &cfg_tx, &store, syscall_probe.as_ref(), net_probe.as_ref(), (&top_n, &net_top_n));
+                reload(&args, &cfg_tx, &store, syscall_probe.as_ref(), net_probe.as_ref(), (&top_n, &net_top_n, &db_top_n));
             }
         }
     }
@@ -185,6 +199,7 @@ async fn run_async(args: RunArgs, cfg: Config, source: ConfigSource) -> anyhow::
     // Dropping the probe detaches its programs and frees its maps.
     drop(syscall_probe);
     drop(net_probe);
+    drop(db_probe);
     control::server::remove_socket(&socket_path);
     info!("insite-agent stopped");
     Ok(())
@@ -204,6 +219,17 @@ fn attach_syscalls(cfg: &Config, store: &SharedStore) -> Option<Arc<Mutex<Syscal
 fn attach_net(cfg: &Config, store: &SharedStore) -> Option<Arc<Mutex<NetProbe>>> {
     attach_family(store, "net", cfg.net.enabled, || {
         NetProbe::attach(&cfg.net)
+            .map(|(p, problems)| {
+                let how = format!("tp_btf: {}", p.attached().join(", "));
+                (p, how, problems)
+            })
+            .map_err(|e| probes::error_chain(&e))
+    })
+}
+
+fn attach_db(cfg: &Config, store: &SharedStore) -> Option<Arc<Mutex<DbProbe>>> {
+    attach_family(store, "db", cfg.db.enabled, || {
+        DbProbe::attach()
             .map(|(p, problems)| {
                 let how = format!("tp_btf: {}", p.attached().join(", "));
                 (p, how, problems)
@@ -258,7 +284,7 @@ fn reload(
     store: &SharedStore,
     probe: Option<&Arc<Mutex<SyscallProbe>>>,
     net_probe: Option<&Arc<Mutex<NetProbe>>>,
-    (top_n, net_top_n): (&AtomicUsize, &AtomicUsize),
+    (top_n, net_top_n, db_top_n): (&AtomicUsize, &AtomicUsize, &AtomicUsize),
 ) {
     let (new, source) = match load(args) {
         Ok(x) => x,
@@ -280,6 +306,7 @@ fn reload(
             old.syscalls.attach != new.syscalls.attach,
         ),
         ("net.enabled", old.net.enabled != new.net.enabled),
+        ("db.enabled", old.db.enabled != new.db.enabled),
     ] {
         if changed {
             warn!(
@@ -311,6 +338,7 @@ fn reload(
     }
     top_n.store(new.syscalls.top_n, Ordering::Relaxed);
     net_top_n.store(new.net.top_n, Ordering::Relaxed);
+    db_top_n.store(new.db.top_n, Ordering::Relaxed);
     if let Ok(mut st) = store.write() {
         st.set_slow_capacity(new.syscalls.slow_log_size);
         st.config_source = source;
@@ -321,6 +349,7 @@ fn reload(
     applied.control = old.control.clone();
     applied.syscalls.enabled = old.syscalls.enabled;
     applied.net.enabled = old.net.enabled;
+    applied.db.enabled = old.db.enabled;
     applied.syscalls.attach = old.syscalls.attach;
     let _ = cfg_tx.send(Arc::new(applied));
     info!("SIGHUP: config reloaded");

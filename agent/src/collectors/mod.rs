@@ -2,6 +2,7 @@
 //! store. Slow-call and connection events arrive on their own tasks, as they happen.
 
 pub mod cgroups;
+pub mod db;
 pub mod host;
 pub mod listeners;
 pub mod net;
@@ -18,7 +19,7 @@ use tracing::warn;
 
 use crate::{
     config::Config,
-    probes::{net::NetProbe, syscalls::SyscallProbe},
+    probes::{db::DbProbe, net::NetProbe, syscalls::SyscallProbe},
     store::SharedStore,
 };
 
@@ -48,6 +49,7 @@ pub async fn run_ticks(
     store: SharedStore,
     syscalls: Option<Arc<Mutex<SyscallProbe>>>,
     net: Option<Arc<Mutex<NetProbe>>>,
+    db: Option<Arc<Mutex<DbProbe>>>,
     mut config: watch::Receiver<Arc<Config>>,
     metrics: TickMetrics,
     mut shutdown: watch::Receiver<bool>,
@@ -98,6 +100,18 @@ pub async fn run_ticks(
             },
             None => None,
         };
+        let db_counters = match &db {
+            Some(p) => match p.lock().map(|p| p.read_counters()) {
+                Ok(Ok(c)) => Some(c),
+                Ok(Err(e)) => {
+                    metrics.collect_errors.inc();
+                    warn!(error = %e, "reading database probe counters");
+                    None
+                }
+                Err(_) => None,
+            },
+            None => None,
+        };
         let host_sample = if host_enabled {
             match host.sample() {
                 Ok(s) => Some(s),
@@ -122,6 +136,13 @@ pub async fn run_ticks(
                 // Cheap: edges are shared with the previous snapshot unless they changed.
                 let snap = st.net_live.clone();
                 st.net.push(now, snap);
+            }
+            if db.is_some() {
+                if let Some(c) = db_counters {
+                    st.db_live.kernel = c;
+                }
+                let snap = st.db_live.clone();
+                st.db.push(now, snap);
             }
             st.host = host_sample;
             st.ticks += 1;

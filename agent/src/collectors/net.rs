@@ -155,7 +155,12 @@ impl Names {
     /// The systemd unit of the cgroup; else the cgroup path (unless it is the root); else the
     /// process name (for inbound connections: of the listener on `listen_port`); else
     /// `unknown`.
-    fn service(&mut self, cgroup_id: u64, comm: &str, listen_port: Option<u16>) -> Arc<str> {
+    pub(crate) fn service(
+        &mut self,
+        cgroup_id: u64,
+        comm: &str,
+        listen_port: Option<u16>,
+    ) -> Arc<str> {
         let path = self.cgroups.resolve(cgroup_id);
         let name = path
             .as_deref()
@@ -168,7 +173,7 @@ impl Names {
     }
 
     /// One shared allocation per distinct name (bounded).
-    fn intern(&mut self, name: String) -> Arc<str> {
+    pub(crate) fn intern(&mut self, name: String) -> Arc<str> {
         if self.interned.len() > 10_000 {
             self.interned.clear();
         }

@@ -3,5 +3,6 @@
 pub mod client;
 pub mod connections;
 pub mod protocol;
+pub mod queries;
 pub mod server;
 pub mod views;

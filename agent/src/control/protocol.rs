@@ -30,6 +30,19 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         window: Option<String>,
     },
+    /// Top query fingerprints over a window (default 60s) and recent slow queries.
+    Queries {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        window: Option<String>,
+        /// postgresql, mysql or redis; all when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        system: Option<String>,
+        /// p99, count or total (default).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sort: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<usize>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,6 +150,12 @@ mod tests {
                 window: Some("30s".into()),
             },
             Request::Map { window: None },
+            Request::Queries {
+                window: Some("60s".into()),
+                system: Some("redis".into()),
+                sort: Some("p99".into()),
+                limit: Some(5),
+            },
         ] {
             let s = serde_json::to_string(&r).unwrap();
             assert_eq!(parse_request(&s), Ok(r));

@@ -18,11 +18,12 @@ use tracing::{debug, info, warn};
 use super::{
     connections,
     protocol::{parse_request, Request, Response},
+    queries::{self, Sort},
     views,
 };
 use crate::{
     config::{Config, ControlConfig},
-    store::SharedStore,
+    store::{db::System, SharedStore},
 };
 
 /// Connections served at once; more are told to retry.
@@ -254,6 +255,33 @@ fn dispatch(ctx: &Context, req: Request) -> Response {
         }
         Request::Map { window } => {
             match net_window(window.as_deref()).and_then(|w| connections::map(&store, w)) {
+                Ok(v) => serde_json::to_value(v),
+                Err(e) => return Response::error(e),
+            }
+        }
+        Request::Queries {
+            window,
+            system,
+            sort,
+            limit,
+        } => {
+            let args = (|| -> Result<_, String> {
+                let window = match window.as_deref() {
+                    None => queries::DEFAULT_WINDOW,
+                    Some(w) => views::parse_window(Some(w))?,
+                };
+                let system = match system.as_deref() {
+                    None | Some("") | Some("all") => None,
+                    Some(s) => Some(System::parse(s).ok_or_else(|| {
+                        format!("system {s:?}: must be postgresql, mysql or redis")
+                    })?),
+                };
+                let sort = sort.as_deref().map_or(Ok(Sort::default()), Sort::parse)?;
+                Ok((window, system, sort))
+            })();
+            match args.and_then(|(w, s, o)| {
+                queries::queries(&store, s, w, o, limit.unwrap_or(queries::DEFAULT_LIMIT))
+            }) {
                 Ok(v) => serde_json::to_value(v),
                 Err(e) => return Response::error(e),
             }

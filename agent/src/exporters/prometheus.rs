@@ -25,6 +25,7 @@ use tracing::info;
 use crate::{
     collectors::TickMetrics,
     store::{
+        db::{top_series, DbTotals, OpKey, System},
         histogram::Log2Histogram,
         net::{DestinationSeries, Direction, EdgeCounters, FailureReason, NetTotals},
         DiskReading, NetDevReading, ProbeState, SharedStore, SyscallCounters,
@@ -46,6 +47,7 @@ pub fn registry(
     store: SharedStore,
     top_n: Arc<AtomicUsize>,
     net_top_n: Arc<AtomicUsize>,
+    db_top_n: Arc<AtomicUsize>,
     tick: &TickMetrics,
 ) -> Registry {
     let mut r = Registry::default();
@@ -69,6 +71,7 @@ pub fn registry(
         store,
         top_n,
         net_top_n,
+        db_top_n,
     }));
     r
 }
@@ -78,6 +81,7 @@ struct StoreCollector {
     store: SharedStore,
     top_n: Arc<AtomicUsize>,
     net_top_n: Arc<AtomicUsize>,
+    db_top_n: Arc<AtomicUsize>,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -283,6 +287,12 @@ impl Collector for StoreCollector {
             ring_events.push((l("ring", "net_events"), t.kernel.events as f64));
             ring_drops.push((l("ring", "net_events"), t.kernel.drops as f64));
             encode_net(e, t, self.net_top_n.load(Ordering::Relaxed))?;
+        }
+        if let Some(latest) = st.db.latest() {
+            let t = &latest.totals;
+            ring_events.push((l("ring", "db_events"), t.kernel.events as f64));
+            ring_drops.push((l("ring", "db_events"), t.kernel.drops as f64));
+            encode_db(e, t, self.db_top_n.load(Ordering::Relaxed))?;
         }
         counter(
             e,
@@ -652,6 +662,84 @@ fn encode_net(
         None,
         [(vec![], t.ignored as f64)],
     )?;
+    Ok(())
+}
+
+fn encode_db(
+    e: &mut DescriptorEncoder<'_>,
+    t: &DbTotals,
+    top_n: usize,
+) -> Result<(), std::fmt::Error> {
+    let (rows, folded) = top_series(&t.ops, top_n);
+    let labels = |k: &OpKey| -> Labels {
+        vec![
+            ("system", k.system.as_str().to_string()),
+            ("operation", k.operation.to_string()),
+            ("role", k.role.as_str().to_string()),
+            ("destination", k.destination.to_string()),
+            ("service", k.service.to_string()),
+        ]
+    };
+    {
+        let mut m = e.encode_descriptor(
+            "insite_db_query_duration",
+            "Time from a query's request to its response, measured in the kernel on the socket (client role: sent to received; server role: received to sent)",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for (k, v) in &rows {
+            let h = &v.duration;
+            let ls = labels(k);
+            m.encode_family(&ls)?.encode_histogram::<NoLabelSet>(
+                h.sum_ns as f64 / 1e9,
+                h.count,
+                &export_buckets(h),
+                None,
+            )?;
+        }
+    }
+    counter(
+        e,
+        "insite_db_query_errors",
+        "Queries answered with an error (PostgreSQL ErrorResponse, MySQL ERR packet, Redis error reply; PostgreSQL pipelined statements skipped after an error)",
+        None,
+        rows.iter().map(|(k, v)| (labels(k), v.errors as f64)),
+    )?;
+    counter(
+        e,
+        "insite_redis_keyspace_misses",
+        "Redis reads (GET and friends) answered with a null reply",
+        None,
+        rows.iter()
+            .filter(|(k, _)| k.system == System::Redis)
+            .map(|(k, v)| {
+                let mut ls = labels(k);
+                ls.remove(0);
+                (ls, v.misses as f64)
+            }),
+    )?;
+    gauge(
+        e,
+        "insite_db_series_folded",
+        "Query series folded into operation/destination/service=\"other\" by the top-N bound (db.top_n)",
+        None,
+        [(vec![], folded as f64)],
+    )?;
+    let k = &t.kernel;
+    for (name, help, v) in [
+        ("insite_db_connections_recognised", "Connections recognised as PostgreSQL, MySQL or Redis by their bytes", k.conns),
+        ("insite_db_tls_connections", "Recognised connections that switched to TLS (not decoded)", k.tls),
+        ("insite_db_requests_untimed", "Requests not timed because too many were in flight on their connection", k.inflight_full),
+        ("insite_db_desyncs", "Times a connection's framing was lost; its requests in flight were dropped", k.desync),
+        ("insite_db_storage_failures", "Connections whose kernel state could not be allocated", k.storage_failed),
+        ("insite_db_unmatched_responses", "Completions whose request event never reached userspace (counted as operation=\"unknown\")", t.unmatched),
+        ("insite_db_pending_dropped", "Requests dropped while waiting for their completion, to stay bounded", t.pending_dropped),
+        ("insite_db_series_overflowed", "Queries counted under an other series because db.max_series was reached", t.ops_overflowed),
+        ("insite_db_fingerprints_overflowed", "Queries counted under the fingerprint other because db.max_fingerprints was reached", t.fingerprints_overflowed),
+        ("insite_db_events_undecodable", "Query events from the kernel that could not be decoded", t.undecodable),
+    ] {
+        counter(e, name, help, None, [(vec![], v as f64)])?;
+    }
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! windows. Exporters, `status`, the CLI views (and later rules) read from here; only
 //! collectors write.
 
+pub mod db;
 pub mod histogram;
 pub mod net;
 pub mod window;
@@ -191,6 +192,11 @@ pub struct Store {
     pub net_live: net::NetTotals,
     /// ...and its per-second snapshots (the tick pushes them).
     pub net: Windows<net::NetTotals>,
+    /// Query timings, cumulative (the query reader adds to it), and its snapshots.
+    pub db_live: db::DbTotals,
+    pub db: Windows<db::DbTotals>,
+    /// The most recent slow queries (at most `db.slow_log_capacity`).
+    pub db_slow: VecDeque<db::SlowQuery>,
     pub slow_calls: VecDeque<SlowCall>,
     pub slow_capacity: usize,
     /// Slow calls received from the kernel (userspace side of the ring buffer).
@@ -210,6 +216,9 @@ impl Store {
             syscalls: Windows::new(WINDOW_GRANULARITY, WINDOW_RETENTION),
             net_live: net::NetTotals::default(),
             net: Windows::new(WINDOW_GRANULARITY, WINDOW_RETENTION),
+            db_live: db::DbTotals::default(),
+            db: Windows::new(WINDOW_GRANULARITY, WINDOW_RETENTION),
+            db_slow: VecDeque::new(),
             slow_calls: VecDeque::new(),
             slow_capacity,
             slow_received: 0,

@@ -1,0 +1,755 @@
+//! Query events from the kernel ring buffer into the store: each request's bytes are parsed
+//! (operation, normalized fingerprint) and joined with its completion by (connection, sequence
+//! number); the kernel's two timestamps give the duration.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use agent_common::db::{
+    kind, outcome, DbConnEvent, DbRequestEvent, DbResponseEvent, DB_DRAIN_INTERVAL_MS,
+};
+use aya::maps::{MapData, RingBuf};
+use tokio::{io::unix::AsyncFd, sync::watch};
+use tracing::{debug, info, warn};
+
+use super::net::Names;
+use crate::{
+    config::{Config, DbConfig},
+    probes::syscalls::comm_str,
+    store::{
+        db::{OpKey, Outcome, QueryRecord, Role, SlowQuery, System},
+        SharedStore,
+    },
+    wire::{mysql, pg, resp, sql},
+};
+
+const AF_UNIX: u8 = 1;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// Connections remembered (by socket and recognition time); the least recently used go first.
+const MAX_CONNS: usize = 16_384;
+/// Requests waiting for their completion, all connections together.
+const MAX_PENDING: usize = 65_536;
+/// Parsed request prefixes reused as they are (identical bytes, identical answer).
+const MAX_PARSE_CACHE: usize = 4096;
+/// Prepared statements remembered per PostgreSQL connection.
+const MAX_STATEMENTS: usize = 256;
+
+/// What a request was, once parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryInfo {
+    pub operation: Arc<str>,
+    pub fingerprint: Arc<str>,
+    /// What the slow log and `queries` show: the fingerprint, or the raw text if allowed.
+    pub sample: Arc<str>,
+    /// A Redis read: a null reply is a miss.
+    pub read: bool,
+    /// A round trip that runs no statement (PostgreSQL Parse/Describe + Sync): timed by the
+    /// kernel, but not a query.
+    pub runs: bool,
+}
+
+#[derive(Debug)]
+struct ConnInfo {
+    system: System,
+    destination: Arc<str>,
+    service: Arc<str>,
+    comm: Arc<str>,
+    statements: HashMap<String, Arc<QueryInfo>>,
+    last_seen: Instant,
+}
+
+#[derive(Debug)]
+struct Pending {
+    info: Arc<QueryInfo>,
+    start_ns: u64,
+}
+
+/// Joins requests with their completions and names them.
+pub struct Tracker {
+    names: Names,
+    conns: HashMap<(u64, u64), ConnInfo>,
+    pending: HashMap<(u64, u64, u64), Pending>,
+    cache: HashMap<(u8, Vec<u8>), Arc<QueryInfo>>,
+    unknown: Arc<QueryInfo>,
+    raw_text: bool,
+    pub unmatched: u64,
+    pub pending_dropped: u64,
+    pub undecodable: u64,
+}
+
+/// A completed query and, when it crossed its system's threshold, its slow-log entry.
+pub struct Completed {
+    pub record: QueryRecord,
+    pub slow: Option<SlowQuery>,
+}
+
+impl Tracker {
+    pub fn new(raw_text: bool) -> Self {
+        let u: Arc<str> = Arc::from("unknown");
+        Self {
+            names: Names::new(),
+            conns: HashMap::new(),
+            pending: HashMap::new(),
+            cache: HashMap::new(),
+            unknown: Arc::new(QueryInfo {
+                operation: u.clone(),
+                fingerprint: u.clone(),
+                sample: u,
+                read: false,
+                runs: true,
+            }),
+            raw_text,
+            unmatched: 0,
+            pending_dropped: 0,
+            undecodable: 0,
+        }
+    }
+
+    pub fn set_raw_text(&mut self, raw: bool) {
+        if raw != self.raw_text {
+            self.raw_text = raw;
+            self.cache.clear();
+        }
+    }
+
+    /// Feeds one ring-buffer record; returns the queries it completed.
+    pub fn feed(&mut self, bytes: &[u8], cfg: &DbConfig, out: &mut Vec<Completed>) {
+        match bytes.first().copied() {
+            Some(kind::CONN) => match super::decode_event::<DbConnEvent>(bytes) {
+                Some(ev) => self.on_conn(&ev),
+                None => self.undecodable += 1,
+            },
+            Some(kind::REQUEST) => match super::decode_event::<DbRequestEvent>(bytes) {
+                Some(ev) => self.on_request(&ev),
+                None => self.undecodable += 1,
+            },
+            Some(kind::RESPONSE) => match super::decode_event::<DbResponseEvent>(bytes) {
+                Some(ev) => self.on_response(&ev, cfg, out),
+                None => self.undecodable += 1,
+            },
+            _ => self.undecodable += 1,
+        }
+    }
+
+    fn on_conn(&mut self, ev: &DbConnEvent) {
+        let (Some(system), Some(role)) =
+            (System::from_kernel(ev.system), Role::from_kernel(ev.role))
+        else {
+            self.undecodable += 1;
+            return;
+        };
+        if self.conns.len() >= MAX_CONNS && !self.conns.contains_key(&(ev.sk, ev.conn_id)) {
+            self.evict_conns();
+        }
+        let destination = self.names.intern(destination(ev, role));
+        let comm = comm_str(&ev.comm);
+        let service = self.names.service(ev.cgroup_id, &comm, None);
+        let comm = self.names.intern(comm);
+        let entry = self
+            .conns
+            .entry((ev.sk, ev.conn_id))
+            .or_insert_with(|| ConnInfo {
+                system,
+                destination: destination.clone(),
+                service: service.clone(),
+                comm: comm.clone(),
+                statements: HashMap::new(),
+                last_seen: Instant::now(),
+            });
+        // A new owner (a forked worker) re-attributes the connection.
+        entry.service = service;
+        entry.comm = comm;
+        entry.destination = destination;
+        entry.last_seen = Instant::now();
+    }
+
+    fn evict_conns(&mut self) {
+        let mut ages: Vec<Instant> = self.conns.values().map(|c| c.last_seen).collect();
+        ages.sort_unstable();
+        let cut = ages[ages.len() / 4];
+        self.conns.retain(|_, c| c.last_seen > cut);
+    }
+
+    fn on_request(&mut self, ev: &DbRequestEvent) {
+        let n = (ev.prefix_len as usize).min(ev.prefix.len());
+        let prefix = &ev.prefix[..n];
+        let conn = self.conns.get_mut(&(ev.sk, ev.conn_id));
+        let info = match conn {
+            Some(c) => {
+                c.last_seen = Instant::now();
+                parse(
+                    c.system,
+                    prefix,
+                    ev.len as usize,
+                    &mut c.statements,
+                    &mut self.cache,
+                    self.raw_text,
+                )
+            }
+            None => System::from_kernel(ev.system).and_then(|s| {
+                parse(
+                    s,
+                    prefix,
+                    ev.len as usize,
+                    &mut HashMap::new(),
+                    &mut self.cache,
+                    self.raw_text,
+                )
+            }),
+        }
+        .unwrap_or_else(|| self.unknown.clone());
+        if self.pending.len() >= MAX_PENDING {
+            // Requests whose completions never came (dropped events, connections that died).
+            self.pending_dropped += self.pending.len() as u64;
+            self.pending.clear();
+        }
+        self.pending.insert(
+            (ev.sk, ev.conn_id, ev.seq),
+            Pending {
+                info,
+                start_ns: ev.start_ns,
+            },
+        );
+    }
+
+    fn on_response(&mut self, ev: &DbResponseEvent, cfg: &DbConfig, out: &mut Vec<Completed>) {
+        let (Some(system), Some(role)) =
+            (System::from_kernel(ev.system), Role::from_kernel(ev.role))
+        else {
+            self.undecodable += 1;
+            return;
+        };
+        let conn = self.conns.get(&(ev.sk, ev.conn_id));
+        let other: Arc<str> = Arc::from("unknown");
+        let (destination, service, comm) = match conn {
+            Some(c) => (c.destination.clone(), c.service.clone(), c.comm.clone()),
+            None => (other.clone(), other.clone(), other),
+        };
+        let threshold = match system {
+            System::Postgresql => cfg.slow_threshold.postgresql,
+            System::Mysql => cfg.slow_threshold.mysql,
+            System::Redis => cfg.slow_threshold.redis,
+        };
+        for i in 0..u64::from(ev.count.clamp(1, 1024)) {
+            let seq = ev.seq.wrapping_add(i);
+            let (info, start) = match self.pending.remove(&(ev.sk, ev.conn_id, seq)) {
+                Some(p) => (p.info, p.start_ns),
+                None => {
+                    self.unmatched += 1;
+                    (self.unknown.clone(), ev.start_ns)
+                }
+            };
+            if !info.runs {
+                continue;
+            }
+            let duration_ns = ev.end_ns.saturating_sub(start);
+            let result = match ev.outcome {
+                outcome::ERROR => Outcome::Error,
+                outcome::SKIPPED => Outcome::Skipped,
+                outcome::NULL if info.read => Outcome::Miss,
+                outcome::NULL => Outcome::Null,
+                _ => Outcome::Ok,
+            };
+            let slow = (Duration::from_nanos(duration_ns) >= threshold).then(|| SlowQuery {
+                at: SystemTime::now(),
+                system,
+                role,
+                operation: info.operation.to_string(),
+                fingerprint: info.fingerprint.to_string(),
+                text: info.sample.to_string(),
+                duration_ms: duration_ns as f64 / 1e6,
+                outcome: result,
+                pid: ev.pid,
+                comm: comm.to_string(),
+                service: service.to_string(),
+                destination: destination.to_string(),
+            });
+            out.push(Completed {
+                record: QueryRecord {
+                    key: OpKey {
+                        system,
+                        role,
+                        operation: info.operation.clone(),
+                        destination: destination.clone(),
+                        service: service.clone(),
+                    },
+                    fingerprint: info.fingerprint.clone(),
+                    sample: info.sample.clone(),
+                    duration_ns,
+                    outcome: result,
+                    process: Some((ev.pid, comm.clone())),
+                },
+                slow,
+            });
+        }
+    }
+}
+
+/// Where the connection goes: the server's address (seen from the client), or the local
+/// listening address (on the server); for unix sockets, the listening path.
+fn destination(ev: &DbConnEvent, role: Role) -> String {
+    let (addr, port) = match role {
+        Role::Client => (&ev.daddr, ev.dport),
+        Role::Server => (&ev.saddr, ev.sport),
+    };
+    match ev.family {
+        AF_INET => format!(
+            "{}:{port}",
+            Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3])
+        ),
+        AF_INET6 => match Ipv6Addr::from(*addr).to_canonical() {
+            IpAddr::V4(v4) => format!("{v4}:{port}"),
+            IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+        },
+        AF_UNIX => {
+            let n = (ev.path_len as usize).min(ev.path.len());
+            let path = &ev.path[..n];
+            let end = path.iter().position(|&b| b == 0).unwrap_or(path.len());
+            if end == 0 {
+                "unix".to_string()
+            } else {
+                format!("unix:{}", String::from_utf8_lossy(&path[..end]))
+            }
+        }
+        _ => "unknown".to_string(),
+    }
+}
+
+/// Names a request from its first bytes. PostgreSQL statements prepared on the connection are
+/// remembered by name, so that a later Bind/Execute of one is named after its SQL.
+fn parse(
+    system: System,
+    prefix: &[u8],
+    len: usize,
+    statements: &mut HashMap<String, Arc<QueryInfo>>,
+    cache: &mut HashMap<(u8, Vec<u8>), Arc<QueryInfo>>,
+    raw: bool,
+) -> Option<Arc<QueryInfo>> {
+    let key = (system as u8, prefix.to_vec());
+    if let Some(hit) = cache.get(&key) {
+        return Some(hit.clone());
+    }
+    let (info, cacheable) = match system {
+        System::Postgresql => {
+            let req = pg::request(prefix)?;
+            let info = match (&req.sql, &req.bound_statement) {
+                (Some(text), _) => Arc::new(sql_info(text, raw)),
+                (None, Some(name)) => match statements.get(name) {
+                    Some(i) => i.clone(),
+                    None => Arc::new(QueryInfo {
+                        operation: Arc::from("EXECUTE"),
+                        fingerprint: Arc::from(format!("EXECUTE {name}").as_str()),
+                        sample: Arc::from(format!("EXECUTE {name}").as_str()),
+                        read: false,
+                        runs: true,
+                    }),
+                },
+                (None, None) => return None,
+            };
+            if let (Some(name), Some(_)) = (&req.parsed_statement, &req.sql) {
+                if !name.is_empty() {
+                    if statements.len() >= MAX_STATEMENTS {
+                        statements.clear();
+                    }
+                    statements.insert(name.clone(), info.clone());
+                }
+            }
+            let info = if req.executes {
+                info
+            } else {
+                let mut i = (*info).clone();
+                i.runs = false;
+                Arc::new(i)
+            };
+            // A Bind's answer depends on the connection's statements; a Parse defines one.
+            (info, req.sql.is_some() && req.parsed_statement.is_none())
+        }
+        System::Mysql => {
+            let req = mysql::request(prefix, len.max(prefix.len()))?;
+            let op = mysql::operation(&req);
+            let info = match &req.sql {
+                Some(text) => {
+                    let mut i = sql_info(text, raw);
+                    i.operation = Arc::from(op.as_str());
+                    i
+                }
+                None => QueryInfo {
+                    operation: Arc::from(op.as_str()),
+                    fingerprint: Arc::from(op.as_str()),
+                    sample: Arc::from(op.as_str()),
+                    read: false,
+                    runs: true,
+                },
+            };
+            (Arc::new(info), true)
+        }
+        System::Redis => {
+            let cmd = resp::command(prefix)?;
+            let fingerprint = redis_fingerprint(&cmd.name, cmd.args);
+            let sample = if raw {
+                redis_raw(prefix)
+            } else {
+                fingerprint.clone()
+            };
+            (
+                Arc::new(QueryInfo {
+                    runs: true,
+                    read: resp::is_read(&cmd.name),
+                    operation: Arc::from(cmd.name.as_str()),
+                    fingerprint: Arc::from(fingerprint.as_str()),
+                    sample: Arc::from(sample.as_str()),
+                }),
+                true,
+            )
+        }
+    };
+    if cacheable {
+        if cache.len() >= MAX_PARSE_CACHE {
+            cache.clear();
+        }
+        cache.insert(key, info.clone());
+    }
+    Some(info)
+}
+
+fn sql_info(text: &str, raw: bool) -> QueryInfo {
+    let fingerprint = sql::fingerprint(text);
+    QueryInfo {
+        operation: Arc::from(sql::operation(text).as_str()),
+        sample: if raw {
+            Arc::from(text.trim())
+        } else {
+            Arc::from(fingerprint.as_str())
+        },
+        fingerprint: Arc::from(fingerprint.as_str()),
+        read: false,
+        runs: true,
+    }
+}
+
+/// `GET ?`, `SET ? ?`, `MSET ? ? ? ...`: the command and the shape of its arguments.
+fn redis_fingerprint(name: &str, args: usize) -> String {
+    let mut s = name.to_string();
+    for _ in 0..args.min(3) {
+        s.push_str(" ?");
+    }
+    if args > 3 {
+        s.push_str(" ...");
+    }
+    s
+}
+
+/// The command's words as sent (RESP framing dropped).
+fn redis_raw(prefix: &[u8]) -> String {
+    let text = String::from_utf8_lossy(prefix);
+    let words: Vec<&str> = text
+        .split("\r\n")
+        .filter(|w| !w.is_empty() && !w.starts_with('*') && !w.starts_with('$'))
+        .collect();
+    words.join(" ")
+}
+
+/// Reads query events until the ring buffer's fd fails (the probe was dropped).
+pub async fn run_event_reader(
+    ring: RingBuf<MapData>,
+    store: SharedStore,
+    config: watch::Receiver<Arc<Config>>,
+) {
+    // SAFETY: the ring buffer owns its map fd, which stays open for as long as the AsyncFd
+    // owns the ring buffer.
+    let mut fd = match unsafe { AsyncFd::register(ring) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!(error = %e, "cannot poll the query-event ring buffer");
+            return;
+        }
+    };
+    let mut tracker = Tracker::new(config.borrow().db.log_raw_text);
+    let mut drain = tokio::time::interval(Duration::from_millis(DB_DRAIN_INTERVAL_MS));
+    drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut done = Vec::new();
+    loop {
+        let cfg = config.borrow().clone();
+        tracker.set_raw_text(cfg.db.log_raw_text);
+        let mut events = 0u64;
+        tokio::select! {
+            ready = fd.readable_mut() => {
+                let mut guard = match ready {
+                    Ok(g) => g,
+                    Err(e) => {
+                        debug!(error = %e, "query-event ring buffer closed");
+                        return;
+                    }
+                };
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    events += 1;
+                    tracker.feed(&item, &cfg.db, &mut done);
+                }
+                guard.clear_ready();
+            }
+            _ = drain.tick() => {
+                let ring = fd.get_mut();
+                while let Some(item) = ring.next() {
+                    events += 1;
+                    tracker.feed(&item, &cfg.db, &mut done);
+                }
+            }
+        }
+        if events == 0 {
+            continue;
+        }
+        if let Ok(mut st) = store.write() {
+            let cap = cfg.db.slow_log_capacity.max(1);
+            {
+                let t = &mut st.db_live;
+                t.events += events;
+                t.unmatched = tracker.unmatched;
+                t.pending_dropped = tracker.pending_dropped;
+                t.undecodable = tracker.undecodable;
+            }
+            for c in done.drain(..) {
+                if let Some(s) = c.slow {
+                    info!(
+                        target: "insite::slow_query",
+                        system = s.system.as_str(),
+                        role = s.role.as_str(),
+                        operation = %s.operation,
+                        duration_ms = s.duration_ms,
+                        outcome = ?s.outcome,
+                        pid = s.pid,
+                        comm = %s.comm,
+                        service = %s.service,
+                        destination = %s.destination,
+                        text = %s.text,
+                        "slow query"
+                    );
+                    while st.db_slow.len() >= cap {
+                        st.db_slow.pop_front();
+                    }
+                    st.db_slow.push_back(s);
+                }
+                st.db_live
+                    .record(c.record, cfg.db.max_series, cfg.db.max_fingerprints);
+            }
+        }
+        done.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache() -> HashMap<(u8, Vec<u8>), Arc<QueryInfo>> {
+        HashMap::new()
+    }
+
+    fn pg_query(sql: &str) -> Vec<u8> {
+        let mut m = vec![b'Q'];
+        m.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
+        m.extend_from_slice(sql.as_bytes());
+        m.push(0);
+        m
+    }
+
+    #[test]
+    fn names_sql_and_masks_literals() {
+        let mut st = HashMap::new();
+        let a = parse(
+            System::Postgresql,
+            &pg_query("SELECT * FROM t WHERE id = 7"),
+            0,
+            &mut st,
+            &mut cache(),
+            false,
+        )
+        .unwrap();
+        let b = parse(
+            System::Postgresql,
+            &pg_query("select * from t where id = 8"),
+            0,
+            &mut st,
+            &mut cache(),
+            false,
+        )
+        .unwrap();
+        assert_eq!(&*a.operation, "SELECT");
+        assert_eq!(a.fingerprint, b.fingerprint);
+        assert!(!a.sample.contains('7'), "{}", a.sample);
+        let raw = parse(
+            System::Postgresql,
+            &pg_query("SELECT 7"),
+            0,
+            &mut st,
+            &mut cache(),
+            true,
+        )
+        .unwrap();
+        assert!(raw.sample.contains('7'));
+    }
+
+    #[test]
+    fn prepared_statements_are_named_after_their_sql() {
+        // Parse "s1" then, later, Bind "s1" + Execute.
+        let mut parse_msg = vec![b'P'];
+        let body = b"s1\0UPDATE t SET a = $1\0\0\0";
+        parse_msg.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        parse_msg.extend_from_slice(body);
+        let mut bind = vec![b'B'];
+        let body = b"\0s1\0\0\0\0\0\0\0";
+        bind.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        bind.extend_from_slice(body);
+        bind.extend_from_slice(&[b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0]);
+        let mut st = HashMap::new();
+        let mut c = cache();
+        let p = parse(System::Postgresql, &parse_msg, 0, &mut st, &mut c, false).unwrap();
+        assert_eq!(&*p.operation, "UPDATE");
+        let e = parse(System::Postgresql, &bind, 0, &mut st, &mut c, false).unwrap();
+        assert_eq!(&*e.operation, "UPDATE");
+        let other = parse(
+            System::Postgresql,
+            &bind,
+            0,
+            &mut HashMap::new(),
+            &mut cache(),
+            false,
+        )
+        .unwrap();
+        assert_eq!(&*other.operation, "EXECUTE");
+    }
+
+    #[test]
+    fn redis_commands_and_reads() {
+        let get = parse(
+            System::Redis,
+            b"*2\r\n$3\r\nget\r\n$3\r\nkey\r\n",
+            0,
+            &mut HashMap::new(),
+            &mut cache(),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            (&*get.operation, &*get.fingerprint, get.read),
+            ("GET", "GET ?", true)
+        );
+        let raw = parse(
+            System::Redis,
+            b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n",
+            0,
+            &mut HashMap::new(),
+            &mut cache(),
+            true,
+        )
+        .unwrap();
+        assert_eq!(&*raw.sample, "SET k v");
+        assert!(!raw.read);
+    }
+
+    #[test]
+    fn mysql_commands() {
+        let mut q = vec![0x03];
+        q.extend_from_slice(b"INSERT INTO t VALUES (1, 'x')");
+        let i = parse(
+            System::Mysql,
+            &q,
+            q.len(),
+            &mut HashMap::new(),
+            &mut cache(),
+            false,
+        )
+        .unwrap();
+        assert_eq!(&*i.operation, "INSERT");
+        assert!(!i.fingerprint.contains('x'));
+        let ping = parse(
+            System::Mysql,
+            &[0x0e],
+            1,
+            &mut HashMap::new(),
+            &mut cache(),
+            false,
+        )
+        .unwrap();
+        assert_eq!(&*ping.operation, "PING");
+    }
+
+    #[test]
+    fn completions_join_requests_and_count_ranges() {
+        let mut t = Tracker::new(false);
+        let cfg = DbConfig::default();
+        let mut req = DbRequestEvent {
+            kind: kind::REQUEST,
+            system: agent_common::db::system::REDIS,
+            role: agent_common::db::role::CLIENT,
+            _pad: 0,
+            pid: 1,
+            sk: 9,
+            conn_id: 3,
+            seq: 0,
+            start_ns: 1_000,
+            len: 0,
+            prefix_len: 0,
+            prefix: [0; agent_common::db::DB_PREFIX_LEN],
+        };
+        let cmd = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
+        req.prefix[..cmd.len()].copy_from_slice(cmd);
+        req.prefix_len = cmd.len() as u32;
+        for seq in 0..3 {
+            req.seq = seq;
+            req.start_ns = 1_000 + seq;
+            t.on_request(&req);
+        }
+        let resp = DbResponseEvent {
+            kind: kind::RESPONSE,
+            system: req.system,
+            role: req.role,
+            outcome: outcome::NULL,
+            pid: 1,
+            sk: 9,
+            conn_id: 3,
+            seq: 0,
+            count: 3,
+            _pad: 0,
+            start_ns: 1_000,
+            end_ns: 51_000,
+        };
+        let mut out = Vec::new();
+        t.on_response(&resp, &cfg, &mut out);
+        assert_eq!(out.len(), 3);
+        assert!(out.iter().all(|c| c.record.outcome == Outcome::Miss));
+        assert_eq!(out[2].record.duration_ns, 51_000 - 1_002);
+        assert_eq!(t.unmatched, 0);
+        // A completion whose request never arrived still counts, as `unknown`.
+        let mut out = Vec::new();
+        t.on_response(
+            &DbResponseEvent {
+                seq: 7,
+                count: 1,
+                ..resp
+            },
+            &cfg,
+            &mut out,
+        );
+        assert_eq!(&*out[0].record.key.operation, "unknown");
+        assert_eq!(t.unmatched, 1);
+        // Junk never panics.
+        let mut out = Vec::new();
+        for junk in [
+            &[][..],
+            &[kind::CONN][..],
+            &[kind::RESPONSE, 1, 2][..],
+            &[99; 400][..],
+        ] {
+            t.feed(junk, &cfg, &mut out);
+        }
+        assert!(out.is_empty());
+        assert_eq!(t.undecodable, 4);
+    }
+}

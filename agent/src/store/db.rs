@@ -1,0 +1,423 @@
+//! Query timings: cumulative per (system, role, operation, destination, service) for the
+//! metrics, and per normalized query (fingerprint) for `insite-agent queries`.
+//!
+//! Entries are `Arc`-shared with the per-second snapshots the windows keep: a snapshot costs a
+//! map of pointers, and only entries that changed since are copied (`Arc::make_mut`).
+
+use std::{collections::HashMap, sync::Arc, time::SystemTime};
+
+use super::{histogram::Log2Histogram, window::Cumulative};
+use crate::probes::db::DbKernelCounters;
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum System {
+    Postgresql,
+    Mysql,
+    Redis,
+}
+
+impl System {
+    pub const ALL: [System; 3] = [System::Postgresql, System::Mysql, System::Redis];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            System::Postgresql => "postgresql",
+            System::Mysql => "mysql",
+            System::Redis => "redis",
+        }
+    }
+
+    pub fn from_kernel(v: u8) -> Option<Self> {
+        use agent_common::db::system;
+        match v {
+            system::POSTGRESQL => Some(System::Postgresql),
+            system::MYSQL => Some(System::Mysql),
+            system::REDIS => Some(System::Redis),
+            _ => None,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "postgresql" | "postgres" | "pg" => Some(System::Postgresql),
+            "mysql" | "mariadb" => Some(System::Mysql),
+            "redis" => Some(System::Redis),
+            _ => None,
+        }
+    }
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Client,
+    Server,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Client => "client",
+            Role::Server => "server",
+        }
+    }
+
+    pub fn from_kernel(v: u8) -> Option<Self> {
+        match v {
+            agent_common::db::role::CLIENT => Some(Role::Client),
+            agent_common::db::role::SERVER => Some(Role::Server),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok,
+    Error,
+    /// A read that found nothing (Redis null reply to GET and friends).
+    Miss,
+    /// Null reply to a command that is not a read: not a miss.
+    Null,
+    /// A pipelined PostgreSQL statement the server skipped after an earlier error.
+    Skipped,
+}
+
+impl Outcome {
+    pub fn is_error(self) -> bool {
+        matches!(self, Outcome::Error | Outcome::Skipped)
+    }
+}
+
+/// Labels of one metric series.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OpKey {
+    pub system: System,
+    pub role: Role,
+    pub operation: Arc<str>,
+    pub destination: Arc<str>,
+    pub service: Arc<str>,
+}
+
+impl OpKey {
+    fn other(system: System, role: Role) -> Self {
+        let o: Arc<str> = Arc::from("other");
+        Self {
+            system,
+            role,
+            operation: o.clone(),
+            destination: o.clone(),
+            service: o,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OpStats {
+    pub duration: Log2Histogram,
+    pub errors: u64,
+    pub misses: u64,
+}
+
+impl OpStats {
+    pub fn add(&mut self, o: &Self) {
+        self.duration.add(&o.duration);
+        self.errors += o.errors;
+        self.misses += o.misses;
+    }
+
+    fn delta_since(&self, e: &Self) -> Self {
+        Self {
+            duration: self.duration.delta_since(&e.duration),
+            errors: self.errors.saturating_sub(e.errors),
+            misses: self.misses.saturating_sub(e.misses),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FpKey {
+    pub system: System,
+    pub role: Role,
+    /// Per server, as pg_stat_statements is per database server.
+    pub destination: Arc<str>,
+    pub fingerprint: Arc<str>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FpStats {
+    pub operation: Arc<str>,
+    pub stats: OpStats,
+    /// A recent example (masked unless `db.log_raw_text`).
+    pub sample: Arc<str>,
+    /// The process that sent (client) or served (server) it most recently.
+    pub process: Option<(u32, Arc<str>)>,
+}
+
+/// One timed query, as the collector hands it to the store.
+#[derive(Debug, Clone)]
+pub struct QueryRecord {
+    pub key: OpKey,
+    pub fingerprint: Arc<str>,
+    pub sample: Arc<str>,
+    pub duration_ns: u64,
+    pub outcome: Outcome,
+    pub process: Option<(u32, Arc<str>)>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DbTotals {
+    pub ops: HashMap<OpKey, Arc<OpStats>>,
+    pub fingerprints: HashMap<FpKey, Arc<FpStats>>,
+    /// Queries counted under an `other` key because `db.max_series` was reached.
+    pub ops_overflowed: u64,
+    /// ...or under the fingerprint `other` because `db.max_fingerprints` was reached.
+    pub fingerprints_overflowed: u64,
+    /// Completions whose request event never arrived (operation `unknown`).
+    pub unmatched: u64,
+    /// Events read from the ring buffer.
+    pub events: u64,
+    /// Events that could not be decoded.
+    pub undecodable: u64,
+    /// Requests still waiting for their response that were dropped to stay bounded.
+    pub pending_dropped: u64,
+    pub kernel: DbKernelCounters,
+}
+
+impl DbTotals {
+    pub fn record(&mut self, q: QueryRecord, max_series: usize, max_fingerprints: usize) {
+        let (system, role) = (q.key.system, q.key.role);
+        let miss = q.outcome == Outcome::Miss;
+        let err = q.outcome.is_error();
+        let apply = |s: &mut OpStats| {
+            s.duration.record(q.duration_ns);
+            s.errors += u64::from(err);
+            s.misses += u64::from(miss);
+        };
+        let key = if self.ops.contains_key(&q.key) || self.ops.len() < max_series {
+            q.key.clone()
+        } else {
+            self.ops_overflowed += 1;
+            OpKey::other(system, role)
+        };
+        apply(Arc::make_mut(self.ops.entry(key).or_default()));
+
+        let mut fk = FpKey {
+            system,
+            role,
+            destination: q.key.destination.clone(),
+            fingerprint: q.fingerprint.clone(),
+        };
+        if !self.fingerprints.contains_key(&fk) && self.fingerprints.len() >= max_fingerprints {
+            self.fingerprints_overflowed += 1;
+            fk.fingerprint = Arc::from("other");
+        }
+        let e = self.fingerprints.entry(fk).or_insert_with(|| {
+            Arc::new(FpStats {
+                operation: q.key.operation.clone(),
+                stats: OpStats::default(),
+                sample: q.sample.clone(),
+                process: None,
+            })
+        });
+        let e = Arc::make_mut(e);
+        apply(&mut e.stats);
+        e.sample = q.sample;
+        if q.process.is_some() {
+            e.process = q.process;
+        }
+    }
+}
+
+impl Cumulative for DbTotals {
+    fn delta_since(&self, earlier: &Self) -> Self {
+        let ops = self
+            .ops
+            .iter()
+            .filter_map(|(k, v)| {
+                let d = match earlier.ops.get(k) {
+                    Some(e) if Arc::ptr_eq(e, v) => return None,
+                    Some(e) => v.delta_since(e),
+                    None => (**v).clone(),
+                };
+                (d.duration.count > 0).then(|| (k.clone(), Arc::new(d)))
+            })
+            .collect();
+        let fingerprints = self
+            .fingerprints
+            .iter()
+            .filter_map(|(k, v)| {
+                let stats = match earlier.fingerprints.get(k) {
+                    Some(e) if Arc::ptr_eq(e, v) => return None,
+                    Some(e) => v.stats.delta_since(&e.stats),
+                    None => v.stats.clone(),
+                };
+                (stats.duration.count > 0).then(|| {
+                    let mut f = (**v).clone();
+                    f.stats = stats;
+                    (k.clone(), Arc::new(f))
+                })
+            })
+            .collect();
+        Self {
+            ops,
+            fingerprints,
+            ops_overflowed: self.ops_overflowed.saturating_sub(earlier.ops_overflowed),
+            fingerprints_overflowed: self
+                .fingerprints_overflowed
+                .saturating_sub(earlier.fingerprints_overflowed),
+            unmatched: self.unmatched.saturating_sub(earlier.unmatched),
+            events: self.events.saturating_sub(earlier.events),
+            undecodable: self.undecodable.saturating_sub(earlier.undecodable),
+            pending_dropped: self.pending_dropped.saturating_sub(earlier.pending_dropped),
+            kernel: kernel_delta(&self.kernel, &earlier.kernel),
+        }
+    }
+}
+
+fn kernel_delta(a: &DbKernelCounters, b: &DbKernelCounters) -> DbKernelCounters {
+    DbKernelCounters {
+        events: a.events.saturating_sub(b.events),
+        drops: a.drops.saturating_sub(b.drops),
+        inflight_full: a.inflight_full.saturating_sub(b.inflight_full),
+        desync: a.desync.saturating_sub(b.desync),
+        conns: a.conns.saturating_sub(b.conns),
+        storage_failed: a.storage_failed.saturating_sub(b.storage_failed),
+        tls: a.tls.saturating_sub(b.tls),
+    }
+}
+
+/// A query over its system's `db.slow_threshold`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SlowQuery {
+    #[serde(with = "humantime_serde")]
+    pub at: SystemTime,
+    pub system: System,
+    pub role: Role,
+    pub operation: String,
+    pub fingerprint: String,
+    pub text: String,
+    pub duration_ms: f64,
+    pub outcome: Outcome,
+    pub pid: u32,
+    pub comm: String,
+    pub service: String,
+    pub destination: String,
+}
+
+/// Series for export: the `top_n` busiest keep their labels, the rest of each
+/// (system, role) fold into `other`. Returns the rows and how many keys were folded.
+pub fn top_series(
+    ops: &HashMap<OpKey, Arc<OpStats>>,
+    top_n: usize,
+) -> (Vec<(OpKey, OpStats)>, usize) {
+    let mut all: Vec<(&OpKey, &Arc<OpStats>)> = ops.iter().collect();
+    all.sort_by(|a, b| {
+        b.1.duration
+            .count
+            .cmp(&a.1.duration.count)
+            .then_with(|| a.0.cmp(b.0))
+    });
+    let mut rows: Vec<(OpKey, OpStats)> = Vec::new();
+    let mut other: HashMap<(System, Role), OpStats> = HashMap::new();
+    let mut folded = 0;
+    for (i, (k, v)) in all.into_iter().enumerate() {
+        if i < top_n && &*k.operation != "other" {
+            rows.push((k.clone(), (**v).clone()));
+        } else {
+            folded += usize::from(&*k.operation != "other");
+            other.entry((k.system, k.role)).or_default().add(v);
+        }
+    }
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut others: Vec<_> = other.into_iter().collect();
+    others.sort_by_key(|(k, _)| *k);
+    for ((system, role), s) in others {
+        rows.push((OpKey::other(system, role), s));
+    }
+    (rows, folded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(op: &str, fp: &str, ns: u64, outcome: Outcome) -> QueryRecord {
+        QueryRecord {
+            key: OpKey {
+                system: System::Redis,
+                role: Role::Client,
+                operation: Arc::from(op),
+                destination: Arc::from("127.0.0.1:6379"),
+                service: Arc::from("app"),
+            },
+            fingerprint: Arc::from(fp),
+            sample: Arc::from(fp),
+            duration_ns: ns,
+            outcome,
+            process: Some((7, Arc::from("app"))),
+        }
+    }
+
+    #[test]
+    fn records_counts_errors_misses_and_folds_beyond_the_bounds() {
+        let mut t = DbTotals::default();
+        for i in 0..20 {
+            t.record(
+                rec(&format!("OP{i}"), &format!("FP{i}"), 1000, Outcome::Ok),
+                16,
+                16,
+            );
+        }
+        t.record(rec("GET", "GET ?", 5_000, Outcome::Miss), 16, 16);
+        t.record(rec("OP0", "FP0", 5_000, Outcome::Error), 16, 16);
+        assert_eq!(t.ops.len(), 17, "16 keys and one other");
+        assert_eq!(t.ops_overflowed, 5, "OP16..OP19 and GET");
+        let other = &t.ops[&OpKey::other(System::Redis, Role::Client)];
+        assert_eq!(other.duration.count, 5);
+        assert_eq!(other.misses, 1);
+        let op0 = t
+            .ops
+            .iter()
+            .find(|(k, _)| &*k.operation == "OP0")
+            .unwrap()
+            .1;
+        assert_eq!((op0.duration.count, op0.errors), (2, 1));
+        assert_eq!(t.fingerprints_overflowed, 5);
+    }
+
+    #[test]
+    fn windows_subtract_and_share_unchanged_entries() {
+        let mut t = DbTotals::default();
+        t.record(rec("GET", "GET ?", 1000, Outcome::Ok), 100, 100);
+        t.record(rec("SET", "SET ? ?", 1000, Outcome::Ok), 100, 100);
+        let before = t.clone();
+        t.record(rec("GET", "GET ?", 1000, Outcome::Miss), 100, 100);
+        let d = t.delta_since(&before);
+        assert_eq!(d.ops.len(), 1, "SET did not change");
+        let get = d.ops.values().next().unwrap();
+        assert_eq!((get.duration.count, get.misses), (1, 1));
+        assert_eq!(d.fingerprints.len(), 1);
+    }
+
+    #[test]
+    fn top_series_keeps_the_busiest_and_folds_the_rest_per_system_and_role() {
+        let mut t = DbTotals::default();
+        for (op, n) in [("GET", 5), ("SET", 3), ("DEL", 1)] {
+            for _ in 0..n {
+                t.record(rec(op, op, 1000, Outcome::Ok), 100, 100);
+            }
+        }
+        let (rows, folded) = top_series(&t.ops, 2);
+        assert_eq!(folded, 1);
+        let ops: Vec<&str> = rows.iter().map(|r| &*r.0.operation).collect();
+        assert_eq!(ops, ["GET", "SET", "other"]);
+        assert_eq!(rows[2].1.duration.count, 1);
+    }
+}
