@@ -339,6 +339,43 @@ impl Metrics {
     pub fn value_or_zero(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.value(name, labels).unwrap_or(0.0)
     }
+
+    /// Sum over every sample `name` whose labels include every `(key, value)` in `labels`
+    /// (e.g. over all services); 0 when there is none.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| {
+                let (series, value) = line.rsplit_once(' ')?;
+                let (n, lbl) = match series.split_once('{') {
+                    Some((n, l)) => (n, l.trim_end_matches('}')),
+                    None => (series, ""),
+                };
+                let ok = n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| lbl.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+                if ok {
+                    value.parse::<f64>().ok()
+                } else {
+                    None
+                }
+            })
+            .sum()
+    }
+
+    /// Waits (up to 10 s) until `f` holds for a scrape of `agent`; returns the last scrape.
+    pub fn wait_for(agent: &Agent, f: impl Fn(&Metrics) -> bool) -> Metrics {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let m = agent.scrape();
+            if f(&m) || Instant::now() > deadline {
+                return m;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 /// Runs `f` in a child process as uid/gid `nobody` (65534), for permission tests.
