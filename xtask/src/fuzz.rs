@@ -35,15 +35,15 @@ pub fn run(target: Option<&str>, seconds: u64) -> Result<()> {
             ),
         },
     };
-    // The agent's build script builds the kernel programs: the fuzz build needs what the main
-    // one does, plus cargo-fuzz.
+    // The decoders build on their own (agent/fuzz/src/lib.rs): nightly (for the sanitizer) and
+    // cargo-fuzz are all they need.
     setup::run(setup::Want { tests: false })?;
     ensure_cargo_fuzz()?;
 
     let root = util::workspace_root();
     let fuzz_dir = root.join("agent/fuzz");
     // The fuzz crate is a workspace of its own: start its lock file from the main one, so that
-    // the agent is fuzzed with the dependency versions it is built and tested with.
+    // what they share (libfuzzer-sys's build dependencies) resolves to the same versions.
     std::fs::copy(root.join("Cargo.lock"), fuzz_dir.join("Cargo.lock"))
         .context("copying Cargo.lock into agent/fuzz")?;
 

@@ -146,6 +146,8 @@ fn test(lint: bool) -> Result<()> {
         "--exclude",
         "agent-ebpf",
     ])?;
+    // Every wire decoder under cargo-fuzz, briefly (the decoders alone, in target/fuzz).
+    fuzz::run(None, 15)?;
     std::env::set_var("INSITE_AGENT_BIN", util::agent_bin());
     util::cargo(&[
         "test",

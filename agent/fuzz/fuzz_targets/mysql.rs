@@ -5,7 +5,7 @@
 //! many bytes), then the prefix.
 #![no_main]
 
-use insite_agent::wire::mysql;
+use insite_agent_fuzz::wire::mysql;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,7 +2,7 @@
 //! never a request, and a shorter prefix of the same bytes never tells a different story.
 #![no_main]
 
-use insite_agent::wire::pg;
+use insite_agent_fuzz::wire::pg;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

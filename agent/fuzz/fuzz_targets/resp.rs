@@ -2,7 +2,7 @@
 //! the sum of its complete commands' lengths.
 #![no_main]
 
-use insite_agent::wire::resp;
+use insite_agent_fuzz::wire::resp;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,7 +2,7 @@
 //! `fingerprint` never panic, and their output stays bounded by their input.
 #![no_main]
 
-use insite_agent::wire::sql;
+use insite_agent_fuzz::wire::sql;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
