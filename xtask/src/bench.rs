@@ -12,6 +12,10 @@ use clap::Subcommand;
 
 use crate::util::agent_bin;
 
+// Declared here rather than in main.rs: `crate::bench::bench_db`.
+#[path = "bench_db.rs"]
+mod bench_db;
+
 #[derive(Subcommand, Clone, Copy)]
 pub enum Which {
     /// Cost per syscall of the agent's syscall probe vs. bpftrace (getppid loop).
@@ -44,6 +48,38 @@ pub enum Which {
         #[arg(long)]
         split_cpus: bool,
     },
+    /// Redis (redis-benchmark GET/SET, plain and pipelined) and PostgreSQL (pgbench -S, simple
+    /// and prepared) throughput without the agent and with its db probe, interleaved over
+    /// several rounds, with the agent's CPU and RSS and a check that it counted every query.
+    /// Starts and removes its own redis-server and PostgreSQL cluster.
+    Db {
+        /// Rounds of [baseline, agent] (each runs every workload); one closing baseline
+        /// follows the last.
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        /// Seconds per run: pgbench -T, and the Redis runs are sized (from the warm-up) to
+        /// take about as long.
+        #[arg(long, default_value_t = 3)]
+        seconds: u32,
+        /// redis-benchmark -n (requests per test, GET and SET each) instead of sizing the
+        /// Redis runs from --seconds.
+        #[arg(long)]
+        requests: Option<u64>,
+        /// pgbench -i scale factor (10: 1M accounts).
+        #[arg(long, default_value_t = 10)]
+        scale: u32,
+        /// Also run pgbench -M extended.
+        #[arg(long)]
+        pg_extended: bool,
+        /// Keep the agent's syscall and network probes on (default: only the db probe and
+        /// the procfs collectors).
+        #[arg(long)]
+        keep_probes: bool,
+        /// Measure the time the agent's db programs run in the kernel (kernel.bpf_stats: two
+        /// clock reads per program run, which slow the runs with the agent a little).
+        #[arg(long)]
+        bpf_stats: bool,
+    },
 }
 
 pub fn run(which: Which) -> Result<()> {
@@ -61,6 +97,23 @@ pub fn run(which: Which) -> Result<()> {
             bulk: Duration::from_secs_f64(bulk_secs),
             no_syscalls_probe,
             split_cpus,
+        }),
+        Which::Db {
+            rounds,
+            seconds,
+            requests,
+            scale,
+            pg_extended,
+            keep_probes,
+            bpf_stats,
+        } => bench_db::run(bench_db::Opts {
+            rounds,
+            seconds,
+            requests,
+            scale,
+            pg_extended,
+            keep_probes,
+            bpf_stats,
         }),
     }
 }
