@@ -10,7 +10,7 @@
 use crate::TASK_COMM_LEN;
 
 /// Ring buffer of query events.
-pub const DB_RINGBUF_BYTES: u32 = 4 << 20;
+pub const DB_RINGBUF_BYTES: u32 = 8 << 20;
 /// Bytes of each request handed to userspace.
 pub const DB_PREFIX_LEN: usize = 256;
 /// Requests in flight per connection (a power of two); more are counted, not timed.

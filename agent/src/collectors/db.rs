@@ -473,11 +473,24 @@ pub async fn run_event_reader(
     let mut tracker = Tracker::new(config.borrow().db.log_raw_text);
     let mut drain = tokio::time::interval(Duration::from_millis(DB_DRAIN_INTERVAL_MS));
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut done = Vec::new();
+    let mut done = Vec::with_capacity(FLUSH_EVERY);
     loop {
         let cfg = config.borrow().clone();
         tracker.set_raw_text(cfg.db.log_raw_text);
-        let mut events = 0u64;
+        // A reader that falls behind meets a full ring: what it holds is folded into the
+        // store every FLUSH_EVERY completions, so its own memory stays bounded.
+        let mut drain_ring = |ring: &mut RingBuf<MapData>, done: &mut Vec<Completed>| {
+            let mut events = 0u64;
+            while let Some(item) = ring.next() {
+                events += 1;
+                tracker.feed(&item, &cfg.db, done);
+                if done.len() >= FLUSH_EVERY {
+                    flush(&store, &cfg.db, done, events, &tracker);
+                    events = 0;
+                }
+            }
+            flush(&store, &cfg.db, done, events, &tracker);
+        };
         tokio::select! {
             ready = fd.readable_mut() => {
                 let mut guard = match ready {
@@ -487,59 +500,63 @@ pub async fn run_event_reader(
                         return;
                     }
                 };
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    events += 1;
-                    tracker.feed(&item, &cfg.db, &mut done);
-                }
+                drain_ring(guard.get_inner_mut(), &mut done);
                 guard.clear_ready();
             }
-            _ = drain.tick() => {
-                let ring = fd.get_mut();
-                while let Some(item) = ring.next() {
-                    events += 1;
-                    tracker.feed(&item, &cfg.db, &mut done);
-                }
-            }
+            _ = drain.tick() => drain_ring(fd.get_mut(), &mut done),
         }
-        if events == 0 {
-            continue;
-        }
-        if let Ok(mut st) = store.write() {
-            let cap = cfg.db.slow_log_capacity.max(1);
-            {
-                let t = &mut st.db_live;
-                t.events += events;
-                t.unmatched = tracker.unmatched;
-                t.pending_dropped = tracker.pending_dropped;
-                t.undecodable = tracker.undecodable;
-            }
-            for c in done.drain(..) {
-                if let Some(s) = c.slow {
-                    info!(
-                        target: "insite::slow_query",
-                        system = s.system.as_str(),
-                        role = s.role.as_str(),
-                        operation = %s.operation,
-                        duration_ms = s.duration_ms,
-                        outcome = ?s.outcome,
-                        pid = s.pid,
-                        comm = %s.comm,
-                        service = %s.service,
-                        destination = %s.destination,
-                        text = %s.text,
-                        "slow query"
-                    );
-                    while st.db_slow.len() >= cap {
-                        st.db_slow.pop_front();
-                    }
-                    st.db_slow.push_back(s);
-                }
-                st.db_live
-                    .record(c.record, cfg.db.max_series, cfg.db.max_fingerprints);
-            }
-        }
+    }
+}
+
+/// Completions handled per store update.
+const FLUSH_EVERY: usize = 4096;
+
+/// Folds completed queries into the store and logs the slow ones.
+fn flush(
+    store: &SharedStore,
+    cfg: &DbConfig,
+    done: &mut Vec<Completed>,
+    events: u64,
+    tracker: &Tracker,
+) {
+    if events == 0 && done.is_empty() {
+        return;
+    }
+    let Ok(mut st) = store.write() else {
         done.clear();
+        return;
+    };
+    let cap = cfg.slow_log_capacity.max(1);
+    {
+        let t = &mut st.db_live;
+        t.events += events;
+        t.unmatched = tracker.unmatched;
+        t.pending_dropped = tracker.pending_dropped;
+        t.undecodable = tracker.undecodable;
+    }
+    for c in done.drain(..) {
+        if let Some(s) = c.slow {
+            info!(
+                target: "insite::slow_query",
+                system = s.system.as_str(),
+                role = s.role.as_str(),
+                operation = %s.operation,
+                duration_ms = s.duration_ms,
+                outcome = ?s.outcome,
+                pid = s.pid,
+                comm = %s.comm,
+                service = %s.service,
+                destination = %s.destination,
+                text = %s.text,
+                "slow query"
+            );
+            while st.db_slow.len() >= cap {
+                st.db_slow.pop_front();
+            }
+            st.db_slow.push_back(s);
+        }
+        st.db_live
+            .record(c.record, cfg.max_series, cfg.max_fingerprints);
     }
 }
 
