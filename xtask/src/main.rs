@@ -43,7 +43,8 @@ enum Cmd {
         #[arg(long)]
         no_lint: bool,
     },
-    /// Benchmarks (not tests): `cargo xtask bench syscalls`, `cargo xtask bench net`.
+    /// Benchmarks (not tests): `cargo xtask bench syscalls`, `cargo xtask bench net`,
+    /// `cargo xtask bench db`.
     Bench {
         #[command(subcommand)]
         which: bench::Which,
