@@ -8,7 +8,7 @@ use std::process::Output;
 use insite_e2e::{
     require_root,
     servers::{Mariadb, Postgres, Redis, Via},
-    wire_clients::{redis_pipeline, PgConn, PgResult, Reply},
+    wire_clients::{redis_pipeline, PgConn, PgResult, RedisConn, Reply},
     Agent, Metrics,
 };
 use serde_json::Value;
@@ -456,4 +456,55 @@ fn disabled_probe_is_reported_and_the_rest_runs() {
         "{o:?}"
     );
     assert_eq!(agent.probe("syscalls")["state"], "attached");
+}
+
+#[test]
+fn connections_open_before_the_agent_are_joined_and_bad_bytes_only_cost_a_desync() {
+    require_root();
+    let redis = Redis::start().expect("redis");
+    let unix = format!("unix:{}", redis.socket.display());
+    // A connection that has talked before the agent starts, as a pool's would have.
+    let mut early = RedisConn::connect(&redis.endpoint(Via::Unix)).expect("connect");
+    assert_eq!(early.command(&["SET", "early", "1"]).expect("SET").as_str(), Some("OK"));
+    let agent = Agent::start(DB_ONLY);
+    let replies = early
+        .pipeline(&[vec!["GET", "early"], vec!["GET", "nothing"], vec!["INCR", "n"]])
+        .expect("pipeline");
+    assert_eq!(replies.len(), 3);
+    let m = Metrics::wait_for(&agent, |m| {
+        ["client", "server"]
+            .iter()
+            .all(|role| count(m, "redis", "INCR", role, &unix) >= 1.0)
+    });
+    for role in ["client", "server"] {
+        assert_eq!(count(&m, "redis", "GET", role, &unix), 2.0, "{role}\n{}", m.0);
+        assert_eq!(count(&m, "redis", "INCR", role, &unix), 1.0, "{role}");
+        assert_eq!(
+            m.sum(MISSES, &[("operation", "GET"), ("role", role), ("destination", &unix)]),
+            1.0
+        );
+    }
+    let desyncs = m.value_or_zero("insite_db_desyncs_total", &[]);
+
+    // A recognised connection that then sends bytes that fit no RESP framing: the server
+    // answers with a protocol error and closes; the agent loses that connection's framing,
+    // counts it, and goes on timing everything else.
+    let mut bad = RedisConn::connect(&redis.endpoint(Via::Tcp)).expect("connect");
+    assert!(bad.command(&["PING"]).is_ok());
+    let _ = bad.send_raw(b"*2\r\n$3\r\nGET\r\n$x\r\n", 1);
+    drop(bad);
+    ok(&redis.cli_unix(&["SET", "after", "1"]).expect("SET"));
+    let m = Metrics::wait_for(&agent, |m| {
+        m.value_or_zero("insite_db_desyncs_total", &[]) > desyncs
+            && count(m, "redis", "SET", "server", &unix) >= 1.0
+    });
+    assert!(
+        m.value_or_zero("insite_db_desyncs_total", &[]) > desyncs,
+        "the broken framing is counted\n{}",
+        m.0
+    );
+    for role in ["client", "server"] {
+        assert_eq!(count(&m, "redis", "SET", role, &unix), 1.0, "{role}");
+    }
+    assert_eq!(agent.probe("db")["state"], "attached");
 }
