@@ -70,15 +70,11 @@ pub mod counters {
     pub const STORAGE_FAILED: u32 = 5;
     /// Connections that switched to TLS (not decoded).
     pub const TLS: u32 = 6;
-    /// Socket reads and writes looked at (stream sockets with data).
-    pub const IOS: u32 = 7;
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 7;
 }
 
-/// [`DbOffsets::flags`]: the socket's cgroup can be read (`sk_cgrp_data.cgroup->kn->id`).
-pub const DB_HAVE_SK_CGROUP: u32 = 1;
 /// [`DbOffsets::flags`]: `unix_sock` offsets are valid.
-pub const DB_HAVE_UNIX: u32 = 2;
+pub const DB_HAVE_UNIX: u32 = 1;
 
 /// Kernel struct member offsets, resolved by userspace from the running kernel's BTF.
 #[repr(C)]
@@ -102,7 +98,7 @@ pub struct DbOffsets {
     pub unix_address_name: u32,
     /// `unix_address.len` (int).
     pub unix_address_len: u32,
-    /// `task_struct` is not needed: the syscall's arguments come from `bpf_task_pt_regs`.
+    /// Keeps the size a multiple of 8.
     pub _reserved: u32,
 }
 

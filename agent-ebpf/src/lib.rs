@@ -22,29 +22,37 @@ macro_rules! license {
     };
 }
 
-/// Task-local storage (BPF_MAP_TYPE_TASK_STORAGE), BTF-defined: per-thread state that lives in
-/// the task itself. A lookup is a pointer chase from the current task, far cheaper on the
-/// syscall hot path than hashing a tid into a hash map, and the kernel frees it with the task.
-/// (aya-ebpf 0.2 has no wrapper for it yet; the layout is the libbpf BTF map convention.)
+/// Local storage map, BTF-defined (the libbpf convention; aya-ebpf 0.2 has no wrapper):
+/// state that lives in a kernel object itself and is freed with it. `KIND` is the map type.
 #[repr(C)]
-pub struct TaskStorage<T> {
-    r#type: *const [i32; 29], // BPF_MAP_TYPE_TASK_STORAGE
+pub struct LocalStorage<T, const KIND: usize> {
+    r#type: *const [i32; KIND],
     key: *const i32,
     value: *const T,
     max_entries: *const [i32; 0],
     map_flags: *const [i32; 1], // BPF_F_NO_PREALLOC, required for local storage
 }
 
-// SAFETY: a placeholder the loader patches; never dereferenced from Rust.
-unsafe impl<T> Sync for TaskStorage<T> {}
+/// Task-local storage (BPF_MAP_TYPE_TASK_STORAGE): per-thread state in the task itself. A
+/// lookup is a pointer chase from the current task, far cheaper on the syscall hot path than
+/// hashing a tid into a hash map, and the kernel frees it with the task.
+pub type TaskStorage<T> = LocalStorage<T, 29>;
 
-impl<T> Default for TaskStorage<T> {
+/// Socket-local storage (BPF_MAP_TYPE_SK_STORAGE): state in the socket itself, freed with it,
+/// so a connection that closes without our noticing (unix sockets have no state tracepoint)
+/// leaks nothing.
+pub type SkStorage<T> = LocalStorage<T, 24>;
+
+// SAFETY: a placeholder the loader patches; never dereferenced from Rust.
+unsafe impl<T, const KIND: usize> Sync for LocalStorage<T, KIND> {}
+
+impl<T, const KIND: usize> Default for LocalStorage<T, KIND> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<T> TaskStorage<T> {
+impl<T, const KIND: usize> LocalStorage<T, KIND> {
     pub const fn new() -> Self {
         Self {
             r#type: core::ptr::null(),
@@ -54,25 +62,31 @@ impl<T> TaskStorage<T> {
             map_flags: core::ptr::null(),
         }
     }
+}
 
+/// Storage get flag: create the value (zeroed) if missing.
+#[cfg(target_arch = "bpf")]
+const GET_F_CREATE: u64 = 1;
+
+impl<T> TaskStorage<T> {
     /// The current task's value, created zeroed on first use; `None` if the kernel could not
     /// allocate it.
     #[cfg(target_arch = "bpf")]
     #[inline(always)]
     pub fn current_or_insert(&self) -> Option<*mut T> {
-        self.lookup(1) // BPF_LOCAL_STORAGE_GET_F_CREATE
+        self.lookup_task(GET_F_CREATE)
     }
 
     /// The current task's value if it has one.
     #[cfg(target_arch = "bpf")]
     #[inline(always)]
     pub fn current(&self) -> Option<*mut T> {
-        self.lookup(0)
+        self.lookup_task(0)
     }
 
     #[cfg(target_arch = "bpf")]
     #[inline(always)]
-    fn lookup(&self, flags: u64) -> Option<*mut T> {
+    fn lookup_task(&self, flags: u64) -> Option<*mut T> {
         use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_storage_get};
         // SAFETY: the map pointer is this map; the task is the current one (a trusted BTF
         // pointer); a null value asks for zero-initialised storage when creating.
@@ -88,55 +102,24 @@ impl<T> TaskStorage<T> {
     }
 }
 
-/// Socket-local storage (BPF_MAP_TYPE_SK_STORAGE), BTF-defined like [`TaskStorage`]: state that
-/// lives in the socket itself and is freed with it, so a connection that closes without our
-/// noticing (unix sockets have no state tracepoint) leaks nothing.
-#[repr(C)]
-pub struct SkStorage<T> {
-    r#type: *const [i32; 24], // BPF_MAP_TYPE_SK_STORAGE
-    key: *const i32,
-    value: *const T,
-    max_entries: *const [i32; 0],
-    map_flags: *const [i32; 1], // BPF_F_NO_PREALLOC, required for local storage
-}
-
-// SAFETY: a placeholder the loader patches; never dereferenced from Rust.
-unsafe impl<T> Sync for SkStorage<T> {}
-
-impl<T> Default for SkStorage<T> {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl<T> SkStorage<T> {
-    pub const fn new() -> Self {
-        Self {
-            r#type: core::ptr::null(),
-            key: core::ptr::null(),
-            value: core::ptr::null(),
-            max_entries: core::ptr::null(),
-            map_flags: core::ptr::null(),
-        }
-    }
-
     /// The socket's value if it has one. `sk` must be a `struct sock *` the program was given.
     #[cfg(target_arch = "bpf")]
     #[inline(always)]
     pub fn get(&self, sk: *const u8) -> Option<*mut T> {
-        self.lookup(sk, 0)
+        self.lookup_sk(sk, 0)
     }
 
     /// The socket's value, created zeroed if it has none; `None` if it could not be allocated.
     #[cfg(target_arch = "bpf")]
     #[inline(always)]
     pub fn get_or_insert(&self, sk: *const u8) -> Option<*mut T> {
-        self.lookup(sk, 1) // BPF_LOCAL_STORAGE_GET_F_CREATE
+        self.lookup_sk(sk, GET_F_CREATE)
     }
 
     #[cfg(target_arch = "bpf")]
     #[inline(always)]
-    fn lookup(&self, sk: *const u8, flags: u64) -> Option<*mut T> {
+    fn lookup_sk(&self, sk: *const u8, flags: u64) -> Option<*mut T> {
         use aya_ebpf::helpers::generated::bpf_sk_storage_get;
         // SAFETY: the map pointer is this map; the socket is a trusted BTF pointer from the
         // tracepoint's arguments.
