@@ -465,10 +465,17 @@ fn connections_open_before_the_agent_are_joined_and_bad_bytes_only_cost_a_desync
     let unix = format!("unix:{}", redis.socket.display());
     // A connection that has talked before the agent starts, as a pool's would have.
     let mut early = RedisConn::connect(&redis.endpoint(Via::Unix)).expect("connect");
-    assert_eq!(early.command(&["SET", "early", "1"]).expect("SET").as_str(), Some("OK"));
+    assert_eq!(
+        early.command(&["SET", "early", "1"]).expect("SET").as_str(),
+        Some("OK")
+    );
     let agent = Agent::start(DB_ONLY);
     let replies = early
-        .pipeline(&[vec!["GET", "early"], vec!["GET", "nothing"], vec!["INCR", "n"]])
+        .pipeline(&[
+            vec!["GET", "early"],
+            vec!["GET", "nothing"],
+            vec!["INCR", "n"],
+        ])
         .expect("pipeline");
     assert_eq!(replies.len(), 3);
     let m = Metrics::wait_for(&agent, |m| {
@@ -477,10 +484,18 @@ fn connections_open_before_the_agent_are_joined_and_bad_bytes_only_cost_a_desync
             .all(|role| count(m, "redis", "INCR", role, &unix) >= 1.0)
     });
     for role in ["client", "server"] {
-        assert_eq!(count(&m, "redis", "GET", role, &unix), 2.0, "{role}\n{}", m.0);
+        assert_eq!(
+            count(&m, "redis", "GET", role, &unix),
+            2.0,
+            "{role}\n{}",
+            m.0
+        );
         assert_eq!(count(&m, "redis", "INCR", role, &unix), 1.0, "{role}");
         assert_eq!(
-            m.sum(MISSES, &[("operation", "GET"), ("role", role), ("destination", &unix)]),
+            m.sum(
+                MISSES,
+                &[("operation", "GET"), ("role", role), ("destination", &unix)]
+            ),
             1.0
         );
     }
