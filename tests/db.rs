@@ -220,6 +220,15 @@ fn redis_commands_pipelines_misses_errors_and_sleep() {
         assert_eq!(get["count"], n, "{get}");
         assert_eq!(get["misses"], misses, "{get}");
     }
+    // Over db.slow_threshold.redis (10ms): in the log, with masked text and the process.
+    let log = agent.log();
+    assert!(
+        log.lines().any(|l| l.contains("slow query")
+            && l.contains("operation=DEBUG")
+            && l.contains("text=DEBUG ? ?")
+            && l.contains("comm=redis-server")),
+        "{log}"
+    );
     let slow = v["slow"].as_array().expect("slow");
     assert!(
         slow.iter()
