@@ -40,6 +40,10 @@ const MAX_PARSE_CACHE: usize = 4096;
 /// Prepared statements remembered per PostgreSQL connection.
 const MAX_STATEMENTS: usize = 256;
 
+/// Parsed requests by their exact bytes. Looked up by slice: a request allocates a key only
+/// when it is new and worth keeping.
+type ParseCache = HashMap<Box<[u8]>, (System, Arc<QueryInfo>)>;
+
 /// What a request was, once parsed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueryInfo {
@@ -75,7 +79,7 @@ pub struct Tracker {
     names: Names,
     conns: HashMap<(u64, u64), ConnInfo>,
     pending: HashMap<(u64, u64, u64), Pending>,
-    cache: HashMap<(u8, Vec<u8>), Arc<QueryInfo>>,
+    cache: ParseCache,
     unknown: Arc<QueryInfo>,
     raw_text: bool,
     pub unmatched: u64,
@@ -328,12 +332,13 @@ fn parse(
     prefix: &[u8],
     len: usize,
     statements: &mut HashMap<String, Arc<QueryInfo>>,
-    cache: &mut HashMap<(u8, Vec<u8>), Arc<QueryInfo>>,
+    cache: &mut ParseCache,
     raw: bool,
 ) -> Option<Arc<QueryInfo>> {
-    let key = (system as u8, prefix.to_vec());
-    if let Some(hit) = cache.get(&key) {
-        return Some(hit.clone());
+    if let Some((s, hit)) = cache.get(prefix) {
+        if *s == system {
+            return Some(hit.clone());
+        }
     }
     let (info, cacheable) = match system {
         System::Postgresql => {
@@ -405,7 +410,9 @@ fn parse(
                     fingerprint: Arc::from(fingerprint.as_str()),
                     sample: Arc::from(sample.as_str()),
                 }),
-                true,
+                // Keys make nearly every command's bytes unique, and decoding one costs
+                // less than keeping it.
+                false,
             )
         }
     };
@@ -413,7 +420,7 @@ fn parse(
         if cache.len() >= MAX_PARSE_CACHE {
             cache.clear();
         }
-        cache.insert(key, info.clone());
+        cache.insert(Box::from(prefix), (system, info.clone()));
     }
     Some(info)
 }
@@ -564,7 +571,7 @@ fn flush(
 mod tests {
     use super::*;
 
-    fn cache() -> HashMap<(u8, Vec<u8>), Arc<QueryInfo>> {
+    fn cache() -> ParseCache {
         HashMap::new()
     }
 
