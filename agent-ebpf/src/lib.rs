@@ -134,3 +134,55 @@ impl<T> SkStorage<T> {
         (!p.is_null()).then_some(p.cast())
     }
 }
+
+/// Small pieces every probe family's programs use.
+#[cfg(target_arch = "bpf")]
+pub mod util {
+    use aya_ebpf::{helpers::bpf_ktime_get_ns, maps::PerCpuArray};
+
+    /// Adds one to slot `idx` of a per-CPU counter array.
+    #[inline(always)]
+    pub fn bump(counters: &PerCpuArray<u64>, idx: u32) {
+        if let Some(c) = counters.get_ptr_mut(idx) {
+            // SAFETY: per-CPU slot; programs do not preempt each other on one CPU.
+            unsafe { *c += 1 };
+        }
+    }
+
+    /// Reads a `T` at `base + off`, where `base` is a BTF-typed kernel pointer the program was
+    /// given (or loaded from one) and `off` a known constant: the verifier turns it into a
+    /// fault-tolerant load (a bad address reads as zero), checked against the type's BTF.
+    #[inline(always)]
+    pub fn load<T: Copy>(base: *const u8, off: u32) -> T {
+        // SAFETY: see above.
+        unsafe { core::ptr::read_volatile(base.wrapping_add(off as usize).cast::<T>()) }
+    }
+
+    #[inline(always)]
+    pub fn now_ns() -> u64 {
+        // SAFETY: no preconditions.
+        unsafe { bpf_ktime_get_ns() }
+    }
+
+    /// Ring-buffer submit flags that wake the reader once per `every` events written on this
+    /// CPU (`pending` counts them): a wakeup costs more than the event, and the reader also
+    /// drains on a timer.
+    #[inline(always)]
+    pub fn wakeup_flags(pending: &PerCpuArray<u32>, every: u32) -> u64 {
+        const BPF_RB_NO_WAKEUP: u64 = 1;
+        const BPF_RB_FORCE_WAKEUP: u64 = 2;
+        let Some(n) = pending.get_ptr_mut(0) else {
+            return 0;
+        };
+        // SAFETY: per-CPU slot; programs do not preempt each other on one CPU.
+        unsafe {
+            *n += 1;
+            if *n >= every {
+                *n = 0;
+                BPF_RB_FORCE_WAKEUP
+            } else {
+                BPF_RB_NO_WAKEUP
+            }
+        }
+    }
+}

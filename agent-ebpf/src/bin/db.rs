@@ -26,11 +26,14 @@ use agent_common::db::{
     counters, kind, outcome, role, system, DbConnEvent, DbOffsets, DbRequestEvent, DbResponseEvent,
     DB_HAVE_UNIX, DB_INFLIGHT, DB_PATH_LEN, DB_PREFIX_LEN, DB_RINGBUF_BYTES,
 };
-use agent_ebpf::SkStorage;
+use agent_ebpf::{
+    util::{self, load, now_ns},
+    SkStorage,
+};
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_ns, bpf_probe_read_kernel_buf,
+        bpf_probe_read_kernel_buf,
         generated::{bpf_get_current_task_btf, bpf_probe_read_user, bpf_task_pt_regs},
     },
     macros::{btf_map, btf_tracepoint, map},
@@ -335,22 +338,7 @@ fn walk_state(ctx: &BtfTracePointContext) -> Option<(&'static mut Conn, &'static
 
 #[inline(always)]
 fn bump(counter: u32) {
-    if let Some(c) = DB_COUNTERS.get_ptr_mut(counter) {
-        // SAFETY: per-CPU slot; programs do not preempt each other on one CPU.
-        unsafe { *c += 1 };
-    }
-}
-
-#[inline(always)]
-fn load<T: Copy>(base: *const u8, off: u32) -> T {
-    // SAFETY: a BTF-typed kernel pointer at a known offset: the verifier checks the access.
-    unsafe { core::ptr::read_volatile(base.wrapping_add(off as usize).cast::<T>()) }
-}
-
-#[inline(always)]
-fn now_ns() -> u64 {
-    // SAFETY: no preconditions.
-    unsafe { bpf_ktime_get_ns() }
+    util::bump(&DB_COUNTERS, counter);
 }
 
 #[inline(always)]
@@ -546,21 +534,7 @@ fn recognise(
 
 #[inline(always)]
 fn wakeup_flags() -> u64 {
-    const BPF_RB_NO_WAKEUP: u64 = 1;
-    const BPF_RB_FORCE_WAKEUP: u64 = 2;
-    let Some(n) = DB_PENDING.get_ptr_mut(0) else {
-        return 0;
-    };
-    // SAFETY: per-CPU slot.
-    unsafe {
-        *n += 1;
-        if *n >= WAKEUP_EVERY {
-            *n = 0;
-            BPF_RB_FORCE_WAKEUP
-        } else {
-            BPF_RB_NO_WAKEUP
-        }
-    }
+    util::wakeup_flags(&DB_PENDING, WAKEUP_EVERY)
 }
 
 /// Who owns the connection and where it goes.

@@ -28,10 +28,11 @@ use agent_common::{
     },
     TASK_COMM_LEN,
 };
+use agent_ebpf::util::{self, load, now_ns};
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_ns, generated::bpf_skc_to_tcp_sock,
+        generated::bpf_skc_to_tcp_sock,
     },
     macros::{btf_tracepoint, map},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -175,25 +176,7 @@ pub fn isa_net_reset_received(_ctx: BtfTracePointContext) -> i32 {
 
 #[inline(always)]
 fn bump(counter: u32) {
-    if let Some(c) = NET_COUNTERS.get_ptr_mut(counter) {
-        // SAFETY: per-CPU slot; programs do not preempt each other on one CPU.
-        unsafe { *c += 1 };
-    }
-}
-
-/// Reads a `T` at `base + off`, where `base` is a BTF-typed kernel pointer the program was
-/// given (or loaded from one) and `off` a known constant: the verifier turns it into a
-/// fault-tolerant load (a bad address reads as zero).
-#[inline(always)]
-fn load<T: Copy>(base: *const u8, off: u32) -> T {
-    // SAFETY: see above: the verifier checks the access against the type's BTF.
-    unsafe { core::ptr::read_volatile(base.wrapping_add(off as usize).cast::<T>()) }
-}
-
-#[inline(always)]
-fn now_ns() -> u64 {
-    // SAFETY: no preconditions.
-    unsafe { bpf_ktime_get_ns() }
+    util::bump(&NET_COUNTERS, counter);
 }
 
 #[inline(always)]
@@ -371,21 +354,7 @@ fn sample(sk: *const u8, what: u8, always: bool) {
 /// the ring on a short timer, so a trickle of events is never stranded.
 #[inline(always)]
 fn wakeup_flags() -> u64 {
-    const BPF_RB_NO_WAKEUP: u64 = 1;
-    const BPF_RB_FORCE_WAKEUP: u64 = 2;
-    let Some(n) = NET_PENDING.get_ptr_mut(0) else {
-        return 0;
-    };
-    // SAFETY: per-CPU slot; programs do not preempt each other on one CPU.
-    unsafe {
-        *n += 1;
-        if *n >= WAKEUP_EVERY {
-            *n = 0;
-            BPF_RB_FORCE_WAKEUP
-        } else {
-            BPF_RB_NO_WAKEUP
-        }
-    }
+    util::wakeup_flags(&NET_PENDING, WAKEUP_EVERY)
 }
 
 /// The socket's addresses and ports.

@@ -123,10 +123,7 @@ fn current_task() -> u64 {
 
 #[inline(always)]
 fn bump(counter: u32) {
-    if let Some(c) = COUNTERS.get_ptr_mut(counter) {
-        // SAFETY: per-CPU slot, programs do not preempt each other on one CPU.
-        unsafe { *c += 1 };
-    }
+    agent_ebpf::util::bump(&COUNTERS, counter);
 }
 
 #[inline(always)]
