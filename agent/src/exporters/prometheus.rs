@@ -114,6 +114,25 @@ fn gauge<'a>(
     Ok(())
 }
 
+/// A family of log2 latency histograms in seconds, one per row.
+fn histogram<'h>(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels, &'h Log2Histogram)>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
+    for (labels, h) in rows {
+        m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
+            h.sum_ns as f64 / 1e9,
+            h.count,
+            &export_buckets(h),
+            None,
+        )?;
+    }
+    Ok(())
+}
+
 fn l(k: &'static str, v: impl Into<String>) -> Labels {
     vec![(k, v.into())]
 }
@@ -232,24 +251,13 @@ impl Collector for StoreCollector {
         if let Some(latest) = st.syscalls.latest() {
             let t = &latest.totals;
             let (rows, folded) = top_n_syscalls(&t.by_nr, self.top_n.load(Ordering::Relaxed));
-            {
-                let mut m = e.encode_descriptor(
-                    "insite_syscall_duration",
-                    "Syscall latency (sys_enter to sys_exit), log2 buckets from the kernel",
-                    Some(&Unit::Seconds),
-                    MetricType::Histogram,
-                )?;
-                for (name, c) in &rows {
-                    let labels = l("syscall", name.clone());
-                    let mut fam = m.encode_family(&labels)?;
-                    fam.encode_histogram::<NoLabelSet>(
-                        c.latency.sum_ns as f64 / 1e9,
-                        c.latency.count,
-                        &export_buckets(&c.latency),
-                        None,
-                    )?;
-                }
-            }
+            histogram(
+                e,
+                "insite_syscall_duration",
+                "Syscall latency (sys_enter to sys_exit), log2 buckets from the kernel",
+                rows.iter()
+                    .map(|(name, c)| (l("syscall", name.clone()), &c.latency)),
+            )?;
             counter(
                 e,
                 "insite_syscall_errors",
@@ -509,42 +517,19 @@ fn encode_net(
             ("service", r.service.clone()),
         ]
     };
-    let histogram = |e: &mut DescriptorEncoder<'_>,
-                     name: &str,
-                     help: &str,
-                     pick: fn(&EdgeCounters) -> &Log2Histogram,
-                     outbound_only: bool|
-     -> Result<(), std::fmt::Error> {
-        let mut m = e.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
-        for r in &rows {
-            if outbound_only && r.direction != Direction::Outbound {
-                continue;
-            }
-            let h = pick(&r.counters);
-            let ls = labels(r);
-            let mut fam = m.encode_family(&ls)?;
-            fam.encode_histogram::<NoLabelSet>(
-                h.sum_ns as f64 / 1e9,
-                h.count,
-                &export_buckets(h),
-                None,
-            )?;
-        }
-        Ok(())
-    };
     histogram(
         e,
         "insite_tcp_connect_duration",
         "TCP connect time, SYN sent to ESTABLISHED (outbound connections)",
-        |c| &c.connect_time,
-        true,
+        rows.iter()
+            .filter(|r| r.direction == Direction::Outbound)
+            .map(|r| (labels(r), &r.counters.connect_time)),
     )?;
     histogram(
         e,
         "insite_tcp_rtt",
         "Smoothed RTT of TCP connections, sampled at handshake, at most once per sample interval while data flows, and at close",
-        |c| &c.rtt,
-        false,
+        rows.iter().map(|r| (labels(r), &r.counters.rtt)),
     )?;
     let per = |f: fn(&EdgeCounters) -> u64| -> Vec<(Labels, f64)> {
         rows.iter()
@@ -680,24 +665,12 @@ fn encode_db(
             ("service", k.service.to_string()),
         ]
     };
-    {
-        let mut m = e.encode_descriptor(
-            "insite_db_query_duration",
-            "Time from a query's request to its response, measured in the kernel on the socket (client role: sent to received; server role: received to sent)",
-            Some(&Unit::Seconds),
-            MetricType::Histogram,
-        )?;
-        for (k, v) in &rows {
-            let h = &v.duration;
-            let ls = labels(k);
-            m.encode_family(&ls)?.encode_histogram::<NoLabelSet>(
-                h.sum_ns as f64 / 1e9,
-                h.count,
-                &export_buckets(h),
-                None,
-            )?;
-        }
-    }
+    histogram(
+        e,
+        "insite_db_query_duration",
+        "Time from a query's request to its response, measured in the kernel on the socket (client role: sent to received; server role: received to sent)",
+        rows.iter().map(|(k, v)| (labels(k), &v.duration)),
+    )?;
     counter(
         e,
         "insite_db_query_errors",

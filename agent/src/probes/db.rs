@@ -137,13 +137,7 @@ impl DbProbe {
     }
 
     pub fn read_counters(&self) -> Result<DbKernelCounters, DbProbeError> {
-        let get = |idx: u32| -> Result<u64, DbProbeError> {
-            let v = self
-                .counters
-                .get(&idx, 0)
-                .map_err(super::map_err("DB_COUNTERS"))?;
-            Ok(v.iter().sum())
-        };
+        let get = |idx| super::percpu_sum(&self.counters, "DB_COUNTERS", idx);
         Ok(DbKernelCounters {
             events: get(counters::EVENTS)?,
             drops: get(counters::DROPS)?,

@@ -51,6 +51,15 @@ pub(crate) fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) ->
     move |source| ObjectError::Map { name, source }
 }
 
+/// Slot `idx` of a per-CPU counter array, summed over CPUs.
+pub(crate) fn percpu_sum(
+    map: &aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+    name: &'static str,
+    idx: u32,
+) -> Result<u64, ObjectError> {
+    Ok(map.get(&idx, 0).map_err(map_err(name))?.iter().sum())
+}
+
 /// Takes a map out of a loaded object, as the typed wrapper `conv` makes of it.
 pub(crate) fn take_map<T>(
     ebpf: &mut aya::Ebpf,

@@ -161,13 +161,7 @@ impl NetProbe {
     }
 
     pub fn read_counters(&self) -> Result<NetKernelCounters, NetProbeError> {
-        let get = |idx: u32| -> Result<u64, NetProbeError> {
-            let v = self
-                .counters
-                .get(&idx, 0)
-                .map_err(super::map_err("NET_COUNTERS"))?;
-            Ok(v.iter().sum())
-        };
+        let get = |idx| super::percpu_sum(&self.counters, "NET_COUNTERS", idx);
         Ok(NetKernelCounters {
             events: get(counters::EVENTS)?,
             drops: get(counters::DROPS)?,
