@@ -727,7 +727,7 @@ fn run_tool(cmd: &mut Command, dir: &Path, timeout: Duration) -> Result<ToolOutp
 
 /// One run of `w`; `ours` is the agent this bench started for it, if any.
 fn run_workload(fx: &Fixture, w: &Workload, secs: u32, ours: Option<u32>) -> Result<Run> {
-    let mut foreign = foreign_tracers(ours);
+    let mut foreign = crate::util::foreign_tracers(ours);
     let (mut cmd, timeout) = match w.kind {
         Kind::Redis { pipeline } => {
             let mut cmd = Command::new(REDIS_BENCHMARK);
@@ -758,7 +758,7 @@ fn run_workload(fx: &Fixture, w: &Workload, secs: u32, ours: Option<u32>) -> Res
         Kind::Pg { mode } => parse_pgbench(&out.stdout, mode),
     }
     .with_context(|| format!("reading the output of {what}:\n{}", out.stdout))?;
-    foreign.extend(foreign_tracers(ours));
+    foreign.extend(crate::util::foreign_tracers(ours));
     foreign.sort();
     foreign.dedup();
     run.foreign = foreign;
@@ -1182,25 +1182,6 @@ fn baseline_phase(fx: &Fixture, ws: &[Workload], secs: u32) -> Result<Vec<Run>> 
 // ---------------------------------------------------------------------------------------------
 // Machine noise
 // ---------------------------------------------------------------------------------------------
-
-/// Other tracers (insite-agent, bpftrace) that are not `ours`, as "comm pid".
-fn foreign_tracers(ours: Option<u32>) -> Vec<String> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut found: Vec<String> = dir
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-            let comm = comm.trim();
-            (Some(pid) != ours && matches!(comm, "insite-agent" | "bpftrace"))
-                .then(|| format!("{comm} {pid}"))
-        })
-        .collect();
-    found.sort();
-    found
-}
 
 /// (CPU ticks the whole machine spent busy, ticks of this bench and its descendants: servers,
 /// clients, agents, also those reaped), so that the difference of two readings is what other

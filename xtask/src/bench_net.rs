@@ -226,26 +226,6 @@ fn bulk(dur: Duration, (server_cpu, client_cpu): (usize, usize)) -> Result<f64> 
     Ok(sent as f64 / wall.as_secs_f64() / 1e9)
 }
 
-/// Other tracers on the same paths: an insite-agent or a bpftrace that is not `ours` (say, an
-/// end-to-end test's agent), as "comm pid". Their probes would slow the baseline too.
-fn foreign_tracers(ours: Option<u32>) -> Vec<String> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut found: Vec<String> = dir
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-            let comm = comm.trim();
-            (Some(pid) != ours && matches!(comm, "insite-agent" | "bpftrace"))
-                .then(|| format!("{comm} {pid}"))
-        })
-        .collect();
-    found.sort();
-    found
-}
-
 /// One run of the conn loop and, with `with_bulk`, the bulk transfer; `ours` is the tracer this
 /// bench started for it.
 fn measure(o: &Opts, ours: Option<u32>, with_bulk: bool) -> Result<Sample> {
@@ -260,7 +240,7 @@ fn measure_with_bpf(
     with_bulk: bool,
     bpf_prefix: Option<&str>,
 ) -> Result<(Sample, f64)> {
-    let mut foreign = foreign_tracers(ours);
+    let mut foreign = crate::util::foreign_tracers(ours);
     let bpf_before = bpf_prefix.map(bpf_run_time);
     let (conn_per_s, conns, conn_errors) = conn_loop(o.conn, cpus(o.split_cpus))?;
     let bpf_ns_per_conn = match (bpf_prefix, bpf_before) {
@@ -279,7 +259,7 @@ fn measure_with_bpf(
     } else {
         f64::NAN
     };
-    foreign.extend(foreign_tracers(ours));
+    foreign.extend(crate::util::foreign_tracers(ours));
     foreign.sort();
     foreign.dedup();
     Ok((

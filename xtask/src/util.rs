@@ -106,3 +106,23 @@ pub fn install_file(from: &Path, to: &Path, mode: u32) -> Result<()> {
 pub fn systemd_running() -> bool {
     Path::new("/run/systemd/system").exists()
 }
+
+/// Other tracers on the same paths: an insite-agent or a bpftrace that is not `ours` (say, an
+/// end-to-end test's agent), as "comm pid". Their probes would slow the baseline too.
+pub fn foreign_tracers(ours: Option<u32>) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found: Vec<String> = dir
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
+            let comm = comm.trim();
+            (Some(pid) != ours && matches!(comm, "insite-agent" | "bpftrace"))
+                .then(|| format!("{comm} {pid}"))
+        })
+        .collect();
+    found.sort();
+    found
+}
