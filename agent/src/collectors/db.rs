@@ -230,10 +230,12 @@ impl Tracker {
             return;
         };
         let conn = self.conns.get(&(ev.sk, ev.conn_id));
-        let other: Arc<str> = Arc::from("unknown");
         let (destination, service, comm) = match conn {
             Some(c) => (c.destination.clone(), c.service.clone(), c.comm.clone()),
-            None => (other.clone(), other.clone(), other),
+            None => {
+                let u = &self.unknown.operation;
+                (u.clone(), u.clone(), u.clone())
+            }
         };
         let threshold = match system {
             System::Postgresql => cfg.slow_threshold.postgresql,
