@@ -13,7 +13,8 @@ use crate::{
         queries::QueriesView,
         views::{StatusView, SyscallRow, SyscallsView},
     },
-    daemon,
+    daemon, logging,
+    untrusted::Printable,
 };
 
 #[derive(Debug, Parser)]
@@ -67,6 +68,12 @@ pub enum Command {
         /// Window to report on (1s..60s).
         #[arg(long, default_value = "60s")]
         window: String,
+        /// Edges to show, busiest first (1..10000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Edges to skip first (the next page: --offset 100).
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
         #[arg(long)]
         json: bool,
         #[arg(long, default_value = config::DEFAULT_CONTROL_SOCKET)]
@@ -77,6 +84,12 @@ pub enum Command {
         /// Window to report on (1s..60s).
         #[arg(long, default_value = "60s")]
         window: String,
+        /// Edges to draw, busiest first (1..10000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Edges to skip first.
+        #[arg(long, default_value_t = 0)]
+        offset: usize,
         #[arg(long, conflicts_with = "dot")]
         json: bool,
         /// Graphviz dot (render with `dot -Tsvg`).
@@ -110,21 +123,35 @@ pub enum Command {
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn main() -> ExitCode {
+    logging::ensure_std_fds();
     let cli = Cli::parse();
-    init_tracing(matches!(cli.command, Command::Run { .. }));
+    let daemon = matches!(cli.command, Command::Run { .. });
+    if !daemon {
+        logging::quiet_on_closed_stdout();
+    }
+    // Held until exit: dropping it flushes the daemon's queued log lines.
+    let _log = logging::init(daemon);
     let result = match cli.command {
         Command::Run {
             config,
             metrics_listen,
             control_socket,
-        } => daemon::run(daemon::RunArgs {
-            config_explicit: config.is_some(),
-            config_path: config.unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH)),
-            overrides: daemon::Overrides {
-                metrics_listen,
-                control_socket,
-            },
-        }),
+        } => {
+            return match daemon::run(daemon::RunArgs {
+                config_explicit: config.is_some(),
+                config_path: config.unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH)),
+                overrides: daemon::Overrides {
+                    metrics_listen,
+                    control_socket,
+                },
+            }) {
+                Ok(code) => code,
+                Err(e) => {
+                    report_error(&e);
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Status {
             json,
             control_socket,
@@ -147,12 +174,16 @@ pub fn main() -> ExitCode {
         ),
         Command::Connections {
             window,
+            limit,
+            offset,
             json,
             control_socket,
         } => client_cmd(
             &control_socket,
             &Request::Connections {
                 window: Some(window),
+                limit: Some(limit),
+                offset: Some(offset),
             },
             json,
             |v| serde_json::from_value::<ConnectionsView>(v).map(|c| print_connections(&c)),
@@ -177,6 +208,8 @@ pub fn main() -> ExitCode {
         ),
         Command::Map {
             window,
+            limit,
+            offset,
             json,
             dot,
             control_socket,
@@ -184,6 +217,8 @@ pub fn main() -> ExitCode {
             &control_socket,
             &Request::Map {
                 window: Some(window),
+                limit: Some(limit),
+                offset: Some(offset),
             },
             json,
             |v| {
@@ -200,28 +235,21 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("insite-agent: {e:#}");
+            report_error(&e);
             ExitCode::FAILURE
         }
     }
 }
 
-fn init_tracing(daemon: bool) {
-    use tracing_subscriber::EnvFilter;
-    let default = if daemon { "info" } else { "warn" };
-    let filter = EnvFilter::try_from_env("INSITE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    // journald adds its own timestamps; keep lines short and plain.
-    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_target(false);
-    if under_journald {
-        builder.without_time().init();
-    } else {
-        builder.init();
-    }
+/// Prints the error with each cause once (even where a message already quotes its cause). A
+/// broken stderr is ignored: `eprintln!` would panic.
+fn report_error(e: &anyhow::Error) {
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "insite-agent: {}",
+        crate::probes::error_chain(e.as_ref())
+    );
 }
 
 fn client_cmd(
@@ -318,13 +346,13 @@ fn print_syscalls(v: &SyscallsView) {
     for c in &v.slow_calls {
         println!(
             "  {:<16} pid {:<7} tid {:<7} {:<18} {:>10} ret {:<6} {}",
-            c.comm,
+            Printable(&c.comm),
             c.pid,
             c.tid,
             c.syscall,
             fmt_us(Some(c.duration_ns as f64 / 1e3)),
             c.ret,
-            c.service.as_deref().or(c.cgroup.as_deref()).unwrap_or("")
+            Printable(c.service.as_deref().or(c.cgroup.as_deref()).unwrap_or(""))
         );
     }
 }
@@ -370,7 +398,7 @@ fn print_queries(q: &QueriesView) {
             fmt_ms(r.p50_ms),
             fmt_ms(r.p99_ms),
             fmt_ms(Some(r.total_ms)),
-            r.destination,
+            Printable(&r.destination),
             one_line(&r.fingerprint, 100)
         );
     }
@@ -383,9 +411,9 @@ fn print_queries(q: &QueriesView) {
                 s.system.as_str(),
                 s.role.as_str(),
                 format!("{:?}", s.outcome).to_lowercase(),
-                s.comm,
+                Printable(&s.comm),
                 s.pid,
-                s.destination,
+                Printable(&s.destination),
                 one_line(&s.text, 100)
             );
         }
@@ -396,7 +424,13 @@ fn print_queries(q: &QueriesView) {
 fn one_line(s: &str, max: usize) -> String {
     let mut out: String = s
         .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
+        .map(|c| {
+            if crate::untrusted::needs_escape(c) && c != '\\' {
+                ' '
+            } else {
+                c
+            }
+        })
         .take(max)
         .collect();
     if s.chars().count() > max {
@@ -409,11 +443,19 @@ fn print_connections(c: &ConnectionsView) {
     println!(
         "TCP connections over the last {:.1}s: {} edges, resets sent {} / received {}, retransmits {} (all sockets)",
         c.window_seconds,
-        c.edges.len(),
+        c.total_edges.max(c.edges.len()),
         c.resets_sent,
         c.resets_received,
         c.retransmits_all
     );
+    if c.edges.len() < c.total_edges {
+        println!(
+            "  showing edges {}..{} of {} (busiest first; --limit, --offset)",
+            c.offset + 1,
+            c.offset + c.edges.len(),
+            c.total_edges
+        );
+    }
     if c.events_dropped > 0 || c.edges_overflowed > 0 {
         println!(
             "  warning: {} events dropped by the kernel, {} updates folded into `other` (net.max_edges)",
@@ -444,9 +486,9 @@ fn print_connections(c: &ConnectionsView) {
         println!(
             "  {:<3} {:<24} {:<28} {:<16} {:>6} {:>6} {:>9} {:>9} {:>9} {:>10} {:>10} {:>6} {:>6}",
             dir,
-            e.service,
-            e.destination,
-            e.peer,
+            Printable(&e.service),
+            Printable(&e.destination),
+            Printable(&e.peer),
             e.connections,
             e.failures,
             fmt_ms(e.connect_p50_ms),
@@ -466,7 +508,7 @@ fn print_connections(c: &ConnectionsView) {
             println!("      failed: {}", reasons.join(", "));
         }
         if !e.processes.is_empty() {
-            println!("      processes: {}", e.processes.join(", "));
+            println!("      processes: {}", Printable(&e.processes.join(", ")));
         }
     }
 }
@@ -474,13 +516,14 @@ fn print_connections(c: &ConnectionsView) {
 fn print_map(m: &MapView) {
     println!("dependency map over the last {:.1}s:", m.window_seconds);
     let label = |id: &str| {
-        m.nodes.iter().find(|n| n.id == id).map_or_else(
+        let text = m.nodes.iter().find(|n| n.id == id).map_or_else(
             || id.to_string(),
             |n| match &n.served_by {
                 Some(s) => format!("{} ({s})", n.label),
                 None => n.label.clone(),
             },
-        )
+        );
+        Printable(&text).to_string()
     };
     for e in &m.edges {
         let s = &e.stats;

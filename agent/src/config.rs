@@ -41,6 +41,9 @@ pub struct AgentConfig {
     /// How often collectors read the kernel maps and procfs.
     #[serde(with = "humantime_serde")]
     pub tick_interval: Duration,
+    /// Memory the bounded tables may take at worst (see `budget`); settings whose worst case
+    /// exceeds it are refused. Keep it below the unit's MemoryMax.
+    pub memory_budget_mib: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,6 +51,17 @@ pub struct AgentConfig {
 pub struct MetricsConfig {
     /// Address of the Prometheus endpoint (`GET /metrics`).
     pub listen: SocketAddr,
+    /// Connections served at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Time a client has to send its request headers.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A connection that sends nothing for this long is closed (keep-alive included).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A client that takes none of its reply for this long is dropped.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,9 +77,14 @@ pub struct ControlConfig {
     pub allowed_gids: Vec<u32>,
     /// Largest request line accepted, in bytes.
     pub max_request_bytes: usize,
-    /// Time a client has to send a complete request.
+    /// Time a client has to send a complete request, and to take each reply.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Connections served at once; one in eight (at least one) is kept for root and the
+    /// agent's own uid.
+    pub max_connections: usize,
+    /// Connections one uid other than root and the agent's may hold at once.
+    pub max_connections_per_uid: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +190,7 @@ impl Default for AgentConfig {
     fn default() -> Self {
         Self {
             tick_interval: Duration::from_millis(250),
+            memory_budget_mib: 192,
         }
     }
 }
@@ -181,6 +201,10 @@ impl Default for MetricsConfig {
             listen: DEFAULT_METRICS_LISTEN
                 .parse()
                 .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9820))),
+            max_connections: 64,
+            header_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -194,6 +218,8 @@ impl Default for ControlConfig {
             allowed_gids: Vec::new(),
             max_request_bytes: 64 * 1024,
             request_timeout: Duration::from_secs(5),
+            max_connections: 32,
+            max_connections_per_uid: 8,
         }
     }
 }
@@ -291,9 +317,41 @@ impl fmt::Display for ConfigSource {
     }
 }
 
+/// Largest config file read: a config is a page of settings; a file far larger is a mistake
+/// (or generated), and refused before it costs memory to parse.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+enum ReadError {
+    Io(std::io::Error),
+    TooLarge,
+}
+
+/// The file's bytes, at most [`MAX_CONFIG_BYTES`] of them (read, not trusted from its size:
+/// /proc-like files report 0).
+fn read_capped(path: &Path) -> Result<Vec<u8>, ReadError> {
+    use std::io::Read as _;
+    let f = std::fs::File::open(path).map_err(ReadError::Io)?;
+    let mut bytes = Vec::new();
+    f.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(ReadError::Io)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(ReadError::TooLarge);
+    }
+    Ok(bytes)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("config file {path} is larger than {limit} bytes; refusing to parse it")]
+    TooLarge { path: PathBuf, limit: u64 },
+    #[error("{}:{line}: not UTF-8 (invalid byte at offset {offset})", path.display())]
+    NotUtf8 {
+        path: PathBuf,
+        line: usize,
+        offset: usize,
+    },
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -341,24 +399,42 @@ impl Config {
     /// Loads the config. `explicit` is whether the user named the path: only the default path
     /// may be missing.
     pub fn load(path: &Path, explicit: bool) -> Result<(Self, ConfigSource), ConfigError> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => {
-                let cfg = Self::parse(&text, path)?;
-                Ok((
-                    cfg,
-                    ConfigSource::File {
-                        path: path.to_path_buf(),
-                    },
-                ))
+        let bytes = match read_capped(path) {
+            Ok(b) => b,
+            Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok((Self::default(), ConfigSource::Defaults));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
-                Ok((Self::default(), ConfigSource::Defaults))
+            Err(ReadError::Io(source)) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
             }
-            Err(source) => Err(ConfigError::Read {
+            Err(ReadError::TooLarge) => {
+                return Err(ConfigError::TooLarge {
+                    path: path.to_path_buf(),
+                    limit: MAX_CONFIG_BYTES,
+                })
+            }
+        };
+        let text = std::str::from_utf8(&bytes).map_err(|e| {
+            let offset = e.valid_up_to();
+            ConfigError::NotUtf8 {
                 path: path.to_path_buf(),
-                source,
-            }),
-        }
+                line: bytes[..offset].iter().filter(|&&b| b == b'\n').count() + 1,
+                offset,
+            }
+        })?;
+        let cfg = Self::parse(text, path)?;
+        drop(bytes);
+        // Parsing a large file leaves its buffers in the allocator's free lists.
+        crate::limits::trim_heap();
+        Ok((
+            cfg,
+            ConfigSource::File {
+                path: path.to_path_buf(),
+            },
+        ))
     }
 
     /// Parses and validates config text; `path` is only used in messages.
@@ -406,6 +482,37 @@ impl Config {
             ));
         }
 
+        let budget = self.agent.memory_budget_mib;
+        if !(64..=1 << 20).contains(&budget) {
+            return Err(violation(
+                "agent.memory_budget_mib",
+                "must be between 64 and 1048576",
+            ));
+        }
+
+        let m = &self.metrics;
+        if !(1..=4096).contains(&m.max_connections) {
+            return Err(violation(
+                "metrics.max_connections",
+                "must be between 1 and 4096",
+            ));
+        }
+        for (key, t, max) in [
+            ("metrics.header_timeout", m.header_timeout, 60),
+            ("metrics.idle_timeout", m.idle_timeout, 3600),
+            ("metrics.write_timeout", m.write_timeout, 300),
+        ] {
+            if t < Duration::from_millis(100) || t > Duration::from_secs(max) {
+                return Err(violation(
+                    key,
+                    format!(
+                        "must be between 100ms and {}",
+                        humantime::format_duration(Duration::from_secs(max))
+                    ),
+                ));
+            }
+        }
+
         let c = &self.control;
         if !c.socket.is_absolute() {
             return Err(violation("control.socket", "must be an absolute path"));
@@ -431,6 +538,18 @@ impl Config {
             return Err(violation(
                 "control.request_timeout",
                 "must be more than 0s and at most 5m",
+            ));
+        }
+        if !(4..=1024).contains(&c.max_connections) {
+            return Err(violation(
+                "control.max_connections",
+                "must be between 4 and 1024",
+            ));
+        }
+        if c.max_connections_per_uid == 0 || c.max_connections_per_uid > c.max_connections {
+            return Err(violation(
+                "control.max_connections_per_uid",
+                "must be between 1 and control.max_connections",
             ));
         }
 
@@ -531,6 +650,7 @@ impl Config {
                 "must be between 1 and 100000",
             ));
         }
+        self.check_budget()?;
         for (key, t) in [
             ("db.slow_threshold.postgresql", d.slow_threshold.postgresql),
             ("db.slow_threshold.mysql", d.slow_threshold.mysql),
@@ -541,6 +661,36 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// The bounded tables' worst case must fit `agent.memory_budget_mib`; the error names the
+    /// setting that costs most, with the figures.
+    fn check_budget(&self) -> Result<(), Violation> {
+        let e = crate::budget::estimate(self);
+        let budget = self.agent.memory_budget_mib;
+        if crate::budget::mib(e.total) <= budget {
+            return Ok(());
+        }
+        let key = e
+            .parts
+            .iter()
+            .find(|(k, _)| k.contains('.'))
+            .map_or("agent.memory_budget_mib", |(k, _)| *k);
+        let parts: Vec<String> = e
+            .parts
+            .iter()
+            .map(|(k, b)| format!("{k} {} MiB", crate::budget::mib(*b)))
+            .collect();
+        Err(violation(
+            key,
+            format!(
+                "these bounds may take up to {} MiB ({}), more than agent.memory_budget_mib = {budget}: lower them, or raise agent.memory_budget_mib (and the unit's MemoryMax)",
+                crate::budget::mib(e.total),
+                parts.join(", ")
+            ),
+        ))
     }
 }
 
@@ -788,6 +938,44 @@ enabled = false
             err,
             "test.toml:3: invalid value for `syscalls.top_n`: must be between 1 and 512"
         );
+    }
+
+    #[test]
+    fn oversized_and_non_utf8_files_are_refused_with_where() {
+        let dir = tempfile::tempdir().unwrap();
+        let big = dir.path().join("big.toml");
+        let line = "# padding padding padding padding padding padding padding padding\n";
+        std::fs::write(
+            &big,
+            line.repeat((MAX_CONFIG_BYTES as usize / line.len()) + 2),
+        )
+        .unwrap();
+        match Config::load(&big, true) {
+            Err(e @ ConfigError::TooLarge { .. }) => assert!(e.to_string().contains("larger than")),
+            other => panic!("{other:?}"),
+        }
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, b"[agent]\ntick_interval = \"1s\"\n\xff\xfe = 1\n").unwrap();
+        let e = Config::load(&bad, true).unwrap_err().to_string();
+        assert!(
+            e.ends_with("bad.toml:3: not UTF-8 (invalid byte at offset 29)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn settings_beyond_the_memory_budget_are_refused() {
+        // Each at the largest value its own range accepts: far beyond the default budget.
+        let (key, _, reason) = invalid(
+            "[net]\nmax_edges = 65536\ntop_n = 1000\n[db]\nmax_series = 65536\nmax_fingerprints = 100000\n",
+        );
+        assert_eq!(key, "db.max_fingerprints");
+        assert!(reason.contains("agent.memory_budget_mib = 192"), "{reason}");
+        assert!(reason.contains("net.max_edges 1792 MiB"), "{reason}");
+        // The defaults fit, and a raised budget admits more.
+        assert!(crate::budget::mib(crate::budget::estimate(&Config::default()).total) <= 192);
+        let cfg = parse("[agent]\nmemory_budget_mib = 1024\n[net]\nmax_edges = 16384\n").unwrap();
+        assert_eq!(cfg.net.max_edges, 16384);
     }
 
     #[test]

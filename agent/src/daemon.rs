@@ -18,8 +18,8 @@ use tracing::{error, info, warn};
 use crate::{
     collectors::{self, TickMetrics},
     config::{Config, ConfigSource},
-    control, exporters,
-    probes::{self, db::DbProbe, net::NetProbe, syscalls::SyscallProbe},
+    control, exporters, limits,
+    probes::{self, db::DbProbe, net::NetProbe, privileges, syscalls::SyscallProbe},
     store::{ProbeState, ProbeStatus, SharedStore, Store},
 };
 
@@ -69,19 +69,40 @@ fn load(args: &RunArgs) -> anyhow::Result<(Config, ConfigSource)> {
     Ok((cfg, src))
 }
 
-pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let (cfg, source) = load(&args)?;
-    info!(config = %source, "insite-agent {} starting", env!("CARGO_PKG_VERSION"));
+/// Exit status of a run whose eBPF probes all failed for want of privileges (sysexits'
+/// EX_NOPERM): the agent served what it could, and says at exit that it could not do its job.
+pub const EXIT_NO_PRIVILEGES: u8 = 77;
+
+pub fn run(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
+    // Before anything else: a `systemctl reload` (SIGHUP) during start-up must not kill the
+    // agent (SIGHUP's default action). Ignored until the handlers exist; the config is read
+    // after they do, so no reload is lost.
+    // SAFETY: sets the disposition of one signal; no handler code runs.
+    unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
+    limits::cap_malloc_arenas();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .thread_name("insite-agent")
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(run_async(args, cfg, source))
+    rt.block_on(run_async(args))
 }
 
-async fn run_async(args: RunArgs, cfg: Config, source: ConfigSource) -> anyhow::Result<()> {
+async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
+    // Handlers first: signals that arrive while the probes load wait in these streams.
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let (cfg, source) = load(&args)?;
+    info!(config = %source, "insite-agent {} starting", env!("CARGO_PKG_VERSION"));
+    let fds = limits::fd_budget(cfg.metrics.max_connections, cfg.control.max_connections);
+    let mut cfg = cfg;
+    cfg.control.max_connections = fds.control_connections;
+    cfg.control.max_connections_per_uid = cfg
+        .control
+        .max_connections_per_uid
+        .min(fds.control_connections);
     let store: SharedStore = Arc::new(RwLock::new(Store::new(source, cfg.syscalls.slow_log_size)));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (cfg_tx, cfg_rx) = watch::channel(Arc::new(cfg.clone()));
@@ -91,20 +112,41 @@ async fn run_async(args: RunArgs, cfg: Config, source: ConfigSource) -> anyhow::
     let tick_metrics = TickMetrics::default();
     let net_top_n = Arc::new(AtomicUsize::new(cfg.net.top_n));
     let db_top_n = Arc::new(AtomicUsize::new(cfg.db.top_n));
-    let registry = exporters::prometheus::registry(
+    let http_metrics = exporters::http::HttpMetrics::default();
+    let mut registry = exporters::prometheus::registry(
         store.clone(),
         top_n.clone(),
         net_top_n.clone(),
         db_top_n.clone(),
         &tick_metrics,
     );
-    let metrics_server =
-        exporters::prometheus::serve(cfg.metrics.listen, registry, shutdown_rx.clone())
-            .await
-            .with_context(|| format!("metrics.listen {}", cfg.metrics.listen))?;
-    let (listener, access) = control::server::bind(&cfg.control)?;
+    http_metrics.register(&mut registry);
+    let metrics_server = exporters::http::serve(
+        cfg.metrics.listen,
+        registry,
+        exporters::http::Limits {
+            max_connections: fds.metrics_connections,
+            header_timeout: cfg.metrics.header_timeout,
+            idle_timeout: cfg.metrics.idle_timeout,
+            write_timeout: cfg.metrics.write_timeout,
+        },
+        http_metrics,
+        shutdown_rx.clone(),
+    )
+    .await
+    .with_context(|| format!("metrics.listen {}", cfg.metrics.listen))?;
+    let (listener, access, socket_file) = control::server::bind(&cfg.control)?;
     let socket_path = cfg.control.socket.clone();
 
+    let missing = privileges::missing_for_ebpf();
+    let want_ebpf = cfg.syscalls.enabled || cfg.net.enabled || cfg.db.enabled;
+    if want_ebpf && !missing.is_empty() {
+        error!(
+            missing = %missing.join(", "),
+            "insite-agent lacks the privileges its eBPF probes need: run it as root, or with {} (systemd: AmbientCapabilities=). It goes on with what does not need them (host signals, endpoints).",
+            privileges::NEEDED.join(" ")
+        );
+    }
     probes::prepare_host();
     let syscall_probe = attach_syscalls(&cfg, &store);
     let net_probe = attach_net(&cfg, &store);
@@ -164,7 +206,7 @@ async fn run_async(args: RunArgs, cfg: Config, source: ConfigSource) -> anyhow::
     ));
     tasks.spawn(async move {
         if let Err(e) = metrics_server.await {
-            error!(error = %e, "metrics endpoint stopped");
+            error!(error = %crate::probes::error_chain(&e), "metrics endpoint stopped");
         }
     });
     tasks.spawn(control::server::serve(
@@ -178,9 +220,6 @@ async fn run_async(args: RunArgs, cfg: Config, source: ConfigSource) -> anyhow::
     ));
     info!("insite-agent running");
 
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
@@ -200,9 +239,29 @@ async fn run_async(args: RunArgs, cfg: Config, source: ConfigSource) -> anyhow::
     drop(syscall_probe);
     drop(net_probe);
     drop(db_probe);
-    control::server::remove_socket(&socket_path);
+    control::server::remove_socket(&socket_path, socket_file);
+    let failed_for_privileges = store.read().ok().is_some_and(|st| {
+        let ebpf: Vec<&ProbeStatus> = st
+            .probes
+            .values()
+            .filter(|p| p.name != "host" && p.state != ProbeState::Disabled)
+            .collect();
+        !ebpf.is_empty()
+            && ebpf.iter().all(|p| {
+                p.state == ProbeState::Failed
+                    && p.error
+                        .as_deref()
+                        .is_some_and(privileges::is_permission_error)
+            })
+    });
+    if failed_for_privileges {
+        error!(
+            "insite-agent stopped; it ran without the privileges its eBPF probes need (exit status {EXIT_NO_PRIVILEGES})"
+        );
+        return Ok(std::process::ExitCode::from(EXIT_NO_PRIVILEGES));
+    }
     info!("insite-agent stopped");
-    Ok(())
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 fn attach_syscalls(cfg: &Config, store: &SharedStore) -> Option<Arc<Mutex<SyscallProbe>>> {
@@ -289,7 +348,7 @@ fn reload(
     let (new, source) = match load(args) {
         Ok(x) => x,
         Err(e) => {
-            error!(error = %format!("{e:#}"), "SIGHUP: config rejected; keeping the running config");
+            error!(error = %probes::error_chain(e.as_ref()), "SIGHUP: config rejected; keeping the running config");
             return;
         }
     };
@@ -325,14 +384,16 @@ fn reload(
                         }
                     }
                 }
-                Err(e) => error!(error = %e, "SIGHUP: could not apply syscall settings"),
+                Err(e) => {
+                    error!(error = %crate::probes::error_chain(&e), "SIGHUP: could not apply syscall settings")
+                }
             }
         }
     }
     if let Some(p) = net_probe {
         if let Ok(mut p) = p.lock() {
             if let Err(e) = p.apply_config(&new.net) {
-                error!(error = %e, "SIGHUP: could not apply network settings");
+                error!(error = %crate::probes::error_chain(&e), "SIGHUP: could not apply network settings");
             }
         }
     }

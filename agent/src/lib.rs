@@ -4,13 +4,17 @@
 //! tick) -> `store` (cumulative totals, rolling windows) -> `exporters` (Prometheus) and
 //! `control` (unix socket API for the CLI). `daemon` wires them together.
 
+pub mod budget;
 pub mod cli;
 pub mod collectors;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod exporters;
+pub mod limits;
+pub mod logging;
 pub mod probes;
 pub mod store;
 pub mod syscall_names;
+pub mod untrusted;
 pub mod wire;

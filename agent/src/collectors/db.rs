@@ -24,6 +24,7 @@ use crate::{
         db::{OpKey, Outcome, QueryRecord, Role, SlowQuery, System},
         SharedStore,
     },
+    untrusted::{strip_controls, Printable},
     wire::{mysql, pg, resp, sql},
 };
 
@@ -351,8 +352,8 @@ fn parse(
                     Some(i) => i.clone(),
                     None => Arc::new(QueryInfo {
                         operation: Arc::from("EXECUTE"),
-                        fingerprint: Arc::from(format!("EXECUTE {name}").as_str()),
-                        sample: Arc::from(format!("EXECUTE {name}").as_str()),
+                        fingerprint: Arc::from(&*strip_controls(&format!("EXECUTE {name}"))),
+                        sample: Arc::from(&*strip_controls(&format!("EXECUTE {name}"))),
                         read: false,
                         runs: true,
                     }),
@@ -398,7 +399,9 @@ fn parse(
         }
         System::Redis => {
             let cmd = resp::command(prefix)?;
-            let fingerprint = redis_fingerprint(&cmd.name, cmd.args);
+            // The name is the client's text: counted under a known command's name or `unknown`.
+            let op = resp::operation(&cmd.name);
+            let fingerprint = redis_fingerprint(&op, cmd.args);
             let sample = if raw {
                 redis_raw(prefix)
             } else {
@@ -408,7 +411,7 @@ fn parse(
                 Arc::new(QueryInfo {
                     runs: true,
                     read: resp::is_read(&cmd.name),
-                    operation: Arc::from(cmd.name.as_str()),
+                    operation: Arc::from(&*op),
                     fingerprint: Arc::from(fingerprint.as_str()),
                     sample: Arc::from(sample.as_str()),
                 }),
@@ -432,7 +435,7 @@ fn sql_info(text: &str, raw: bool) -> QueryInfo {
     QueryInfo {
         operation: Arc::from(sql::operation(text).as_str()),
         sample: if raw {
-            Arc::from(text.trim())
+            Arc::from(&*strip_controls(text.trim()))
         } else {
             Arc::from(fingerprint.as_str())
         },
@@ -461,7 +464,7 @@ fn redis_raw(prefix: &[u8]) -> String {
         .split("\r\n")
         .filter(|w| !w.is_empty() && !w.starts_with('*') && !w.starts_with('$'))
         .collect();
-    words.join(" ")
+    strip_controls(&words.join(" ")).into_owned()
 }
 
 /// Reads query events until the ring buffer's fd fails (the probe was dropped).
@@ -475,7 +478,7 @@ pub async fn run_event_reader(
     let mut fd = match unsafe { AsyncFd::register(ring) } {
         Ok(fd) => fd,
         Err(e) => {
-            warn!(error = %e, "cannot poll the query-event ring buffer");
+            warn!(error = %crate::probes::error_chain(&e), "cannot poll the query-event ring buffer");
             return;
         }
     };
@@ -505,7 +508,7 @@ pub async fn run_event_reader(
                 let mut guard = match ready {
                     Ok(g) => g,
                     Err(e) => {
-                        debug!(error = %e, "query-event ring buffer closed");
+                        debug!(error = %crate::probes::error_chain(&e), "query-event ring buffer closed");
                         return;
                     }
                 };
@@ -549,14 +552,14 @@ fn flush(
                 target: "insite::slow_query",
                 system = s.system.as_str(),
                 role = s.role.as_str(),
-                operation = %s.operation,
+                operation = %Printable(&s.operation),
                 duration_ms = s.duration_ms,
                 outcome = ?s.outcome,
                 pid = s.pid,
-                comm = %s.comm,
-                service = %s.service,
-                destination = %s.destination,
-                text = %s.text,
+                comm = %Printable(&s.comm),
+                service = %Printable(&s.service),
+                destination = %Printable(&s.destination),
+                text = %Printable(&s.text),
                 "slow query"
             );
             while st.db_slow.len() >= cap {

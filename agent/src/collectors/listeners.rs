@@ -73,7 +73,9 @@ impl ListenerOwners {
                         inode_port.insert(inode, port);
                     }
                 }
-                Err(e) => tracing::debug!(error = %e, family, "sock_diag dump of listeners"),
+                Err(e) => {
+                    tracing::debug!(error = %crate::probes::error_chain(&e), family, "sock_diag dump of listeners")
+                }
             }
         }
         if inode_port.is_empty() {

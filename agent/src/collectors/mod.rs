@@ -44,6 +44,9 @@ impl Default for TickMetrics {
     }
 }
 
+/// How often the tick loop returns free heap memory to the system.
+const TRIM_EVERY: Duration = Duration::from_secs(10);
+
 /// Runs until `shutdown` flips to true. The tick follows `config` (reloads change it).
 pub async fn run_ticks(
     store: SharedStore,
@@ -58,6 +61,7 @@ pub async fn run_ticks(
     let mut host_enabled = config.borrow().host.enabled;
     let mut interval = new_interval(tick);
     let mut host = host::HostCollector::new();
+    let mut last_trim = Instant::now();
     loop {
         tokio::select! {
             _ = interval.tick() => {}
@@ -80,7 +84,7 @@ pub async fn run_ticks(
                     Ok(t) => Some(t),
                     Err(e) => {
                         metrics.collect_errors.inc();
-                        warn!(error = %e, "reading syscall maps");
+                        warn!(error = %crate::probes::error_chain(&e), "reading syscall maps");
                         None
                     }
                 },
@@ -93,7 +97,7 @@ pub async fn run_ticks(
                 Ok(Ok(c)) => Some(c),
                 Ok(Err(e)) => {
                     metrics.collect_errors.inc();
-                    warn!(error = %e, "reading network probe counters");
+                    warn!(error = %crate::probes::error_chain(&e), "reading network probe counters");
                     None
                 }
                 Err(_) => None,
@@ -105,7 +109,7 @@ pub async fn run_ticks(
                 Ok(Ok(c)) => Some(c),
                 Ok(Err(e)) => {
                     metrics.collect_errors.inc();
-                    warn!(error = %e, "reading database probe counters");
+                    warn!(error = %crate::probes::error_chain(&e), "reading database probe counters");
                     None
                 }
                 Err(_) => None,
@@ -117,7 +121,7 @@ pub async fn run_ticks(
                 Ok(s) => Some(s),
                 Err(e) => {
                     metrics.collect_errors.inc();
-                    warn!(error = %e, "reading host signals");
+                    warn!(error = %crate::probes::error_chain(&e), "reading host signals");
                     None
                 }
             }
@@ -150,6 +154,12 @@ pub async fn run_ticks(
         }
         metrics.ticks.inc();
         metrics.tick_duration.observe(took.as_secs_f64());
+        // Hand memory freed since (snapshots aged out, scrapes, replies) back to the system
+        // every 10 s, so RSS follows what the agent holds rather than its highest point.
+        if last_trim.elapsed() >= TRIM_EVERY {
+            crate::limits::trim_heap();
+            last_trim = Instant::now();
+        }
     }
 }
 

@@ -50,7 +50,7 @@ pub async fn run_event_reader(
     let mut fd = match unsafe { AsyncFd::register(ring) } {
         Ok(fd) => fd,
         Err(e) => {
-            warn!(error = %e, "cannot poll the connection-event ring buffer");
+            warn!(error = %crate::probes::error_chain(&e), "cannot poll the connection-event ring buffer");
             return;
         }
     };
@@ -71,7 +71,7 @@ pub async fn run_event_reader(
                 let mut guard = match ready {
                     Ok(g) => g,
                     Err(e) => {
-                        debug!(error = %e, "connection-event ring buffer closed");
+                        debug!(error = %crate::probes::error_chain(&e), "connection-event ring buffer closed");
                         return;
                     }
                 };

@@ -21,7 +21,7 @@ pub async fn run_slow_reader(ring: RingBuf<MapData>, store: SharedStore) {
     let mut fd = match unsafe { AsyncFd::register(ring) } {
         Ok(fd) => fd,
         Err(e) => {
-            warn!(error = %e, "cannot poll the slow-call ring buffer");
+            warn!(error = %crate::probes::error_chain(&e), "cannot poll the slow-call ring buffer");
             return;
         }
     };
@@ -30,7 +30,7 @@ pub async fn run_slow_reader(ring: RingBuf<MapData>, store: SharedStore) {
         let mut guard = match fd.readable_mut().await {
             Ok(g) => g,
             Err(e) => {
-                debug!(error = %e, "slow-call ring buffer closed");
+                debug!(error = %crate::probes::error_chain(&e), "slow-call ring buffer closed");
                 return;
             }
         };

@@ -11,9 +11,10 @@ use super::protocol::{Request, Response};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to {path}: {error}{hint}")]
+    #[error("cannot connect to {path}{hint}")]
     Connect {
         path: String,
+        #[source]
         error: std::io::Error,
         hint: &'static str,
     },

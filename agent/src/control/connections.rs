@@ -45,6 +45,12 @@ pub struct ConnectionsView {
     /// Time the figures really cover (shorter than asked while the agent is young).
     pub window_seconds: f64,
     pub requested_window_seconds: f64,
+    /// Edges with activity in the window (or open now), of which `edges` is the page from
+    /// `offset`.
+    #[serde(default)]
+    pub total_edges: usize,
+    #[serde(default)]
+    pub offset: usize,
     /// Busiest first (bytes, then connections and failures).
     pub edges: Vec<EdgeRow>,
     pub resets_sent: u64,
@@ -93,7 +99,40 @@ fn row(k: &EdgeKey, d: &EdgeCounters, active: u64) -> EdgeRow {
 }
 
 /// Edges with activity in the window, or with connections open now.
-pub fn connections(store: &Store, window: Duration) -> Result<ConnectionsView, String> {
+/// Rows a page holds when the request names no limit, and at most.
+pub const DEFAULT_LIMIT: usize = 1000;
+pub const MAX_LIMIT: usize = 10_000;
+
+/// Which rows of a table a request wants: `limit` rows from `offset` (busiest first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    pub offset: usize,
+    pub limit: usize,
+}
+
+impl Page {
+    /// From a request's optional fields; a limit above [`MAX_LIMIT`] is an error, not a
+    /// silent cut.
+    pub fn new(offset: Option<usize>, limit: Option<usize>) -> Result<Self, String> {
+        let limit = limit.unwrap_or(DEFAULT_LIMIT);
+        if limit == 0 || limit > MAX_LIMIT {
+            return Err(format!(
+                "limit {limit}: must be between 1 and {MAX_LIMIT} (page with offset)"
+            ));
+        }
+        Ok(Self {
+            offset: offset.unwrap_or(0),
+            limit,
+        })
+    }
+
+    pub const ALL: Self = Self {
+        offset: 0,
+        limit: usize::MAX,
+    };
+}
+
+pub fn connections(store: &Store, window: Duration, page: Page) -> Result<ConnectionsView, String> {
     let (Some(w), Some(latest)) = (store.net.over(window), store.net.latest()) else {
         return Err(match store.probes.get("net") {
             Some(p) if p.state != ProbeState::Attached => format!(
@@ -108,37 +147,49 @@ pub fn connections(store: &Store, window: Duration) -> Result<ConnectionsView, S
         });
     };
     let empty = EdgeCounters::default();
-    let mut edges: Vec<EdgeRow> = latest
+    // Rank first, build rows for the page only: a page of a large table costs its rows, not
+    // the table's.
+    let mut ranked: Vec<_> = latest
         .totals
         .edges
         .iter()
         .filter_map(|(k, now)| {
             let d = w.delta.edges.get(k).map_or(&empty, |d| &**d);
             let active = now.active();
-            // Processes come from the edge itself, so an idle window still names them.
-            (d.has_activity() || active > 0).then(|| {
-                let mut r = row(k, d, active);
-                if r.processes.is_empty() {
-                    r.processes = process_labels(&now.processes);
-                }
-                r
-            })
+            (d.has_activity() || active > 0).then(|| (k, now, d, active, k.destination_label()))
         })
         .collect();
-    edges.sort_by(|a, b| {
-        let weight = |r: &EdgeRow| (r.bytes_sent + r.bytes_received, r.connections + r.failures);
-        weight(b).cmp(&weight(a)).then_with(|| {
-            (a.direction, &a.service, &a.destination).cmp(&(
-                b.direction,
-                &b.service,
-                &b.destination,
-            ))
+    let total_edges = ranked.len();
+    let weight = |d: &EdgeCounters| {
+        (
+            d.bytes_sent + d.bytes_received,
+            d.connects + d.failures_total(),
+        )
+    };
+    ranked.sort_by(|a, b| {
+        weight(b.2).cmp(&weight(a.2)).then_with(|| {
+            (a.0.direction, &a.0.service, &a.4).cmp(&(b.0.direction, &b.0.service, &b.4))
         })
     });
+    let edges = ranked
+        .into_iter()
+        .skip(page.offset)
+        .take(page.limit)
+        .map(|(k, now, d, active, _)| {
+            let mut r = row(k, d, active);
+            // Processes come from the edge itself, so an idle window still names them.
+            if r.processes.is_empty() {
+                r.processes = process_labels(&now.processes);
+            }
+            r
+        })
+        .collect();
     let k = &w.delta.kernel;
     Ok(ConnectionsView {
         window_seconds: w.span.as_secs_f64(),
         requested_window_seconds: window.as_secs_f64(),
+        total_edges,
+        offset: page.offset,
         edges,
         resets_sent: k.resets_sent,
         resets_received: k.resets_received,
@@ -183,12 +234,17 @@ pub struct MapEdge {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MapView {
     pub window_seconds: f64,
+    /// Edges in the window, of which `edges` (busiest first) is the page from `offset`.
+    #[serde(default)]
+    pub total_edges: usize,
+    #[serde(default)]
+    pub offset: usize,
     pub nodes: Vec<Node>,
     pub edges: Vec<MapEdge>,
 }
 
-pub fn map(store: &Store, window: Duration) -> Result<MapView, String> {
-    let c = connections(store, window)?;
+pub fn map(store: &Store, window: Duration, page: Page) -> Result<MapView, String> {
+    let c = connections(store, window, page)?;
     let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
     let mut edges = Vec::new();
     for r in c.edges {
@@ -230,6 +286,8 @@ pub fn map(store: &Store, window: Duration) -> Result<MapView, String> {
     }
     Ok(MapView {
         window_seconds: c.window_seconds,
+        total_edges: c.total_edges,
+        offset: c.offset,
         nodes: nodes.into_values().collect(),
         edges,
     })
@@ -424,7 +482,7 @@ mod tests {
     #[test]
     fn connections_view_counts_the_window() {
         let st = store_with_edges();
-        let v = connections(&st, Duration::from_secs(60)).unwrap();
+        let v = connections(&st, Duration::from_secs(60), Page::ALL).unwrap();
         assert_eq!(v.edges.len(), 2);
         let out = v
             .edges
@@ -446,7 +504,7 @@ mod tests {
     #[test]
     fn map_joins_both_halves_at_the_endpoint_and_renders_dot() {
         let st = store_with_edges();
-        let m = map(&st, Duration::from_secs(60)).unwrap();
+        let m = map(&st, Duration::from_secs(60), Page::ALL).unwrap();
         assert_eq!(m.nodes.len(), 3);
         let ep = m
             .nodes
@@ -471,8 +529,8 @@ mod tests {
     #[test]
     fn no_data_is_an_error() {
         let st = Store::new(ConfigSource::Defaults, 4);
-        assert!(connections(&st, DEFAULT_WINDOW).is_err());
-        assert!(map(&st, DEFAULT_WINDOW).is_err());
+        assert!(connections(&st, DEFAULT_WINDOW, Page::ALL).is_err());
+        assert!(map(&st, DEFAULT_WINDOW, Page::ALL).is_err());
     }
 
     #[test]

@@ -20,15 +20,25 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<usize>,
     },
-    /// Connection edges over a window (default 60s).
+    /// Connection edges over a window (default 60s), busiest first: `limit` edges (default
+    /// 1000, at most 10000) from `offset`.
     Connections {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         window: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        offset: Option<usize>,
     },
-    /// The dependency map over a window (default 60s).
+    /// The dependency map over a window (default 60s), of the busiest `limit` edges from
+    /// `offset` (as `connections`).
     Map {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         window: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        offset: Option<usize>,
     },
     /// Top query fingerprints over a window (default 60s) and recent slow queries.
     Queries {
@@ -69,6 +79,16 @@ impl Response {
             data: None,
             error: Some(msg.into()),
         }
+    }
+
+    /// The line of a successful reply whose `data` is already JSON text (views serialize
+    /// straight to text, without a `serde_json::Value` of the whole reply in between).
+    pub fn ok_line(data_json: &str) -> String {
+        let mut s = String::with_capacity(data_json.len() + 22);
+        s.push_str(r#"{"ok":true,"data":"#);
+        s.push_str(data_json);
+        s.push_str("}\n");
+        s
     }
 
     /// One line of JSON, newline included.
@@ -136,6 +156,8 @@ mod tests {
         assert_eq!(back, r);
         let ok = Response::ok(serde_json::json!({"a": 1})).to_line();
         assert!(ok.starts_with(r#"{"ok":true,"data":"#));
+        let raw = Response::ok_line(r#"{"a":1}"#);
+        assert_eq!(raw, ok);
     }
 
     #[test]
@@ -148,8 +170,14 @@ mod tests {
             },
             Request::Connections {
                 window: Some("30s".into()),
+                limit: Some(10),
+                offset: Some(20),
             },
-            Request::Map { window: None },
+            Request::Map {
+                window: None,
+                limit: None,
+                offset: None,
+            },
             Request::Queries {
                 window: Some("60s".into()),
                 system: Some("redis".into()),

@@ -1,27 +1,23 @@
-//! Prometheus endpoint: `GET /metrics` in OpenMetrics text.
+//! Prometheus exposition: the store's families in OpenMetrics text (and the classic text
+//! format); `http` serves them.
 //!
 //! Metrics are rendered from the store at scrape time (a `Collector`), so a scrape costs one
 //! read lock and no work happens between scrapes. Agent self-metrics that are plain counters
 //! live in the registry as ordinary prometheus-client metrics.
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc,
 };
 
-use axum::{extract::State, http::header, response::IntoResponse, routing::get, Router};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _, NoLabelSet},
     metrics::{counter::ConstCounter, gauge::ConstGauge, MetricType},
     registry::{Registry, Unit},
 };
-use tokio::{net::TcpListener, sync::watch};
-use tracing::info;
 
+use super::labels::{l, LabelValue, Labels};
 use crate::{
     collectors::TickMetrics,
     store::{
@@ -84,8 +80,6 @@ struct StoreCollector {
     db_top_n: Arc<AtomicUsize>,
 }
 
-type Labels = Vec<(&'static str, String)>;
-
 fn counter<'a>(
     enc: &mut DescriptorEncoder<'a>,
     name: &str,
@@ -131,10 +125,6 @@ fn histogram<'h>(
         )?;
     }
     Ok(())
-}
-
-fn l(k: &'static str, v: impl Into<String>) -> Labels {
-    vec![(k, v.into())]
 }
 
 /// Per-bucket counts (not cumulative) at the exported bounds, in seconds.
@@ -225,6 +215,13 @@ impl Collector for StoreCollector {
                 [(vec![], cpu)],
             )?;
         }
+        counter(
+            e,
+            "insite_agent_log_lines_dropped",
+            "Log lines lost: stderr failed (full disk, closed or broken pipe) or the log queue was full (stalled reader)",
+            None,
+            [(vec![], crate::logging::dropped_lines() as f64)],
+        )?;
         gauge(
             e,
             "insite_probe_attached",
@@ -233,8 +230,8 @@ impl Collector for StoreCollector {
             st.probes.values().map(|p| {
                 (
                     vec![
-                        ("probe", p.name.clone()),
-                        ("state", format!("{:?}", p.state).to_lowercase()),
+                        ("probe", p.name.clone().into()),
+                        ("state", format!("{:?}", p.state).to_lowercase().into()),
                     ],
                     if p.state == ProbeState::Attached {
                         1.0
@@ -512,9 +509,9 @@ fn encode_net(
     let (rows, folded) = t.by_destination(top_n);
     let labels = |r: &DestinationSeries| -> Labels {
         vec![
-            ("direction", r.direction.as_str().to_string()),
-            ("destination", r.destination.clone()),
-            ("service", r.service.clone()),
+            ("direction", r.direction.as_str().into()),
+            ("destination", r.destination.clone().into()),
+            ("service", r.service.clone().into()),
         ]
     };
     histogram(
@@ -553,7 +550,7 @@ fn encode_net(
                 let n = r.counters.failure(reason);
                 (n > 0).then(|| {
                     let mut ls = labels(r);
-                    ls.push(("reason", reason.as_str().to_string()));
+                    ls.push(("reason", reason.as_str().into()));
                     (ls, n as f64)
                 })
             })
@@ -658,11 +655,11 @@ fn encode_db(
     let (rows, folded) = top_series(&t.ops, top_n);
     let labels = |k: &OpKey| -> Labels {
         vec![
-            ("system", k.system.as_str().to_string()),
-            ("operation", k.operation.to_string()),
-            ("role", k.role.as_str().to_string()),
-            ("destination", k.destination.to_string()),
-            ("service", k.service.to_string()),
+            ("system", k.system.as_str().into()),
+            ("operation", LabelValue::from(&k.operation)),
+            ("role", k.role.as_str().into()),
+            ("destination", LabelValue::from(&k.destination)),
+            ("service", LabelValue::from(&k.service)),
         ]
     };
     histogram(
@@ -770,61 +767,6 @@ pub fn openmetrics_to_text(om: &str) -> String {
         out.push('\n');
     }
     out
-}
-
-/// OpenMetrics when the client asks for it (Prometheus does), the classic text format otherwise.
-fn wants_openmetrics(headers: &axum::http::HeaderMap) -> bool {
-    headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.contains("application/openmetrics-text"))
-}
-
-async fn metrics(
-    State(reg): State<Arc<Registry>>,
-    headers: axum::http::HeaderMap,
-) -> impl IntoResponse {
-    match render(&reg) {
-        Ok(body) if wants_openmetrics(&headers) => {
-            ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response()
-        }
-        Ok(body) => (
-            [(header::CONTENT_TYPE, TEXT_CONTENT_TYPE)],
-            openmetrics_to_text(&body),
-        )
-            .into_response(),
-        Err(_) => (
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-            "encoding metrics failed\n",
-        )
-            .into_response(),
-    }
-}
-
-async fn index() -> impl IntoResponse {
-    "insite-agent: metrics at /metrics\n"
-}
-
-/// Binds `addr` (fails fast if taken) and returns the server future.
-pub async fn serve(
-    addr: SocketAddr,
-    registry: Registry,
-    mut shutdown: watch::Receiver<bool>,
-) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
-    let listener = TcpListener::bind(addr).await?;
-    info!(addr = %listener.local_addr()?, "metrics endpoint listening");
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/", get(index))
-        .with_state(Arc::new(registry));
-    Ok(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                crate::daemon::shutdown_requested(&mut shutdown).await;
-            })
-            .await
-    })
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
-    #[error("reading {VMLINUX}: {0}")]
+    #[error("reading {VMLINUX}")]
     Read(#[source] std::io::Error),
     #[error("malformed BTF: {0}")]
     Malformed(String),

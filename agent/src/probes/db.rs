@@ -13,11 +13,11 @@ use super::btf::{BtfError, KernelBtf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbProbeError {
-    #[error("loading the database object: {0}")]
+    #[error("loading the database object")]
     Load(#[from] EbpfError),
-    #[error("kernel BTF: {0}")]
+    #[error("kernel BTF")]
     Btf(#[from] BtfError),
-    #[error("kernel BTF for tp_btf: {0}")]
+    #[error("kernel BTF for tp_btf")]
     AyaBtf(#[from] aya::BtfError),
     #[error(transparent)]
     Object(#[from] super::ObjectError),

@@ -7,6 +7,7 @@
 pub mod btf;
 pub mod db;
 pub mod net;
+pub mod privileges;
 pub mod syscalls;
 
 use std::path::Path;
@@ -28,13 +29,13 @@ pub(crate) static DB_OBJECT: &[u8] =
 /// What can go wrong with a loaded object's maps and programs, in any family.
 #[derive(Debug, thiserror::Error)]
 pub enum ObjectError {
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Program {
         what: String,
         #[source]
         source: aya::programs::ProgramError,
     },
-    #[error("map {name}: {source}")]
+    #[error("map {name}")]
     Map {
         name: &'static str,
         #[source]
@@ -91,7 +92,7 @@ fn ensure_mounted(target: &Path, fstype: &str, magic: i64) {
         }
         Ok(_) => {}
         Err(e) => {
-            debug!(path = %target.display(), error = %e, "cannot stat mount point");
+            debug!(path = %target.display(), error = %crate::probes::error_chain(&e), "cannot stat mount point");
             return;
         }
     }
@@ -103,7 +104,9 @@ fn ensure_mounted(target: &Path, fstype: &str, magic: i64) {
         None::<&str>,
     ) {
         Ok(()) => info!(path = %target.display(), fstype, "mounted"),
-        Err(e) => warn!(path = %target.display(), fstype, error = %e, "could not mount"),
+        Err(e) => {
+            warn!(path = %target.display(), fstype, error = %crate::probes::error_chain(&e), "could not mount")
+        }
     }
 }
 

@@ -17,11 +17,11 @@ use crate::config::NetConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetProbeError {
-    #[error("loading the network object: {0}")]
+    #[error("loading the network object")]
     Load(#[from] EbpfError),
-    #[error("kernel BTF: {0}")]
+    #[error("kernel BTF")]
     Btf(#[from] BtfError),
-    #[error("kernel BTF for tp_btf: {0}")]
+    #[error("kernel BTF for tp_btf")]
     AyaBtf(#[from] aya::BtfError),
     #[error(transparent)]
     Object(#[from] super::ObjectError),

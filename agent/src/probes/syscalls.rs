@@ -28,7 +28,7 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyscallProbeError {
-    #[error("loading the syscall object: {0}")]
+    #[error("loading the syscall object")]
     Load(#[from] EbpfError),
     #[error(transparent)]
     Object(#[from] super::ObjectError),
@@ -328,7 +328,9 @@ fn attach_set(ebpf: &mut Ebpf, mode: AttachMode) -> Result<(), String> {
             };
             match unloaded {
                 Ok(Err(ProgramError::NotLoaded)) | Ok(Ok(())) | Err(_) => {}
-                Ok(Err(e)) => warn!(program = prog, error = %e, "unloading after a failed attach"),
+                Ok(Err(e)) => {
+                    warn!(program = prog, error = %crate::probes::error_chain(&e), "unloading after a failed attach")
+                }
             }
         }
         return Err(super::error_chain(&e));

@@ -2,7 +2,10 @@
 //!
 //! Collectors keep monotonic totals; a window is the difference between the newest snapshot
 //! and the one taken about a window-length earlier. Snapshots are kept once per second for the
-//! longest window, so memory is bounded by (active keys x window seconds), whatever the tick.
+//! last [`FINE_SPAN`] and once per [`COARSE_STEP`] beyond, up to the retention: about 21
+//! snapshots for 60 s instead of 61, whatever the tick. A window of up to 10 s is exact to the
+//! second; a longer one starts at most 5 s earlier than asked (its real span is reported).
+//! Memory is bounded by (keys that changed x snapshots), see `budget`.
 
 use std::{
     collections::VecDeque,
@@ -14,10 +17,23 @@ pub trait Cumulative: Clone {
     fn delta_since(&self, earlier: &Self) -> Self;
 }
 
+/// Snapshots younger than this are all kept (one per granularity step).
+pub const FINE_SPAN: Duration = Duration::from_secs(10);
+/// Older snapshots are thinned to one per this step.
+pub const COARSE_STEP: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone)]
 pub struct Snapshot<T> {
     pub at: Instant,
     pub totals: T,
+}
+
+/// A snapshot in the history, and whether it stays once it is older than [`FINE_SPAN`] (the
+/// first of its [`COARSE_STEP`] slot).
+#[derive(Debug)]
+struct Kept<T> {
+    snap: Snapshot<T>,
+    coarse: bool,
 }
 
 /// The activity over a window and the time it really covers (shorter than asked for while the
@@ -31,7 +47,9 @@ pub struct WindowDelta<T> {
 #[derive(Debug)]
 pub struct Windows<T> {
     /// Newest first is `back()`.
-    history: VecDeque<Snapshot<T>>,
+    history: VecDeque<Kept<T>>,
+    /// When the first snapshot was taken: coarse slots count from here.
+    epoch: Option<Instant>,
     /// Newest snapshot (taken every tick).
     latest: Option<Snapshot<T>>,
     /// Previous tick's snapshot, for per-tick deltas.
@@ -44,6 +62,7 @@ impl<T: Cumulative> Windows<T> {
     pub fn new(granularity: Duration, retention: Duration) -> Self {
         Self {
             history: VecDeque::new(),
+            epoch: None,
             latest: None,
             previous: None,
             granularity,
@@ -61,11 +80,25 @@ impl<T: Cumulative> Windows<T> {
         let due = self
             .history
             .back()
-            .is_none_or(|s| at.duration_since(s.at) >= self.granularity);
+            .is_none_or(|s| at.duration_since(s.snap.at) >= self.granularity);
         if due {
-            self.history.push_back(snap.clone());
+            let epoch = *self.epoch.get_or_insert(at);
+            let slot = |t: Instant| t.duration_since(epoch).as_millis() / COARSE_STEP.as_millis();
+            let coarse = self
+                .history
+                .back()
+                .is_none_or(|prev| slot(prev.snap.at) != slot(at));
+            self.history.push_back(Kept {
+                snap: snap.clone(),
+                coarse,
+            });
+            // Past the fine span only the first snapshot of each coarse slot stays (the
+            // newest is never dropped: it is the base of the shortest windows).
+            self.history
+                .retain(|k| k.coarse || at.duration_since(k.snap.at) <= FINE_SPAN);
             // Keep one snapshot older than the retention so a full window is always available.
-            while self.history.len() > 2 && at.duration_since(self.history[1].at) >= self.retention
+            while self.history.len() > 2
+                && at.duration_since(self.history[1].snap.at) >= self.retention
             {
                 self.history.pop_front();
             }
@@ -96,9 +129,10 @@ impl<T: Cumulative> Windows<T> {
                 .history
                 .iter()
                 .rev()
+                .map(|k| &k.snap)
                 .find(|s| s.at <= cutoff)
-                .or_else(|| self.history.front())?,
-            None => self.history.front()?,
+                .or_else(|| self.history.front().map(|k| &k.snap))?,
+            None => self.history.front().map(|k| &k.snap)?,
         };
         Some(WindowDelta {
             span: latest.at.duration_since(base.at),
@@ -165,7 +199,29 @@ mod tests {
     #[test]
     fn memory_is_bounded_by_retention() {
         let (w, _) = filled(1000);
-        assert!(w.snapshots() <= 62, "{}", w.snapshots());
+        // 10 fine + 10 coarse + the one older than the retention, and the newest.
+        assert!(w.snapshots() <= 23, "{}", w.snapshots());
+    }
+
+    #[test]
+    fn long_windows_start_at_most_a_coarse_step_early() {
+        let (w, _) = filled(300);
+        for secs in 1..=60 {
+            let d = w.over(Duration::from_secs(secs)).unwrap();
+            assert!(d.span >= Duration::from_secs(secs), "{secs}: {:?}", d.span);
+            let slack = if Duration::from_secs(secs) <= FINE_SPAN {
+                Duration::ZERO
+            } else {
+                COARSE_STEP
+            };
+            assert!(
+                d.span <= Duration::from_secs(secs) + slack,
+                "{secs}: {:?}",
+                d.span
+            );
+            // The counter grows by 4 a second: the delta matches the real span.
+            assert_eq!(d.delta, d.span.as_millis() as u64 / 250);
+        }
     }
 
     #[test]

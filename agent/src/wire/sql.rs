@@ -12,31 +12,122 @@ pub const MAX_FINGERPRINT: usize = 512;
 
 /// The statement kind: the first keyword, upper-cased (`SELECT`, `INSERT`, `BEGIN`, ...), with
 /// `WITH ... SELECT` reported by its main verb where it can be seen; `OTHER` when there is no
-/// keyword.
+/// keyword or the first word is not a statement verb of PostgreSQL or MySQL (the text is the
+/// client's: as a label it must come from a bounded, printable set).
 pub fn operation(sql: &str) -> String {
     let mut depth = 0i32;
-    let mut first: Option<String> = None;
+    let mut with = false;
     for t in Tokens::new(sql) {
         match t {
             Token::Punct("(") => depth += 1,
             Token::Punct(")") => depth -= 1,
             Token::Word(w) if depth <= 0 => {
                 let w = w.to_ascii_uppercase();
-                match &first {
-                    None if w != "WITH" => return w,
-                    None => first = Some(w),
-                    // After the CTEs, the main statement's verb at the top level.
-                    Some(_) if matches!(w.as_str(), "SELECT" | "INSERT" | "UPDATE" | "DELETE") => {
-                        return w;
+                if !with {
+                    if w == "WITH" {
+                        with = true;
+                        continue;
                     }
-                    Some(_) => {}
+                    return verb(&w).to_string();
+                }
+                // After the CTEs, the main statement's verb at the top level.
+                if matches!(
+                    w.as_str(),
+                    "SELECT" | "INSERT" | "UPDATE" | "DELETE" | "MERGE"
+                ) {
+                    return w;
                 }
             }
             _ => {}
         }
     }
-    first.unwrap_or_else(|| "OTHER".into())
+    if with { "WITH" } else { "OTHER" }.into()
 }
+
+/// `w` if it is a statement verb, else `OTHER`.
+fn verb(w: &str) -> &'static str {
+    VERBS.binary_search(&w).map_or("OTHER", |i| VERBS[i])
+}
+
+/// Statement verbs of PostgreSQL and MySQL/MariaDB. Sorted.
+const VERBS: &[&str] = &[
+    "ABORT",
+    "ALTER",
+    "ANALYSE",
+    "ANALYZE",
+    "BEGIN",
+    "BINLOG",
+    "CACHE",
+    "CALL",
+    "CHANGE",
+    "CHECK",
+    "CHECKPOINT",
+    "CHECKSUM",
+    "CLOSE",
+    "CLUSTER",
+    "COMMENT",
+    "COMMIT",
+    "COPY",
+    "CREATE",
+    "DEALLOCATE",
+    "DECLARE",
+    "DELETE",
+    "DESC",
+    "DESCRIBE",
+    "DISCARD",
+    "DO",
+    "DROP",
+    "END",
+    "EXECUTE",
+    "EXPLAIN",
+    "FETCH",
+    "FLUSH",
+    "GRANT",
+    "HANDLER",
+    "HELP",
+    "IMPORT",
+    "INSERT",
+    "INSTALL",
+    "KILL",
+    "LISTEN",
+    "LOAD",
+    "LOCK",
+    "MERGE",
+    "MOVE",
+    "NOTIFY",
+    "OPTIMIZE",
+    "PREPARE",
+    "PURGE",
+    "REASSIGN",
+    "REFRESH",
+    "REINDEX",
+    "RELEASE",
+    "RENAME",
+    "REPAIR",
+    "REPLACE",
+    "RESET",
+    "RESTART",
+    "REVOKE",
+    "ROLLBACK",
+    "SAVEPOINT",
+    "SECURITY",
+    "SELECT",
+    "SET",
+    "SHOW",
+    "SHUTDOWN",
+    "START",
+    "STOP",
+    "TABLE",
+    "TRUNCATE",
+    "UNINSTALL",
+    "UNLISTEN",
+    "UNLOCK",
+    "UPDATE",
+    "USE",
+    "VACUUM",
+    "VALUES",
+    "XA",
+];
 
 /// The query with literals replaced by `?`, `IN (...)`/`VALUES (...)` lists of literals folded
 /// to one `?`, comments dropped, whitespace collapsed and keywords upper-cased.
@@ -55,7 +146,8 @@ pub fn fingerprint(sql: &str) -> String {
             }
             Token::Literal => "?".into(),
             Token::Word(w) if is_keyword(w) => w.to_ascii_uppercase().into(),
-            Token::Word(w) => w.into(),
+            // A quoted identifier may hold anything: no control characters in a fingerprint.
+            Token::Word(w) => crate::untrusted::strip_controls(w),
             Token::Punct(p) => p.into(),
         };
         let glue = match (prev, t) {
@@ -229,7 +321,9 @@ impl<'a> Iterator for Tokens<'a> {
         loop {
             let b = self.rest();
             let c = *b.first()?;
-            if c.is_ascii_whitespace() {
+            // Control bytes (a NUL terminator some clients send, stray CRs) separate tokens
+            // like whitespace: they are never part of a fingerprint.
+            if c.is_ascii_whitespace() || c.is_ascii_control() {
                 self.i += 1;
                 self.spaced = true;
                 continue;
@@ -388,6 +482,17 @@ mod tests {
         assert_eq!(operation("begin"), "BEGIN");
         assert_eq!(operation(""), "OTHER");
         assert_eq!(operation("123"), "OTHER");
+        assert_eq!(operation("WITH a AS (SELECT 1)"), "WITH");
+        assert!(VERBS.windows(2).all(|w| w[0] < w[1]), "sorted");
+        // The first word is the client's text: only verbs are labels.
+        for hostile in [
+            "\"} 1\nfake 7\n#\" x",
+            "frobnicate the table",
+            "`back\\slash`",
+            "ünïcode",
+        ] {
+            assert_eq!(operation(hostile), "OTHER", "{hostile:?}");
+        }
     }
 
     #[test]

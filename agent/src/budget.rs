@@ -1,0 +1,59 @@
+//! What the agent's bounded tables cost in memory, and the check that the configured bounds fit
+//! in `agent.memory_budget_mib` (the unit's MemoryMax leaves room above it).
+//!
+//! Every table the workload can grow is bounded by a setting; what one entry costs at worst
+//! (every entry changing every tick, so that each snapshot the rolling windows keep holds its
+//! own copy) is measured by `agent/tests/memory_model.rs` and charged here with a margin. The
+//! sum over the settings, plus the agent's fixed part, must fit the budget, or the config is
+//! refused with the setting that costs most named.
+
+use crate::config::Config;
+
+/// The agent without any table: runtime, probes' userspace side, BTF once parsed, buffers of
+/// the ring readers, logging queue.
+pub const BASE_BYTES: u64 = 48 << 20;
+/// One connection edge (`net.max_edges`), its counters in every kept snapshot included.
+pub const EDGE_BYTES: u64 = 28 << 10;
+/// One query series (`db.max_series`).
+pub const DB_SERIES_BYTES: u64 = 20 << 10;
+/// One query fingerprint (`db.max_fingerprints`), with its text and sample.
+pub const FINGERPRINT_BYTES: u64 = 24 << 10;
+/// One slow call or slow query kept for the CLI.
+pub const SLOW_ENTRY_BYTES: u64 = 2 << 10;
+/// Replies of the control socket in flight (`control::server::REPLY_BUDGET_BYTES`), and the
+/// shared rendering of a scrape.
+pub const REPLIES_BYTES: u64 = 16 << 20;
+
+/// The budget's parts, largest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Estimate {
+    pub total: u64,
+    pub parts: Vec<(&'static str, u64)>,
+}
+
+pub fn estimate(cfg: &Config) -> Estimate {
+    let n = |v: usize| v as u64;
+    let mut parts = vec![
+        ("base", BASE_BYTES),
+        ("control and scrape replies", REPLIES_BYTES),
+        ("net.max_edges", n(cfg.net.max_edges) * EDGE_BYTES),
+        ("db.max_series", n(cfg.db.max_series) * DB_SERIES_BYTES),
+        (
+            "db.max_fingerprints",
+            n(cfg.db.max_fingerprints) * FINGERPRINT_BYTES,
+        ),
+        (
+            "syscalls.slow_log_size + db.slow_log_capacity",
+            n(cfg.syscalls.slow_log_size + cfg.db.slow_log_capacity) * SLOW_ENTRY_BYTES,
+        ),
+    ];
+    parts.sort_by_key(|p| std::cmp::Reverse(p.1));
+    Estimate {
+        total: parts.iter().map(|p| p.1).sum(),
+        parts,
+    }
+}
+
+pub fn mib(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 20)
+}
