@@ -202,4 +202,19 @@ fn without_privileges_the_probe_fails_alone_and_the_rest_runs() {
     let r = agent.request(r#"{"cmd":"syscalls"}"#).unwrap();
     assert_eq!(r["ok"], false);
     assert!(r["error"].as_str().unwrap().contains("failed"), "{r}");
+    // It says once, at start, what it lacks and what it needs...
+    let log = agent.log();
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("lacks the privileges"))
+        .collect();
+    assert_eq!(said.len(), 1, "{log}");
+    assert!(
+        said[0].contains("CAP_BPF") && said[0].contains("CAP_PERFMON") && said[0].contains("root"),
+        "{log}"
+    );
+    // ...and its exit status says it could not do its job.
+    let mut agent = agent;
+    let status = agent.terminate();
+    assert_eq!(status.code(), Some(77), "{status}: {}", agent.log());
 }

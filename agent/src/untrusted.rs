@@ -4,8 +4,10 @@
 //!
 //! - the exposition formats (Prometheus text 0.0.4 and OpenMetrics): [`write_label_value`],
 //!   used by the exporter's label type so that no label can skip it;
-//! - logs and terminals: [`Printable`], which shows control characters and backslashes as
-//!   escapes, so a value cannot forge a log line or move the cursor;
+//! - logs: as `?field` (Debug: quoted, with quotes, backslashes and control characters
+//!   escaped), so a value cannot end its field or forge a line;
+//! - terminals: [`Printable`], which shows control characters and backslashes as escapes, so
+//!   a value cannot break a table row or move the cursor;
 //! - JSON: serde_json escapes on its own; Graphviz: `control::net::quote`.
 //!
 //! Sanitising (replacing a value by a safe name) happens where the value is parsed, e.g. a

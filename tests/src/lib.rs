@@ -51,6 +51,32 @@ fn free_port() -> u16 {
         .unwrap_or(19820)
 }
 
+/// Where the agent's stderr goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Stderr {
+    /// A file in the agent's directory (`Agent::log`).
+    #[default]
+    LogFile,
+    /// /dev/full: every write fails with ENOSPC, as on a full disk.
+    DevFull,
+    /// fd 2 closed before exec.
+    Closed,
+}
+
+/// How to start an agent.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Launch<'a> {
+    /// TOML appended after the harness's own keys.
+    pub extra: &'a str,
+    /// TOML appended inside `[control]`.
+    pub control_extra: &'a str,
+    /// Run as this uid and gid (a world-executable copy of the binary).
+    pub uid: Option<u32>,
+    pub stderr: Stderr,
+    /// Soft RLIMIT_NOFILE to start with (the hard limit stays), e.g. systemd's 1024.
+    pub nofile_soft: Option<u64>,
+}
+
 pub struct Agent {
     pub child: Child,
     pub dir: tempfile::TempDir,
@@ -86,8 +112,25 @@ impl Agent {
     }
 
     fn spawn(extra: &str, control_extra: &str, uid: Option<u32>) -> Self {
+        Self::launch(Launch {
+            extra,
+            control_extra,
+            uid,
+            ..Launch::default()
+        })
+    }
+
+    /// Starts an agent as `how` says and waits until its control socket answers.
+    pub fn launch(how: Launch<'_>) -> Self {
         use std::os::unix::process::CommandExt as _;
         require_root();
+        let Launch {
+            extra,
+            control_extra,
+            uid,
+            stderr,
+            nofile_soft,
+        } = how;
         let guard = ONE_AGENT_AT_A_TIME
             .lock()
             .unwrap_or_else(|e| e.into_inner());
@@ -101,7 +144,17 @@ impl Agent {
         )
         .expect("write config");
         let log_path = dir.path().join("agent.log");
-        let log = std::fs::File::create(&log_path).expect("log file");
+        let log = match stderr {
+            Stderr::LogFile => Stdio::from(std::fs::File::create(&log_path).expect("log file")),
+            Stderr::DevFull => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open("/dev/full")
+                    .expect("/dev/full"),
+            ),
+            // Replaced by a closed fd 2 in pre_exec below.
+            Stderr::Closed => Stdio::null(),
+        };
         let mut cmd = match uid {
             Some(uid) => {
                 let bin = world_executable_copy(dir.path());
@@ -112,6 +165,25 @@ impl Agent {
             }
             None => Command::new(agent_bin()),
         };
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if stderr == Stderr::Closed {
+                    libc::close(2);
+                }
+                if let Some(soft) = nofile_soft {
+                    let mut l = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 {
+                        l.rlim_cur = soft.min(l.rlim_max);
+                        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+                    }
+                }
+                Ok(())
+            });
+        }
         let child = cmd
             .args(["run", "--config"])
             .arg(&config_path)
@@ -306,33 +378,67 @@ fn dechunk(body: &str) -> String {
     out
 }
 
+/// A sample: metric name, labels (unescaped) and value.
+pub type Sample = (String, Vec<(String, String)>, f64);
+
+/// One sample line of the Prometheus text format: name, labels (unescaped) and value; `None`
+/// for comments, blank lines and anything that does not parse.
+pub fn parse_sample(line: &str) -> Option<Sample> {
+    if line.starts_with('#') || line.trim().is_empty() {
+        return None;
+    }
+    let name_end = line.find(['{', ' '])?;
+    let name = line[..name_end].to_string();
+    let mut labels = Vec::new();
+    let mut rest = &line[name_end..];
+    if let Some(r) = rest.strip_prefix('{') {
+        rest = r;
+        loop {
+            if let Some(r) = rest.strip_prefix('}') {
+                rest = r;
+                break;
+            }
+            let eq = rest.find("=\"")?;
+            let key = rest[..eq].trim_start_matches(',').to_string();
+            let mut value = String::new();
+            let mut chars = rest[eq + 2..].char_indices();
+            let end = loop {
+                let (i, c) = chars.next()?;
+                match c {
+                    '\\' => match chars.next()?.1 {
+                        'n' => value.push('\n'),
+                        '\\' => value.push('\\'),
+                        '"' => value.push('"'),
+                        _ => return None,
+                    },
+                    '"' => break eq + 2 + i + 1,
+                    c => value.push(c),
+                }
+            };
+            labels.push((key, value));
+            rest = rest[end..].trim_start_matches(',');
+        }
+    }
+    let value = rest.trim().split(' ').next()?.parse().ok()?;
+    Some((name, labels, value))
+}
+
 /// A scrape in the Prometheus text format, with lookups by name and labels.
 pub struct Metrics(pub String);
 
 impl Metrics {
+    /// Every sample: (name, labels, value).
+    pub fn samples(&self) -> Vec<Sample> {
+        self.0.lines().filter_map(parse_sample).collect()
+    }
+
     /// Value of the sample `name` whose labels include every `(key, value)` in `labels`.
     pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        self.0.lines().find_map(|line| {
-            if line.starts_with('#') {
-                return None;
-            }
-            let (series, value) = line.rsplit_once(' ')?;
-            let (n, lbl) = match series.split_once('{') {
-                Some((n, l)) => (n, l.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            if n != name {
-                return None;
-            }
-            let ok = labels
-                .iter()
-                .all(|(k, v)| lbl.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
-            if ok {
-                value.parse().ok()
-            } else {
-                None
-            }
-        })
+        self.0
+            .lines()
+            .filter_map(parse_sample)
+            .find(|(n, l, _)| n == name && has_labels(l, labels))
+            .map(|(_, _, v)| v)
     }
 
     /// Like `value` but 0 when the series does not exist (yet).
@@ -345,23 +451,9 @@ impl Metrics {
     pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.0
             .lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter_map(|line| {
-                let (series, value) = line.rsplit_once(' ')?;
-                let (n, lbl) = match series.split_once('{') {
-                    Some((n, l)) => (n, l.trim_end_matches('}')),
-                    None => (series, ""),
-                };
-                let ok = n == name
-                    && labels
-                        .iter()
-                        .all(|(k, v)| lbl.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
-                if ok {
-                    value.parse::<f64>().ok()
-                } else {
-                    None
-                }
-            })
+            .filter_map(parse_sample)
+            .filter(|(n, l, _)| n == name && has_labels(l, labels))
+            .map(|(_, _, v)| v)
             .sum()
     }
 
@@ -376,6 +468,12 @@ impl Metrics {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// Whether `have` holds every `(key, value)` of `want`.
+fn has_labels(have: &[(String, String)], want: &[(&str, &str)]) -> bool {
+    want.iter()
+        .all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v))
 }
 
 /// Runs `f` in a child process as uid/gid `nobody` (65534), for permission tests.

@@ -1,4 +1,5 @@
-//! `cargo xtask fuzz [TARGET] [--seconds N]`: runs the wire decoders' cargo-fuzz targets
+//! `cargo xtask fuzz [TARGET] [--seconds N]`: runs the cargo-fuzz targets of the parsers of
+//! untrusted input
 //! (`agent/fuzz`) for N seconds each, every target when none is named, and fails if any
 //! target finds a crash (libFuzzer saves the input under `agent/fuzz/artifacts/TARGET/`).
 //!
@@ -13,8 +14,16 @@ use anyhow::{bail, Context as _, Result};
 use crate::{setup, util};
 
 /// The targets in `agent/fuzz/fuzz_targets/`, and the longest input each is given: the kernel
-/// hands over at most 256 bytes of a request; SQL gets more, to reach the fingerprint's cap.
-const TARGETS: &[(&str, usize)] = &[("sql", 2048), ("resp", 512), ("pg", 512), ("mysql", 512)];
+/// hands over at most 256 bytes of a request; SQL gets more, to reach the fingerprint's cap;
+/// a control request line is capped at 64 KiB by default (4 KiB reaches every branch).
+const TARGETS: &[(&str, usize)] = &[
+    ("sql", 2048),
+    ("resp", 512),
+    ("pg", 512),
+    ("mysql", 512),
+    ("control", 4096),
+    ("labels", 512),
+];
 
 /// Builds with the machine's stable Rust (1.95); `--locked` keeps its dependencies to the
 /// versions it was released with.

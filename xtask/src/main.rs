@@ -49,9 +49,10 @@ enum Cmd {
         #[command(subcommand)]
         which: bench::Which,
     },
-    /// Fuzz the wire decoders (cargo-fuzz, nightly): `cargo xtask fuzz [TARGET] [--seconds N]`.
+    /// Fuzz the parsers of untrusted input (cargo-fuzz, nightly): `cargo xtask fuzz [TARGET]
+    /// [--seconds N]`.
     Fuzz {
-        /// One target (sql, resp, pg, mysql); every target when omitted.
+        /// One target (sql, resp, pg, mysql, control, labels); every target when omitted.
         target: Option<String>,
         /// Seconds to fuzz each target.
         #[arg(long, default_value_t = 60)]

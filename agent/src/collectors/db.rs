@@ -24,7 +24,7 @@ use crate::{
         db::{OpKey, Outcome, QueryRecord, Role, SlowQuery, System},
         SharedStore,
     },
-    untrusted::{strip_controls, Printable},
+    untrusted::strip_controls,
     wire::{mysql, pg, resp, sql},
 };
 
@@ -548,18 +548,20 @@ fn flush(
     }
     for c in done.drain(..) {
         if let Some(s) = c.slow {
+            // Debug formatting quotes and escapes the process-controlled fields: one line
+            // per slow query, whatever they hold.
             info!(
                 target: "insite::slow_query",
                 system = s.system.as_str(),
                 role = s.role.as_str(),
-                operation = %Printable(&s.operation),
+                operation = ?s.operation,
                 duration_ms = s.duration_ms,
                 outcome = ?s.outcome,
                 pid = s.pid,
-                comm = %Printable(&s.comm),
-                service = %Printable(&s.service),
-                destination = %Printable(&s.destination),
-                text = %Printable(&s.text),
+                comm = ?s.comm,
+                service = ?s.service,
+                destination = ?s.destination,
+                text = ?s.text,
                 "slow query"
             );
             while st.db_slow.len() >= cap {

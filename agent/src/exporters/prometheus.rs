@@ -803,6 +803,104 @@ mod tests {
         );
     }
 
+    /// Label values from arbitrary bytes (a fixed pseudo-random sequence, biased towards the
+    /// bytes the formats care about, plus known attacks) through the real encoders: promtool
+    /// accepts the text format, and both formats hold exactly the samples written.
+    #[test]
+    fn arbitrary_label_bytes_never_break_the_exposition() {
+        #[derive(Debug)]
+        struct Hostile(Vec<String>);
+        impl Collector for Hostile {
+            fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+                gauge(
+                    &mut enc,
+                    "insite_test_hostile",
+                    "Label values from arbitrary bytes",
+                    None,
+                    self.0.iter().enumerate().map(|(i, v)| {
+                        (
+                            vec![
+                                ("value", LabelValue::from(v.clone())),
+                                ("i", i.to_string().into()),
+                            ],
+                            i as f64,
+                        )
+                    }),
+                )?;
+                counter(
+                    &mut enc,
+                    "insite_test_hostile_events",
+                    "Counter with the same labels",
+                    None,
+                    self.0.iter().map(|v| (l("value", v.clone()), 1.0)),
+                )
+            }
+        }
+        let mut values: Vec<String> = [
+            "\"} 1\nfake 7\n#",
+            "ev\"il\\x\n}{",
+            "back\\slash",
+            "\\",
+            "\"",
+            "\n",
+            "# EOF",
+            "\u{0}\u{1}\r\t\u{7f}\u{85}\u{2028}\u{202e}",
+            "",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..2000 {
+            let len = (x % 24) as usize;
+            let mut bytes = Vec::with_capacity(len);
+            for _ in 0..len {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                bytes.push(match x % 8 {
+                    0 => b'\\',
+                    1 => b'"',
+                    2 => b'\n',
+                    3 => b'}',
+                    _ => (x >> 8) as u8,
+                });
+            }
+            x ^= x << 13;
+            values.push(String::from_utf8_lossy(&bytes).into_owned());
+        }
+        let n = values.len();
+        let mut reg = Registry::default();
+        reg.register_collector(Box::new(Hostile(values)));
+        let om = render(&reg).unwrap();
+        let text = openmetrics_to_text(&om);
+        for (format, body) in [("openmetrics", &om), ("text", &text)] {
+            let samples = body.lines().filter(|l| !l.starts_with('#')).count();
+            assert_eq!(samples, 2 * n, "{format}: samples were added or merged");
+            assert!(!body.lines().any(|l| l.starts_with("fake")), "{format}");
+        }
+        assert_eq!(om.lines().filter(|l| *l == "# EOF").count(), 1);
+        let mut child = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool is needed by this test: `cargo xtask test` installs it");
+        {
+            use std::io::Write as _;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(text.as_bytes()).unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     #[test]
     fn top_n_folds_into_other() {
         let mut m = std::collections::BTreeMap::new();

@@ -164,7 +164,7 @@ impl SyscallProbe {
                 match cgroup_id(root.as_deref(), path) {
                     Ok(id) => cgroup_ids.push(id),
                     Err(e) => {
-                        warn!(cgroup = %path.display(), error = %e, "syscalls.cgroups entry not traced");
+                        warn!(cgroup = ?path, error = %e, "syscalls.cgroups entry not traced");
                         problems.push(format!("syscalls.cgroups {}: {e}", path.display()));
                     }
                 }
