@@ -275,8 +275,10 @@ fn idle_and_stalled_clients_cannot_blind_the_agent() {
     let mut held = Vec::new();
     // 1500 idle connections, 300 that stop half-way through their headers, 200 that ask for
     // /metrics and never read the reply.
+    let to: std::net::SocketAddr = (addr.0.parse::<std::net::IpAddr>().unwrap(), addr.1).into();
     for i in 0..2000 {
-        let Ok(mut s) = TcpStream::connect(addr) else {
+        // A bounded connect: an agent that stopped accepting leaves connects hanging.
+        let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_millis(500)) else {
             continue;
         };
         if (1500..1800).contains(&i) {

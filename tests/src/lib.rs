@@ -273,8 +273,10 @@ impl Agent {
 
     /// GET /metrics; `openmetrics` sets the Accept header Prometheus sends.
     pub fn scrape_with(&self, openmetrics: bool) -> Result<(String, String)> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.set_write_timeout(Some(Duration::from_secs(10)))?;
         let accept = if openmetrics {
             "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
         } else {

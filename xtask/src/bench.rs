@@ -15,6 +15,8 @@ use crate::util::agent_bin;
 // Declared here rather than in main.rs: `crate::bench::bench_db`.
 #[path = "bench_db.rs"]
 mod bench_db;
+#[path = "bench_soak.rs"]
+mod bench_soak;
 
 #[derive(Subcommand, Clone, Copy)]
 pub enum Which {
@@ -80,6 +82,17 @@ pub enum Which {
         #[arg(long)]
         bpf_stats: bool,
     },
+    /// The agent with every probe on under a mixed workload (syscalls, connections, Redis,
+    /// PostgreSQL and MariaDB, scrapes every second, CLI calls) for a while: RSS and open fds
+    /// sampled, and whether they stay flat after the warm-up.
+    Soak {
+        /// How long to run.
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// Seconds between samples.
+        #[arg(long, default_value_t = 10)]
+        sample_secs: u64,
+    },
 }
 
 pub fn run(which: Which) -> Result<()> {
@@ -114,6 +127,13 @@ pub fn run(which: Which) -> Result<()> {
             pg_extended,
             keep_probes,
             bpf_stats,
+        }),
+        Which::Soak {
+            minutes,
+            sample_secs,
+        } => bench_soak::run(bench_soak::Opts {
+            minutes,
+            sample_every: Duration::from_secs(sample_secs.max(1)),
         }),
     }
 }

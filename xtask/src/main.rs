@@ -44,7 +44,7 @@ enum Cmd {
         no_lint: bool,
     },
     /// Benchmarks (not tests): `cargo xtask bench syscalls`, `cargo xtask bench net`,
-    /// `cargo xtask bench db`.
+    /// `cargo xtask bench db`, `cargo xtask bench soak --minutes N`.
     Bench {
         #[command(subcommand)]
         which: bench::Which,
