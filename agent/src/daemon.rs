@@ -123,6 +123,7 @@ async fn run_async(args: RunArgs, cfg: Config, source: ConfigSource) -> anyhow::
             },
             attach: cfg.host.enabled.then(|| "procfs".into()),
             error: None,
+            missed_runs: Default::default(),
         });
     }
 
@@ -252,6 +253,7 @@ fn attach_family<P>(
         state,
         attach,
         error,
+        missed_runs: Default::default(),
     };
     let (st, probe) = if !enabled {
         (status(ProbeState::Disabled, None, None), None)

@@ -245,6 +245,21 @@ impl Collector for StoreCollector {
             }),
         )?;
 
+        counter(
+            e,
+            "insite_probe_missed_runs",
+            "Runs of a probe's program the kernel skipped because it was already running on that CPU (bpf_prog_info.recursion_misses): events the program never saw",
+            None,
+            st.probes.values().flat_map(|p| {
+                p.missed_runs.iter().map(|(prog, n)| {
+                    (
+                        vec![("probe", p.name.clone()), ("program", prog.clone())],
+                        *n as f64,
+                    )
+                })
+            }),
+        )?;
+
         // One family per name: rings of every probe are rows of the same two counters.
         let mut ring_events: Vec<(Labels, f64)> = Vec::new();
         let mut ring_drops: Vec<(Labels, f64)> = Vec::new();

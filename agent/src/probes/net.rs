@@ -48,7 +48,8 @@ pub struct NetProbe {
     ring: Option<RingBuf<MapData>>,
     kernel_config: KernelNetConfig,
     ignored: BTreeSet<u16>,
-    attached: Vec<&'static str>,
+    /// (program, tracepoint) of what is attached.
+    attached: Vec<(&'static str, &'static str)>,
 }
 
 impl std::fmt::Debug for NetProbe {
@@ -113,7 +114,7 @@ impl NetProbe {
                 Ok(())
             })();
             match res {
-                Ok(()) => probe.attached.push(tp),
+                Ok(()) => probe.attached.push((prog, tp)),
                 Err(e) if !required => {
                     let why = super::error_chain(&e);
                     warn!(tracepoint = tp, error = %why, "network probe: optional hook not attached");
@@ -122,7 +123,7 @@ impl NetProbe {
                 Err(e) => return Err(e),
             }
         }
-        info!(tracepoints = ?probe.attached, "network probe attached");
+        info!(tracepoints = ?probe.attached(), "network probe attached");
         Ok((probe, problems))
     }
 
@@ -156,8 +157,16 @@ impl NetProbe {
     }
 
     /// The tracepoints that are attached (for `status`).
-    pub fn attached(&self) -> &[&'static str] {
-        &self.attached
+    pub fn attached(&self) -> Vec<&'static str> {
+        self.attached.iter().map(|(_, tp)| *tp).collect()
+    }
+
+    /// Runs the kernel skipped, per attached program.
+    pub fn missed_runs(&self) -> Result<Vec<(&'static str, u64)>, NetProbeError> {
+        Ok(super::missed_runs(
+            &self._ebpf,
+            self.attached.iter().map(|(p, _)| *p),
+        )?)
     }
 
     pub fn read_counters(&self) -> Result<NetKernelCounters, NetProbeError> {

@@ -109,6 +109,10 @@ pub struct ProbeStatus {
     pub attach: Option<String>,
     /// Why it is not attached, or what degraded on the way.
     pub error: Option<String>,
+    /// Runs the kernel skipped, per attached program (`bpf_prog_info.recursion_misses`): the
+    /// program was already running on that CPU, and the event went unseen.
+    #[serde(default)]
+    pub missed_runs: BTreeMap<String, u64>,
 }
 
 /// A reading of the host's own signals from procfs.
