@@ -49,6 +49,7 @@ fn missed_runs_are_shown_for_every_attached_program() {
         (
             "net",
             &[
+                "isa_net_destroy",
                 "isa_net_reset_received",
                 "isa_net_reset_sent",
                 "isa_net_retransmit",

@@ -657,6 +657,13 @@ fn encode_net(
     )?;
     counter(
         e,
+        "insite_tcp_ended_at_destroy",
+        "Tracked TCP connections whose close (or failed connect) the state hook missed, reported when their socket was destroyed (tcp_destroy_sock)",
+        None,
+        [(vec![], t.kernel.ended_at_destroy as f64)],
+    )?;
+    counter(
+        e,
         "insite_net_events_ignored",
         "Connection events dropped in userspace (net.ignore_cidrs, or undecodable)",
         None,

@@ -36,6 +36,8 @@ pub struct NetKernelCounters {
     pub resets_sent: u64,
     pub resets_received: u64,
     pub track_failed: u64,
+    /// Connections ended by the destroy backstop (their end was not seen otherwise).
+    pub ended_at_destroy: u64,
 }
 
 /// The attached network probe and the maps userspace talks to.
@@ -62,7 +64,9 @@ impl std::fmt::Debug for NetProbe {
 
 /// (program, tracepoint, required). Without the state tracepoint there is nothing to report;
 /// the others only enrich it, so a kernel without them degrades the probe instead.
-const PROGRAMS: [(&str, &str, bool); 5] = [
+const PROGRAMS: [(&str, &str, bool); 6] = [
+    // Without the backstop a missed state change leaves a connection open: degraded, counted.
+    ("isa_net_destroy", "tcp_destroy_sock", false),
     ("isa_net_retransmit", "tcp_retransmit_skb", false),
     ("isa_net_sample", "tcp_rcv_space_adjust", false),
     ("isa_net_reset_sent", "tcp_send_reset", false),
@@ -178,6 +182,7 @@ impl NetProbe {
             resets_sent: get(counters::RESETS_SENT)?,
             resets_received: get(counters::RESETS_RECEIVED)?,
             track_failed: get(counters::TRACK_FAILED)?,
+            ended_at_destroy: get(counters::ENDED_AT_DESTROY)?,
         })
     }
 }

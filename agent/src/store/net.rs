@@ -391,6 +391,7 @@ impl Cumulative for NetTotals {
                 resets_sent: k.resets_sent.saturating_sub(ek.resets_sent),
                 resets_received: k.resets_received.saturating_sub(ek.resets_received),
                 track_failed: k.track_failed.saturating_sub(ek.track_failed),
+                ended_at_destroy: k.ended_at_destroy.saturating_sub(ek.ended_at_destroy),
             },
         }
     }
