@@ -135,13 +135,19 @@ async fn run_async(args: RunArgs, cfg: Config, source: ConfigSource) -> anyhow::
         }
     }
     if let Some(p) = &net_probe {
-        let ring = p.lock().ok().and_then(|mut p| p.take_ring());
+        let (ring, conns) = match p.lock() {
+            Ok(mut p) => (p.take_ring(), p.take_conns()),
+            Err(_) => (None, None),
+        };
         if let Some(ring) = ring {
             tasks.spawn(collectors::net::run_event_reader(
                 ring,
                 store.clone(),
                 cfg_rx.clone(),
             ));
+        }
+        if let Some(conns) = conns {
+            tasks.spawn(collectors::net::run_reconciler(conns, store.clone()));
         }
     }
     if let Some(p) = &db_probe {

@@ -590,6 +590,13 @@ fn encode_net(
     )?;
     counter(
         e,
+        "insite_tcp_connections_reconciled",
+        "TCP connections given up as closed because the kernel stopped tracking them and their close never reached the agent (not in insite_tcp_closed_connections_total)",
+        None,
+        per(|c| c.reconciled),
+    )?;
+    counter(
+        e,
         "insite_tcp_connection_lifetime",
         "Summed lifetime of closed TCP connections (divide by closed connections for the mean)",
         Some(&Unit::Seconds),
@@ -661,6 +668,13 @@ fn encode_net(
         "Tracked TCP connections whose close (or failed connect) the state hook missed, reported when their socket was destroyed (tcp_destroy_sock)",
         None,
         [(vec![], t.kernel.ended_at_destroy as f64)],
+    )?;
+    counter(
+        e,
+        "insite_tcp_open_table_overflowed",
+        "TCP connections not counted in insite_tcp_active_connections because the agent's table of open connections was full",
+        None,
+        [(vec![], t.open_overflowed as f64)],
     )?;
     counter(
         e,

@@ -1,6 +1,6 @@
-//! The bpf(2) commands aya 0.14 does not wrap for us: a program's recursion misses
-//! (`ProgramInfo` keeps its `bpf_prog_info` private and has no getter for them). One syscall
-//! on a zeroed `bpf_attr` from aya-obj's generated bindings.
+//! The two bpf(2) commands aya 0.14 does not wrap for us: a program's recursion misses
+//! (`ProgramInfo` keeps its `bpf_prog_info` private and has no getter for them) and batched
+//! map reads. Each is one syscall on a zeroed `bpf_attr` from aya-obj's generated bindings.
 
 use std::{
     io,
@@ -54,4 +54,47 @@ pub fn recursion_misses(prog: BorrowedFd<'_>) -> io::Result<u64> {
     // it fills in none of them.
     unsafe { sys_bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     Ok(info.recursion_misses)
+}
+
+/// Every (key, value) of a hash map, `chunk` entries per syscall (BPF_MAP_LOOKUP_BATCH,
+/// 5.6+). Entries that change during the walk may be missed or seen twice, as with any
+/// iteration of a live map. `K` and `V` must be the map's exact key and value types (the
+/// caller's typed aya map has checked their sizes).
+pub fn lookup_batch<K: aya::Pod + Default, V: aya::Pod + Default>(
+    map: BorrowedFd<'_>,
+    chunk: u32,
+) -> io::Result<Vec<(K, V)>> {
+    let chunk = chunk.max(1);
+    let mut keys = vec![K::default(); chunk as usize];
+    let mut values = vec![V::default(); chunk as usize];
+    // The hash map's batch token is a u32 bucket index; a u64 leaves room to spare.
+    let mut token: u64 = 0;
+    let mut out = Vec::new();
+    let mut first = true;
+    loop {
+        let mut attr = zeroed_attr();
+        attr.batch.in_batch = if first {
+            0
+        } else {
+            std::ptr::from_ref(&token) as u64
+        };
+        attr.batch.out_batch = std::ptr::from_mut(&mut token) as u64;
+        attr.batch.keys = keys.as_mut_ptr() as u64;
+        attr.batch.values = values.as_mut_ptr() as u64;
+        attr.batch.count = chunk;
+        attr.batch.map_fd = map.as_raw_fd() as u32;
+        // SAFETY: `keys` and `values` hold `chunk` elements of the map's key and value types,
+        // the kernel writes at most `count` of each; `token` is read and written through the
+        // batch pointers. All outlive the call.
+        let res = unsafe { sys_bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        // SAFETY: `batch` is the member this command uses; the kernel set its count.
+        let n = (unsafe { attr.batch.count }).min(chunk) as usize;
+        out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
+        match res {
+            Ok(_) => first = false,
+            // ENOENT: the walk is complete (the last entries came with it).
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
+            Err(e) => return Err(e),
+        }
+    }
 }

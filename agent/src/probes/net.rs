@@ -3,10 +3,10 @@
 use std::collections::BTreeSet;
 
 use agent_common::net::{
-    counters, NetConfig as KernelNetConfig, NetOffsets, NET_HAVE_SK_CGROUP, PORT_SLOTS,
+    counters, NetConfig as KernelNetConfig, NetConn, NetOffsets, NET_HAVE_SK_CGROUP, PORT_SLOTS,
 };
 use aya::{
-    maps::{Array, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray, RingBuf},
     programs::BtfTracePoint,
     Btf, Ebpf, EbpfError,
 };
@@ -25,6 +25,8 @@ pub enum NetProbeError {
     AyaBtf(#[from] aya::BtfError),
     #[error(transparent)]
     Object(#[from] super::ObjectError),
+    #[error("reading the connection table NET_CONNS")]
+    ReadConns(#[source] std::io::Error),
 }
 
 /// Kernel-side counters of the network probe (cumulative, summed over CPUs).
@@ -40,6 +42,37 @@ pub struct NetKernelCounters {
     pub ended_at_destroy: u64,
 }
 
+/// The kernel's table of tracked connections (`NET_CONNS`), read by the reconciler.
+pub struct ConnTable {
+    map: HashMap<MapData, u64, NetConn>,
+}
+
+impl std::fmt::Debug for ConnTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnTable").finish_non_exhaustive()
+    }
+}
+
+/// Entries read per syscall: 4096 x 112 bytes, well under a megabyte of buffer.
+const READ_CHUNK: u32 = 4096;
+
+impl ConnTable {
+    /// Every tracked connection, by socket. Batched (a few syscalls for the whole table);
+    /// kernels without batch lookups get one lookup per entry.
+    pub fn read(&self) -> Result<Vec<(u64, NetConn)>, NetProbeError> {
+        use std::os::fd::AsFd as _;
+        match super::bpf_sys::lookup_batch(self.map.map().fd().as_fd(), READ_CHUNK) {
+            Ok(v) => Ok(v),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self
+                .map
+                .iter()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| super::map_err("NET_CONNS")(e).into()),
+            Err(source) => Err(NetProbeError::ReadConns(source)),
+        }
+    }
+}
+
 /// The attached network probe and the maps userspace talks to.
 pub struct NetProbe {
     // Owns the programs and their links: dropping it detaches everything.
@@ -48,6 +81,7 @@ pub struct NetProbe {
     ignore_ports: Array<MapData, u8>,
     counters: PerCpuArray<MapData, u64>,
     ring: Option<RingBuf<MapData>>,
+    conns: Option<ConnTable>,
     kernel_config: KernelNetConfig,
     ignored: BTreeSet<u16>,
     /// (program, tracepoint) of what is attached.
@@ -91,6 +125,9 @@ impl NetProbe {
             ignore_ports: super::take_map(&mut ebpf, "NET_IGNORE_PORTS", Array::try_from)?,
             counters: super::take_map(&mut ebpf, "NET_COUNTERS", PerCpuArray::try_from)?,
             ring: Some(super::take_map(&mut ebpf, "NET_EVENTS", RingBuf::try_from)?),
+            conns: Some(ConnTable {
+                map: super::take_map(&mut ebpf, "NET_CONNS", HashMap::try_from)?,
+            }),
             _ebpf: ebpf,
             kernel_config: KernelNetConfig {
                 sample_interval_ns: 0,
@@ -158,6 +195,11 @@ impl NetProbe {
             .set(0, self.kernel_config, 0)
             .map_err(super::map_err("NET_CONFIG"))?;
         Ok(())
+    }
+
+    /// The kernel's connection table, for the reconciler task (once).
+    pub fn take_conns(&mut self) -> Option<ConnTable> {
+        self.conns.take()
     }
 
     /// The tracepoints that are attached (for `status`).

@@ -196,6 +196,8 @@ pub struct Store {
     pub net_live: net::NetTotals,
     /// ...and its per-second snapshots (the tick pushes them).
     pub net: Windows<net::NetTotals>,
+    /// The connections open now, which the edges' `open` gauges follow (not snapshotted).
+    pub net_open: net::OpenConns,
     /// Query timings, cumulative (the query reader adds to it), and its snapshots.
     pub db_live: db::DbTotals,
     pub db: Windows<db::DbTotals>,
@@ -220,6 +222,7 @@ impl Store {
             syscalls: Windows::new(WINDOW_GRANULARITY, WINDOW_RETENTION),
             net_live: net::NetTotals::default(),
             net: Windows::new(WINDOW_GRANULARITY, WINDOW_RETENTION),
+            net_open: net::OpenConns::default(),
             db_live: db::DbTotals::default(),
             db: Windows::new(WINDOW_GRANULARITY, WINDOW_RETENTION),
             db_slow: VecDeque::new(),
