@@ -671,6 +671,13 @@ fn encode_net(
     )?;
     counter(
         e,
+        "insite_tcp_closes_without_open",
+        "TCP closes of connections the agent never saw open (their connect or accept event was lost): not in insite_tcp_closed_connections_total",
+        None,
+        [(vec![], t.closes_unmatched as f64)],
+    )?;
+    counter(
+        e,
         "insite_tcp_open_table_overflowed",
         "TCP connections not counted in insite_tcp_active_connections because the agent's table of open connections was full",
         None,

@@ -288,6 +288,9 @@ pub struct NetTotals {
     /// Connections not held in the open-connection table because it was full (not in the
     /// `open` gauge).
     pub open_overflowed: u64,
+    /// Closes of connections the agent never saw open (their connect or accept event was
+    /// lost): not counted as closes on any edge.
+    pub closes_unmatched: u64,
     pub kernel: crate::probes::net::NetKernelCounters,
 }
 
@@ -347,32 +350,48 @@ impl NetTotals {
                 lifetime_ns,
                 rtt_ns,
             } => {
-                e.closes += 1;
-                e.lifetime_ns = e.lifetime_ns.saturating_add(lifetime_ns);
                 rtt(e, rtt_ns);
-                open.close(self, conn);
+                // A close counts on the edge its connection was opened on, and only if the
+                // agent saw it open (its connect or accept may have been lost): so connects -
+                // closes - reconciled is what is open.
+                if !open.close(self, conn, lifetime_ns) {
+                    self.closes_unmatched += 1;
+                }
             }
             ConnUpdate::Sampled { rtt_ns } => rtt(e, rtt_ns),
             ConnUpdate::Retransmitted => {}
         }
     }
 
-    /// One more (`opened`) or one fewer open connection on `key`'s edge; a `reconciled` end
-    /// is counted as such.
-    fn edge_open(&mut self, key: &EdgeKey, opened: bool, reconciled: bool) {
+    /// Counts a connection's open or end on the edge `key` (where its open was counted).
+    fn edge_conn(&mut self, key: &EdgeKey, what: Lifecycle) {
         let Some(e) = self.edges.get_mut(key) else {
             return;
         };
         let e = Arc::make_mut(e);
-        if opened {
-            e.open += 1;
-        } else {
-            e.open = e.open.saturating_sub(1);
-        }
-        if reconciled {
-            e.reconciled += 1;
+        match what {
+            Lifecycle::Opened => e.open += 1,
+            Lifecycle::Closed { lifetime_ns } => {
+                e.open = e.open.saturating_sub(1);
+                e.closes += 1;
+                e.lifetime_ns = e.lifetime_ns.saturating_add(lifetime_ns);
+            }
+            Lifecycle::Reconciled => {
+                e.open = e.open.saturating_sub(1);
+                e.reconciled += 1;
+            }
         }
     }
+}
+
+/// A step in a connection's life, as counted on its edge.
+enum Lifecycle {
+    Opened,
+    Closed {
+        lifetime_ns: u64,
+    },
+    /// Given up as closed: its close never reached us.
+    Reconciled,
 }
 
 /// Connections held open at most: the kernel tracks at most `MAX_TRACKED_CONNS` at once,
@@ -417,14 +436,14 @@ impl OpenConns {
             }
             // The socket was freed and reused: its previous connection ended unheard of.
             if let Some(old) = self.by_sock.remove(&conn.sock) {
-                totals.edge_open(&old.key, false, true);
+                totals.edge_conn(&old.key, Lifecycle::Reconciled);
             }
         }
         if self.by_sock.len() >= MAX_OPEN_CONNS {
             totals.open_overflowed += 1;
             return;
         }
-        totals.edge_open(&key, true, false);
+        totals.edge_conn(&key, Lifecycle::Opened);
         self.by_sock.insert(
             conn.sock,
             OpenConn {
@@ -435,16 +454,19 @@ impl OpenConns {
         );
     }
 
-    fn close(&mut self, totals: &mut NetTotals, conn: ConnId) {
-        if self
+    /// Ends `conn` if it is open; returns whether it was.
+    fn close(&mut self, totals: &mut NetTotals, conn: ConnId, lifetime_ns: u64) -> bool {
+        let open = self
             .by_sock
             .get(&conn.sock)
-            .is_some_and(|c| c.start_ns == conn.start_ns)
-        {
-            if let Some(c) = self.by_sock.remove(&conn.sock) {
-                totals.edge_open(&c.key, false, false);
-            }
+            .is_some_and(|c| c.start_ns == conn.start_ns);
+        if !open {
+            return false;
         }
+        if let Some(c) = self.by_sock.remove(&conn.sock) {
+            totals.edge_conn(&c.key, Lifecycle::Closed { lifetime_ns });
+        }
+        true
     }
 
     /// One pass against the kernel's table (socket -> start of the connection it tracks):
@@ -464,7 +486,7 @@ impl OpenConns {
         }
         for sock in &gone {
             if let Some(c) = self.by_sock.remove(sock) {
-                totals.edge_open(&c.key, false, true);
+                totals.edge_conn(&c.key, Lifecycle::Reconciled);
             }
         }
         gone.len() as u64
@@ -553,6 +575,9 @@ impl Cumulative for NetTotals {
             events: self.events.saturating_sub(earlier.events),
             ignored: self.ignored.saturating_sub(earlier.ignored),
             open_overflowed: self.open_overflowed.saturating_sub(earlier.open_overflowed),
+            closes_unmatched: self
+                .closes_unmatched
+                .saturating_sub(earlier.closes_unmatched),
             kernel: crate::probes::net::NetKernelCounters {
                 events: k.events.saturating_sub(ek.events),
                 drops: k.drops.saturating_sub(ek.drops),
@@ -782,13 +807,42 @@ mod tests {
         let a = &t.edges[&key("a", 1)];
         assert_eq!((a.active(), a.reconciled), (0, 1));
         assert_eq!(t.edges[&key("b", 2)].active(), 1);
-        // A close of the old connection (a stale start) does not end the new one, and the
-        // kernel tracking the socket for another connection does not keep the new one alive.
+        // A close of the old connection (a stale start) does not end the new one, nor count
+        // as a close (its end was already counted), and the kernel tracking the socket for
+        // another connection does not keep the new one alive.
         t.apply(&mut open, key("a", 1), &closed(7), none, 10);
         assert_eq!(t.edges[&key("b", 2)].active(), 1);
+        assert_eq!((t.edges[&key("a", 1)].closes, t.closes_unmatched), (0, 1));
         assert_eq!(open.reconcile(&mut t, &kernel(&[7])), 0);
         assert_eq!(open.reconcile(&mut t, &kernel(&[7])), 1);
         assert_eq!(t.edges[&key("b", 2)].active(), 0);
+    }
+
+    #[test]
+    fn a_close_counts_where_its_connection_opened_and_only_if_it_was_seen_open() {
+        let (mut t, mut open) = (NetTotals::default(), OpenConns::default());
+        // Its connect was lost: a close alone adds bytes, not a close.
+        let sent = traffic(500, 0, 0);
+        t.apply(&mut open, key("a", 1), &closed(1), sent, 10);
+        let a = &t.edges[&key("a", 1)];
+        assert_eq!((a.closes, a.lifetime_ns, a.bytes_sent), (0, 0, 500));
+        assert_eq!(t.closes_unmatched, 1);
+        // Opened on one edge, closed under another key (the service's name changed): the
+        // close is counted on the edge of the open.
+        t.apply(
+            &mut open,
+            key("a", 1),
+            &connected(2),
+            Traffic::default(),
+            10,
+        );
+        t.apply(&mut open, key("b", 1), &closed(2), Traffic::default(), 10);
+        let a = &t.edges[&key("a", 1)];
+        assert_eq!(
+            (a.connects, a.closes, a.lifetime_ns, a.active()),
+            (1, 1, 5, 0)
+        );
+        assert_eq!(t.edges[&key("b", 1)].closes, 0);
     }
 
     #[test]
