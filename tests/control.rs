@@ -39,6 +39,55 @@ fn status_lists_the_probes() {
 }
 
 #[test]
+fn missed_runs_are_shown_for_every_attached_program() {
+    let agent = Agent::start("");
+    let expected: [(&str, &[&str]); 3] = [
+        (
+            "syscalls",
+            &["isa_btf_enter", "isa_btf_exit", "isa_btf_switch"],
+        ),
+        (
+            "net",
+            &[
+                "isa_net_destroy",
+                "isa_net_reset_received",
+                "isa_net_reset_sent",
+                "isa_net_retransmit",
+                "isa_net_sample",
+                "isa_net_state",
+            ],
+        ),
+        ("db", &["isa_db_recv", "isa_db_send"]),
+    ];
+    // Read first by status, then scraped: counters only grow in between.
+    let status = agent.data(r#"{"cmd":"status"}"#);
+    let m = agent.scrape();
+    for (probe, programs) in expected {
+        let p = status["probes"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["name"] == probe))
+            .unwrap_or_else(|| panic!("no probe {probe}: {status:#}"));
+        let missed = p["missed_runs"].as_object().expect("missed_runs");
+        let mut names: Vec<&str> = missed.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, programs, "{probe}: {p:#}");
+        for prog in programs {
+            let exported = m
+                .value(
+                    "insite_probe_missed_runs_total",
+                    &[("probe", probe), ("program", prog)],
+                )
+                .unwrap_or_else(|| panic!("no series for {probe}/{prog}:\n{}", m.0));
+            let shown = missed[*prog].as_u64().expect("a count") as f64;
+            assert!(shown <= exported, "{probe}/{prog}: {shown} > {exported}");
+        }
+    }
+    let text = agent.cli(&["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert_eq!(text.matches("missed runs").count(), 3, "{text}");
+}
+
+#[test]
 fn disabled_probe_shows_and_the_rest_keeps_running() {
     let agent = Agent::start("[syscalls]\nenabled = false\n");
     let sys = agent.probe("syscalls");

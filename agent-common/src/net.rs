@@ -53,7 +53,18 @@ pub mod counters {
     pub const RESETS_RECEIVED: u32 = 4;
     /// Connections that could not be tracked (the connection map was full).
     pub const TRACK_FAILED: u32 = 5;
-    pub const COUNT: u32 = 6;
+    /// Tracked connections still in the map when their socket was destroyed: the state hook
+    /// missed their end (a run the kernel skipped), so the close or failure was reported then.
+    pub const ENDED_AT_DESTROY: u32 = 6;
+    pub const COUNT: u32 = 7;
+}
+
+/// [`NetConn::state`].
+pub mod conn_state {
+    /// An outbound connect in progress (SYN sent, no answer yet).
+    pub const CONNECTING: u8 = 1;
+    /// Connected (outbound) or accepted (inbound) at `start_ns`.
+    pub const ESTABLISHED: u8 = 2;
 }
 
 /// [`NetOffsets::flags`]: the socket's cgroup can be read (`sk_cgrp_data.cgroup->kn->id`).
@@ -136,7 +147,47 @@ pub struct NetEvent {
     pub comm: [u8; TASK_COMM_LEN],
 }
 
+/// A connection's addresses, kept from when they are complete: by the time a socket reaches
+/// CLOSE the kernel may already have released its local port (`skc_num` reads 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetTuple {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Local port (host byte order).
+    pub sport: u16,
+    /// Remote port (host byte order).
+    pub dport: u16,
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// A tracked connection, the value of the kernel's `NET_CONNS` map (keyed by the socket's
+/// address). Userspace reads the map to reconcile its view of open connections.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetConn {
+    /// When the connect started (CONNECTING), then when it was established (ESTABLISHED):
+    /// the `ts_ns` of its CONNECT or ACCEPT event, so (socket, start_ns) names a connection.
+    pub start_ns: u64,
+    pub last_sample_ns: u64,
+    pub cgroup_id: u64,
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    pub pid: u32,
+    pub total_retrans: u32,
+    pub comm: [u8; TASK_COMM_LEN],
+    pub tuple: NetTuple,
+    /// [`direction`].
+    pub direction: u8,
+    /// [`conn_state`].
+    pub state: u8,
+    pub _pad: [u8; 6],
+}
+
 const _: () = assert!(core::mem::size_of::<NetOffsets>() == 18 * 4);
+const _: () = assert!(core::mem::size_of::<NetTuple>() == 32 + 4 * 2);
+const _: () = assert!(core::mem::size_of::<NetConn>() == 5 * 8 + 2 * 4 + 16 + 40 + 8);
 const _: () = assert!(core::mem::size_of::<NetConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<NetEvent>() == 6 * 8 + 32 + 4 * 4 + 4 * 2 + 16);
 
@@ -146,4 +197,5 @@ mod pod {
     unsafe impl aya::Pod for super::NetConfig {}
     unsafe impl aya::Pod for super::NetOffsets {}
     unsafe impl aya::Pod for super::NetEvent {}
+    unsafe impl aya::Pod for super::NetConn {}
 }

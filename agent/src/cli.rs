@@ -291,6 +291,20 @@ fn print_status(s: &StatusView) {
             print!("  ({e})");
         }
         println!();
+        if !p.missed_runs.is_empty() {
+            let total: u64 = p.missed_runs.values().sum();
+            let which: Vec<String> = p
+                .missed_runs
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(prog, n)| format!("{prog} {n}"))
+                .collect();
+            print!("  {:<10} missed runs {total}", "");
+            if !which.is_empty() {
+                print!(" ({})", which.join(", "));
+            }
+            println!();
+        }
     }
     if !s.events.is_empty() {
         println!("events (last 10s):");

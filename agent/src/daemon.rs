@@ -165,6 +165,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
             },
             attach: cfg.host.enabled.then(|| "procfs".into()),
             error: None,
+            missed_runs: Default::default(),
         });
     }
 
@@ -176,13 +177,19 @@ async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
         }
     }
     if let Some(p) = &net_probe {
-        let ring = p.lock().ok().and_then(|mut p| p.take_ring());
+        let (ring, conns) = match p.lock() {
+            Ok(mut p) => (p.take_ring(), p.take_conns()),
+            Err(_) => (None, None),
+        };
         if let Some(ring) = ring {
             tasks.spawn(collectors::net::run_event_reader(
                 ring,
                 store.clone(),
                 cfg_rx.clone(),
             ));
+        }
+        if let Some(conns) = conns {
+            tasks.spawn(collectors::net::run_reconciler(conns, store.clone()));
         }
     }
     if let Some(p) = &db_probe {
@@ -311,6 +318,7 @@ fn attach_family<P>(
         state,
         attach,
         error,
+        missed_runs: Default::default(),
     };
     let (st, probe) = if !enabled {
         (status(ProbeState::Disabled, None, None), None)

@@ -510,6 +510,29 @@ pub fn loaded_program_names() -> Vec<String> {
         .collect()
 }
 
+/// The agent's own BPF map called `name`. Found through the map ids in the agent's
+/// /proc/<pid>/fdinfo: other agents on the host have maps of the same name.
+pub fn agent_map(agent: &Agent, name: &str) -> Result<aya::maps::MapData> {
+    let dir = format!("/proc/{}/fdinfo", agent.pid());
+    for entry in std::fs::read_dir(&dir).with_context(|| dir.clone())? {
+        let Ok(info) = std::fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("map_id:"))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let map = aya::maps::MapInfo::from_id(id)?;
+        if map.name_as_str() == Some(name) {
+            return Ok(aya::maps::MapData::from_id(id)?);
+        }
+    }
+    bail!("agent {} holds no map {name}", agent.pid())
+}
+
 /// The workload: `n` getppid calls made straight through syscall(2).
 pub fn getppid_calls(n: u64) {
     for _ in 0..n {

@@ -8,6 +8,12 @@
 //! keyed by the socket's address; every event carries byte and retransmit deltas since the
 //! previous one, so userspace only adds.
 //!
+//! The kernel skips a run of a tp_btf program that would start while the same program is
+//! already running on that CPU (a softirq state change interrupting one in process context),
+//! so a connection's end can go unseen. `tcp_destroy_sock`, which every TCP socket passes
+//! once, ends whatever is still tracked then; userspace reconciles its open connections
+//! against `NET_CONNS` for what neither saw (or what the ring buffer dropped).
+//!
 //! On these VMs a helper call costs a hundred nanoseconds or more, so the programs count them:
 //! uninteresting transitions return before the first, fields are plain loads, and the reader
 //! is woken once per batch of events.
@@ -23,8 +29,9 @@ agent_ebpf::license!();
 
 use agent_common::{
     net::{
-        counters, direction, kind, NetConfig, NetEvent, NetOffsets, MAX_TRACKED_CONNS,
-        NET_HAVE_SK_CGROUP, NET_RINGBUF_BYTES, PORT_SLOTS,
+        conn_state::{CONNECTING, ESTABLISHED},
+        counters, direction, kind, NetConfig, NetConn as Conn, NetEvent, NetOffsets,
+        NetTuple as Tuple, MAX_TRACKED_CONNS, NET_HAVE_SK_CGROUP, NET_RINGBUF_BYTES, PORT_SLOTS,
     },
     TASK_COMM_LEN,
 };
@@ -46,43 +53,8 @@ const TCP_CLOSE: i32 = 7;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
-/// Conn::state
-const CONNECTING: u8 = 1;
-const ESTABLISHED: u8 = 2;
-
 /// Wake the reader every this many events per CPU (see `wakeup_flags`).
 const WAKEUP_EVERY: u32 = 64;
-
-/// The connection's addresses, kept from when they are complete: by the time a socket reaches
-/// CLOSE the kernel may already have released its local port (`skc_num` reads 0).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Tuple {
-    saddr: [u8; 16],
-    daddr: [u8; 16],
-    sport: u16,
-    dport: u16,
-    family: u16,
-    _pad: u16,
-}
-
-/// What we remember about a connection, in the socket's own storage.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Conn {
-    start_ns: u64,
-    last_sample_ns: u64,
-    cgroup_id: u64,
-    bytes_acked: u64,
-    bytes_received: u64,
-    pid: u32,
-    total_retrans: u32,
-    comm: [u8; TASK_COMM_LEN],
-    tuple: Tuple,
-    direction: u8,
-    state: u8,
-    _pad: [u8; 6],
-}
 
 #[map]
 static NET_CONFIG: Array<NetConfig> = Array::with_max_entries(1, 0);
@@ -144,6 +116,33 @@ pub fn isa_net_state(ctx: BtfTracePointContext) -> i32 {
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
     on_state(sk, old, new);
+    0
+}
+
+/// The backstop. Every full TCP socket passes here once, when it is freed; one still in our
+/// map missed the state change that should have ended it: the kernel skips a tp_btf program
+/// that is already running on this CPU (a softirq state change interrupting a run in process
+/// context) and only counts the skipped run in the program's recursion_misses. Report the
+/// connection's end now, so that no connection stays open forever and no stale entry stays
+/// in the map. On the common path (not tracked) this costs the hook and one hash lookup.
+#[btf_tracepoint(function = "tcp_destroy_sock")]
+pub fn isa_net_destroy(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    let Some(c) = tracked(sk) else { return 0 };
+    let now = now_ns();
+    let elapsed = now.saturating_sub(c.start_ns);
+    if c.state == ESTABLISHED {
+        emit(sk, c, kind::CLOSE, now, elapsed, 0);
+    } else if !syn_acked(sk) {
+        // The error may have been read (and cleared) by the application by now: 0 then,
+        // reported as aborted.
+        let err: i32 = load(sk, offsets().sk_err);
+        emit(sk, c, kind::CONNECT_FAILED, now, elapsed, err);
+    }
+    // A connect whose SYN was acknowledged did complete, unseen: as on a missed ESTABLISHED
+    // in `on_state`, neither a connect nor a failure is reported for it.
+    bump(counters::ENDED_AT_DESTROY);
+    untrack(sk);
     0
 }
 
@@ -252,6 +251,16 @@ fn on_state(sk: *const u8, old: i32, new: i32) {
         }
         untrack(sk);
     }
+}
+
+/// Whether the peer acknowledged our SYN (`bytes_acked` counts it as one byte).
+#[inline(always)]
+fn syn_acked(sk: *const u8) -> bool {
+    // SAFETY: `sk` is the tracepoint's socket argument, as the helper requires.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast_mut().cast()) }
+        .cast::<u8>()
+        .cast_const();
+    !tp.is_null() && load::<u64>(tp, offsets().tp_bytes_acked) != 0
 }
 
 /// An outbound connect completed: time it, and from now on time the connection's life.

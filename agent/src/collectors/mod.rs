@@ -116,6 +116,7 @@ pub async fn run_ticks(
             },
             None => None,
         };
+        let missed = missed_runs(&syscalls, &net, &db, &metrics);
         let host_sample = if host_enabled {
             match host.sample() {
                 Ok(s) => Some(s),
@@ -148,6 +149,14 @@ pub async fn run_ticks(
                 let snap = st.db_live.clone();
                 st.db.push(now, snap);
             }
+            for (probe, runs) in missed {
+                if let Some(p) = st.probes.get_mut(probe) {
+                    p.missed_runs = runs
+                        .into_iter()
+                        .map(|(prog, n)| (prog.to_string(), n))
+                        .collect();
+                }
+            }
             st.host = host_sample;
             st.ticks += 1;
             st.last_tick = took;
@@ -161,6 +170,43 @@ pub async fn run_ticks(
             last_trim = Instant::now();
         }
     }
+}
+
+type MissedRuns = Vec<(&'static str, u64)>;
+
+/// The kernel's skipped runs of every attached program, by probe family.
+fn missed_runs(
+    syscalls: &Option<Arc<Mutex<SyscallProbe>>>,
+    net: &Option<Arc<Mutex<NetProbe>>>,
+    db: &Option<Arc<Mutex<DbProbe>>>,
+    metrics: &TickMetrics,
+) -> Vec<(&'static str, MissedRuns)> {
+    fn read<P, E: std::error::Error + 'static>(
+        probe: &Option<Arc<Mutex<P>>>,
+        f: impl FnOnce(&P) -> Result<MissedRuns, E>,
+        metrics: &TickMetrics,
+    ) -> Option<MissedRuns> {
+        let p = probe.as_ref()?.lock().ok()?;
+        match f(&p) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                metrics.collect_errors.inc();
+                warn!(error = %crate::probes::error_chain(&e), "reading programs' missed runs");
+                None
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if let Some(v) = read(syscalls, SyscallProbe::missed_runs, metrics) {
+        out.push(("syscalls", v));
+    }
+    if let Some(v) = read(net, NetProbe::missed_runs, metrics) {
+        out.push(("net", v));
+    }
+    if let Some(v) = read(db, DbProbe::missed_runs, metrics) {
+        out.push(("db", v));
+    }
+    out
 }
 
 /// A ring-buffer record as the `#[repr(C)]` event type the kernel wrote (agent-common), or

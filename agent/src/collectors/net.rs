@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use agent_common::net::{direction, kind, NetEvent, NET_DRAIN_INTERVAL_MS};
+use agent_common::net::{conn_state, direction, kind, NetEvent, NET_DRAIN_INTERVAL_MS};
 use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::watch};
 use tracing::{debug, warn};
@@ -17,9 +17,9 @@ use super::{
 };
 use crate::{
     config::Config,
-    probes::{cgroup2_root, syscalls::comm_str},
+    probes::{cgroup2_root, net::ConnTable, syscalls::comm_str},
     store::{
-        net::{ConnUpdate, Direction, EdgeKey, FailureReason},
+        net::{ConnId, ConnUpdate, Direction, EdgeKey, FailureReason, Traffic},
         SharedStore,
     },
 };
@@ -34,9 +34,7 @@ pub struct Observation {
     pub update: ConnUpdate,
     /// The process that connected (outbound events), by pid and comm.
     pub process: Option<(u32, Arc<str>)>,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    pub retransmits: u64,
+    pub traffic: Traffic,
 }
 
 /// Reads connection events until the ring buffer's fd fails (the probe was dropped).
@@ -114,22 +112,63 @@ pub async fn run_event_reader(
             }
         }
         if let Ok(mut st) = store.write() {
-            let t = &mut st.net_live;
+            let st = &mut *st;
+            let (t, open) = (&mut st.net_live, &mut st.net_open);
             t.events += batch.len() as u64;
             t.ignored += ignored;
             for o in observations {
                 let key = o.process.as_ref().map(|_| o.key.clone());
-                t.apply(
-                    o.key,
-                    &o.update,
-                    o.bytes_sent,
-                    o.bytes_received,
-                    o.retransmits,
-                    max_edges,
-                );
+                t.apply(open, o.key, &o.update, o.traffic, max_edges);
                 if let (Some(key), Some((pid, comm))) = (key, &o.process) {
                     t.note_process(&key, *pid, comm);
                 }
+            }
+        }
+    }
+}
+
+/// How often the open connections are checked against the kernel's table. With
+/// `RECONCILE_MISSES` passes a lost close is healed within 6 to 9 s; a pass reads the whole
+/// table in a few batched syscalls.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(3);
+
+/// Reconciles the open connections against the kernel's table of tracked ones, forever
+/// (the task is aborted at shutdown).
+pub async fn run_reconciler(table: ConnTable, store: SharedStore) {
+    let mut tick = tokio::time::interval(RECONCILE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        // Read before taking the store lock: the events applied meanwhile are what the two
+        // passes allow for.
+        let kernel: std::collections::HashMap<u64, u64> = match table.read() {
+            Ok(entries) => {
+                failing = false;
+                entries
+                    .into_iter()
+                    .filter(|(_, c)| c.state == conn_state::ESTABLISHED)
+                    .map(|(sock, c)| (sock, c.start_ns))
+                    .collect()
+            }
+            Err(e) => {
+                // Once per failing streak: a pass that cannot read gives up nothing.
+                if !failing {
+                    warn!(error = %crate::probes::error_chain(&e), "reconciling open connections");
+                }
+                failing = true;
+                continue;
+            }
+        };
+        if let Ok(mut st) = store.write() {
+            let st = &mut *st;
+            let n = st.net_open.reconcile(&mut st.net_live, &kernel);
+            if n > 0 {
+                debug!(
+                    reconciled = n,
+                    open = st.net_open.len(),
+                    "connections closed by reconciliation"
+                );
             }
         }
     }
@@ -209,16 +248,26 @@ pub fn observe(ev: &NetEvent, names: &mut Names) -> Option<Observation> {
         _ => return None,
     };
     let rtt_ns = u64::from(ev.srtt_us) * 1000;
+    // A connection starts at its CONNECT or ACCEPT event; a CLOSE is stamped a lifetime later.
+    let started = |start_ns| ConnId {
+        sock: ev.sock,
+        start_ns,
+    };
     let update = match ev.kind {
         kind::CONNECT => ConnUpdate::Connected {
+            conn: started(ev.ts_ns),
             connect_ns: ev.duration_ns,
             rtt_ns,
         },
         kind::CONNECT_FAILED => ConnUpdate::Failed {
             reason: FailureReason::from_errno(ev.error),
         },
-        kind::ACCEPT => ConnUpdate::Accepted { rtt_ns },
+        kind::ACCEPT => ConnUpdate::Accepted {
+            conn: started(ev.ts_ns),
+            rtt_ns,
+        },
         kind::CLOSE => ConnUpdate::Closed {
+            conn: started(ev.ts_ns.saturating_sub(ev.duration_ns)),
             lifetime_ns: ev.duration_ns,
             rtt_ns,
         },
@@ -239,9 +288,11 @@ pub fn observe(ev: &NetEvent, names: &mut Names) -> Option<Observation> {
         },
         update,
         process,
-        bytes_sent: ev.bytes_sent,
-        bytes_received: ev.bytes_received,
-        retransmits: u64::from(ev.retransmits),
+        traffic: Traffic {
+            sent: ev.bytes_sent,
+            received: ev.bytes_received,
+            retransmits: u64::from(ev.retransmits),
+        },
     })
 }
 
@@ -305,12 +356,16 @@ mod tests {
         assert_eq!(
             o.update,
             ConnUpdate::Connected {
+                conn: ConnId {
+                    sock: 0xffff_0000,
+                    start_ns: 1
+                },
                 connect_ns: 3_000_000,
                 rtt_ns: 250_000
             }
         );
         assert_eq!(
-            (o.bytes_sent, o.bytes_received, o.retransmits),
+            (o.traffic.sent, o.traffic.received, o.traffic.retransmits),
             (100, 200, 2)
         );
     }
@@ -324,6 +379,26 @@ mod tests {
         assert_eq!(o.key.destination_label(), "[fd00::1]:40000");
         assert_eq!(o.key.peer, Some("192.0.2.7".parse().unwrap()));
         assert_eq!(&*o.key.service, "unknown");
+    }
+
+    #[test]
+    fn a_close_names_the_connection_its_connect_started() {
+        let mut names = names_without_cgroups();
+        let mut ev = event(kind::CLOSE, direction::OUTBOUND, AF_INET);
+        ev.ts_ns = 5_000_000;
+        ev.duration_ns = 3_000_000;
+        let o = observe(&ev, &mut names).unwrap();
+        assert_eq!(
+            o.update,
+            ConnUpdate::Closed {
+                conn: ConnId {
+                    sock: 0xffff_0000,
+                    start_ns: 2_000_000
+                },
+                lifetime_ns: 3_000_000,
+                rtt_ns: 250_000
+            }
+        );
     }
 
     #[test]

@@ -412,7 +412,7 @@ mod tests {
     use super::*;
     use crate::{
         config::ConfigSource,
-        store::net::{ConnUpdate, NetTotals},
+        store::net::{ConnId, ConnUpdate, NetTotals, Traffic},
     };
     use std::{sync::Arc, time::Instant};
 
@@ -433,48 +433,41 @@ mod tests {
             peer: Some("127.0.0.1".parse().unwrap()),
             destination: Some("127.0.0.1:5432".parse().unwrap()),
         };
-        for _ in 0..3 {
-            t.apply(
-                out.clone(),
-                &ConnUpdate::Connected {
-                    connect_ns: 2_000_000,
-                    rtt_ns: 40_000,
-                },
-                100,
-                5000,
-                0,
-                100,
-            );
-            t.apply(
-                inb.clone(),
-                &ConnUpdate::Accepted { rtt_ns: 40_000 },
-                0,
-                0,
-                0,
-                100,
-            );
+        let open = &mut st.net_open;
+        let id = |sock| ConnId { sock, start_ns: 1 };
+        for i in 0..3 {
+            let connected = ConnUpdate::Connected {
+                conn: id(i),
+                connect_ns: 2_000_000,
+                rtt_ns: 40_000,
+            };
+            let traffic = Traffic {
+                sent: 100,
+                received: 5000,
+                retransmits: 0,
+            };
+            t.apply(open, out.clone(), &connected, traffic, 100);
+            let accepted = ConnUpdate::Accepted {
+                conn: id(10 + i),
+                rtt_ns: 40_000,
+            };
+            t.apply(open, inb.clone(), &accepted, Traffic::default(), 100);
         }
-        t.apply(
-            out.clone(),
-            &ConnUpdate::Failed {
-                reason: FailureReason::Refused,
-            },
-            0,
-            0,
-            0,
-            100,
-        );
-        t.apply(
-            inb,
-            &ConnUpdate::Closed {
-                lifetime_ns: 1,
-                rtt_ns: 0,
-            },
-            5000,
-            100,
-            0,
-            100,
-        );
+        let failed = ConnUpdate::Failed {
+            reason: FailureReason::Refused,
+        };
+        t.apply(open, out.clone(), &failed, Traffic::default(), 100);
+        let closed = ConnUpdate::Closed {
+            conn: id(10),
+            lifetime_ns: 1,
+            rtt_ns: 0,
+        };
+        let traffic = Traffic {
+            sent: 5000,
+            received: 100,
+            retransmits: 0,
+        };
+        t.apply(open, inb, &closed, traffic, 100);
         st.net.push(t0 + Duration::from_secs(2), t);
         st
     }

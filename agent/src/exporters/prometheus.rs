@@ -242,6 +242,21 @@ impl Collector for StoreCollector {
             }),
         )?;
 
+        counter(
+            e,
+            "insite_probe_missed_runs",
+            "Runs of a probe's program the kernel skipped because it was already running on that CPU (bpf_prog_info.recursion_misses): events the program never saw",
+            None,
+            st.probes.values().flat_map(|p| {
+                p.missed_runs.iter().map(|(prog, n)| {
+                    (
+                        vec![("probe", p.name.clone()), ("program", prog.clone())],
+                        *n as f64,
+                    )
+                })
+            }),
+        )?;
+
         // One family per name: rings of every probe are rows of the same two counters.
         let mut ring_events: Vec<(Labels, f64)> = Vec::new();
         let mut ring_drops: Vec<(Labels, f64)> = Vec::new();
@@ -572,6 +587,13 @@ fn encode_net(
     )?;
     counter(
         e,
+        "insite_tcp_connections_reconciled",
+        "TCP connections given up as closed because the kernel stopped tracking them and their close never reached the agent (not in insite_tcp_closed_connections_total)",
+        None,
+        per(|c| c.reconciled),
+    )?;
+    counter(
+        e,
         "insite_tcp_connection_lifetime",
         "Summed lifetime of closed TCP connections (divide by closed connections for the mean)",
         Some(&Unit::Seconds),
@@ -636,6 +658,27 @@ fn encode_net(
         "Connections the kernel could not start tracking (connection map insert failed)",
         None,
         [(vec![], t.kernel.track_failed as f64)],
+    )?;
+    counter(
+        e,
+        "insite_tcp_ended_at_destroy",
+        "Tracked TCP connections whose close (or failed connect) the state hook missed, reported when their socket was destroyed (tcp_destroy_sock)",
+        None,
+        [(vec![], t.kernel.ended_at_destroy as f64)],
+    )?;
+    counter(
+        e,
+        "insite_tcp_closes_without_open",
+        "TCP closes of connections the agent never saw open (their connect or accept event was lost): not in insite_tcp_closed_connections_total",
+        None,
+        [(vec![], t.closes_unmatched as f64)],
+    )?;
+    counter(
+        e,
+        "insite_tcp_open_table_overflowed",
+        "TCP connections not counted in insite_tcp_active_connections because the agent's table of open connections was full",
+        None,
+        [(vec![], t.open_overflowed as f64)],
     )?;
     counter(
         e,

@@ -136,6 +136,16 @@ impl DbProbe {
         &self.attached
     }
 
+    /// Runs the kernel skipped, per attached program (the walkers are tail-called: a skipped
+    /// run of their caller is where their misses show).
+    pub fn missed_runs(&self) -> Result<Vec<(&'static str, u64)>, DbProbeError> {
+        let attached = PROGRAMS
+            .iter()
+            .filter(|(_, tp)| self.attached.contains(tp))
+            .map(|(p, _)| *p);
+        Ok(super::missed_runs(&self._ebpf, attached)?)
+    }
+
     pub fn read_counters(&self) -> Result<DbKernelCounters, DbProbeError> {
         let get = |idx| super::percpu_sum(&self.counters, "DB_COUNTERS", idx);
         Ok(DbKernelCounters {

@@ -4,6 +4,7 @@
 //! one family needs degrades that family (visible in `status` and in
 //! `insite_probe_attached`), and the others keep running.
 
+pub mod bpf_sys;
 pub mod btf;
 pub mod db;
 pub mod net;
@@ -45,6 +46,41 @@ pub enum ObjectError {
     MissingMap(&'static str),
     #[error("program {0} missing from the object")]
     MissingProgram(&'static str),
+    #[error("reading program {program}'s info")]
+    ProgramInfo {
+        program: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs the kernel skipped of each of `programs` (loaded and attached ones of `ebpf`):
+/// tp_btf and raw tracepoint programs are not re-entered on a CPU where they already run, so
+/// every miss is an event the program never saw.
+pub(crate) fn missed_runs(
+    ebpf: &aya::Ebpf,
+    programs: impl IntoIterator<Item = &'static str>,
+) -> Result<Vec<(&'static str, u64)>, ObjectError> {
+    use std::os::fd::AsFd as _;
+    programs
+        .into_iter()
+        .map(|name| {
+            let p = ebpf
+                .program(name)
+                .ok_or(ObjectError::MissingProgram(name))?;
+            let fd = p.fd().map_err(|source| ObjectError::Program {
+                what: name.to_string(),
+                source,
+            })?;
+            let n = bpf_sys::recursion_misses(fd.as_fd()).map_err(|source| {
+                ObjectError::ProgramInfo {
+                    program: name,
+                    source,
+                }
+            })?;
+            Ok((name, n))
+        })
+        .collect()
 }
 
 /// `.map_err(map_err("NAME"))`: a map operation's error, naming the map.

@@ -3,10 +3,10 @@
 use std::collections::BTreeSet;
 
 use agent_common::net::{
-    counters, NetConfig as KernelNetConfig, NetOffsets, NET_HAVE_SK_CGROUP, PORT_SLOTS,
+    counters, NetConfig as KernelNetConfig, NetConn, NetOffsets, NET_HAVE_SK_CGROUP, PORT_SLOTS,
 };
 use aya::{
-    maps::{Array, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray, RingBuf},
     programs::BtfTracePoint,
     Btf, Ebpf, EbpfError,
 };
@@ -25,6 +25,8 @@ pub enum NetProbeError {
     AyaBtf(#[from] aya::BtfError),
     #[error(transparent)]
     Object(#[from] super::ObjectError),
+    #[error("reading the connection table NET_CONNS")]
+    ReadConns(#[source] std::io::Error),
 }
 
 /// Kernel-side counters of the network probe (cumulative, summed over CPUs).
@@ -36,6 +38,39 @@ pub struct NetKernelCounters {
     pub resets_sent: u64,
     pub resets_received: u64,
     pub track_failed: u64,
+    /// Connections ended by the destroy backstop (their end was not seen otherwise).
+    pub ended_at_destroy: u64,
+}
+
+/// The kernel's table of tracked connections (`NET_CONNS`), read by the reconciler.
+pub struct ConnTable {
+    map: HashMap<MapData, u64, NetConn>,
+}
+
+impl std::fmt::Debug for ConnTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnTable").finish_non_exhaustive()
+    }
+}
+
+/// Entries read per syscall: 4096 x 112 bytes, well under a megabyte of buffer.
+const READ_CHUNK: u32 = 4096;
+
+impl ConnTable {
+    /// Every tracked connection, by socket. Batched (a few syscalls for the whole table);
+    /// kernels without batch lookups get one lookup per entry.
+    pub fn read(&self) -> Result<Vec<(u64, NetConn)>, NetProbeError> {
+        use std::os::fd::AsFd as _;
+        match super::bpf_sys::lookup_batch(self.map.map().fd().as_fd(), READ_CHUNK) {
+            Ok(v) => Ok(v),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self
+                .map
+                .iter()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| super::map_err("NET_CONNS")(e).into()),
+            Err(source) => Err(NetProbeError::ReadConns(source)),
+        }
+    }
 }
 
 /// The attached network probe and the maps userspace talks to.
@@ -46,9 +81,11 @@ pub struct NetProbe {
     ignore_ports: Array<MapData, u8>,
     counters: PerCpuArray<MapData, u64>,
     ring: Option<RingBuf<MapData>>,
+    conns: Option<ConnTable>,
     kernel_config: KernelNetConfig,
     ignored: BTreeSet<u16>,
-    attached: Vec<&'static str>,
+    /// (program, tracepoint) of what is attached.
+    attached: Vec<(&'static str, &'static str)>,
 }
 
 impl std::fmt::Debug for NetProbe {
@@ -61,7 +98,9 @@ impl std::fmt::Debug for NetProbe {
 
 /// (program, tracepoint, required). Without the state tracepoint there is nothing to report;
 /// the others only enrich it, so a kernel without them degrades the probe instead.
-const PROGRAMS: [(&str, &str, bool); 5] = [
+const PROGRAMS: [(&str, &str, bool); 6] = [
+    // Without the backstop a missed state change leaves a connection open: degraded, counted.
+    ("isa_net_destroy", "tcp_destroy_sock", false),
     ("isa_net_retransmit", "tcp_retransmit_skb", false),
     ("isa_net_sample", "tcp_rcv_space_adjust", false),
     ("isa_net_reset_sent", "tcp_send_reset", false),
@@ -86,6 +125,9 @@ impl NetProbe {
             ignore_ports: super::take_map(&mut ebpf, "NET_IGNORE_PORTS", Array::try_from)?,
             counters: super::take_map(&mut ebpf, "NET_COUNTERS", PerCpuArray::try_from)?,
             ring: Some(super::take_map(&mut ebpf, "NET_EVENTS", RingBuf::try_from)?),
+            conns: Some(ConnTable {
+                map: super::take_map(&mut ebpf, "NET_CONNS", HashMap::try_from)?,
+            }),
             _ebpf: ebpf,
             kernel_config: KernelNetConfig {
                 sample_interval_ns: 0,
@@ -113,7 +155,7 @@ impl NetProbe {
                 Ok(())
             })();
             match res {
-                Ok(()) => probe.attached.push(tp),
+                Ok(()) => probe.attached.push((prog, tp)),
                 Err(e) if !required => {
                     let why = super::error_chain(&e);
                     warn!(tracepoint = tp, error = %why, "network probe: optional hook not attached");
@@ -122,7 +164,7 @@ impl NetProbe {
                 Err(e) => return Err(e),
             }
         }
-        info!(tracepoints = ?probe.attached, "network probe attached");
+        info!(tracepoints = ?probe.attached(), "network probe attached");
         Ok((probe, problems))
     }
 
@@ -155,9 +197,22 @@ impl NetProbe {
         Ok(())
     }
 
+    /// The kernel's connection table, for the reconciler task (once).
+    pub fn take_conns(&mut self) -> Option<ConnTable> {
+        self.conns.take()
+    }
+
     /// The tracepoints that are attached (for `status`).
-    pub fn attached(&self) -> &[&'static str] {
-        &self.attached
+    pub fn attached(&self) -> Vec<&'static str> {
+        self.attached.iter().map(|(_, tp)| *tp).collect()
+    }
+
+    /// Runs the kernel skipped, per attached program.
+    pub fn missed_runs(&self) -> Result<Vec<(&'static str, u64)>, NetProbeError> {
+        Ok(super::missed_runs(
+            &self._ebpf,
+            self.attached.iter().map(|(p, _)| *p),
+        )?)
     }
 
     pub fn read_counters(&self) -> Result<NetKernelCounters, NetProbeError> {
@@ -169,6 +224,7 @@ impl NetProbe {
             resets_sent: get(counters::RESETS_SENT)?,
             resets_received: get(counters::RESETS_RECEIVED)?,
             track_failed: get(counters::TRACK_FAILED)?,
+            ended_at_destroy: get(counters::ENDED_AT_DESTROY)?,
         })
     }
 }

@@ -134,6 +134,12 @@ impl SyscallProbe {
         self.mode
     }
 
+    /// Runs the kernel skipped, per attached program.
+    pub fn missed_runs(&self) -> Result<Vec<(&'static str, u64)>, SyscallProbeError> {
+        let names = programs(self.mode).map(|(p, _)| p);
+        Ok(super::missed_runs(&self.ebpf, names)?)
+    }
+
     /// The ring buffer of slow-call events, for the reader task (once).
     pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
         self.ring.take()
@@ -269,10 +275,9 @@ fn add_stats(c: &mut SyscallCounters, s: &SyscallStats) {
     c.errors += s.errors;
 }
 
-/// Attaches sched_switch, sys_exit and sys_enter (in that order: a start recorded before its
-/// consumers are live would be stranded) with one method, or nothing.
-fn attach_set(ebpf: &mut Ebpf, mode: AttachMode) -> Result<(), String> {
-    let progs: [(&str, &str); 3] = match mode {
+/// (program, tracepoint) of one attach method, in attach order.
+fn programs(mode: AttachMode) -> [(&'static str, &'static str); 3] {
+    match mode {
         AttachMode::TpBtf => [
             ("isa_btf_switch", "sched_switch"),
             ("isa_btf_exit", "sys_exit"),
@@ -283,7 +288,13 @@ fn attach_set(ebpf: &mut Ebpf, mode: AttachMode) -> Result<(), String> {
             ("isa_raw_exit", "sys_exit"),
             ("isa_raw_enter", "sys_enter"),
         ],
-    };
+    }
+}
+
+/// Attaches sched_switch, sys_exit and sys_enter (in that order: a start recorded before its
+/// consumers are live would be stranded) with one method, or nothing.
+fn attach_set(ebpf: &mut Ebpf, mode: AttachMode) -> Result<(), String> {
+    let progs = programs(mode);
     let result = (|| -> Result<(), SyscallProbeError> {
         let btf = if mode == AttachMode::TpBtf {
             Some(

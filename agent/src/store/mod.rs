@@ -109,6 +109,10 @@ pub struct ProbeStatus {
     pub attach: Option<String>,
     /// Why it is not attached, or what degraded on the way.
     pub error: Option<String>,
+    /// Runs the kernel skipped, per attached program (`bpf_prog_info.recursion_misses`): the
+    /// program was already running on that CPU, and the event went unseen.
+    #[serde(default)]
+    pub missed_runs: BTreeMap<String, u64>,
 }
 
 /// A reading of the host's own signals from procfs.
@@ -192,6 +196,8 @@ pub struct Store {
     pub net_live: net::NetTotals,
     /// ...and its per-second snapshots (the tick pushes them).
     pub net: Windows<net::NetTotals>,
+    /// The connections open now, which the edges' `open` gauges follow (not snapshotted).
+    pub net_open: net::OpenConns,
     /// Query timings, cumulative (the query reader adds to it), and its snapshots.
     pub db_live: db::DbTotals,
     pub db: Windows<db::DbTotals>,
@@ -216,6 +222,7 @@ impl Store {
             syscalls: Windows::new(WINDOW_GRANULARITY, WINDOW_RETENTION),
             net_live: net::NetTotals::default(),
             net: Windows::new(WINDOW_GRANULARITY, WINDOW_RETENTION),
+            net_open: net::OpenConns::default(),
             db_live: db::DbTotals::default(),
             db: Windows::new(WINDOW_GRANULARITY, WINDOW_RETENTION),
             db_slow: VecDeque::new(),
