@@ -343,10 +343,16 @@ fn print_queries(q: &QueriesView) {
         q.fingerprints,
         q.sort
     );
-    if q.events_dropped > 0 || q.unmatched > 0 || q.desyncs > 0 || q.untimed > 0 {
+    if q.events_dropped > 0 || q.unmatched > 0 || q.desyncs > 0 || q.untimed > 0 || q.lost > 0 {
         println!(
             "  warning: {} events dropped by the kernel, {} responses without their request, {} framing losses, {} requests untimed",
             q.events_dropped, q.unmatched, q.desyncs, q.untimed
+        );
+    }
+    if q.lost > 0 || q.bytes_not_decoded > 0 {
+        println!(
+            "  warning: {} requests seen but not timed (counted in insite_db_requests_lost_total), {} bytes not decoded",
+            q.lost, q.bytes_not_decoded
         );
     }
     if q.tls_connections > 0 {
