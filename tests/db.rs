@@ -109,7 +109,7 @@ fn redis_commands_pipelines_misses_errors_and_sleep() {
             .expect("GET"));
     }
     ok(&redis.cli_tcp(&["GET", "k0"]).expect("GET"));
-    // An error reply.
+    // An error reply, to a command Redis does not know: one bounded operation label.
     let _ = redis.cli_tcp(&["NOSUCHCOMMAND", "x"]).expect("error");
     // 50 ms inside the server, over the unix socket.
     ok(&redis
@@ -140,7 +140,7 @@ fn redis_commands_pipelines_misses_errors_and_sleep() {
                 && count(m, "redis", "GET", role, &tcp) >= 4.0
                 && count(m, "redis", "DEBUG", role, &unix) >= 1.0
                 && count(m, "redis", "GET", role, &unix) >= 6.0
-                && count(m, "redis", "NOSUCHCOMMAND", role, &tcp) >= 1.0
+                && count(m, "redis", "unknown_command", role, &tcp) >= 1.0
         })
     });
     for role in ["client", "server"] {
@@ -160,7 +160,7 @@ fn redis_commands_pipelines_misses_errors_and_sleep() {
             "{role}"
         );
         assert_eq!(
-            count(&m, "redis", "NOSUCHCOMMAND", role, &tcp),
+            count(&m, "redis", "unknown_command", role, &tcp),
             1.0,
             "{role}"
         );
@@ -220,6 +220,13 @@ fn redis_commands_pipelines_misses_errors_and_sleep() {
         assert_eq!(get["count"], n, "{get}");
         assert_eq!(get["misses"], misses, "{get}");
     }
+    // The unknown command keeps its name in its fingerprint.
+    assert!(
+        rows.iter().any(|r| r["fingerprint"] == "NOSUCHCOMMAND ?"
+            && r["operation"] == "unknown_command"
+            && r["errors"] == 1),
+        "{v}"
+    );
     // Over db.slow_threshold.redis (10ms): in the log, with masked text and the process.
     let log = agent.log();
     assert!(

@@ -82,6 +82,9 @@ pub struct Tracker {
     pending: HashMap<(u64, u64, u64), Pending>,
     cache: ParseCache,
     unknown: Arc<QueryInfo>,
+    /// The operation of a Redis command the server rejected as unknown: one label for every
+    /// such name, whatever a client sends (its fingerprint keeps the name).
+    unknown_command: Arc<str>,
     raw_text: bool,
     pub unmatched: u64,
     pub pending_dropped: u64,
@@ -111,6 +114,7 @@ impl Tracker {
                 read: false,
                 runs: true,
             }),
+            unknown_command: Arc::from("unknown_command"),
             raw_text,
             unmatched: 0,
             pending_dropped: 0,
@@ -308,7 +312,15 @@ impl Tracker {
                 outcome::NULL => Outcome::Null,
                 _ => Outcome::Ok,
             };
-            let operation = info.operation.clone();
+            let operation = if system == System::Redis
+                && result == Outcome::Error
+                && !Arc::ptr_eq(&info, &self.unknown)
+                && !resp::is_known(&info.operation)
+            {
+                self.unknown_command.clone()
+            } else {
+                info.operation.clone()
+            };
             let slow = (Duration::from_nanos(duration_ns) >= threshold).then(|| SlowQuery {
                 at: SystemTime::now(),
                 system,
@@ -847,6 +859,58 @@ mod tests {
         };
         req.prefix[..cmd.len()].copy_from_slice(cmd);
         req
+    }
+
+    #[test]
+    fn unknown_redis_commands_share_one_operation_and_keep_their_fingerprint() {
+        let mut t = Tracker::new(false);
+        let cfg = DbConfig::default();
+        t.on_request(&redis_request(0, b"*2\r\n$4\r\nCMD1\r\n$1\r\nk\r\n"));
+        t.on_request(&redis_request(1, b"*2\r\n$4\r\nCMD2\r\n$1\r\nk\r\n"));
+        t.on_request(&redis_request(2, b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"));
+        let resp = DbResponseEvent {
+            kind: kind::RESPONSE,
+            system: agent_common::db::system::REDIS,
+            role: agent_common::db::role::SERVER,
+            outcome: outcome::ERROR,
+            pid: 1,
+            sk: 9,
+            conn_id: 3,
+            seq: 0,
+            count: 3,
+            _pad: 0,
+            start_ns: 1_000,
+            end_ns: 2_000,
+        };
+        let mut out = Vec::new();
+        t.on_response(&resp, &cfg, &mut out);
+        let ops: Vec<(&str, &str)> = out
+            .iter()
+            .map(|c| (&*c.record.key.operation, &*c.record.fingerprint))
+            .collect();
+        // A known command that fails (WRONGTYPE and the like) keeps its name.
+        assert_eq!(
+            ops,
+            [
+                ("unknown_command", "CMD1 ?"),
+                ("unknown_command", "CMD2 ?"),
+                ("GET", "GET ?")
+            ]
+        );
+        // An unknown name the server accepted (a command newer than the table) keeps it too.
+        t.on_request(&redis_request(3, b"*2\r\n$5\r\nNEWER\r\n$1\r\nk\r\n"));
+        let mut out = Vec::new();
+        t.on_response(
+            &DbResponseEvent {
+                seq: 3,
+                count: 1,
+                outcome: outcome::OK,
+                ..resp
+            },
+            &cfg,
+            &mut out,
+        );
+        assert_eq!(&*out[0].record.key.operation, "NEWER");
     }
 
     #[test]
