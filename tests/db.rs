@@ -718,3 +718,68 @@ fn redis_untimed_requests_do_not_take_later_replies() {
         loss_report(&m, &tcp)
     );
 }
+
+/// PostgreSQL's give-up paths count what they drop: 300 statements pipelined in ONE write
+/// (Parse/Bind/Execute each, one Sync: 901 messages, far past the 64 requests in flight). Per
+/// role, every statement is timed or counted as lost, and the next query is timed as usual.
+#[test]
+fn postgres_pipeline_of_300_statements_is_each_counted_or_counted_lost() {
+    require_root();
+    const N: usize = 300;
+    let pg = Postgres::start().expect("postgres");
+    let agent = Agent::start(DB_ONLY);
+    let tcp = pg.tcp_addr().to_string();
+    let mut c = PgConn::connect(&pg.endpoint(Via::Tcp)).expect("connect");
+    let before = agent.scrape();
+    let sqls: Vec<String> = (0..N).map(|i| format!("SELECT {i}")).collect();
+    let sqls: Vec<&str> = sqls.iter().map(String::as_str).collect();
+    let r = c.pipeline_extended(&sqls).expect("pipeline");
+    assert!(r.iter().all(PgResult::is_done), "{:?}", r.last());
+    // Afterwards, a query of its own: timed, in its own bucket.
+    let r = c.simple_query("SELECT pg_sleep(0.05)").expect("sleep");
+    assert!(r[0].is_done(), "{r:?}");
+    drop(c);
+
+    let accounted = |m: &Metrics, role: &str| {
+        let labels = [
+            ("system", "postgresql"),
+            ("role", role),
+            ("destination", tcp.as_str()),
+        ];
+        (m.sum(DURATION, &labels), m.sum(LOST, &labels))
+    };
+    let delta = |m: &Metrics, role: &str| {
+        let (c0, l0) = accounted(&before, role);
+        let (c1, l1) = accounted(m, role);
+        (c1 - c0, l1 - l0)
+    };
+    let _ = Metrics::wait_for(&agent, |m| {
+        ["client", "server"].iter().all(|role| {
+            let (c, l) = delta(m, role);
+            c + l > N as f64
+        })
+    });
+    agent.wait_ticks(4);
+    let m = agent.scrape();
+    for role in ["client", "server"] {
+        let (counted, lost) = delta(&m, role);
+        eprintln!("postgresql {role}: {counted} timed + {lost} counted as lost");
+        assert_eq!(
+            counted + lost,
+            (N + 1) as f64,
+            "{role}: {counted} timed + {lost} lost\n{}",
+            loss_report(&m, &tcp)
+        );
+        let sleep = [
+            ("system", "postgresql"),
+            ("operation", "SELECT"),
+            ("role", role),
+            ("destination", tcp.as_str()),
+        ];
+        assert_eq!(
+            in_bucket(&m, &sleep, LO_50MS, HI_50MS),
+            1.0,
+            "{role}: pg_sleep(0.05)"
+        );
+    }
+}
