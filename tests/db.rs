@@ -8,7 +8,7 @@ use std::process::Output;
 use insite_e2e::{
     require_root,
     servers::{Mariadb, Postgres, Redis, Via},
-    wire_clients::{redis_pipeline, PgConn, PgResult, RedisConn, Reply},
+    wire_clients::{encode_command, redis_pipeline, PgConn, PgResult, RedisConn, Reply},
     Agent, Metrics,
 };
 use serde_json::Value;
@@ -18,6 +18,7 @@ const DB_ONLY: &str = "[syscalls]\nenabled = false\n[net]\nenabled = false\n";
 const DURATION: &str = "insite_db_query_duration_seconds_count";
 const ERRORS: &str = "insite_db_query_errors_total";
 const MISSES: &str = "insite_redis_keyspace_misses_total";
+const LOST: &str = "insite_db_requests_lost_total";
 
 fn ok(o: &Output) {
     assert!(
@@ -109,7 +110,7 @@ fn redis_commands_pipelines_misses_errors_and_sleep() {
             .expect("GET"));
     }
     ok(&redis.cli_tcp(&["GET", "k0"]).expect("GET"));
-    // An error reply.
+    // An error reply, to a command Redis does not know: one bounded operation label.
     let _ = redis.cli_tcp(&["NOSUCHCOMMAND", "x"]).expect("error");
     // 50 ms inside the server, over the unix socket.
     ok(&redis
@@ -140,7 +141,7 @@ fn redis_commands_pipelines_misses_errors_and_sleep() {
                 && count(m, "redis", "GET", role, &tcp) >= 4.0
                 && count(m, "redis", "DEBUG", role, &unix) >= 1.0
                 && count(m, "redis", "GET", role, &unix) >= 6.0
-                && count(m, "redis", "NOSUCHCOMMAND", role, &tcp) >= 1.0
+                && count(m, "redis", "unknown_command", role, &tcp) >= 1.0
         })
     });
     for role in ["client", "server"] {
@@ -160,7 +161,7 @@ fn redis_commands_pipelines_misses_errors_and_sleep() {
             "{role}"
         );
         assert_eq!(
-            count(&m, "redis", "NOSUCHCOMMAND", role, &tcp),
+            count(&m, "redis", "unknown_command", role, &tcp),
             1.0,
             "{role}"
         );
@@ -220,6 +221,13 @@ fn redis_commands_pipelines_misses_errors_and_sleep() {
         assert_eq!(get["count"], n, "{get}");
         assert_eq!(get["misses"], misses, "{get}");
     }
+    // The unknown command keeps its name in its fingerprint.
+    assert!(
+        rows.iter().any(|r| r["fingerprint"] == "NOSUCHCOMMAND ?"
+            && r["operation"] == "unknown_command"
+            && r["errors"] == 1),
+        "{v}"
+    );
     // Over db.slow_threshold.redis (10ms): in the log, with masked text and the process.
     let log = agent.log();
     assert!(
@@ -531,4 +539,247 @@ fn connections_open_before_the_agent_are_joined_and_bad_bytes_only_cost_a_desync
         assert_eq!(count(&m, "redis", "SET", role, &unix), 1.0, "{role}");
     }
     assert_eq!(agent.probe("db")["state"], "attached");
+}
+
+/// Redis requests of `role` to `dest` the agent accounted for: (timed, in every operation;
+/// counted as lost, for every reason).
+fn redis_accounted(m: &Metrics, role: &str, dest: &str) -> (f64, f64) {
+    let labels = [("system", "redis"), ("role", role), ("destination", dest)];
+    (m.sum(DURATION, &labels), m.sum(LOST, &labels))
+}
+
+/// What the agent says about requests it could not time, for failure messages.
+fn loss_report(m: &Metrics, dest: &str) -> String {
+    let mut out = String::new();
+    for line in m.0.lines() {
+        if line.starts_with("insite_db_requests_lost_total")
+            || line.starts_with("insite_db_bytes_not_decoded_total")
+        {
+            if line.contains(&format!("destination=\"{dest}\"")) {
+                out.push_str(line);
+                out.push('\n');
+            }
+        } else if line.starts_with("insite_db_requests_untimed_total")
+            || line.starts_with("insite_db_desyncs_total")
+            || line.starts_with("insite_db_step_cap_hits_total")
+            || line.starts_with("insite_ringbuf_drops_total{ring=\"db_events\"}")
+            || line.starts_with("insite_db_unmatched_responses_total")
+        {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The report of issue 9: 20,000 pipelined commands in ONE write on one connection, each
+/// answered. Every one of them is timed or counted as lost, on both sockets, never neither:
+/// once with unknown commands (`CMD<i> k`, an error reply each) over TCP, once with `GET k`
+/// (a null reply each) over the unix socket.
+#[test]
+fn redis_20000_pipelined_commands_are_each_counted_or_counted_lost() {
+    require_root();
+    const N: usize = 20_000;
+    let redis = Redis::start().expect("redis");
+    let agent = Agent::start(DB_ONLY);
+    let tcp = redis.tcp_addr().to_string();
+    let unix = format!("unix:{}", redis.socket.display());
+    for (via, dest, unknown) in [(Via::Tcp, &tcp, true), (Via::Unix, &unix, false)] {
+        let before = agent.scrape();
+        let mut buf = Vec::new();
+        for i in 0..N {
+            let name = if unknown {
+                format!("CMD{i}")
+            } else {
+                "GET".to_string()
+            };
+            buf.extend_from_slice(&encode_command(&[&name, "k"]));
+        }
+        let mut conn = RedisConn::connect(&redis.endpoint(via)).expect("connect");
+        let replies = conn.send_raw(&buf, N).expect("20000 replies");
+        let want = if unknown {
+            Reply::is_error
+        } else {
+            |r: &Reply| *r == Reply::Null
+        };
+        assert!(replies.iter().all(want), "{:?}", replies.first());
+        drop(conn);
+
+        let delta = |m: &Metrics, role: &str| {
+            let (c0, l0) = redis_accounted(&before, role, dest);
+            let (c1, l1) = redis_accounted(m, role, dest);
+            (c1 - c0, l1 - l0)
+        };
+        let settled = |m: &Metrics| {
+            ["client", "server"].iter().all(|role| {
+                let (c, l) = delta(m, role);
+                c + l >= N as f64
+            })
+        };
+        let _ = Metrics::wait_for(&agent, settled);
+        // Anything counted twice would show up by now.
+        agent.wait_ticks(4);
+        let m = agent.scrape();
+        let seen: Vec<(&str, f64, f64)> = ["client", "server"]
+            .into_iter()
+            .map(|role| {
+                let (counted, lost) = delta(&m, role);
+                (role, counted, lost)
+            })
+            .collect();
+        let what = if unknown { "CMD<i> k" } else { "GET k" };
+        eprintln!("{what} to {dest}: {seen:?} (role, timed, counted as lost)");
+        for (role, counted, lost) in seen {
+            assert_eq!(
+                counted + lost,
+                N as f64,
+                "{what}, {role} to {dest}: {counted} timed + {lost} lost\n{}",
+                loss_report(&m, dest)
+            );
+        }
+    }
+}
+
+/// A request timed after untimed ones gets its own reply. 100 PINGs in one write fill the
+/// connection's 64-slot FIFO: 36 are counted untimed. The client reads the first 64 replies
+/// only, then sends DEBUG SLEEP 0.05, which is timed; the 36 PONGs still queued ahead of its
+/// reply belong to the untimed PINGs and must not complete it.
+#[test]
+fn redis_untimed_requests_do_not_take_later_replies() {
+    require_root();
+    let redis = Redis::start().expect("redis");
+    let agent = Agent::start(DB_ONLY);
+    let tcp = redis.tcp_addr().to_string();
+    let mut conn = RedisConn::connect(&redis.endpoint(Via::Tcp)).expect("connect");
+    let pings = encode_command(&["PING"]).repeat(100);
+    conn.send_only(&pings).expect("100 PINGs");
+    let first = conn.read_exact_unbuffered(64 * 7).expect("64 replies");
+    assert_eq!(first, b"+PONG\r\n".repeat(64));
+    conn.send_only(&encode_command(&["DEBUG", "SLEEP", "0.05"]))
+        .expect("DEBUG SLEEP");
+    let rest = conn.replies(37).expect("36 PONGs and OK");
+    assert!(rest[..36].iter().all(|r| r.as_str() == Some("PONG")));
+    assert_eq!(rest[36].as_str(), Some("OK"));
+    drop(conn);
+
+    let m = Metrics::wait_for(&agent, |m| {
+        ["client", "server"]
+            .iter()
+            .all(|role| count(m, "redis", "DEBUG", role, &tcp) >= 1.0)
+    });
+    for role in ["client", "server"] {
+        let debug = [
+            ("system", "redis"),
+            ("operation", "DEBUG"),
+            ("role", role),
+            ("destination", tcp.as_str()),
+        ];
+        let ping = [
+            ("system", "redis"),
+            ("operation", "PING"),
+            ("role", role),
+            ("destination", tcp.as_str()),
+        ];
+        assert_eq!(
+            count(&m, "redis", "DEBUG", role, &tcp),
+            1.0,
+            "{role}\n{}",
+            m.0
+        );
+        assert_eq!(
+            in_bucket(&m, &debug, LO_50MS, HI_50MS),
+            1.0,
+            "{role}: DEBUG SLEEP 0.05 timed by its own reply\n{}",
+            loss_report(&m, &tcp)
+        );
+        assert_eq!(
+            in_bucket(&m, &ping, LO_50MS, "+Inf"),
+            0.0,
+            "{role}: no PING took a slow reply"
+        );
+        let (counted, lost) = redis_accounted(&m, role, &tcp);
+        assert_eq!(
+            counted + lost,
+            101.0,
+            "{role}: {counted} timed + {lost} lost"
+        );
+    }
+    // The overflow really happened on the client's socket (it is what this test is about).
+    assert!(
+        m.sum(
+            LOST,
+            &[
+                ("role", "client"),
+                ("destination", &tcp),
+                ("reason", "untimed")
+            ]
+        ) >= 1.0,
+        "{}",
+        loss_report(&m, &tcp)
+    );
+}
+
+/// PostgreSQL's give-up paths count what they drop: 300 statements pipelined in ONE write
+/// (Parse/Bind/Execute each, one Sync: 901 messages, far past the 64 requests in flight). Per
+/// role, every statement is timed or counted as lost, and the next query is timed as usual.
+#[test]
+fn postgres_pipeline_of_300_statements_is_each_counted_or_counted_lost() {
+    require_root();
+    const N: usize = 300;
+    let pg = Postgres::start().expect("postgres");
+    let agent = Agent::start(DB_ONLY);
+    let tcp = pg.tcp_addr().to_string();
+    let mut c = PgConn::connect(&pg.endpoint(Via::Tcp)).expect("connect");
+    let before = agent.scrape();
+    let sqls: Vec<String> = (0..N).map(|i| format!("SELECT {i}")).collect();
+    let sqls: Vec<&str> = sqls.iter().map(String::as_str).collect();
+    let r = c.pipeline_extended(&sqls).expect("pipeline");
+    assert!(r.iter().all(PgResult::is_done), "{:?}", r.last());
+    // Afterwards, a query of its own: timed, in its own bucket.
+    let r = c.simple_query("SELECT pg_sleep(0.05)").expect("sleep");
+    assert!(r[0].is_done(), "{r:?}");
+    drop(c);
+
+    let accounted = |m: &Metrics, role: &str| {
+        let labels = [
+            ("system", "postgresql"),
+            ("role", role),
+            ("destination", tcp.as_str()),
+        ];
+        (m.sum(DURATION, &labels), m.sum(LOST, &labels))
+    };
+    let delta = |m: &Metrics, role: &str| {
+        let (c0, l0) = accounted(&before, role);
+        let (c1, l1) = accounted(m, role);
+        (c1 - c0, l1 - l0)
+    };
+    let _ = Metrics::wait_for(&agent, |m| {
+        ["client", "server"].iter().all(|role| {
+            let (c, l) = delta(m, role);
+            c + l > N as f64
+        })
+    });
+    agent.wait_ticks(4);
+    let m = agent.scrape();
+    for role in ["client", "server"] {
+        let (counted, lost) = delta(&m, role);
+        eprintln!("postgresql {role}: {counted} timed + {lost} counted as lost");
+        assert_eq!(
+            counted + lost,
+            (N + 1) as f64,
+            "{role}: {counted} timed + {lost} lost\n{}",
+            loss_report(&m, &tcp)
+        );
+        let sleep = [
+            ("system", "postgresql"),
+            ("operation", "SELECT"),
+            ("role", role),
+            ("destination", tcp.as_str()),
+        ];
+        assert_eq!(
+            in_bucket(&m, &sleep, LO_50MS, HI_50MS),
+            1.0,
+            "{role}: pg_sleep(0.05)"
+        );
+    }
 }

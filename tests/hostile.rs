@@ -14,7 +14,7 @@ use std::{
 };
 
 use insite_e2e::{
-    agent_bin, cgroup2_root, config_text, require_root,
+    agent_bin, cgroup2_root, config_text, require_root, run_refused,
     servers::{Mariadb, Redis, Via},
     Agent, Launch, Metrics, Stderr,
 };
@@ -144,14 +144,14 @@ for _ in range(2):
         ),
         2.0
     );
-    // A command Redis does not know is `unknown`, not free text.
+    // A command Redis does not know (and refuses) is `unknown_command`, not free text.
     assert_eq!(
         m.sum(
             "insite_db_query_duration_seconds_count",
             &[
                 ("role", "client"),
                 ("destination", &dest),
-                ("operation", "unknown")
+                ("operation", "unknown_command")
             ]
         ),
         1.0
@@ -404,11 +404,7 @@ fn the_control_socket_path_never_deletes_a_file() {
     std::fs::write(&precious, "127.0.0.1 localhost\n").unwrap();
     let cfg = dir.path().join("c.toml");
     std::fs::write(&cfg, config_text(0, &precious, "", DB_ONLY)).unwrap();
-    let out = Command::new(agent_bin())
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = run_refused(&cfg);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -439,11 +435,7 @@ fn settings_replies_and_config_files_stay_within_the_memory_budget() {
     let huge = "[net]\nmax_edges = 65536\ntop_n = 1000\n[db]\nmax_series = 65536\nmax_fingerprints = 100000\n";
     let cfg = dir.path().join("huge.toml");
     std::fs::write(&cfg, config_text(0, &sock, "", huge)).unwrap();
-    let out = Command::new(agent_bin())
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = run_refused(&cfg);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("agent.memory_budget_mib"), "{err}");
@@ -458,11 +450,7 @@ fn settings_replies_and_config_files_stay_within_the_memory_budget() {
     std::fs::write(&big, &text).unwrap();
     drop(text);
     let t = Instant::now();
-    let out = Command::new(agent_bin())
-        .args(["run", "--config"])
-        .arg(&big)
-        .output()
-        .unwrap();
+    let out = run_refused(&big);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("larger than"),
@@ -581,21 +569,13 @@ fn errors_name_their_cause_once_and_where() {
         config_text(agent.port, &dir.path().join("s.sock"), "", ""),
     )
     .unwrap();
-    let out = Command::new(agent_bin())
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = run_refused(&cfg);
     let err = String::from_utf8_lossy(&out.stderr);
     let line = err.lines().last().unwrap_or_default();
     assert_eq!(line.matches("Address already in use").count(), 1, "{err}");
     // A control socket path whose directory cannot be made.
     std::fs::write(&cfg, config_text(0, Path::new("/proc/nope/s.sock"), "", "")).unwrap();
-    let out = Command::new(agent_bin())
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = run_refused(&cfg);
     let err = String::from_utf8_lossy(&out.stderr);
     let last = err.lines().last().unwrap_or_default().to_string();
     let cause = last.rsplit(": ").next().unwrap_or_default().to_string();
@@ -603,11 +583,7 @@ fn errors_name_their_cause_once_and_where() {
     assert_eq!(last.matches(&cause).count(), 1, "{err}");
     // Not UTF-8: the line and byte offset are named.
     std::fs::write(&cfg, b"[agent]\ntick_interval = \"1s\"\n\xff = 1\n").unwrap();
-    let out = Command::new(agent_bin())
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
+    let out = run_refused(&cfg);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("c.toml:3: not UTF-8 (invalid byte at offset 29)"),

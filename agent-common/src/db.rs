@@ -2,10 +2,11 @@
 //! off the wire, from socket reads and writes (TCP and unix-domain sockets alike).
 //!
 //! The kernel recognises the protocol from a connection's bytes, matches every request to its
-//! response (several may be in flight) and timestamps both. Userspace gets three kinds of
+//! response (several may be in flight) and timestamps both. Userspace gets four kinds of
 //! events: a connection was recognised ([`DbConnEvent`]), a request was sent or received, with a
-//! bounded prefix of its bytes ([`DbRequestEvent`]), and a request completed
-//! ([`DbResponseEvent`]). The last two share `(sk, conn_id, seq)`.
+//! bounded prefix of its bytes ([`DbRequestEvent`]), requests completed ([`DbResponseEvent`],
+//! which shares `(sk, conn_id, seq)` with them), and requests could not be timed or bytes not
+//! decoded ([`DbLossEvent`]).
 
 use crate::TASK_COMM_LEN;
 
@@ -19,6 +20,12 @@ pub const DB_INFLIGHT: usize = 64;
 pub const DB_PATH_LEN: usize = 108;
 /// How often userspace drains the ring without being woken.
 pub const DB_DRAIN_INTERVAL_MS: u64 = 100;
+/// Completions one [`DbResponseEvent`] may carry (consecutive requests, one outcome).
+pub const DB_MAX_RUN: u32 = 1024;
+/// Steps the kernel walks per read or write (RESP: a header byte or a jump over a bulk
+/// payload; PostgreSQL and MySQL: a message). Past it the rest of the read or write is not
+/// decoded: counted in [`DbLossEvent::bytes`] and the requests in flight dropped, counted.
+pub const DB_MAX_STEPS: u32 = 1 << 18;
 
 /// [`DbConnEvent::system`] and friends.
 pub mod system {
@@ -51,6 +58,7 @@ pub mod kind {
     pub const CONN: u8 = 1;
     pub const REQUEST: u8 = 2;
     pub const RESPONSE: u8 = 3;
+    pub const LOSS: u8 = 4;
 }
 
 /// Indices into the per-CPU `DB_COUNTERS` array.
@@ -70,7 +78,15 @@ pub mod counters {
     pub const STORAGE_FAILED: u32 = 5;
     /// Connections that switched to TLS (not decoded).
     pub const TLS: u32 = 6;
-    pub const COUNT: u32 = 7;
+    /// Timed requests dropped when their connection's framing was lost.
+    pub const LOST_DESYNC: u32 = 7;
+    /// Requests completed whose completion event could not be written (ring buffer full).
+    pub const LOST_EVENT: u32 = 8;
+    /// Bytes of reads and writes left undecoded (after a desync, or past `DB_MAX_STEPS`).
+    pub const BYTES_NOT_DECODED: u32 = 9;
+    /// Reads and writes whose walk stopped at `DB_MAX_STEPS`.
+    pub const STEP_CAP: u32 = 10;
+    pub const COUNT: u32 = 11;
 }
 
 /// [`DbOffsets::flags`]: `unix_sock` offsets are valid.
@@ -173,7 +189,39 @@ pub struct DbResponseEvent {
     pub end_ns: u64,
 }
 
+/// Requests of a connection the kernel could not time, and bytes it could not decode, since
+/// its previous loss event. Sent at the end of a read or write that had any (kept on the
+/// connection and sent later if the ring is full). Every request the walker identifies is
+/// either completed in a [`DbResponseEvent`] or counted here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DbLossEvent {
+    pub kind: u8,
+    pub system: u8,
+    pub role: u8,
+    pub _pad: u8,
+    pub pid: u32,
+    pub sk: u64,
+    pub conn_id: u64,
+    /// Requests not timed: `DB_INFLIGHT` were already in flight. Their responses are matched
+    /// (and dropped) in order, so later requests keep their own.
+    pub untimed: u32,
+    /// Timed requests in flight dropped because the framing was lost (untimed ones in flight
+    /// then are counted in `untimed` already).
+    pub desync: u32,
+    /// Requests completed whose completion event was lost (ring buffer full).
+    pub event_lost: u32,
+    pub _pad2: u32,
+    /// Bytes not decoded: the rest of a read or write after a desync or past the step cap.
+    pub bytes: u64,
+    /// The timed requests a desync dropped: sequence numbers `dropped_from..dropped_to`
+    /// (their request events were sent; userspace forgets them).
+    pub dropped_from: u64,
+    pub dropped_to: u64,
+}
+
 const _: () = assert!(core::mem::size_of::<DbOffsets>() == 14 * 4);
+const _: () = assert!(core::mem::size_of::<DbLossEvent>() == 8 + 2 * 8 + 4 * 4 + 3 * 8);
 const _: () = assert!(
     core::mem::size_of::<DbConnEvent>() == 8 + 3 * 8 + 16 + 32 + 2 * 2 + 4 + DB_PATH_LEN + 4
 );
@@ -188,4 +236,5 @@ mod pod {
     unsafe impl aya::Pod for super::DbConnEvent {}
     unsafe impl aya::Pod for super::DbRequestEvent {}
     unsafe impl aya::Pod for super::DbResponseEvent {}
+    unsafe impl aya::Pod for super::DbLossEvent {}
 }

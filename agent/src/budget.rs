@@ -14,6 +14,9 @@ use crate::config::Config;
 pub const BASE_BYTES: u64 = 48 << 20;
 /// One connection edge (`net.max_edges`), its counters in every kept snapshot included.
 pub const EDGE_BYTES: u64 = 28 << 10;
+/// One connection in the table of open connections (`store::net::OpenConns`), which holds at
+/// most `store::net::MAX_OPEN_CONNS`.
+pub const OPEN_CONN_BYTES: u64 = 224;
 /// One query series (`db.max_series`).
 pub const DB_SERIES_BYTES: u64 = 20 << 10;
 /// One query fingerprint (`db.max_fingerprints`), with its text and sample.
@@ -37,6 +40,14 @@ pub fn estimate(cfg: &Config) -> Estimate {
         ("base", BASE_BYTES),
         ("control and scrape replies", REPLIES_BYTES),
         ("net.max_edges", n(cfg.net.max_edges) * EDGE_BYTES),
+        (
+            "open connections",
+            if cfg.net.enabled {
+                n(crate::store::net::MAX_OPEN_CONNS) * OPEN_CONN_BYTES
+            } else {
+                0
+            },
+        ),
         ("db.max_series", n(cfg.db.max_series) * DB_SERIES_BYTES),
         (
             "db.max_fingerprints",

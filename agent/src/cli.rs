@@ -385,10 +385,21 @@ fn print_queries(q: &QueriesView) {
         q.fingerprints,
         q.sort
     );
-    if q.events_dropped > 0 || q.unmatched > 0 || q.desyncs > 0 || q.untimed > 0 {
+    if q.events_dropped > 0
+        || q.unmatched > 0
+        || q.desyncs > 0
+        || q.untimed > 0
+        || q.lost > 0
+        || q.bytes_not_decoded > 0
+    {
         println!(
-            "  warning: {} events dropped by the kernel, {} responses without their request, {} framing losses, {} requests untimed",
-            q.events_dropped, q.unmatched, q.desyncs, q.untimed
+            "  warning: {} requests seen but not timed ({} beyond 64 in flight; see insite_db_requests_lost_total), {} framing losses, {} bytes not decoded, {} events dropped by the kernel, {} responses without their request",
+            q.lost.max(q.untimed),
+            q.untimed,
+            q.desyncs,
+            q.bytes_not_decoded,
+            q.events_dropped,
+            q.unmatched
         );
     }
     if q.tls_connections > 0 {

@@ -18,7 +18,7 @@ use insite_agent::{
     budget,
     store::{
         db::{DbTotals, OpKey, Outcome, QueryRecord, Role, System as DbSystem},
-        net::{ConnUpdate, Direction, EdgeKey, NetTotals},
+        net::{ConnId, ConnUpdate, Direction, EdgeKey, NetTotals, OpenConns, Traffic},
         window::Windows,
         WINDOW_GRANULARITY, WINDOW_RETENTION,
     },
@@ -77,6 +77,9 @@ fn edges_cost_what_the_model_says() {
         .map(|i| Arc::from(format!("svc-{i}.service").as_str()))
         .collect();
     let mut live = NetTotals::default();
+    // One connection per edge stays open (its entry in the open table is charged apart);
+    // every tick samples each edge, so each snapshot holds its own copy of every edge.
+    let mut open = OpenConns::default();
     let (after, w) = churn(&mut live, |t, tick| {
         for (i, svc) in services.iter().enumerate() {
             let ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i as u32));
@@ -86,27 +89,74 @@ fn edges_cost_what_the_model_says() {
                 peer: Some(ip),
                 destination: Some(SocketAddr::new(ip, 5432)),
             };
-            t.apply(
-                key,
-                &ConnUpdate::Connected {
-                    connect_ns: 1000 + tick,
+            let update = if tick == 0 {
+                ConnUpdate::Connected {
+                    conn: ConnId {
+                        sock: 0xffff_0000_0000 + i as u64 * 64,
+                        start_ns: 1,
+                    },
+                    connect_ns: 1000,
                     rtt_ns: 5000,
-                },
-                10,
-                10,
-                0,
-                n,
-            );
+                }
+            } else {
+                ConnUpdate::Sampled {
+                    rtt_ns: 5000 + tick,
+                }
+            };
+            let traffic = Traffic {
+                sent: 10,
+                received: 10,
+                retransmits: 0,
+            };
+            t.apply(&mut open, key, &update, traffic, n);
         }
     });
     let per = (after - before) as f64 / n as f64;
-    eprintln!("edge: {per:.0} bytes each ({} snapshots)", w.snapshots());
-    assert!(
-        per <= budget::EDGE_BYTES as f64,
-        "an edge costs {per:.0} bytes, the model says {}",
-        budget::EDGE_BYTES
+    eprintln!(
+        "edge: {per:.0} bytes each, one open connection included ({} snapshots)",
+        w.snapshots()
     );
-    drop((w, live, services));
+    let model = (budget::EDGE_BYTES + budget::OPEN_CONN_BYTES) as f64;
+    assert!(
+        per <= model,
+        "an edge costs {per:.0} bytes, the model says {model}"
+    );
+    drop((w, live, services, open));
+}
+
+#[test]
+fn open_connections_cost_what_the_model_says() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The table full: its hash table is then at its largest per entry.
+    let n = insite_agent::store::net::MAX_OPEN_CONNS;
+    let mut live = NetTotals::default();
+    let mut open = OpenConns::default();
+    let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+    let key = EdgeKey {
+        direction: Direction::Inbound,
+        service: Arc::from("web.service"),
+        peer: Some(ip),
+        destination: Some(SocketAddr::new(ip, 443)),
+    };
+    let sample = ConnUpdate::Sampled { rtt_ns: 1 };
+    live.apply(&mut open, key.clone(), &sample, Traffic::default(), 16);
+    let before = LIVE.load(Ordering::Relaxed);
+    for i in 0..n {
+        let conn = ConnId {
+            sock: 0xffff_0000_0000 + i as u64 * 64,
+            start_ns: 1,
+        };
+        let accepted = ConnUpdate::Accepted { conn, rtt_ns: 1 };
+        live.apply(&mut open, key.clone(), &accepted, Traffic::default(), 16);
+    }
+    let per = (LIVE.load(Ordering::Relaxed) - before) as f64 / n as f64;
+    eprintln!("open connection: {per:.0} bytes each");
+    assert_eq!(open.len(), n);
+    assert!(
+        per <= budget::OPEN_CONN_BYTES as f64,
+        "an open connection costs {per:.0} bytes, the model says {}",
+        budget::OPEN_CONN_BYTES
+    );
 }
 
 fn record(i: usize, tick: u64) -> QueryRecord {

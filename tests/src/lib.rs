@@ -472,6 +472,35 @@ impl Metrics {
     }
 }
 
+/// Runs `insite-agent run --config CONFIG`, which must refuse to start: returns its output
+/// once it exits; fails the test (killing it) if it is still running after 15 s.
+pub fn run_refused(config: &Path) -> Output {
+    require_root();
+    let mut child = Command::new(agent_bin())
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn insite-agent");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return child.wait_with_output().expect("agent output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("agent output");
+            panic!(
+                "the agent started instead of refusing {}:\n{}",
+                config.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Whether `have` holds every `(key, value)` of `want`.
 fn has_labels(have: &[(String, String)], want: &[(&str, &str)]) -> bool {
     want.iter()

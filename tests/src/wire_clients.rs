@@ -564,7 +564,29 @@ impl RedisConn {
     /// replies.
     pub fn send_raw(&mut self, bytes: &[u8], replies: usize) -> Result<Vec<Reply>> {
         self.io.get_mut().write_once(bytes)?;
-        (0..replies)
+        self.replies(replies)
+    }
+
+    /// Writes `bytes` in one write() and reads nothing.
+    pub fn send_only(&mut self, bytes: &[u8]) -> Result<()> {
+        self.io.get_mut().write_once(bytes)
+    }
+
+    /// Reads exactly `n` bytes straight from the socket (no read-ahead past them), so that the
+    /// kernel sees reads that end at byte `n`. Nothing may be buffered from an earlier reply.
+    pub fn read_exact_unbuffered(&mut self, n: usize) -> Result<Vec<u8>> {
+        ensure!(
+            self.io.buffer().is_empty(),
+            "bytes already buffered from an earlier read"
+        );
+        let mut b = vec![0u8; n];
+        self.io.get_mut().read_exact(&mut b).context("read")?;
+        Ok(b)
+    }
+
+    /// Reads `n` replies.
+    pub fn replies(&mut self, n: usize) -> Result<Vec<Reply>> {
+        (0..n)
             .map(|i| self.read_reply().with_context(|| format!("reply {i}")))
             .collect()
     }

@@ -14,17 +14,24 @@
 //! event with the first `DB_PREFIX_LEN` bytes of each request and a response event with both
 //! timestamps and the outcome.
 //!
-//! The walkers keep their state in the connection's storage, not in registers: the verifier
-//! then sees the same register state at every loop head and prunes, which keeps bounded loops
-//! of several hundred steps verifiable.
+//! Each walker is a `bpf_loop` callback of one step (RESP: a type byte and the rest of its
+//! header line, or a jump over a bulk payload; PostgreSQL and MySQL: a message), verified once
+//! and run up to `DB_MAX_STEPS` times per read or write (Redis: across every iovec segment). Walkers keep their state in the connection's storage and the
+//! per-CPU scratch, not in registers, so a step is the same code whatever came before.
+//!
+//! Nothing the walkers identify is dropped silently: a request is timed (and completed in a
+//! response event), or counted untimed (too many in flight; its response is matched and
+//! dropped so that later requests keep their own), or counted as dropped at a desync; bytes
+//! left undecoded are counted. Per connection these go to userspace in a loss event.
 #![no_std]
 #![no_main]
 
 agent_ebpf::license!();
 
 use agent_common::db::{
-    counters, kind, outcome, role, system, DbConnEvent, DbOffsets, DbRequestEvent, DbResponseEvent,
-    DB_HAVE_UNIX, DB_INFLIGHT, DB_PATH_LEN, DB_PREFIX_LEN, DB_RINGBUF_BYTES,
+    counters, kind, outcome, role, system, DbConnEvent, DbLossEvent, DbOffsets, DbRequestEvent,
+    DbResponseEvent, DB_HAVE_UNIX, DB_INFLIGHT, DB_MAX_RUN, DB_MAX_STEPS, DB_PATH_LEN,
+    DB_PREFIX_LEN, DB_RINGBUF_BYTES,
 };
 use agent_ebpf::{
     util::{self, load, now_ns},
@@ -34,7 +41,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_probe_read_kernel_buf,
-        generated::{bpf_get_current_task_btf, bpf_probe_read_user, bpf_task_pt_regs},
+        generated::{bpf_get_current_task_btf, bpf_loop, bpf_probe_read_user, bpf_task_pt_regs},
     },
     macros::{btf_map, btf_tracepoint, map},
     maps::{PerCpuArray, ProgramArray, RingBuf},
@@ -64,26 +71,24 @@ const MSGHDR_IOV: usize = 16;
 /// Bytes of each read or write copied for the walkers at once (a power of two).
 const SCRATCH: usize = 1024;
 const SCRATCH_MASK: u32 = (SCRATCH - 1) as u32;
-/// Steps per read or write: messages (PostgreSQL, MySQL) or bytes of RESP headers (Redis).
-const PG_MAX_MSGS: u32 = 96;
-const MY_MAX_PACKETS: u32 = 8;
-/// RESP steps per program run; a longer read or write continues in a tail call of the same
-/// walker (at most `MAX_HOPS` times): each program stays small enough for the verifier.
-const RESP_MAX_STEPS: u32 = 96;
-const MAX_HOPS: u32 = 16;
+/// PostgreSQL response messages walked per read; past them a long result's end is found by
+/// its last message (ReadyForQuery), which completes what is in flight: nothing is lost.
+const PG_RESP_MAX_MSGS: u32 = 96;
 
 /// Walker programs in `DB_WALKERS`.
 const WALK_PG: u32 = 0;
 const WALK_MYSQL: u32 = 1;
 const WALK_RESP_REQ: u32 = 2;
 const WALK_RESP_RESP: u32 = 3;
-/// Requests or completions noted per read or write (a power of two); more are still timed,
-/// without their own event.
-const MAX_OPS: usize = 64;
 /// PostgreSQL Sync groups in flight per connection (a power of two).
 const PG_SYNCS: usize = 16;
 const WAKEUP_EVERY: u32 = 64;
 const INFLIGHT_MASK: u64 = (DB_INFLIGHT - 1) as u64;
+
+/// Scratch::done: the step cap stopped the walk with bytes left.
+const CAPPED: u8 = 0;
+/// The walk ended by itself.
+const DONE: u8 = 1;
 
 /// Conn::phase
 const READY: u8 = 0;
@@ -105,6 +110,12 @@ const R_NUM: u8 = 1;
 const R_NUM_LF: u8 = 2;
 const R_LINE: u8 = 3;
 const R_BAD: u8 = 4;
+/// How far a RESP step got in its token.
+const T_MORE: u8 = 0;
+const T_DONE: u8 = 1;
+const T_BAD: u8 = 2;
+/// Bytes of a token one RESP step reads (a number with its CRLF is at most 23).
+const TOKEN_BYTES: u32 = 64;
 /// What a RESP number counts.
 const N_AGG: u8 = 1;
 const N_MAP: u8 = 2;
@@ -168,40 +179,68 @@ struct Conn {
     syncs: [u64; PG_SYNCS],
     sync_head: u64,
     sync_tail: u64,
+    /// PostgreSQL: untimed requests of each Sync group in flight, and of the open one.
+    sync_untimed: [u32; PG_SYNCS],
+    pg_open_untimed: u32,
+    _pad2: u32,
+    /// Untimed requests in flight (the FIFO was full). RESP and MySQL keep their order: `gap`
+    /// counts those that follow each slot, `swallow` the responses still owed to those ahead
+    /// of the head. PostgreSQL's are done with their Sync group.
+    untimed: u64,
+    swallow: u64,
+    gap: [u32; DB_INFLIGHT],
+    /// Losses not yet sent in a loss event (`loss_pending` set when any).
+    loss_untimed: u32,
+    loss_desync: u32,
+    loss_event: u32,
+    loss_pending: u32,
+    loss_bytes: u64,
+    loss_from: u64,
+    loss_to: u64,
 }
 
 #[btf_map]
 static DB_CONNS: SkStorage<Conn> = SkStorage::new();
 
-/// Per-CPU working memory of one read or write: a copy of its first bytes, the walk's
-/// position, and what the walk found (announced once it is done).
+/// Per-CPU working memory of one read or write: a window of its bytes, the walk's position,
+/// and the completions not yet announced.
 #[repr(C)]
 struct Scratch {
     /// Slack past SCRATCH so that header reads at a masked offset stay inside.
     buf: [u8; SCRATCH + 16],
-    /// The user buffer and the bytes of it that are ours to read.
+    /// The segment of the user buffer being walked and its length (`at`, `base` count from
+    /// its start); later segments (readv/writev) are `seg_rest` bytes from the iovec at
+    /// `iov_next`.
     buf_addr: u64,
+    iov_next: u64,
     now: u64,
     len: u32,
+    seg_rest: u32,
     /// `buf` holds bytes `base..base + copied` of the user buffer.
     base: u32,
     copied: u32,
     at: u32,
     span: u32,
-    nreq: u32,
-    ndone: u32,
-    /// Tail calls taken for this read or write.
-    hops: u32,
+    /// How the walk ended: `DONE`, or `CAPPED` (the step cap; bytes may be left).
+    done: u8,
     /// The bytes travel in the request direction (client to server).
     req: u8,
-    _pad: [u8; 3],
-    first_req: u64,
-    req_at: [u32; MAX_OPS],
-    done_seq: [u64; MAX_OPS],
-    /// When a completion was not at `now` (a MySQL response whose header came alone); 0: now.
-    done_end: [u64; MAX_OPS],
-    done_count: [u8; MAX_OPS],
-    done_outcome: [u8; MAX_OPS],
+    _pad: [u8; 6],
+    /// Completions not yet announced: `run_count` requests from `run_seq` with one outcome,
+    /// ended at `run_end` (0: now), the first started at `run_start`.
+    run_seq: u64,
+    run_start: u64,
+    run_end: u64,
+    run_count: u32,
+    run_outcome: u8,
+    _pad2: [u8; 3],
+}
+
+/// What a `bpf_loop` step gets: the connection and the scratch, as the verifier knows them.
+#[repr(C)]
+struct LoopCtx {
+    c: *mut Conn,
+    w: *mut Scratch,
 }
 
 #[map]
@@ -282,7 +321,8 @@ pub fn isa_db_walk_pg(ctx: BtfTracePointContext) -> i32 {
     if let Some((c, w)) = walk_state(&ctx) {
         let req = w.req != 0;
         pg_walk(c, w, req);
-        announce(c, w);
+        later_segments(c, w, req);
+        finish(c, w);
     }
     0
 }
@@ -292,38 +332,113 @@ pub fn isa_db_walk_mysql(ctx: BtfTracePointContext) -> i32 {
     if let Some((c, w)) = walk_state(&ctx) {
         let req = w.req != 0;
         my_walk(c, w, req);
-        announce(c, w);
+        // A response's first packet is all MySQL reads of it.
+        if req {
+            later_segments(c, w, req);
+        }
+        finish(c, w);
     }
     0
 }
 
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn isa_db_walk_resp_req(ctx: BtfTracePointContext) -> i32 {
-    resp_program::<true>(&ctx, WALK_RESP_REQ);
+    if let Some((c, w)) = walk_state(&ctx) {
+        run_steps(c, w, DB_MAX_STEPS, resp_step_req);
+        if capped(w) {
+            step_cap(c, w, true);
+        }
+        finish(c, w);
+    }
     0
 }
 
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn isa_db_walk_resp_resp(ctx: BtfTracePointContext) -> i32 {
-    resp_program::<false>(&ctx, WALK_RESP_RESP);
+    if let Some((c, w)) = walk_state(&ctx) {
+        run_steps(c, w, DB_MAX_STEPS, resp_step_resp);
+        if capped(w) {
+            step_cap(c, w, false);
+        }
+        finish(c, w);
+    }
     0
 }
 
+type Step = extern "C" fn(u64, *mut core::ffi::c_void) -> i64;
+
+/// Runs `step` until it stops the walk or `max` steps have run (`bpf_loop`: the step is
+/// verified once, however many times it runs).
 #[inline(always)]
-fn resp_program<const REQ: bool>(ctx: &BtfTracePointContext, me: u32) {
-    let Some((c, w)) = walk_state(ctx) else {
-        return;
+fn run_steps(c: &mut Conn, w: &mut Scratch, max: u32, step: Step) {
+    vset(&mut w.done, CAPPED);
+    let mut l = LoopCtx {
+        c: core::ptr::from_mut(c),
+        w: core::ptr::from_mut(w),
     };
-    if resp_walk::<REQ>(c, w) {
-        // Steps ran out with bytes left: go on in a fresh run of this program.
-        if w.hops < MAX_HOPS {
-            w.hops += 1;
-            // SAFETY: our own program array and context; on success this does not return.
-            unsafe { DB_WALKERS.tail_call(ctx, me) };
-        }
-        desync(c);
+    // SAFETY: `step` is a static function of the helper's callback type; `l` outlives the
+    // call, which runs `step` on this CPU only.
+    unsafe { bpf_loop(max, step as *mut _, (&raw mut l).cast(), 0) };
+}
+
+/// The step cap stopped the walk with bytes of this read or write left.
+#[inline(always)]
+fn capped(w: &Scratch) -> bool {
+    vget(&w.done) == CAPPED && (vget(&w.at) < vget(&w.len) || vget(&w.seg_rest) > 0)
+}
+
+/// PostgreSQL and MySQL walk the first segment of a readv/writev only: the rest is not
+/// decoded, and the framing of this direction is lost (counted).
+#[inline(always)]
+fn later_segments(c: &mut Conn, w: &mut Scratch, req: bool) {
+    if vget(&w.seg_rest) > 0 {
+        vset(&mut w.at, vget(&w.len));
+        desync(c, w, req);
     }
-    announce(c, w);
+}
+
+/// The rest of this read or write will not be walked: its framing is lost (counted).
+#[inline(always)]
+fn step_cap(c: &mut Conn, w: &mut Scratch, req: bool) {
+    bump(counters::STEP_CAP);
+    desync(c, w, req);
+}
+
+/// A step's view of the walk. Returns 1 (stop) when `go` is false.
+#[inline(always)]
+fn step_with(ctx: *mut core::ffi::c_void, go: impl FnOnce(&mut Conn, &mut Scratch) -> bool) -> i64 {
+    // SAFETY: `run_steps` passes its `LoopCtx`, whose pointers are the connection's storage
+    // and the per-CPU scratch of this run.
+    let (c, w) = unsafe {
+        let l = &*ctx.cast::<LoopCtx>();
+        (&mut *l.c, &mut *l.w)
+    };
+    if go(c, w) {
+        0
+    } else {
+        vset(&mut w.done, DONE);
+        1
+    }
+}
+
+extern "C" fn resp_step_req(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    step_with(ctx, resp_step::<true>)
+}
+
+extern "C" fn resp_step_resp(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    step_with(ctx, resp_step::<false>)
+}
+
+extern "C" fn pg_step_req(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    step_with(ctx, |c, w| pg_step(c, w, true))
+}
+
+extern "C" fn pg_step_resp(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    step_with(ctx, |c, w| pg_step(c, w, false))
+}
+
+extern "C" fn my_step_req(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    step_with(ctx, my_step)
 }
 
 /// The connection and the scratch `on_io` prepared.
@@ -342,15 +457,24 @@ fn bump(counter: u32) {
 }
 
 #[inline(always)]
+fn bump_by(counter: u32, n: u64) {
+    if let Some(v) = DB_COUNTERS.get_ptr_mut(counter) {
+        // SAFETY: per-CPU slot; programs do not preempt each other on one CPU.
+        unsafe { *v += n };
+    }
+}
+
+#[inline(always)]
 fn read_user(dst: *mut u8, len: u32, src: u64) -> bool {
     // SAFETY: the helper checks both addresses; a fault returns an error.
     unsafe { bpf_probe_read_user(dst.cast(), len, src as *const _) == 0 }
 }
 
-/// The user buffer this read or write used, from the syscall's arguments, and how many of
-/// `ret` bytes are in its first segment.
+/// The user buffer a read or write used, from the syscall's arguments: its first segment
+/// (address, and how many of the `ret` bytes are in it), the user address of the next
+/// `struct iovec` (readv/writev, recvmsg/sendmsg) and how many bytes the later segments hold.
 #[inline(always)]
-fn user_buffer(ret: u32) -> Option<(u64, u32)> {
+fn user_buffer(ret: u32) -> Option<(u64, u32, u64, u32)> {
     // SAFETY: the current task is a trusted pointer; the result is its saved user registers.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
     if regs.is_null() {
@@ -360,7 +484,7 @@ fn user_buffer(ret: u32) -> Option<(u64, u32)> {
     let nr: u64 = unsafe { core::ptr::read_volatile(regs.add(REGS_ORIG_AX).cast()) };
     let si: u64 = unsafe { core::ptr::read_volatile(regs.add(REGS_SI).cast()) };
     let iov_ptr = match nr {
-        NR_READ | NR_WRITE | NR_RECVFROM | NR_SENDTO => return Some((si, ret)),
+        NR_READ | NR_WRITE | NR_RECVFROM | NR_SENDTO => return Some((si, ret, 0, 0)),
         NR_READV | NR_WRITEV => si,
         NR_RECVMSG | NR_SENDMSG => {
             let mut p = 0u64;
@@ -381,7 +505,35 @@ fn user_buffer(ret: u32) -> Option<(u64, u32)> {
     } else {
         ret
     };
-    Some((iov[0], first))
+    Some((iov[0], first, iov_ptr + 16, ret - first))
+}
+
+/// The walk reached the end of a segment: moves to the next one of a readv/writev (or
+/// recvmsg/sendmsg); false if there is none (or it cannot be read: the rest stays counted in
+/// `seg_rest`).
+#[inline(always)]
+fn next_segment(w: &mut Scratch) -> bool {
+    let rest = vget(&w.seg_rest);
+    if rest == 0 {
+        return false;
+    }
+    let mut iov = [0u64; 2];
+    if !read_user(iov.as_mut_ptr().cast(), 16, vget(&w.iov_next)) {
+        return false;
+    }
+    let n = if iov[1] < rest as u64 {
+        iov[1] as u32
+    } else {
+        rest
+    };
+    vadd(&mut w.iov_next, 16);
+    vset(&mut w.seg_rest, rest - n);
+    vset(&mut w.buf_addr, iov[0]);
+    vset(&mut w.len, n);
+    vset(&mut w.at, 0);
+    vset(&mut w.base, 0);
+    vset(&mut w.copied, 0);
+    true
 }
 
 /// Filters, recognises and prepares the scratch; returns the walker to tail-call.
@@ -410,17 +562,17 @@ fn on_io(sk: *const u8, ret: i32, send: bool) -> Option<u32> {
     if c.phase == TLS {
         return None;
     }
-    let (buf, len) = user_buffer(ret as u32)?;
+    let (buf, len, iov_next, seg_rest) = user_buffer(ret as u32)?;
     let w = DB_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: per-CPU scratch; programs do not preempt each other on one CPU.
     let w = unsafe { &mut *w };
     w.buf_addr = buf;
     w.len = len;
+    w.iov_next = iov_next;
+    w.seg_rest = seg_rest;
     w.base = 0;
     w.copied = fill(w, 0);
-    w.nreq = 0;
-    w.ndone = 0;
-    w.hops = 0;
+    w.run_count = 0;
     w.at = 0;
     let request_dir = (c.role == role::CLIENT) == send;
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
@@ -466,7 +618,7 @@ fn recognise(
     family: u16,
     off: &DbOffsets,
 ) -> Option<*mut Conn> {
-    let (buf, n) = user_buffer(ret)?;
+    let (buf, n, _, _) = user_buffer(ret)?;
     if n < 5 {
         return None;
     }
@@ -623,18 +775,32 @@ fn conn_event(sk: *const u8, c: &Conn, family: u16, off: &DbOffsets) {
     bump(counters::EVENTS);
 }
 
-/// Starts timing a request; returns its sequence number, or None if too many are in flight.
+/// Starts timing a request; returns its sequence number, or None if too many are in flight:
+/// then it is counted untimed and, but for PostgreSQL (done by Sync group), noted after the
+/// last slot so that its response is matched in order.
 #[inline(always)]
 fn push(c: &mut Conn, flags: u8, now: u64) -> Option<u64> {
     let (head, tail) = (vget(&c.head), vget(&c.tail));
     if tail.wrapping_sub(head) >= DB_INFLIGHT as u64 {
         bump(counters::INFLIGHT_FULL);
+        vadd(&mut c.untimed, 1);
+        vadd(&mut c.loss_untimed, 1);
+        vset(&mut c.loss_pending, 1);
+        if c.system == system::POSTGRESQL {
+            vadd(&mut c.pg_open_untimed, 1);
+        } else {
+            let last = (tail.wrapping_sub(1) & INFLIGHT_MASK) as usize;
+            if last < DB_INFLIGHT {
+                c.gap[last] += 1;
+            }
+        }
         return None;
     }
     let i = (tail & INFLIGHT_MASK) as usize;
     if i < DB_INFLIGHT {
         c.start[i] = now;
         c.qflags[i] = flags;
+        c.gap[i] = 0;
     }
     vset(&mut c.tail, tail + 1);
     Some(tail)
@@ -654,58 +820,159 @@ fn head_flags(c: &Conn) -> Option<u8> {
     }
 }
 
-/// Notes a request that starts at `at` of this read or write (announced after the walk).
+/// Times a request that starts at `at` of this read or write and announces it.
 #[inline(always)]
 fn note_request(c: &mut Conn, w: &mut Scratch, flags: u8, at: u32) {
     let Some(seq) = push(c, flags, w.now) else {
         return;
     };
-    let k = vget(&w.nreq);
-    if k == 0 {
-        w.first_req = seq;
-    }
-    if (k as usize) < MAX_OPS {
-        w.req_at[k as usize & (MAX_OPS - 1)] = at;
-        vset(&mut w.nreq, k + 1);
-    }
+    request_event(c, seq, w.now, w.buf_addr, at, w.len);
 }
 
-/// Completes the oldest `count` requests in flight with `result` (announced after the walk).
+/// Completes the oldest `count` timed requests in flight with `result`.
 #[inline(always)]
 fn note_done(c: &mut Conn, w: &mut Scratch, result: u8, count: u64) {
-    let head = vget(&c.head);
-    let inflight = vget(&c.tail).wrapping_sub(head);
+    let inflight = vget(&c.tail).wrapping_sub(vget(&c.head));
     let n = if count > inflight { inflight } else { count };
-    if n == 0 {
+    if n == 0 || n > DB_INFLIGHT as u64 {
         return;
     }
-    let k = vget(&w.ndone);
-    if (k as usize) < MAX_OPS {
-        let i = k as usize & (MAX_OPS - 1);
-        w.done_seq[i] = head;
-        w.done_count[i] = n as u8;
-        w.done_outcome[i] = result;
-        w.done_end[i] = 0;
-        vset(&mut w.ndone, k + 1);
+    complete(c, w, result, n, 0);
+}
+
+/// One response, in order (RESP, MySQL): it answers an untimed request ahead of the head if
+/// any is owed one, else the head, whose own untimed followers are owed the next responses.
+#[inline(always)]
+fn reply_done(c: &mut Conn, w: &mut Scratch, result: u8, end: u64) {
+    let owed = vget(&c.swallow);
+    if owed > 0 {
+        vset(&mut c.swallow, owed - 1);
+        let u = vget(&c.untimed);
+        vset(&mut c.untimed, u.saturating_sub(1));
+        return;
+    }
+    let head = vget(&c.head);
+    if head == vget(&c.tail) {
+        // Nothing in flight: a push message, or a response to a request not seen.
+        return;
+    }
+    let i = (head & INFLIGHT_MASK) as usize;
+    if i < DB_INFLIGHT {
+        vset(&mut c.swallow, vget(&c.gap[i]) as u64);
+        c.gap[i] = 0;
+    }
+    complete(c, w, result, 1, end);
+}
+
+/// Advances the head over `n` timed requests, adding them to the run of completions to
+/// announce (consecutive requests, one outcome, one end: one event).
+#[inline(always)]
+fn complete(c: &mut Conn, w: &mut Scratch, result: u8, n: u64, end: u64) {
+    let head = vget(&c.head);
+    let run = vget(&w.run_count);
+    if run != 0
+        && vget(&w.run_seq) + run as u64 == head
+        && vget(&w.run_outcome) == result
+        && vget(&w.run_end) == end
+        && run as u64 + n <= DB_MAX_RUN as u64
+    {
+        vset(&mut w.run_count, run + n as u32);
+    } else {
+        flush_run(c, w);
+        let i = (head & INFLIGHT_MASK) as usize;
+        let start = if i < DB_INFLIGHT { c.start[i] } else { 0 };
+        vset(&mut w.run_seq, head);
+        vset(&mut w.run_start, start);
+        vset(&mut w.run_end, end);
+        vset(&mut w.run_outcome, result);
+        vset(&mut w.run_count, n as u32);
     }
     vset(&mut c.head, head + n);
 }
 
-/// Drops the requests in flight: the framing is lost, their responses cannot be told apart.
+/// Announces the run of completions, if any; a full ring loses it, counted.
 #[inline(always)]
-fn desync(c: &mut Conn) {
+fn flush_run(c: &mut Conn, w: &mut Scratch) {
+    let n = vget(&w.run_count);
+    if n == 0 {
+        return;
+    }
+    vset(&mut w.run_count, 0);
+    let end = vget(&w.run_end);
+    let end = if end != 0 { end } else { w.now };
+    if !response_event(
+        c,
+        vget(&w.run_seq),
+        n,
+        vget(&w.run_outcome),
+        vget(&w.run_start),
+        end,
+    ) {
+        bump_by(counters::LOST_EVENT, n as u64);
+        vadd(&mut c.loss_event, n);
+        vset(&mut c.loss_pending, 1);
+    }
+}
+
+/// The end of a walk: what is left to announce.
+#[inline(always)]
+fn finish(c: &mut Conn, w: &mut Scratch) {
+    flush_run(c, w);
+    if vget(&c.loss_pending) != 0 {
+        loss_event(c);
+    }
+}
+
+/// Drops the requests in flight: the framing of one direction is lost, responses can no
+/// longer be told apart. Counts the timed ones (untimed ones were counted when seen), and the
+/// bytes of this read or write left undecoded; the direction resynchronises on its next read
+/// or write.
+#[inline(always)]
+fn desync(c: &mut Conn, w: &mut Scratch, req: bool) {
     bump(counters::DESYNC);
-    c.head = c.tail;
+    let (head, tail) = (vget(&c.head), vget(&c.tail));
+    let mut timed = tail.wrapping_sub(head);
+    if timed > DB_INFLIGHT as u64 {
+        timed = DB_INFLIGHT as u64;
+    }
+    if timed > 0 {
+        bump_by(counters::LOST_DESYNC, timed);
+        vadd(&mut c.loss_desync, timed as u32);
+        if vget(&c.loss_to) != vget(&c.loss_from) {
+            vset(&mut c.loss_to, tail);
+        } else {
+            vset(&mut c.loss_from, tail - timed);
+            vset(&mut c.loss_to, tail);
+        }
+        vset(&mut c.loss_pending, 1);
+    }
+    let (at, len) = (vget(&w.at), vget(&w.len));
+    let left = (len.saturating_sub(at) + vget(&w.seg_rest)) as u64;
+    if left > 0 {
+        bump_by(counters::BYTES_NOT_DECODED, left);
+        vadd(&mut c.loss_bytes, left);
+        vset(&mut c.loss_pending, 1);
+    }
+    // Nothing more of this read or write is walked.
+    vset(&mut w.at, len);
+    vset(&mut w.seg_rest, 0);
+    c.head = tail;
+    c.untimed = 0;
+    c.swallow = 0;
     c.sync_head = c.sync_tail;
-    c.req_skip = 0;
-    c.resp_skip = 0;
-    c.req = Resp::zero();
-    c.resp = Resp::zero();
-    c.my_cmd_pending = 0;
-    c.my_resp_pending_ns = 0;
+    c.pg_open_untimed = 0;
     c.pg_err = 0;
     c.pg_aborted = 0;
-    c.pg_hunt = 0;
+    if req {
+        c.req_skip = 0;
+        c.req = Resp::zero();
+        c.my_cmd_pending = 0;
+    } else {
+        c.resp_skip = 0;
+        c.resp = Resp::zero();
+        c.my_resp_pending_ns = 0;
+        c.pg_hunt = 0;
+    }
 }
 
 /// Loop state lives in map memory, read and written with volatile accesses: the verifier then
@@ -722,42 +989,55 @@ fn vset<T: Copy>(p: &mut T, v: T) {
     unsafe { core::ptr::write_volatile(p, v) }
 }
 
-/// Emits the requests and completions the walk noted.
 #[inline(always)]
-fn announce(c: &Conn, w: &Scratch) {
-    let nreq = vget(&w.nreq);
-    for k in 0..MAX_OPS as u32 {
-        if k >= nreq {
-            break;
-        }
-        let at = w.req_at[k as usize & (MAX_OPS - 1)];
-        request_event(c, w.first_req + k as u64, w.now, w.buf_addr, at, w.len);
-    }
-    let ndone = vget(&w.ndone);
-    for k in 0..MAX_OPS as u32 {
-        if k >= ndone {
-            break;
-        }
-        let i = k as usize & (MAX_OPS - 1);
-        response_event(
-            c,
-            w.done_seq[i],
-            w.done_count[i] as u32,
-            w.done_outcome[i],
-            w.done_end[i],
-            w.now,
-        );
-    }
+fn vadd<T: Copy + core::ops::Add<Output = T>>(p: &mut T, n: T) {
+    let v = vget(p);
+    vset(p, v + n);
 }
 
+/// Sends the connection's pending losses; on a full ring they wait for a later read or write.
 #[inline(always)]
-fn response_event(c: &Conn, seq: u64, count: u32, result: u8, end: u64, now: u64) {
-    let Some(mut e) = DB_EVENTS.reserve::<DbResponseEvent>(0) else {
+fn loss_event(c: &mut Conn) {
+    let Some(mut e) = DB_EVENTS.reserve::<DbLossEvent>(0) else {
         bump(counters::DROPS);
         return;
     };
-    let i = (seq & INFLIGHT_MASK) as usize;
-    let start = if i < DB_INFLIGHT { c.start[i] } else { 0 };
+    let p = e.as_mut_ptr();
+    // SAFETY: reserved ring space of exactly this type; every field is written.
+    unsafe {
+        (*p).kind = kind::LOSS;
+        (*p).system = c.system;
+        (*p).role = c.role;
+        (*p)._pad = 0;
+        (*p).pid = c.pid;
+        (*p).sk = c.sk;
+        (*p).conn_id = c.conn_id;
+        (*p).untimed = c.loss_untimed;
+        (*p).desync = c.loss_desync;
+        (*p).event_lost = c.loss_event;
+        (*p)._pad2 = 0;
+        (*p).bytes = c.loss_bytes;
+        (*p).dropped_from = c.loss_from;
+        (*p).dropped_to = c.loss_to;
+    }
+    e.submit(wakeup_flags());
+    bump(counters::EVENTS);
+    c.loss_untimed = 0;
+    c.loss_desync = 0;
+    c.loss_event = 0;
+    c.loss_bytes = 0;
+    c.loss_from = 0;
+    c.loss_to = 0;
+    c.loss_pending = 0;
+}
+
+/// A run of `count` completions from `seq`; false if the ring is full.
+#[inline(always)]
+fn response_event(c: &Conn, seq: u64, count: u32, result: u8, start: u64, end: u64) -> bool {
+    let Some(mut e) = DB_EVENTS.reserve::<DbResponseEvent>(0) else {
+        bump(counters::DROPS);
+        return false;
+    };
     let p = e.as_mut_ptr();
     // SAFETY: reserved ring space of exactly this type; every field is written.
     unsafe {
@@ -772,10 +1052,11 @@ fn response_event(c: &Conn, seq: u64, count: u32, result: u8, end: u64, now: u64
         (*p).count = count;
         (*p)._pad = 0;
         (*p).start_ns = start;
-        (*p).end_ns = if end != 0 { end } else { now };
+        (*p).end_ns = end;
     }
     e.submit(wakeup_flags());
     bump(counters::EVENTS);
+    true
 }
 
 /// Announces a request with the first bytes of it.
@@ -817,16 +1098,27 @@ fn byte(s: &Scratch, i: u32) -> u8 {
     s.buf[(i & SCRATCH_MASK) as usize]
 }
 
+/// Where bytes `at..at + n` of this read or write are in the scratch window (n <= 16), after
+/// moving the window there if they are not in it; None if the user buffer cannot be read.
+#[inline(always)]
+fn window(w: &mut Scratch, at: u32, n: u32) -> Option<usize> {
+    let base = vget(&w.base);
+    if at >= base && at + n <= base + vget(&w.copied) {
+        return Some(((at - base) & SCRATCH_MASK) as usize);
+    }
+    vset(&mut w.base, at);
+    let got = fill(w, at);
+    vset(&mut w.copied, got);
+    (got >= n).then_some(0)
+}
+
 /// The 5-byte PostgreSQL message header at `at`: type and length (which counts itself).
 #[inline(always)]
-fn pg_header(s: &Scratch, at: u32) -> (u8, u32) {
-    let mut h = [0u8; 5];
-    if at + 5 <= vget(&s.copied) {
-        let i = (at & SCRATCH_MASK) as usize;
-        h.copy_from_slice(&s.buf[i..i + 5]);
-    } else if !read_user(h.as_mut_ptr(), 5, s.buf_addr + at as u64) {
+fn pg_header(w: &mut Scratch, at: u32) -> (u8, u32) {
+    let Some(i) = window(w, at, 5) else {
         return (0, 0);
-    }
+    };
+    let h = &w.buf[i..i + 5];
     (h[0], u32::from_be_bytes([h[1], h[2], h[3], h[4]]))
 }
 
@@ -873,95 +1165,117 @@ fn pg_walk(c: &mut Conn, w: &mut Scratch, req: bool) {
     vset(&mut w.at, skip as u32);
     // Where the current request's messages began (Parse/Bind... before its Execute).
     vset(&mut w.span, skip as u32);
-    for _ in 0..PG_MAX_MSGS {
-        let at = vget(&w.at);
-        if at >= w.len {
-            return;
+    if req {
+        run_steps(c, w, DB_MAX_STEPS, pg_step_req);
+        if capped(w) {
+            step_cap(c, w, true);
         }
-        if at + 5 > w.len {
-            // A header split across reads.
-            if req {
-                desync(c);
-            } else {
-                c.pg_hunt = 1;
-            }
-            return;
-        }
-        let (t, mlen) = pg_header(w, at);
-        if mlen < 4 {
-            desync(c);
-            return;
-        }
-        let end = at as u64 + 1 + mlen as u64;
-        if req {
-            match t {
-                b'Q' | b'E' => {
-                    let span = vget(&w.span);
-                    note_request(c, w, if t == b'E' { Q_EXEC } else { 0 }, span);
-                    if t == b'Q' {
-                        sync_push(c);
-                    }
-                    vset(&mut w.span, end as u32);
-                }
-                b'S' => {
-                    // A group that runs nothing (Parse/Describe only: a prepared statement)
-                    // is still a round trip, and userspace learns the statement's SQL from it.
-                    let span = vget(&w.span);
-                    if span < at {
-                        note_request(c, w, 0, span);
-                    }
-                    sync_push(c);
-                    vset(&mut w.span, end as u32);
-                }
-                b'P' | b'B' | b'D' | b'C' | b'H' | b'X' | b'p' | b'd' | b'c' | b'f' | b'F' => {}
-                _ => {
-                    desync(c);
-                    return;
-                }
-            }
-        } else {
-            match t {
-                b'C' | b'I' | b's' => {
-                    if head_flags(c).is_some_and(|f| f & Q_EXEC != 0) {
-                        note_done(c, w, outcome::OK, 1);
-                    }
-                }
-                b'E' => match head_flags(c) {
-                    Some(f) if f & Q_EXEC != 0 => {
-                        note_done(c, w, outcome::ERROR, 1);
-                        c.pg_aborted = 1;
-                    }
-                    Some(_) => c.pg_err = 1,
-                    None => {}
-                },
-                b'Z' => pg_ready(c, w),
-                b'1' | b'2' | b'3' | b'n' | b't' | b'T' | b'D' | b'N' | b'A' | b'S' | b'K'
-                | b'R' | b'G' | b'H' | b'W' | b'd' | b'c' | b'v' | b'V' => {}
-                _ => {
-                    desync(c);
-                    return;
-                }
-            }
-        }
-        if end > len {
-            if req {
-                c.req_skip = end - len;
-            } else {
-                c.resp_skip = end - len;
-            }
-            return;
-        }
-        vset(&mut w.at, end as u32);
-    }
-    if vget(&w.at) < w.len {
-        if req {
-            desync(c);
-        } else {
+    } else {
+        run_steps(c, w, PG_RESP_MAX_MSGS, pg_step_resp);
+        if capped(w) {
             // Too many messages for one pass (a long result): find its end by its last message.
             c.pg_hunt = 1;
             pg_tail_ready(c, w);
         }
     }
+}
+
+/// One PostgreSQL message at `w.at`; false when the walk of this read or write is over.
+#[inline(always)]
+fn pg_step(c: &mut Conn, w: &mut Scratch, req: bool) -> bool {
+    let at = vget(&w.at);
+    let len = vget(&w.len);
+    if at >= len {
+        return false;
+    }
+    if at + 5 > len {
+        // A header split across reads.
+        if req {
+            desync(c, w, true);
+        } else {
+            c.pg_hunt = 1;
+        }
+        return false;
+    }
+    let (t, mlen) = pg_header(w, at);
+    if mlen < 4 {
+        desync(c, w, req);
+        return false;
+    }
+    let end = at as u64 + 1 + mlen as u64;
+    if req {
+        match t {
+            b'Q' | b'E' => {
+                let span = vget(&w.span);
+                note_request(c, w, if t == b'E' { Q_EXEC } else { 0 }, span);
+                if t == b'Q' {
+                    sync_push(c);
+                }
+                vset(&mut w.span, end as u32);
+            }
+            b'S' => {
+                // A group that runs nothing (Parse/Describe only: a prepared statement)
+                // is still a round trip, and userspace learns the statement's SQL from it.
+                let span = vget(&w.span);
+                if span < at {
+                    note_request(c, w, 0, span);
+                }
+                sync_push(c);
+                vset(&mut w.span, end as u32);
+            }
+            b'P' | b'B' | b'D' | b'C' | b'H' | b'X' | b'p' | b'd' | b'c' | b'f' | b'F' => {}
+            _ => {
+                desync(c, w, true);
+                return false;
+            }
+        }
+    } else {
+        // A message completes the head only if the head belongs to the oldest Sync group:
+        // otherwise it answers an untimed request of that group.
+        let ours = head_in_oldest_group(c);
+        match t {
+            b'C' | b'I' | b's' => {
+                if ours && head_flags(c).is_some_and(|f| f & Q_EXEC != 0) {
+                    note_done(c, w, outcome::OK, 1);
+                }
+            }
+            b'E' => match head_flags(c) {
+                Some(f) if ours && f & Q_EXEC != 0 => {
+                    note_done(c, w, outcome::ERROR, 1);
+                    c.pg_aborted = 1;
+                }
+                Some(_) if ours => c.pg_err = 1,
+                // An untimed request of the oldest group failed: the rest of it is skipped.
+                _ => c.pg_aborted = 1,
+            },
+            b'Z' => pg_ready(c, w),
+            b'1' | b'2' | b'3' | b'n' | b't' | b'T' | b'D' | b'N' | b'A' | b'S' | b'K' | b'R'
+            | b'G' | b'H' | b'W' | b'd' | b'c' | b'v' | b'V' => {}
+            _ => {
+                desync(c, w, false);
+                return false;
+            }
+        }
+    }
+    if end > len as u64 {
+        if req {
+            c.req_skip = end - len as u64;
+        } else {
+            c.resp_skip = end - len as u64;
+        }
+        vset(&mut w.at, len);
+        return false;
+    }
+    vset(&mut w.at, end as u32);
+    true
+}
+
+/// The head request belongs to the oldest Sync group in flight (or no group is).
+#[inline(always)]
+fn head_in_oldest_group(c: &Conn) -> bool {
+    let sh = vget(&c.sync_head);
+    sh == vget(&c.sync_tail)
+        || vget(&c.head) < vget(&c.syncs[(sh & (PG_SYNCS as u64 - 1)) as usize])
 }
 
 /// A Sync (or simple Query) closes a group: its ReadyForQuery completes what is left of it.
@@ -971,13 +1285,17 @@ fn sync_push(c: &mut Conn) {
     if st.wrapping_sub(vget(&c.sync_head)) >= PG_SYNCS as u64 {
         return;
     }
-    c.syncs[(st & (PG_SYNCS as u64 - 1)) as usize] = vget(&c.tail);
+    let j = (st & (PG_SYNCS as u64 - 1)) as usize;
+    c.syncs[j] = vget(&c.tail);
+    c.sync_untimed[j] = vget(&c.pg_open_untimed);
+    vset(&mut c.pg_open_untimed, 0);
     vset(&mut c.sync_tail, st + 1);
 }
 
 /// ReadyForQuery: the requests of the oldest group still in flight are done: a simple query
 /// (failed if an ErrorResponse came), or Executes the server skipped after an error (or whose
-/// CommandCompletes were in a part of a long response that was not walked).
+/// CommandCompletes were in a part of a long response that was not walked). Its untimed
+/// requests are done too.
 #[inline(always)]
 fn pg_ready(c: &mut Conn, w: &mut Scratch) {
     let aborted = c.pg_aborted != 0;
@@ -988,7 +1306,12 @@ fn pg_ready(c: &mut Conn, w: &mut Scratch) {
     if sh == vget(&c.sync_tail) {
         return;
     }
-    let end = vget(&c.syncs[(sh & (PG_SYNCS as u64 - 1)) as usize]);
+    let j = (sh & (PG_SYNCS as u64 - 1)) as usize;
+    let end = vget(&c.syncs[j]);
+    let untimed = vget(&c.sync_untimed[j]) as u64;
+    c.sync_untimed[j] = 0;
+    let left = vget(&c.untimed).saturating_sub(untimed);
+    vset(&mut c.untimed, left);
     vset(&mut c.sync_head, sh + 1);
     let n = end.wrapping_sub(vget(&c.head));
     if n == 0 || n > DB_INFLIGHT as u64 {
@@ -1012,8 +1335,9 @@ fn pg_tail_ready(c: &mut Conn, w: &mut Scratch) {
     }
     let mut t = [0u8; 6];
     let at = len - 6;
-    if len <= vget(&w.copied) {
-        let i = (at & SCRATCH_MASK) as usize;
+    let base = vget(&w.base);
+    if at >= base && len <= base + vget(&w.copied) {
+        let i = ((at - base) & SCRATCH_MASK) as usize;
         t.copy_from_slice(&w.buf[i..i + 6]);
     } else if !read_user(t.as_mut_ptr(), 6, w.buf_addr + at as u64) {
         return;
@@ -1040,8 +1364,7 @@ fn my_walk(c: &mut Conn, w: &mut Scratch, req: bool) {
             } else {
                 outcome::OK
             };
-            note_done(c, w, r, 1);
-            w.done_end[0] = t;
+            reply_done(c, w, r, t);
             return;
         }
         if c.phase == MY_HANDSHAKE {
@@ -1053,7 +1376,7 @@ fn my_walk(c: &mut Conn, w: &mut Scratch, req: bool) {
         }
         // The first packet after a command is its response; rows that follow are not walked
         // (the classic protocol has one command in flight).
-        if c.head == c.tail {
+        if c.head == c.tail && c.swallow == 0 {
             return;
         }
         if len == 4 {
@@ -1066,7 +1389,7 @@ fn my_walk(c: &mut Conn, w: &mut Scratch, req: bool) {
             } else {
                 outcome::OK
             };
-            note_done(c, w, r, 1);
+            reply_done(c, w, r, 0);
         }
         return;
     }
@@ -1089,44 +1412,55 @@ fn my_walk(c: &mut Conn, w: &mut Scratch, req: bool) {
         at = c.req_skip as u32;
         c.req_skip = 0;
     }
-    for _ in 0..MY_MAX_PACKETS {
-        if at >= len {
-            return;
-        }
-        if at + 4 > len {
-            desync(c);
-            return;
-        }
-        let mut h = [0u8; 4];
-        if at + 4 <= copied {
-            let i = (at & SCRATCH_MASK) as usize;
-            h.copy_from_slice(&w.buf[i..i + 4]);
-        } else if !read_user(h.as_mut_ptr(), 4, w.buf_addr + at as u64) {
-            return;
-        }
-        let plen = u32::from_le_bytes([h[0], h[1], h[2], 0]) as u64;
-        let seq = h[3];
-        if c.phase == MY_HANDSHAKE {
-            // A 32-byte handshake response is an SSL request: TLS follows.
-            if seq == 1 && plen == 32 {
-                c.phase = TLS;
-                bump(counters::TLS);
-                return;
-            }
-        } else if seq == 0 {
-            if at + 4 == len {
-                c.my_cmd_pending = plen;
-                return;
-            }
-            my_command(c, w, at + 4, plen);
-        }
-        let end = at as u64 + 4 + plen;
-        if end > len as u64 {
-            c.req_skip = end - len as u64;
-            return;
-        }
-        at = end as u32;
+    vset(&mut w.at, at);
+    run_steps(c, w, DB_MAX_STEPS, my_step_req);
+    if capped(w) {
+        step_cap(c, w, true);
     }
+}
+
+/// One MySQL packet the client sent, at `w.at`; false when the walk is over.
+#[inline(always)]
+fn my_step(c: &mut Conn, w: &mut Scratch) -> bool {
+    let at = vget(&w.at);
+    let len = vget(&w.len);
+    if at >= len {
+        return false;
+    }
+    if at + 4 > len {
+        desync(c, w, true);
+        return false;
+    }
+    let Some(i) = window(w, at, 4) else {
+        desync(c, w, true);
+        return false;
+    };
+    let h = [w.buf[i], w.buf[i + 1], w.buf[i + 2], w.buf[i + 3]];
+    let plen = u32::from_le_bytes([h[0], h[1], h[2], 0]) as u64;
+    let seq = h[3];
+    if c.phase == MY_HANDSHAKE {
+        // A 32-byte handshake response is an SSL request: TLS follows.
+        if seq == 1 && plen == 32 {
+            c.phase = TLS;
+            bump(counters::TLS);
+            return false;
+        }
+    } else if seq == 0 {
+        if at + 4 == len {
+            c.my_cmd_pending = plen;
+            vset(&mut w.at, len);
+            return false;
+        }
+        my_command(c, w, at + 4, plen);
+    }
+    let end = at as u64 + 4 + plen;
+    if end > len as u64 {
+        c.req_skip = end - len as u64;
+        vset(&mut w.at, len);
+        return false;
+    }
+    vset(&mut w.at, end as u32);
+    true
 }
 
 /// A command packet's body at `at`: starts timing commands that get a response.
@@ -1135,15 +1469,10 @@ fn my_command(c: &mut Conn, w: &mut Scratch, at: u32, plen: u64) {
     if plen == 0 {
         return;
     }
-    let cmd = if at < w.copied {
-        byte(w, at)
-    } else {
-        let mut b = [0u8; 1];
-        if !read_user(b.as_mut_ptr(), 1, w.buf_addr + at as u64) {
-            return;
-        }
-        b[0]
+    let Some(i) = window(w, at, 1) else {
+        return;
     };
+    let cmd = w.buf[i];
     // COM_QUIT, COM_STMT_SEND_LONG_DATA and COM_STMT_CLOSE get no response.
     if cmd == 0x01 || cmd == 0x18 || cmd == 0x19 {
         return;
@@ -1167,83 +1496,90 @@ impl Resp {
     }
 }
 
-/// Walks RESP: requests are top-level arrays (or inline lines), each response one top-level
-/// value however nested. One step is one header byte or one jump over a bulk payload.
-/// Returns true when bytes are left for another run.
+/// One RESP step: a jump over a bulk payload, or a token: a type byte and what follows it up
+/// to its CRLF (a number) or LF (a simple value or inline command), at most `TOKEN_BYTES`
+/// bytes; a longer one goes on in the next step. Requests are top-level arrays (or inline
+/// lines), each response one top-level value however nested. False when the walk of this
+/// read or write is over.
 #[inline(always)]
-fn resp_walk<const REQ: bool>(c: &mut Conn, w: &mut Scratch) -> bool {
+fn resp_step<const REQ: bool>(c: &mut Conn, w: &mut Scratch) -> bool {
     let req = REQ;
-    for _ in 0..RESP_MAX_STEPS {
-        let at = vget(&w.at);
-        let len = vget(&w.len);
-        if at >= len {
-            return false;
+    let at = vget(&w.at);
+    let len = vget(&w.len);
+    if at >= len {
+        // RESP state is kept per direction, so a segment boundary is like a read boundary.
+        return next_segment(w);
+    }
+    let r = if req { &mut c.req } else { &mut c.resp };
+    let skip = vget(&r.skip);
+    if skip > 0 {
+        let left = (len - at) as u64;
+        if skip > left {
+            vset(&mut r.skip, skip - left);
+            vset(&mut w.at, len);
+            return next_segment(w);
+        }
+        vset(&mut w.at, at + skip as u32);
+        vset(&mut r.skip, 0);
+        if vget(&r.remaining) == 0 && !req {
+            let o = resp_outcome(vget(&r.top));
+            reply_done(c, w, o, 0);
+        }
+        return true;
+    }
+    let Some(i) = window(w, at, 1) else {
+        desync(c, w, req);
+        return false;
+    };
+    if vget(&r.state) == R_TYPE {
+        let b = w.buf[i];
+        vset(&mut w.at, at + 1);
+        let r = if req { &mut c.req } else { &mut c.resp };
+        if vget(&r.remaining) == 0 {
+            vset(&mut r.remaining, 1);
+            vset(&mut r.at_top, 1);
+            vset(&mut r.top, 0);
+            if req {
+                note_request(c, w, 0, at);
+            }
         }
         let r = if req { &mut c.req } else { &mut c.resp };
-        let skip = vget(&r.skip);
-        if skip > 0 {
-            let left = (len - at) as u64;
-            if skip > left {
-                vset(&mut r.skip, skip - left);
-                return false;
-            }
-            vset(&mut w.at, at + skip as u32);
-            vset(&mut r.skip, 0);
-            if vget(&r.remaining) == 0 && !req {
-                let o = resp_outcome(r.top);
-                note_done(c, w, o, 1);
-            }
-            continue;
+        vset(&mut r.num, 0);
+        vset(&mut r.neg, 0);
+        let (state, nk, flag) = match b {
+            b'*' | b'~' | b'>' => (R_NUM, N_AGG, 0),
+            b'%' | b'|' => (R_NUM, N_MAP, 0),
+            b'$' | b'=' | b'!' => (R_NUM, N_BULK, 0),
+            b'-' => (R_LINE, 0, TOP_ERR),
+            b'_' => (R_LINE, 0, TOP_NULL),
+            b'+' | b':' | b',' | b'#' | b'(' => (R_LINE, 0, 0),
+            // An inline command: one line.
+            _ if req && vget(&r.at_top) != 0 => (R_LINE, 0, 0),
+            _ => (R_BAD, 0, 0),
+        };
+        if state == R_BAD {
+            desync(c, w, req);
+            return false;
         }
+        vset(&mut r.state, state);
+        vset(&mut r.num_kind, nk);
+        if vget(&r.at_top) != 0 {
+            let v = vget(&r.top) | flag;
+            vset(&mut r.top, v);
+        }
+    }
+    // The rest of the token, as far as the window goes.
+    let mut end = T_MORE;
+    for _ in 0..TOKEN_BYTES {
+        let at = vget(&w.at);
         let base = vget(&w.base);
-        if at >= base + vget(&w.copied) {
-            vset(&mut w.base, at);
-            let n = fill(w, at);
-            vset(&mut w.copied, n);
-            if n == 0 {
-                return false;
-            }
+        if at >= vget(&w.len) || at < base || at >= base + vget(&w.copied) {
+            break;
         }
-        let b = byte(w, at - vget(&w.base));
+        let b = w.buf[((at - base) & SCRATCH_MASK) as usize];
         vset(&mut w.at, at + 1);
         let r = if req { &mut c.req } else { &mut c.resp };
         match vget(&r.state) {
-            R_TYPE => {
-                if vget(&r.remaining) == 0 {
-                    vset(&mut r.remaining, 1);
-                    vset(&mut r.at_top, 1);
-                    vset(&mut r.top, 0);
-                    if req {
-                        note_request(c, w, 0, at);
-                    }
-                }
-                let r = if req { &mut c.req } else { &mut c.resp };
-                vset(&mut r.num, 0);
-                vset(&mut r.neg, 0);
-                let (state, nk, flag) = match b {
-                    b'*' | b'~' | b'>' => (R_NUM, N_AGG, 0),
-                    b'%' | b'|' => (R_NUM, N_MAP, 0),
-                    b'$' | b'=' | b'!' => (R_NUM, N_BULK, 0),
-                    b'-' => (R_LINE, 0, TOP_ERR),
-                    b'_' => (R_LINE, 0, TOP_NULL),
-                    b'+' | b':' | b',' | b'#' | b'(' => (R_LINE, 0, 0),
-                    // An inline command: one line.
-                    _ if req && vget(&r.at_top) != 0 => (R_LINE, 0, 0),
-                    _ => (R_BAD, 0, 0),
-                };
-                if state == R_BAD {
-                    desync(c);
-                    return false;
-                }
-                vset(&mut r.state, state);
-                vset(&mut r.num_kind, nk);
-                if vget(&r.at_top) != 0 {
-                    {
-                        let v = vget(&r.top) | flag;
-                        vset(&mut r.top, v);
-                    }
-                }
-            }
             R_NUM => {
                 if b.is_ascii_digit() {
                     let n = vget(&r.num);
@@ -1255,39 +1591,43 @@ fn resp_walk<const REQ: bool>(c: &mut Conn, w: &mut Scratch) -> bool {
                 } else if b == b'\r' {
                     vset(&mut r.state, R_NUM_LF);
                 } else {
-                    desync(c);
-                    return false;
+                    end = T_BAD;
+                    break;
                 }
             }
             R_NUM_LF => {
                 if b != b'\n' {
-                    desync(c);
-                    return false;
+                    end = T_BAD;
+                    break;
                 }
                 resp_number_done(r);
-                if vget(&r.remaining) == 0 && vget(&r.skip) == 0 && !req {
-                    let o = resp_outcome(vget(&r.top));
-                    note_done(c, w, o, 1);
-                }
+                end = T_DONE;
+                break;
             }
-            _ => {
-                // R_LINE: a simple value (or inline command) runs to its LF.
+            R_LINE => {
+                // A simple value (or inline command) runs to its LF.
                 if b == b'\n' {
                     vset(&mut r.state, R_TYPE);
-                    {
-                        let v = vget(&r.remaining).saturating_sub(1);
-                        vset(&mut r.remaining, v);
-                    }
+                    let v = vget(&r.remaining).saturating_sub(1);
+                    vset(&mut r.remaining, v);
                     vset(&mut r.at_top, 0);
-                    if vget(&r.remaining) == 0 && !req {
-                        let o = resp_outcome(vget(&r.top));
-                        note_done(c, w, o, 1);
-                    }
+                    end = T_DONE;
+                    break;
                 }
             }
+            _ => break,
         }
     }
-    vget(&w.at) < vget(&w.len)
+    if end == T_BAD {
+        desync(c, w, req);
+        return false;
+    }
+    let r = if req { &mut c.req } else { &mut c.resp };
+    if end == T_DONE && !req && vget(&r.remaining) == 0 && vget(&r.skip) == 0 {
+        let o = resp_outcome(vget(&r.top));
+        reply_done(c, w, o, 0);
+    }
+    true
 }
 
 /// An aggregate's count or a bulk string's length has been read.

@@ -10,7 +10,8 @@ use std::{
 };
 
 use agent_common::db::{
-    kind, outcome, DbConnEvent, DbRequestEvent, DbResponseEvent, DB_DRAIN_INTERVAL_MS,
+    kind, outcome, DbConnEvent, DbLossEvent, DbRequestEvent, DbResponseEvent, DB_DRAIN_INTERVAL_MS,
+    DB_MAX_RUN,
 };
 use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::watch};
@@ -21,7 +22,7 @@ use crate::{
     config::{Config, DbConfig},
     probes::syscalls::comm_str,
     store::{
-        db::{OpKey, Outcome, QueryRecord, Role, SlowQuery, System},
+        db::{LossKey, LossStats, OpKey, Outcome, QueryRecord, Role, SlowQuery, System},
         SharedStore,
     },
     untrusted::strip_controls,
@@ -82,10 +83,15 @@ pub struct Tracker {
     pending: HashMap<(u64, u64, u64), Pending>,
     cache: ParseCache,
     unknown: Arc<QueryInfo>,
+    /// The operation of a Redis command the server rejected as unknown: one label for every
+    /// such name, whatever a client sends (its fingerprint keeps the name).
+    unknown_command: Arc<str>,
     raw_text: bool,
     pub unmatched: u64,
     pub pending_dropped: u64,
     pub undecodable: u64,
+    /// Losses the kernel reported since the last flush, by connection labels.
+    pub losses: Vec<(LossKey, LossStats)>,
 }
 
 /// A completed query and, when it crossed its system's threshold, its slow-log entry.
@@ -109,10 +115,12 @@ impl Tracker {
                 read: false,
                 runs: true,
             }),
+            unknown_command: Arc::from("unknown_command"),
             raw_text,
             unmatched: 0,
             pending_dropped: 0,
             undecodable: 0,
+            losses: Vec::new(),
         }
     }
 
@@ -136,6 +144,10 @@ impl Tracker {
             },
             Some(kind::RESPONSE) => match super::decode_event::<DbResponseEvent>(bytes) {
                 Some(ev) => self.on_response(&ev, cfg, out),
+                None => self.undecodable += 1,
+            },
+            Some(kind::LOSS) => match super::decode_event::<DbLossEvent>(bytes) {
+                Some(ev) => self.on_loss(&ev),
                 None => self.undecodable += 1,
             },
             _ => self.undecodable += 1,
@@ -223,6 +235,44 @@ impl Tracker {
         );
     }
 
+    /// Requests the kernel could not time on a connection: counted under its labels. Those
+    /// a desync dropped will never complete: their request events are forgotten.
+    fn on_loss(&mut self, ev: &DbLossEvent) {
+        let (Some(system), Some(role)) =
+            (System::from_kernel(ev.system), Role::from_kernel(ev.role))
+        else {
+            self.undecodable += 1;
+            return;
+        };
+        let (destination, service) = match self.conns.get(&(ev.sk, ev.conn_id)) {
+            Some(c) => (c.destination.clone(), c.service.clone()),
+            None => {
+                let u = &self.unknown.operation;
+                (u.clone(), u.clone())
+            }
+        };
+        let dropped = ev.dropped_to.wrapping_sub(ev.dropped_from);
+        if dropped <= u64::from(DB_MAX_RUN) {
+            for seq in ev.dropped_from..ev.dropped_to {
+                self.pending.remove(&(ev.sk, ev.conn_id, seq));
+            }
+        }
+        self.losses.push((
+            LossKey {
+                system,
+                role,
+                destination,
+                service,
+            },
+            LossStats {
+                untimed: u64::from(ev.untimed),
+                desync: u64::from(ev.desync),
+                event_lost: u64::from(ev.event_lost),
+                bytes: ev.bytes,
+            },
+        ));
+    }
+
     fn on_response(&mut self, ev: &DbResponseEvent, cfg: &DbConfig, out: &mut Vec<Completed>) {
         let (Some(system), Some(role)) =
             (System::from_kernel(ev.system), Role::from_kernel(ev.role))
@@ -243,7 +293,7 @@ impl Tracker {
             System::Mysql => cfg.slow_threshold.mysql,
             System::Redis => cfg.slow_threshold.redis,
         };
-        for i in 0..u64::from(ev.count.clamp(1, 1024)) {
+        for i in 0..u64::from(ev.count.clamp(1, DB_MAX_RUN)) {
             let seq = ev.seq.wrapping_add(i);
             let (info, start) = match self.pending.remove(&(ev.sk, ev.conn_id, seq)) {
                 Some(p) => (p.info, p.start_ns),
@@ -263,11 +313,20 @@ impl Tracker {
                 outcome::NULL => Outcome::Null,
                 _ => Outcome::Ok,
             };
+            let operation = if system == System::Redis
+                && result == Outcome::Error
+                && !Arc::ptr_eq(&info, &self.unknown)
+                && !resp::is_known(&info.operation)
+            {
+                self.unknown_command.clone()
+            } else {
+                info.operation.clone()
+            };
             let slow = (Duration::from_nanos(duration_ns) >= threshold).then(|| SlowQuery {
                 at: SystemTime::now(),
                 system,
                 role,
-                operation: info.operation.to_string(),
+                operation: operation.to_string(),
                 fingerprint: info.fingerprint.to_string(),
                 text: info.sample.to_string(),
                 duration_ms: duration_ns as f64 / 1e6,
@@ -282,7 +341,7 @@ impl Tracker {
                     key: OpKey {
                         system,
                         role,
-                        operation: info.operation.clone(),
+                        operation,
                         destination: destination.clone(),
                         service: service.clone(),
                     },
@@ -401,7 +460,7 @@ fn parse(
             let cmd = resp::command(prefix)?;
             // The name is the client's text: counted under a known command's name or `unknown`.
             let op = resp::operation(&cmd.name);
-            let fingerprint = redis_fingerprint(&op, cmd.args);
+            let fingerprint = redis_fingerprint(&strip_controls(&cmd.name), cmd.args);
             let sample = if raw {
                 redis_raw(prefix)
             } else {
@@ -496,12 +555,12 @@ pub async fn run_event_reader(
             while let Some(item) = ring.next() {
                 events += 1;
                 tracker.feed(&item, &cfg.db, done);
-                if done.len() >= FLUSH_EVERY {
-                    flush(&store, &cfg.db, done, events, &tracker);
+                if done.len() >= FLUSH_EVERY || tracker.losses.len() >= FLUSH_EVERY {
+                    flush(&store, &cfg.db, done, events, &mut tracker);
                     events = 0;
                 }
             }
-            flush(&store, &cfg.db, done, events, &tracker);
+            flush(&store, &cfg.db, done, events, &mut tracker);
         };
         tokio::select! {
             ready = fd.readable_mut() => {
@@ -529,13 +588,14 @@ fn flush(
     cfg: &DbConfig,
     done: &mut Vec<Completed>,
     events: u64,
-    tracker: &Tracker,
+    tracker: &mut Tracker,
 ) {
-    if events == 0 && done.is_empty() {
+    if events == 0 && done.is_empty() && tracker.losses.is_empty() {
         return;
     }
     let Ok(mut st) = store.write() else {
         done.clear();
+        tracker.losses.clear();
         return;
     };
     let cap = cfg.slow_log_capacity.max(1);
@@ -545,6 +605,9 @@ fn flush(
         t.unmatched = tracker.unmatched;
         t.pending_dropped = tracker.pending_dropped;
         t.undecodable = tracker.undecodable;
+        for (k, l) in tracker.losses.drain(..) {
+            t.record_loss(k, &l, cfg.max_series);
+        }
     }
     for c in done.drain(..) {
         if let Some(s) = c.slow {
@@ -782,5 +845,146 @@ mod tests {
         }
         assert!(out.is_empty());
         assert_eq!(t.undecodable, 4);
+    }
+
+    fn redis_request(seq: u64, cmd: &[u8]) -> DbRequestEvent {
+        let mut req = DbRequestEvent {
+            kind: kind::REQUEST,
+            system: agent_common::db::system::REDIS,
+            role: agent_common::db::role::SERVER,
+            _pad: 0,
+            pid: 1,
+            sk: 9,
+            conn_id: 3,
+            seq,
+            start_ns: 1_000,
+            len: cmd.len() as u32,
+            prefix_len: cmd.len() as u32,
+            prefix: [0; agent_common::db::DB_PREFIX_LEN],
+        };
+        req.prefix[..cmd.len()].copy_from_slice(cmd);
+        req
+    }
+
+    #[test]
+    fn unknown_redis_commands_share_one_operation_and_keep_their_fingerprint() {
+        let mut t = Tracker::new(false);
+        let cfg = DbConfig::default();
+        t.on_request(&redis_request(0, b"*2\r\n$4\r\nCMD1\r\n$1\r\nk\r\n"));
+        t.on_request(&redis_request(1, b"*2\r\n$4\r\nCMD2\r\n$1\r\nk\r\n"));
+        t.on_request(&redis_request(2, b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"));
+        let resp = DbResponseEvent {
+            kind: kind::RESPONSE,
+            system: agent_common::db::system::REDIS,
+            role: agent_common::db::role::SERVER,
+            outcome: outcome::ERROR,
+            pid: 1,
+            sk: 9,
+            conn_id: 3,
+            seq: 0,
+            count: 3,
+            _pad: 0,
+            start_ns: 1_000,
+            end_ns: 2_000,
+        };
+        let mut out = Vec::new();
+        t.on_response(&resp, &cfg, &mut out);
+        let ops: Vec<(&str, &str)> = out
+            .iter()
+            .map(|c| (&*c.record.key.operation, &*c.record.fingerprint))
+            .collect();
+        // A known command that fails (WRONGTYPE and the like) keeps its name.
+        assert_eq!(
+            ops,
+            [
+                ("unknown_command", "CMD1 ?"),
+                ("unknown_command", "CMD2 ?"),
+                ("GET", "GET ?")
+            ]
+        );
+        // A name outside the table that the server accepted (a command newer than the table)
+        // is `unknown`: labels never carry the client's text. Its fingerprint keeps the name.
+        t.on_request(&redis_request(3, b"*2\r\n$5\r\nNEWER\r\n$1\r\nk\r\n"));
+        let mut out = Vec::new();
+        t.on_response(
+            &DbResponseEvent {
+                seq: 3,
+                count: 1,
+                outcome: outcome::OK,
+                ..resp
+            },
+            &cfg,
+            &mut out,
+        );
+        assert_eq!(&*out[0].record.key.operation, "unknown");
+        assert_eq!(&*out[0].record.fingerprint, "NEWER ?");
+    }
+
+    #[test]
+    fn loss_events_count_under_the_connections_labels_and_forget_dropped_requests() {
+        let mut t = Tracker::new(false);
+        let mut conn = DbConnEvent {
+            kind: kind::CONN,
+            system: agent_common::db::system::REDIS,
+            role: agent_common::db::role::SERVER,
+            family: AF_INET,
+            pid: 1,
+            sk: 9,
+            conn_id: 3,
+            cgroup_id: 0,
+            comm: [0; 16],
+            saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            daddr: [0; 16],
+            sport: 6379,
+            dport: 0,
+            path_len: 0,
+            path: [0; agent_common::db::DB_PATH_LEN],
+            _pad: 0,
+        };
+        conn.comm[..5].copy_from_slice(b"redis");
+        t.on_conn(&conn);
+        for seq in 0..4 {
+            t.on_request(&redis_request(seq, b"*1\r\n$4\r\nPING\r\n"));
+        }
+        let loss = DbLossEvent {
+            kind: kind::LOSS,
+            system: conn.system,
+            role: conn.role,
+            _pad: 0,
+            pid: 1,
+            sk: 9,
+            conn_id: 3,
+            untimed: 36,
+            desync: 3,
+            event_lost: 1,
+            _pad2: 0,
+            bytes: 700,
+            dropped_from: 1,
+            dropped_to: 4,
+        };
+        let mut out = Vec::new();
+        // SAFETY: a plain repr(C) value without padding, viewed as its bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&raw const loss).cast::<u8>(),
+                std::mem::size_of::<DbLossEvent>(),
+            )
+        };
+        t.feed(bytes, &DbConfig::default(), &mut out);
+        assert!(out.is_empty());
+        assert_eq!(t.losses.len(), 1);
+        let (k, l) = &t.losses[0];
+        assert_eq!(
+            (k.system, k.role, &*k.destination),
+            (System::Redis, Role::Server, "127.0.0.1:6379")
+        );
+        assert_eq!(
+            (l.untimed, l.desync, l.event_lost, l.bytes),
+            (36, 3, 1, 700)
+        );
+        assert_eq!(l.requests(), 40);
+        // Requests 1..4 were dropped in the kernel: only 0 still waits for its completion.
+        let waiting: Vec<u64> = t.pending.keys().map(|k| k.2).collect();
+        assert_eq!(waiting, [0]);
     }
 }

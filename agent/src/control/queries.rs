@@ -73,6 +73,12 @@ pub struct QueriesView {
     pub unmatched: u64,
     pub desyncs: u64,
     pub untimed: u64,
+    /// Requests seen but not timed, for any reason (untimed, desync, event lost).
+    #[serde(default)]
+    pub lost: u64,
+    /// Bytes of reads and writes not decoded.
+    #[serde(default)]
+    pub bytes_not_decoded: u64,
     pub tls_connections: u64,
     pub fingerprints_overflowed: u64,
 }
@@ -151,6 +157,7 @@ pub fn queries(
         .take(limit.clamp(1, MAX_LIMIT))
         .cloned()
         .collect();
+    // The kernel's totals over all connections: exact even when a loss event was dropped.
     let k = &w.delta.kernel;
     Ok(QueriesView {
         window_seconds: w.span.as_secs_f64(),
@@ -165,6 +172,8 @@ pub fn queries(
         unmatched: w.delta.unmatched,
         desyncs: k.desync,
         untimed: k.inflight_full,
+        lost: k.inflight_full + k.lost_desync + k.lost_event,
+        bytes_not_decoded: k.bytes_not_decoded,
         tls_connections: k.tls,
         fingerprints_overflowed: w.delta.fingerprints_overflowed,
     })

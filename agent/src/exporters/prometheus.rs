@@ -21,7 +21,7 @@ use super::labels::{l, LabelValue, Labels};
 use crate::{
     collectors::TickMetrics,
     store::{
-        db::{top_series, DbTotals, OpKey, System},
+        db::{top_series, DbTotals, LossKey, OpKey, System},
         histogram::Log2Histogram,
         net::{DestinationSeries, Direction, EdgeCounters, FailureReason, NetTotals},
         DiskReading, NetDevReading, ProbeState, SharedStore, SyscallCounters,
@@ -250,7 +250,10 @@ impl Collector for StoreCollector {
             st.probes.values().flat_map(|p| {
                 p.missed_runs.iter().map(|(prog, n)| {
                     (
-                        vec![("probe", p.name.clone()), ("program", prog.clone())],
+                        vec![
+                            ("probe", LabelValue::from(p.name.clone())),
+                            ("program", prog.clone().into()),
+                        ],
                         *n as f64,
                     )
                 })
@@ -738,8 +741,49 @@ fn encode_db(
         None,
         [(vec![], folded as f64)],
     )?;
+    let mut losses: Vec<_> = t.losses.iter().collect();
+    losses.sort_by(|a, b| a.0.cmp(b.0));
+    let loss_labels = |k: &LossKey| -> Labels {
+        vec![
+            ("system", k.system.as_str().into()),
+            ("role", k.role.as_str().into()),
+            ("destination", LabelValue::from(&k.destination)),
+            ("service", LabelValue::from(&k.service)),
+        ]
+    };
+    counter(
+        e,
+        "insite_db_requests_lost",
+        "Requests seen on a recognised connection but not timed: reason=untimed (beyond 64 in flight; responses still matched in order), desync (in flight when the framing was lost), event_lost (completion event lost to a full ring buffer)",
+        None,
+        losses.iter().flat_map(|(k, v)| {
+            [
+                ("untimed", v.untimed),
+                ("desync", v.desync),
+                ("event_lost", v.event_lost),
+            ]
+            .into_iter()
+            .map(|(reason, n)| {
+                let mut ls = loss_labels(k);
+                ls.push(("reason", reason.into()));
+                (ls, n as f64)
+            })
+        }),
+    )?;
+    counter(
+        e,
+        "insite_db_bytes_not_decoded",
+        "Bytes of reads and writes on recognised connections left undecoded: the rest of one after its framing was lost or past the kernel's step cap (the requests in them are not counted)",
+        None,
+        losses.iter().map(|(k, v)| (loss_labels(k), v.bytes as f64)),
+    )?;
     let k = &t.kernel;
+    let cap_help = format!(
+        "Reads and writes whose walk stopped at the kernel's step cap ({} steps); each is also a desync",
+        agent_common::db::DB_MAX_STEPS
+    );
     for (name, help, v) in [
+        ("insite_db_step_cap_hits", cap_help.as_str(), k.step_cap),
         ("insite_db_connections_recognised", "Connections recognised as PostgreSQL, MySQL or Redis by their bytes", k.conns),
         ("insite_db_tls_connections", "Recognised connections that switched to TLS (not decoded)", k.tls),
         ("insite_db_requests_untimed", "Requests not timed because too many were in flight on their connection", k.inflight_full),

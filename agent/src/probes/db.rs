@@ -33,6 +33,10 @@ pub struct DbKernelCounters {
     pub conns: u64,
     pub storage_failed: u64,
     pub tls: u64,
+    pub lost_desync: u64,
+    pub lost_event: u64,
+    pub bytes_not_decoded: u64,
+    pub step_cap: u64,
 }
 
 /// The attached database probe and the maps userspace reads.
@@ -156,6 +160,10 @@ impl DbProbe {
             conns: get(counters::CONNS)?,
             storage_failed: get(counters::STORAGE_FAILED)?,
             tls: get(counters::TLS)?,
+            lost_desync: get(counters::LOST_DESYNC)?,
+            lost_event: get(counters::LOST_EVENT)?,
+            bytes_not_decoded: get(counters::BYTES_NOT_DECODED)?,
+            step_cap: get(counters::STEP_CAP)?,
         })
     }
 }

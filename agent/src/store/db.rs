@@ -171,6 +171,66 @@ pub struct QueryRecord {
     pub process: Option<(u32, Arc<str>)>,
 }
 
+/// Where requests were lost: the labels of a series without its operation.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LossKey {
+    pub system: System,
+    pub role: Role,
+    pub destination: Arc<str>,
+    pub service: Arc<str>,
+}
+
+impl LossKey {
+    fn other(system: System, role: Role) -> Self {
+        let o: Arc<str> = Arc::from("other");
+        Self {
+            system,
+            role,
+            destination: o.clone(),
+            service: o,
+        }
+    }
+}
+
+/// Requests the kernel saw but could not time, by why, and bytes it could not decode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LossStats {
+    /// Beyond the in-flight limit: counted, responses matched in order, not timed.
+    pub untimed: u64,
+    /// In flight when the connection's framing was lost.
+    pub desync: u64,
+    /// Completed, but the completion event was lost (ring buffer full).
+    pub event_lost: u64,
+    /// Bytes of reads and writes not decoded (after a desync, or past the step cap).
+    pub bytes: u64,
+}
+
+impl LossStats {
+    pub fn requests(&self) -> u64 {
+        self.untimed + self.desync + self.event_lost
+    }
+
+    fn add(&mut self, o: &Self) {
+        self.untimed += o.untimed;
+        self.desync += o.desync;
+        self.event_lost += o.event_lost;
+        self.bytes += o.bytes;
+    }
+
+    fn delta_since(&self, e: &Self) -> Self {
+        Self {
+            untimed: self.untimed.saturating_sub(e.untimed),
+            desync: self.desync.saturating_sub(e.desync),
+            event_lost: self.event_lost.saturating_sub(e.event_lost),
+            bytes: self.bytes.saturating_sub(e.bytes),
+        }
+    }
+
+    fn is_zero(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct DbTotals {
     pub ops: HashMap<OpKey, Arc<OpStats>>,
@@ -187,10 +247,21 @@ pub struct DbTotals {
     pub undecodable: u64,
     /// Requests still waiting for their response that were dropped to stay bounded.
     pub pending_dropped: u64,
+    /// Requests not timed and bytes not decoded, per connection's labels (bounded like `ops`).
+    pub losses: HashMap<LossKey, LossStats>,
     pub kernel: DbKernelCounters,
 }
 
 impl DbTotals {
+    pub fn record_loss(&mut self, key: LossKey, loss: &LossStats, max_series: usize) {
+        let key = if self.losses.contains_key(&key) || self.losses.len() < max_series {
+            key
+        } else {
+            LossKey::other(key.system, key.role)
+        };
+        self.losses.entry(key).or_default().add(loss);
+    }
+
     pub fn record(&mut self, q: QueryRecord, max_series: usize, max_fingerprints: usize) {
         let (system, role) = (q.key.system, q.key.role);
         let miss = q.outcome == Outcome::Miss;
@@ -276,6 +347,17 @@ impl Cumulative for DbTotals {
             events: self.events.saturating_sub(earlier.events),
             undecodable: self.undecodable.saturating_sub(earlier.undecodable),
             pending_dropped: self.pending_dropped.saturating_sub(earlier.pending_dropped),
+            losses: self
+                .losses
+                .iter()
+                .filter_map(|(k, v)| {
+                    let d = match earlier.losses.get(k) {
+                        Some(e) => v.delta_since(e),
+                        None => *v,
+                    };
+                    (!d.is_zero()).then(|| (k.clone(), d))
+                })
+                .collect(),
             kernel: kernel_delta(&self.kernel, &earlier.kernel),
         }
     }
@@ -290,6 +372,10 @@ fn kernel_delta(a: &DbKernelCounters, b: &DbKernelCounters) -> DbKernelCounters 
         conns: a.conns.saturating_sub(b.conns),
         storage_failed: a.storage_failed.saturating_sub(b.storage_failed),
         tls: a.tls.saturating_sub(b.tls),
+        lost_desync: a.lost_desync.saturating_sub(b.lost_desync),
+        lost_event: a.lost_event.saturating_sub(b.lost_event),
+        bytes_not_decoded: a.bytes_not_decoded.saturating_sub(b.bytes_not_decoded),
+        step_cap: a.step_cap.saturating_sub(b.step_cap),
     }
 }
 
@@ -390,6 +476,39 @@ mod tests {
             .1;
         assert_eq!((op0.duration.count, op0.errors), (2, 1));
         assert_eq!(t.fingerprints_overflowed, 5);
+    }
+
+    #[test]
+    fn losses_add_up_per_connection_labels_fold_beyond_the_bound_and_subtract() {
+        let key = |d: &str| LossKey {
+            system: System::Redis,
+            role: Role::Client,
+            destination: Arc::from(d),
+            service: Arc::from("app"),
+        };
+        let l = LossStats {
+            untimed: 2,
+            desync: 1,
+            event_lost: 0,
+            bytes: 10,
+        };
+        let mut t = DbTotals::default();
+        for d in ["a", "b", "a", "c"] {
+            t.record_loss(key(d), &l, 2);
+        }
+        assert_eq!(t.losses[&key("a")].untimed, 4);
+        assert_eq!(t.losses[&key("b")].requests(), 3);
+        assert_eq!(
+            t.losses[&LossKey::other(System::Redis, Role::Client)].bytes,
+            10,
+            "c is beyond the bound"
+        );
+        assert_eq!(t.losses.values().map(LossStats::requests).sum::<u64>(), 12);
+        let before = t.clone();
+        t.record_loss(key("b"), &l, 2);
+        let d = t.delta_since(&before);
+        assert_eq!(d.losses.len(), 1, "only b changed");
+        assert_eq!(d.losses[&key("b")], l);
     }
 
     #[test]

@@ -138,300 +138,76 @@ pub fn outcome(buf: &[u8]) -> Option<Outcome> {
     })
 }
 
-/// The name a command is counted under: a command Redis knows (7.0 through 8.x core commands),
-/// a module command (`JSON.GET`: a known module's prefix and a plain name), else `unknown`.
-/// The name is client-controlled text; as a label it must be one of a bounded, printable set.
+/// The name a command is counted under: a command Redis knows ([`KNOWN`]), a module command
+/// (`JSON.GET`: a known module's prefix and a plain name), else `unknown`. The name is the
+/// client's text; as a label it must come from a bounded, printable set. (The collector
+/// names an unknown command the server refused `unknown_command`.)
 pub fn operation(name: &str) -> std::borrow::Cow<'static, str> {
-    if let Ok(i) = KNOWN_COMMANDS.binary_search(&name) {
-        return std::borrow::Cow::Borrowed(KNOWN_COMMANDS[i]);
+    if let Ok(i) = KNOWN.binary_search(&name) {
+        return std::borrow::Cow::Borrowed(KNOWN[i]);
     }
-    if let Some((module, command)) = name.split_once('.') {
-        let plain = !command.is_empty()
-            && command.len() <= 24
-            && command.bytes().all(|b| b.is_ascii_uppercase() || b == b'_');
-        if plain && MODULE_PREFIXES.contains(&module) {
-            return std::borrow::Cow::Owned(name.to_string());
-        }
+    if is_module_command(name) {
+        return std::borrow::Cow::Owned(name.to_string());
     }
     std::borrow::Cow::Borrowed("unknown")
+}
+
+/// A command Redis (or a module: `JSON.GET`, `FT.SEARCH`) defines. `name` is upper-case.
+pub fn is_known(name: &str) -> bool {
+    KNOWN.binary_search(&name).is_ok() || is_module_command(name)
+}
+
+/// `PREFIX.NAME` with a Redis Stack module's prefix and a plain name.
+fn is_module_command(name: &str) -> bool {
+    let Some((module, command)) = name.split_once('.') else {
+        return false;
+    };
+    let plain = !command.is_empty()
+        && command.len() <= 24
+        && command.bytes().all(|b| b.is_ascii_uppercase() || b == b'_');
+    plain && MODULE_PREFIXES.contains(&module)
 }
 
 /// Prefixes of the Redis Stack modules' commands (RedisJSON, RediSearch, RedisTimeSeries,
 /// RedisBloom).
 const MODULE_PREFIXES: &[&str] = &["BF", "CF", "CMS", "FT", "JSON", "TDIGEST", "TOPK", "TS"];
 
-/// Every top-level command of Redis 7.0 (`COMMAND LIST`), and those added up to 8.x. Sorted.
-const KNOWN_COMMANDS: &[&str] = &[
-    "ACL",
-    "APPEND",
-    "ASKING",
-    "AUTH",
-    "BGREWRITEAOF",
-    "BGSAVE",
-    "BITCOUNT",
-    "BITFIELD",
-    "BITFIELD_RO",
-    "BITOP",
-    "BITPOS",
-    "BLMOVE",
-    "BLMPOP",
-    "BLPOP",
-    "BRPOP",
-    "BRPOPLPUSH",
-    "BZMPOP",
-    "BZPOPMAX",
-    "BZPOPMIN",
-    "CLIENT",
-    "CLUSTER",
-    "COMMAND",
-    "CONFIG",
-    "COPY",
-    "DBSIZE",
-    "DEBUG",
-    "DECR",
-    "DECRBY",
-    "DEL",
-    "DELEX",
-    "DIGEST",
-    "DISCARD",
-    "DUMP",
-    "ECHO",
-    "EVAL",
-    "EVALSHA",
-    "EVALSHA_RO",
-    "EVAL_RO",
-    "EXEC",
-    "EXISTS",
-    "EXPIRE",
-    "EXPIREAT",
-    "EXPIRETIME",
-    "FAILOVER",
-    "FCALL",
-    "FCALL_RO",
-    "FLUSHALL",
-    "FLUSHDB",
-    "FUNCTION",
-    "GEOADD",
-    "GEODIST",
-    "GEOHASH",
-    "GEOPOS",
-    "GEORADIUS",
-    "GEORADIUSBYMEMBER",
-    "GEORADIUSBYMEMBER_RO",
-    "GEORADIUS_RO",
-    "GEOSEARCH",
-    "GEOSEARCHSTORE",
-    "GET",
-    "GETBIT",
-    "GETDEL",
-    "GETEX",
-    "GETRANGE",
-    "GETSET",
-    "HDEL",
-    "HELLO",
-    "HEXISTS",
-    "HEXPIRE",
-    "HEXPIREAT",
-    "HEXPIRETIME",
-    "HGET",
-    "HGETALL",
-    "HGETDEL",
-    "HGETEX",
-    "HINCRBY",
-    "HINCRBYFLOAT",
-    "HKEYS",
-    "HLEN",
-    "HMGET",
-    "HMSET",
-    "HPERSIST",
-    "HPEXPIRE",
-    "HPEXPIREAT",
-    "HPEXPIRETIME",
-    "HPTTL",
-    "HRANDFIELD",
-    "HSCAN",
-    "HSET",
-    "HSETEX",
-    "HSETNX",
-    "HSTRLEN",
-    "HTTL",
-    "HVALS",
-    "INCR",
-    "INCRBY",
-    "INCRBYFLOAT",
-    "INFO",
-    "KEYS",
-    "LASTSAVE",
-    "LATENCY",
-    "LCS",
-    "LINDEX",
-    "LINSERT",
-    "LLEN",
-    "LMOVE",
-    "LMPOP",
-    "LOLWUT",
-    "LPOP",
-    "LPOS",
-    "LPUSH",
-    "LPUSHX",
-    "LRANGE",
-    "LREM",
-    "LSET",
-    "LTRIM",
-    "MEMORY",
-    "MGET",
-    "MIGRATE",
-    "MODULE",
-    "MONITOR",
-    "MOVE",
-    "MSET",
-    "MSETEX",
-    "MSETNX",
-    "MULTI",
-    "OBJECT",
-    "PERSIST",
-    "PEXPIRE",
-    "PEXPIREAT",
-    "PEXPIRETIME",
-    "PFADD",
-    "PFCOUNT",
-    "PFDEBUG",
-    "PFMERGE",
-    "PFSELFTEST",
-    "PING",
-    "PSETEX",
-    "PSUBSCRIBE",
-    "PSYNC",
-    "PTTL",
-    "PUBLISH",
-    "PUBSUB",
-    "PUNSUBSCRIBE",
-    "QUIT",
-    "RANDOMKEY",
-    "READONLY",
-    "READWRITE",
-    "RENAME",
-    "RENAMENX",
-    "REPLCONF",
-    "REPLICAOF",
-    "RESET",
-    "RESTORE",
-    "RESTORE-ASKING",
-    "ROLE",
-    "RPOP",
-    "RPOPLPUSH",
-    "RPUSH",
-    "RPUSHX",
-    "SADD",
-    "SAVE",
-    "SCAN",
-    "SCARD",
-    "SCRIPT",
-    "SDIFF",
-    "SDIFFSTORE",
-    "SELECT",
-    "SET",
-    "SETBIT",
-    "SETEX",
-    "SETNX",
-    "SETRANGE",
-    "SHUTDOWN",
-    "SINTER",
-    "SINTERCARD",
-    "SINTERSTORE",
-    "SISMEMBER",
-    "SLAVEOF",
-    "SLOWLOG",
-    "SMEMBERS",
-    "SMISMEMBER",
-    "SMOVE",
-    "SORT",
-    "SORT_RO",
-    "SPOP",
-    "SPUBLISH",
-    "SRANDMEMBER",
-    "SREM",
-    "SSCAN",
-    "SSUBSCRIBE",
-    "STRLEN",
-    "SUBSCRIBE",
-    "SUBSTR",
-    "SUNION",
-    "SUNIONSTORE",
-    "SUNSUBSCRIBE",
-    "SWAPDB",
-    "SYNC",
-    "TIME",
-    "TOUCH",
-    "TTL",
-    "TYPE",
-    "UNLINK",
-    "UNSUBSCRIBE",
-    "UNWATCH",
-    "VADD",
-    "VCARD",
-    "VDIM",
-    "VEMB",
-    "VGETATTR",
-    "VINFO",
-    "VISMEMBER",
-    "VLINKS",
-    "VRANDMEMBER",
-    "VREM",
-    "VSETATTR",
-    "VSIM",
-    "WAIT",
-    "WAITAOF",
-    "WATCH",
-    "XACK",
-    "XACKDEL",
-    "XADD",
-    "XAUTOCLAIM",
-    "XCLAIM",
-    "XDEL",
-    "XDELEX",
-    "XGROUP",
-    "XINFO",
-    "XLEN",
-    "XPENDING",
-    "XRANGE",
-    "XREAD",
-    "XREADGROUP",
-    "XREVRANGE",
-    "XSETID",
-    "XTRIM",
-    "ZADD",
-    "ZCARD",
-    "ZCOUNT",
-    "ZDIFF",
-    "ZDIFFSTORE",
-    "ZINCRBY",
-    "ZINTER",
-    "ZINTERCARD",
-    "ZINTERSTORE",
-    "ZLEXCOUNT",
-    "ZMPOP",
-    "ZMSCORE",
-    "ZPOPMAX",
-    "ZPOPMIN",
-    "ZRANDMEMBER",
-    "ZRANGE",
-    "ZRANGEBYLEX",
-    "ZRANGEBYSCORE",
-    "ZRANGESTORE",
-    "ZRANK",
-    "ZREM",
-    "ZREMRANGEBYLEX",
-    "ZREMRANGEBYRANK",
-    "ZREMRANGEBYSCORE",
-    "ZREVRANGE",
-    "ZREVRANGEBYLEX",
-    "ZREVRANGEBYSCORE",
-    "ZREVRANK",
-    "ZSCAN",
-    "ZSCORE",
-    "ZUNION",
-    "ZUNIONSTORE",
+/// Commands Redis knows (7.0's `COMMAND LIST`, and those 7.2 to 8.0 added), sorted: an error
+/// reply to any other name is an unknown command, and its operation label is bounded.
+#[rustfmt::skip]
+const KNOWN: [&str; 264] = [
+    "ACL", "APPEND", "ASKING", "AUTH", "BGREWRITEAOF", "BGSAVE", "BITCOUNT", "BITFIELD",
+    "BITFIELD_RO", "BITOP", "BITPOS", "BLMOVE", "BLMPOP", "BLPOP", "BRPOP", "BRPOPLPUSH", "BZMPOP",
+    "BZPOPMAX", "BZPOPMIN", "CLIENT", "CLUSTER", "COMMAND", "CONFIG", "COPY", "DBSIZE", "DEBUG",
+    "DECR", "DECRBY", "DEL", "DISCARD", "DUMP", "ECHO", "EVAL", "EVALSHA", "EVALSHA_RO", "EVAL_RO",
+    "EXEC", "EXISTS", "EXPIRE", "EXPIREAT", "EXPIRETIME", "FAILOVER", "FCALL", "FCALL_RO",
+    "FLUSHALL", "FLUSHDB", "FUNCTION", "GEOADD", "GEODIST", "GEOHASH", "GEOPOS", "GEORADIUS",
+    "GEORADIUSBYMEMBER", "GEORADIUSBYMEMBER_RO", "GEORADIUS_RO", "GEOSEARCH", "GEOSEARCHSTORE",
+    "GET", "GETBIT", "GETDEL", "GETEX", "GETRANGE", "GETSET", "HDEL", "HELLO", "HEXISTS",
+    "HEXPIRE", "HEXPIREAT", "HEXPIRETIME", "HGET", "HGETALL", "HGETDEL", "HGETEX", "HINCRBY",
+    "HINCRBYFLOAT", "HKEYS", "HLEN", "HMGET", "HMSET", "HPERSIST", "HPEXPIRE", "HPEXPIREAT",
+    "HPEXPIRETIME", "HPTTL", "HRANDFIELD", "HSCAN", "HSET", "HSETEX", "HSETNX", "HSTRLEN", "HTTL",
+    "HVALS", "INCR", "INCRBY", "INCRBYFLOAT", "INFO", "KEYS", "LASTSAVE", "LATENCY", "LCS",
+    "LINDEX", "LINSERT", "LLEN", "LMOVE", "LMPOP", "LOLWUT", "LPOP", "LPOS", "LPUSH", "LPUSHX",
+    "LRANGE", "LREM", "LSET", "LTRIM", "MEMORY", "MGET", "MIGRATE", "MODULE", "MONITOR", "MOVE",
+    "MSET", "MSETNX", "MULTI", "OBJECT", "PERSIST", "PEXPIRE", "PEXPIREAT", "PEXPIRETIME", "PFADD",
+    "PFCOUNT", "PFDEBUG", "PFMERGE", "PFSELFTEST", "PING", "PSETEX", "PSUBSCRIBE", "PSYNC", "PTTL",
+    "PUBLISH", "PUBSUB", "PUNSUBSCRIBE", "QUIT", "RANDOMKEY", "READONLY", "READWRITE", "RENAME",
+    "RENAMENX", "REPLCONF", "REPLICAOF", "RESET", "RESTORE", "RESTORE-ASKING", "ROLE", "RPOP",
+    "RPOPLPUSH", "RPUSH", "RPUSHX", "SADD", "SAVE", "SCAN", "SCARD", "SCRIPT", "SDIFF",
+    "SDIFFSTORE", "SELECT", "SET", "SETBIT", "SETEX", "SETNX", "SETRANGE", "SHUTDOWN", "SINTER",
+    "SINTERCARD", "SINTERSTORE", "SISMEMBER", "SLAVEOF", "SLOWLOG", "SMEMBERS", "SMISMEMBER",
+    "SMOVE", "SORT", "SORT_RO", "SPOP", "SPUBLISH", "SRANDMEMBER", "SREM", "SSCAN", "SSUBSCRIBE",
+    "STRLEN", "SUBSCRIBE", "SUBSTR", "SUNION", "SUNIONSTORE", "SUNSUBSCRIBE", "SWAPDB", "SYNC",
+    "TIME", "TOUCH", "TTL", "TYPE", "UNLINK", "UNSUBSCRIBE", "UNWATCH", "VADD", "VCARD", "VDIM",
+    "VEMB", "VGETATTR", "VINFO", "VLINKS", "VRANDMEMBER", "VREM", "VSETATTR", "VSIM", "WAIT",
+    "WAITAOF", "WATCH", "XACK", "XADD", "XAUTOCLAIM", "XCLAIM", "XDEL", "XGROUP", "XINFO", "XLEN",
+    "XPENDING", "XRANGE", "XREAD", "XREADGROUP", "XREVRANGE", "XSETID", "XTRIM", "ZADD", "ZCARD",
+    "ZCOUNT", "ZDIFF", "ZDIFFSTORE", "ZINCRBY", "ZINTER", "ZINTERCARD", "ZINTERSTORE", "ZLEXCOUNT",
+    "ZMPOP", "ZMSCORE", "ZPOPMAX", "ZPOPMIN", "ZRANDMEMBER", "ZRANGE", "ZRANGEBYLEX",
+    "ZRANGEBYSCORE", "ZRANGESTORE", "ZRANK", "ZREM", "ZREMRANGEBYLEX", "ZREMRANGEBYRANK",
+    "ZREMRANGEBYSCORE", "ZREVRANGE", "ZREVRANGEBYLEX", "ZREVRANGEBYSCORE", "ZREVRANK", "ZSCAN",
+    "ZSCORE", "ZUNION", "ZUNIONSTORE",
 ];
 
 /// Read commands whose null reply means "not there": a cache miss.
@@ -460,7 +236,6 @@ mod tests {
 
     #[test]
     fn operations_are_known_names_or_unknown() {
-        assert!(KNOWN_COMMANDS.windows(2).all(|w| w[0] < w[1]), "sorted");
         assert_eq!(operation("GET"), "GET");
         assert_eq!(operation("HGETDEL"), "HGETDEL");
         assert_eq!(operation("JSON.GET"), "JSON.GET");
@@ -514,6 +289,20 @@ mod tests {
         assert_eq!(outcome(b"$3\r\nabc\r\n"), Some(Outcome::Ok));
         assert_eq!(outcome(b""), None);
         assert!(is_read("GET") && !is_read("SET"));
+    }
+
+    #[test]
+    fn known_commands() {
+        assert!(
+            KNOWN.windows(2).all(|w| w[0] < w[1]),
+            "sorted, no duplicates"
+        );
+        for name in ["GET", "ZADD", "CLIENT", "XREADGROUP", "HEXPIRE", "JSON.GET"] {
+            assert!(is_known(name), "{name}");
+        }
+        for name in ["CMD1", "GETT", "", "get", "EVIL.GET", "JSON.G\"T"] {
+            assert!(!is_known(name), "{name}");
+        }
     }
 
     #[test]
