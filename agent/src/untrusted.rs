@@ -4,8 +4,9 @@
 //!
 //! - the exposition formats (Prometheus text 0.0.4 and OpenMetrics): [`write_label_value`],
 //!   used by the exporter's label type so that no label can skip it;
-//! - logs: as `?field` (Debug: quoted, with quotes, backslashes and control characters
-//!   escaped), so a value cannot end its field or forge a line;
+//! - logs: through [`LogField`], as written when it is plain, Debug-quoted (quotes,
+//!   backslashes and control characters escaped) when it is not, so a value cannot end its
+//!   field or forge a line;
 //! - terminals: [`Printable`], which shows control characters and backslashes as escapes, so
 //!   a value cannot break a table row or move the cursor;
 //! - JSON: serde_json escapes on its own; Graphviz: `control::net::quote`.
@@ -53,6 +54,25 @@ impl fmt::Display for Printable<'_> {
         }
         // Widths and alignment apply as for any string (the CLI's tables use them).
         f.pad(&out)
+    }
+}
+
+/// A log field's value: as it is when it holds nothing a log line could be confused by, else
+/// quoted as Rust's Debug quotes a string (`"ev\"il\n"`).
+#[derive(Debug, Clone, Copy)]
+pub struct LogField<'a>(pub &'a str);
+
+impl fmt::Display for LogField<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self
+            .0
+            .chars()
+            .any(|c| c == '"' || c == '=' || needs_escape(c))
+        {
+            write!(f, "{:?}", self.0)
+        } else {
+            f.write_str(self.0)
+        }
     }
 }
 
@@ -125,6 +145,16 @@ mod tests {
         assert_eq!(p("ünïcødé"), "ünïcødé");
         assert!(!p("\r\n\0\u{2028}").chars().any(|c| c.is_control()));
         assert_eq!(format!("{:<6}|", Printable("a\nb")), "a\\nb  |");
+    }
+
+    #[test]
+    fn log_fields_are_plain_unless_they_need_quoting() {
+        let l = |s: &str| LogField(s).to_string();
+        assert_eq!(l("redis-server"), "redis-server");
+        assert_eq!(l("DEBUG ? ?"), "DEBUG ? ?");
+        assert_eq!(l("\"} 1\nfake 7\n#"), r#""\"} 1\nfake 7\n#""#);
+        assert_eq!(l("a=b"), r#""a=b""#);
+        assert!(!l("x\ny").contains('\n'));
     }
 
     #[test]

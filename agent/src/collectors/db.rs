@@ -25,7 +25,7 @@ use crate::{
         db::{LossKey, LossStats, OpKey, Outcome, QueryRecord, Role, SlowQuery, System},
         SharedStore,
     },
-    untrusted::strip_controls,
+    untrusted::{strip_controls, LogField},
     wire::{mysql, pg, resp, sql},
 };
 
@@ -611,20 +611,20 @@ fn flush(
     }
     for c in done.drain(..) {
         if let Some(s) = c.slow {
-            // Debug formatting quotes and escapes the process-controlled fields: one line
-            // per slow query, whatever they hold.
+            // The process-controlled fields are quoted and escaped when they need it: one
+            // line per slow query, whatever they hold.
             info!(
                 target: "insite::slow_query",
                 system = s.system.as_str(),
                 role = s.role.as_str(),
-                operation = ?s.operation,
+                operation = %LogField(&s.operation),
                 duration_ms = s.duration_ms,
                 outcome = ?s.outcome,
                 pid = s.pid,
-                comm = ?s.comm,
-                service = ?s.service,
-                destination = ?s.destination,
-                text = ?s.text,
+                comm = %LogField(&s.comm),
+                service = %LogField(&s.service),
+                destination = %LogField(&s.destination),
+                text = %LogField(&s.text),
                 "slow query"
             );
             while st.db_slow.len() >= cap {
