@@ -318,7 +318,7 @@ fn idle_and_stalled_clients_cannot_blind_the_agent() {
         agent.log()
     );
     assert!(
-        m.value("insite_agent_http_connections_rejected_total", &[])
+        m.value("insite_agent_http_connections_evicted_total", &[])
             .unwrap_or(0.0)
             > 0.0,
         "{}",

@@ -51,7 +51,7 @@ pub struct AgentConfig {
 pub struct MetricsConfig {
     /// Address of the Prometheus endpoint (`GET /metrics`).
     pub listen: SocketAddr,
-    /// Connections served at once; more are closed as soon as they are accepted.
+    /// Connections open at once; a new one closes the oldest.
     pub max_connections: usize,
     /// Time a client has to send its request headers.
     #[serde(with = "humantime_serde")]

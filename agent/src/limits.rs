@@ -5,7 +5,7 @@
 //! services with a soft limit of 1024). Connections to the metrics endpoint and the control
 //! socket are capped, and the caps are lowered, if needed, so that [`FD_RESERVE`] descriptors
 //! always stay free for the probes' maps, procfs reads and cgroup lookups: a flood of idle
-//! clients is turned away at the door and never makes `/proc/stat` fail with EMFILE.
+//! clients never makes `/proc/stat` fail with EMFILE.
 
 use tracing::{debug, warn};
 

@@ -275,7 +275,7 @@ pub fn run(o: Opts) -> Result<()> {
         "insite_ringbuf_drops_total",
         "insite_agent_log_lines_dropped_total",
         "insite_agent_collect_errors_total",
-        "insite_agent_http_connections_rejected_total",
+        "insite_agent_http_connections_evicted_total",
     ] {
         println!("  {name}: {}", m.sum(name, &[]));
     }

@@ -2,9 +2,10 @@
 //! connect and stall. Any local user (or anyone, with `metrics.listen = 0.0.0.0:...`) can
 //! reach it, so:
 //!
-//! - at most `metrics.max_connections` connections are served at once; more are closed as
-//!   soon as they are accepted (counted), so idle clients cannot use up the agent's file
-//!   descriptors;
+//! - at most `metrics.max_connections` connections are open at once: a new one closes the
+//!   oldest (counted), so clients that connect and stall can neither use up the agent's file
+//!   descriptors nor keep a scraper out (a scrape is the youngest connection, done in
+//!   milliseconds);
 //! - request headers must arrive within `metrics.header_timeout`, a connection that sends
 //!   nothing for `metrics.idle_timeout` is closed, and a client that takes no bytes of its
 //!   reply for `metrics.write_timeout` is dropped;
@@ -12,6 +13,7 @@
 //!   thousand concurrent scrapes cost one rendering and a reference each, not a copy each.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -24,7 +26,10 @@ use prometheus_client::{
     metrics::{counter::Counter, gauge::Gauge},
     registry::Registry,
 };
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    net::TcpListener,
+    sync::{oneshot, watch},
+};
 use tokio_io_timeout::TimeoutStream;
 use tracing::{debug, info};
 
@@ -47,7 +52,7 @@ pub struct Limits {
 #[derive(Debug, Clone, Default)]
 pub struct HttpMetrics {
     pub open: Gauge,
-    pub rejected: Counter,
+    pub evicted: Counter,
 }
 
 impl HttpMetrics {
@@ -58,9 +63,9 @@ impl HttpMetrics {
             self.open.clone(),
         );
         r.register(
-            "insite_agent_http_connections_rejected",
-            "Connections to the metrics endpoint closed at once because metrics.max_connections were open",
-            self.rejected.clone(),
+            "insite_agent_http_connections_evicted",
+            "Connections to the metrics endpoint closed to make room for a new one (the oldest, when metrics.max_connections were open)",
+            self.evicted.clone(),
         );
     }
 }
@@ -148,7 +153,9 @@ pub async fn serve(
             registry,
             last: Mutex::new(None),
         }));
-    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    // Open connections by accept order, each with the sender that closes it.
+    let open: Arc<Mutex<BTreeMap<u64, oneshot::Sender<()>>>> = Arc::default();
+    let mut next_id = 0u64;
     Ok(async move {
         loop {
             let stream = tokio::select! {
@@ -162,29 +169,44 @@ pub async fn serve(
                 },
                 _ = crate::daemon::shutdown_requested(&mut shutdown) => return Ok(()),
             };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                stats.rejected.inc();
-                drop(stream);
-                continue;
-            };
+            let id = next_id;
+            next_id += 1;
+            let (close_tx, close_rx) = oneshot::channel();
+            if let Ok(mut open) = open.lock() {
+                while open.len() >= limits.max_connections {
+                    // Dropping the sender closes that connection.
+                    if open.pop_first().is_none() {
+                        break;
+                    }
+                    stats.evicted.inc();
+                }
+                open.insert(id, close_tx);
+            }
             let _ = stream.set_nodelay(true);
             let mut io = TimeoutStream::new(stream);
             io.set_read_timeout(Some(limits.idle_timeout));
             io.set_write_timeout(Some(limits.write_timeout));
             let service = hyper_util::service::TowerToHyperService::new(app.clone());
-            let open = stats.open.clone();
-            open.inc();
+            let gauge = stats.open.clone();
+            gauge.inc();
+            let open = open.clone();
             tokio::spawn(async move {
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(limits.header_timeout)
                     .max_buf_size(64 * 1024)
                     .serve_connection(TokioIo::new(Box::pin(io)), service);
-                if let Err(e) = conn.await {
-                    debug!(error = %crate::probes::error_chain(&e), "metrics connection ended");
+                tokio::select! {
+                    r = conn => if let Err(e) = r {
+                        debug!(error = %crate::probes::error_chain(&e), "metrics connection ended");
+                    },
+                    // Evicted (its sender dropped): the connection closes as it is dropped.
+                    _ = close_rx => {}
                 }
-                open.dec();
-                drop(permit);
+                if let Ok(mut open) = open.lock() {
+                    open.remove(&id);
+                }
+                gauge.dec();
             });
         }
     })
