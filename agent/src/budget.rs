@@ -21,6 +21,9 @@ pub const OPEN_CONN_BYTES: u64 = 224;
 pub const DB_SERIES_BYTES: u64 = 20 << 10;
 /// One query fingerprint (`db.max_fingerprints`), with its text and sample.
 pub const FINGERPRINT_BYTES: u64 = 24 << 10;
+/// The database collector's own tables at their bounds (`collectors::db`: connections
+/// remembered, prepared statements kept, requests awaiting completion, the parse cache).
+pub const DB_COLLECTOR_BYTES: u64 = 24 << 20;
 /// One slow call or slow query kept for the CLI.
 pub const SLOW_ENTRY_BYTES: u64 = 2 << 10;
 /// Replies of the control socket in flight (`control::server::REPLY_BUDGET_BYTES`), and the
@@ -49,6 +52,14 @@ pub fn estimate(cfg: &Config) -> Estimate {
             },
         ),
         ("db.max_series", n(cfg.db.max_series) * DB_SERIES_BYTES),
+        (
+            "database collector",
+            if cfg.db.enabled {
+                DB_COLLECTOR_BYTES
+            } else {
+                0
+            },
+        ),
         (
             "db.max_fingerprints",
             n(cfg.db.max_fingerprints) * FINGERPRINT_BYTES,

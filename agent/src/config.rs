@@ -190,7 +190,7 @@ impl Default for AgentConfig {
     fn default() -> Self {
         Self {
             tick_interval: Duration::from_millis(250),
-            memory_budget_mib: 192,
+            memory_budget_mib: 224,
         }
     }
 }
@@ -970,10 +970,10 @@ enabled = false
             "[net]\nmax_edges = 65536\ntop_n = 1000\n[db]\nmax_series = 65536\nmax_fingerprints = 100000\n",
         );
         assert_eq!(key, "db.max_fingerprints");
-        assert!(reason.contains("agent.memory_budget_mib = 192"), "{reason}");
+        assert!(reason.contains("agent.memory_budget_mib = 224"), "{reason}");
         assert!(reason.contains("net.max_edges 1792 MiB"), "{reason}");
         // The defaults fit, and a raised budget admits more.
-        assert!(crate::budget::mib(crate::budget::estimate(&Config::default()).total) <= 192);
+        assert!(crate::budget::mib(crate::budget::estimate(&Config::default()).total) <= 224);
         let cfg = parse("[agent]\nmemory_budget_mib = 1024\n[net]\nmax_edges = 16384\n").unwrap();
         assert_eq!(cfg.net.max_edges, 16384);
     }

@@ -77,6 +77,14 @@ pub fn trim_heap() {
     unsafe { libc::malloc_trim(0) };
 }
 
+/// The heap as glibc's allocator sees it: bytes in use, and bytes free but kept (in its free
+/// lists and arenas), over every arena.
+pub fn heap() -> (u64, u64) {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    let m = unsafe { libc::mallinfo2() };
+    ((m.uordblks + m.hblkhd) as u64, (m.fordblks) as u64)
+}
+
 /// Caps glibc's malloc arenas. Each thread that allocates may otherwise get its own arena
 /// (up to 8 per CPU), and memory freed in one is not reused by another: bursts of work on
 /// many tokio threads fragment into RSS that stays.

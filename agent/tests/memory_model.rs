@@ -202,3 +202,128 @@ fn query_series_and_fingerprints_cost_what_the_model_says() {
     );
     drop((w, live));
 }
+
+/// The bytes of a `#[repr(C)]` event, as the kernel writes it into the ring buffer.
+fn event_bytes<T: Copy>(ev: &T) -> Vec<u8> {
+    // SAFETY: plain-data event types without padding (agent-common checks their sizes).
+    unsafe { std::slice::from_raw_parts((ev as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+        .to_vec()
+}
+
+fn request(system: u8, sk: u64, seq: u64, prefix: &[u8]) -> Vec<u8> {
+    use agent_common::db::{kind, role, DbRequestEvent, DB_PREFIX_LEN};
+    let mut ev = DbRequestEvent {
+        kind: kind::REQUEST,
+        system,
+        role: role::CLIENT,
+        _pad: 0,
+        pid: 1,
+        sk,
+        conn_id: 1,
+        seq,
+        start_ns: 1,
+        len: prefix.len() as u32,
+        prefix_len: prefix.len().min(DB_PREFIX_LEN) as u32,
+        prefix: [0; DB_PREFIX_LEN],
+    };
+    let n = prefix.len().min(DB_PREFIX_LEN);
+    ev.prefix[..n].copy_from_slice(&prefix[..n]);
+    event_bytes(&ev)
+}
+
+/// The database collector's own tables at their bounds: connections remembered, prepared
+/// statements kept, requests waiting for completions, the parse cache.
+#[test]
+fn database_collector_tables_cost_what_the_model_says() {
+    use agent_common::db::{kind, role, system, DbConnEvent, DB_PATH_LEN};
+    use insite_agent::collectors::db::{
+        Tracker, MAX_CONNS, MAX_PARSE_CACHE, MAX_PENDING, MAX_STATEMENTS_TOTAL,
+    };
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let cfg = insite_agent::config::DbConfig::default();
+    let mut out = Vec::new();
+    let before = LIVE.load(Ordering::Relaxed);
+    let mut t = Tracker::new(false);
+    let sock = |i: usize| 0xffff_0000_0000 + i as u64 * 64;
+    for i in 0..MAX_CONNS {
+        let mut path = [0u8; DB_PATH_LEN];
+        let p = format!("/run/postgresql/{i:0>90}");
+        path[..p.len()].copy_from_slice(p.as_bytes());
+        let ev = DbConnEvent {
+            kind: kind::CONN,
+            system: system::POSTGRESQL,
+            role: role::CLIENT,
+            family: 1,
+            pid: 1,
+            sk: sock(i),
+            conn_id: 1,
+            cgroup_id: 0,
+            comm: *b"psql\0\0\0\0\0\0\0\0\0\0\0\0",
+            saddr: [0; 16],
+            daddr: [0; 16],
+            sport: 0,
+            dport: 0,
+            path_len: p.len() as u32,
+            path,
+            _pad: 0,
+        };
+        t.feed(&event_bytes(&ev), &cfg, &mut out);
+    }
+    // Statements of 200 bytes of SQL each, 256 on a connection, until none more is kept.
+    let mut seq = 0;
+    for i in 0..(MAX_STATEMENTS_TOTAL / 256 + 2) {
+        for s in 0..256 {
+            let name = format!("stmt_{s}");
+            let sql = format!("SELECT c{s}, {} FROM t{i} WHERE id = $1", "x".repeat(160));
+            let mut body = name.into_bytes();
+            body.push(0);
+            body.extend_from_slice(sql.as_bytes());
+            body.extend_from_slice(&[0, 0, 0]);
+            let mut msg = vec![b'P'];
+            msg.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+            msg.extend_from_slice(&body);
+            t.feed(
+                &request(system::POSTGRESQL, sock(i), seq, &msg),
+                &cfg,
+                &mut out,
+            );
+            seq += 1;
+        }
+    }
+    // Distinct MySQL queries (cacheable) fill the parse cache...
+    for i in 0..MAX_PARSE_CACHE - 1 {
+        let mut q = vec![0x03];
+        q.extend_from_slice(format!("SELECT * FROM t WHERE name = '{i:0>200}'").as_bytes());
+        t.feed(
+            &request(system::MYSQL, sock(MAX_CONNS - 1), seq, &q),
+            &cfg,
+            &mut out,
+        );
+        seq += 1;
+    }
+    // ...and requests whose completions never come fill the pending table.
+    let get = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
+    while (seq as usize) < MAX_PENDING - 1 {
+        t.feed(
+            &request(system::REDIS, sock(MAX_CONNS - 2), seq, get),
+            &cfg,
+            &mut out,
+        );
+        seq += 1;
+    }
+    let bytes = (LIVE.load(Ordering::Relaxed) - before) as f64;
+    eprintln!(
+        "database collector at its bounds: {:.1} MiB",
+        bytes / (1 << 20) as f64
+    );
+    assert!(
+        t.pending_dropped == 0,
+        "the pending table was cleared: the test asked too much"
+    );
+    assert!(
+        bytes <= budget::DB_COLLECTOR_BYTES as f64,
+        "the database collector holds {bytes} bytes, the model says {}",
+        budget::DB_COLLECTOR_BYTES
+    );
+    drop(t);
+}

@@ -92,6 +92,9 @@ pub enum Which {
         /// Seconds between samples.
         #[arg(long, default_value_t = 10)]
         sample_secs: u64,
+        /// Seconds at the start that the verdict leaves out (tables and caches filling).
+        #[arg(long, default_value_t = 120)]
+        warm_up_secs: u64,
     },
 }
 
@@ -131,9 +134,11 @@ pub fn run(which: Which) -> Result<()> {
         Which::Soak {
             minutes,
             sample_secs,
+            warm_up_secs,
         } => bench_soak::run(bench_soak::Opts {
             minutes,
             sample_every: Duration::from_secs(sample_secs.max(1)),
+            warm_up: Duration::from_secs(warm_up_secs),
         }),
     }
 }

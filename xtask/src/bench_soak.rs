@@ -27,14 +27,14 @@ use insite_e2e::{
 pub struct Opts {
     pub minutes: f64,
     pub sample_every: Duration,
+    /// The first samples that do not count: caches and tables filling up.
+    pub warm_up: Duration,
 }
-
-/// The first samples that do not count: caches and tables filling up.
-const WARM_UP: Duration = Duration::from_secs(60);
 
 struct Sample {
     at: Duration,
     rss_kib: u64,
+    heap_kib: u64,
     fds: usize,
     cpu_pct: f64,
     ticks: u64,
@@ -196,8 +196,8 @@ pub fn run(o: Opts) -> Result<()> {
 
     let tps = procfs_ticks_per_second();
     println!(
-        "\n{:>7} {:>10} {:>6} {:>7} {:>8} {:>8}",
-        "TIME", "RSS", "FDS", "CPU", "TICKS", "ROUNDS"
+        "\n{:>7} {:>10} {:>10} {:>6} {:>7} {:>8} {:>8}",
+        "TIME", "RSS", "HEAP", "FDS", "CPU", "TICKS", "ROUNDS"
     );
     let t0 = Instant::now();
     let mut samples: Vec<Sample> = Vec::new();
@@ -213,18 +213,21 @@ pub fn run(o: Opts) -> Result<()> {
             .ok()
             .and_then(|v| v["data"]["ticks"].as_u64())
             .unwrap_or(0);
+        let heap_kib = scrape_heap(port).unwrap_or(0) / 1024;
         let s = Sample {
             at: t0.elapsed(),
             rss_kib: rss_kib(pid),
+            heap_kib,
             fds: fds(pid),
             cpu_pct,
             ticks,
             work: work.load(Ordering::Relaxed),
         };
         println!(
-            "{:>6.0}s {:>7.1} MiB {:>6} {:>6.1}% {:>8} {:>8}",
+            "{:>6.0}s {:>7.1} MiB {:>6.1} MiB {:>6} {:>6.1}% {:>8} {:>8}",
             s.at.as_secs_f64(),
             s.rss_kib as f64 / 1024.0,
+            s.heap_kib as f64 / 1024.0,
             s.fds,
             s.cpu_pct,
             s.ticks,
@@ -237,11 +240,12 @@ pub fn run(o: Opts) -> Result<()> {
         let _ = t.join();
     }
 
-    let after: Vec<&Sample> = samples.iter().filter(|s| s.at > WARM_UP).collect();
+    let warm_up = o.warm_up;
+    let after: Vec<&Sample> = samples.iter().filter(|s| s.at > warm_up).collect();
     if after.len() < 2 {
         println!(
-            "\nbench soak: run longer than the {}s warm-up for a verdict (--minutes 5 or more)",
-            WARM_UP.as_secs()
+            "\nbench soak: run longer than the {}s warm-up for a verdict",
+            warm_up.as_secs()
         );
         return Ok(());
     }
@@ -255,10 +259,14 @@ pub fn run(o: Opts) -> Result<()> {
     let fd_max = after.iter().map(|s| s.fds).max().unwrap_or(0);
     let fd_end = after.last().map_or(0, |s| s.fds);
     let cpu = after.iter().map(|s| s.cpu_pct).sum::<f64>() / after.len() as f64;
+    let heap: Vec<f64> = after.iter().map(|s| s.heap_kib as f64).collect();
+    let heap_first = heap.first().copied().unwrap_or(0.0) / 1024.0;
+    let heap_last = heap.last().copied().unwrap_or(0.0) / 1024.0;
     println!(
         "\nafter the {}s warm-up ({} samples): RSS mean {:.1} MiB, min {:.1}, max {:.1} \
-         (±{spread:.1}%: {}); fds {fd0} -> {fd_end} (max {fd_max}: {}); agent CPU {cpu:.1}%",
-        WARM_UP.as_secs(),
+         (±{spread:.1}%: {}); heap in use {heap_first:.1} -> {heap_last:.1} MiB; fds {fd0} -> \
+         {fd_end} (max {fd_max}: {}); agent CPU {cpu:.1}%",
+        warm_up.as_secs(),
         after.len(),
         mean / 1024.0,
         lo / 1024.0,
@@ -299,6 +307,22 @@ fn scrape(port: u16, openmetrics: bool) -> std::io::Result<usize> {
     let mut body = Vec::new();
     s.read_to_end(&mut body)?;
     Ok(body.len())
+}
+
+/// The agent's heap in use (`insite_agent_heap_bytes{kind="in_use"}`), in bytes.
+fn scrape_heap(port: u16) -> Option<u64> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find(|l| l.starts_with("insite_agent_heap_bytes{kind=\"in_use\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| v as u64)
 }
 
 fn procfs_ticks_per_second() -> f64 {

@@ -34,13 +34,17 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
 /// Connections remembered (by socket and recognition time); the least recently used go first.
-const MAX_CONNS: usize = 16_384;
+pub const MAX_CONNS: usize = 16_384;
 /// Requests waiting for their completion, all connections together.
-const MAX_PENDING: usize = 65_536;
+pub const MAX_PENDING: usize = 65_536;
 /// Parsed request prefixes reused as they are (identical bytes, identical answer).
-const MAX_PARSE_CACHE: usize = 4096;
-/// Prepared statements remembered per PostgreSQL connection.
+pub const MAX_PARSE_CACHE: usize = 1024;
+/// Prepared statements remembered per PostgreSQL connection...
 const MAX_STATEMENTS: usize = 256;
+/// ...and over all connections: any local process can open connections that look like
+/// PostgreSQL and prepare statements on them, so what they make the agent keep is bounded as
+/// a whole. Past it, a Bind/Execute of a statement not kept is named `EXECUTE <name>`.
+pub const MAX_STATEMENTS_TOTAL: usize = 8192;
 
 /// Parsed requests by their exact bytes. Looked up by slice: a request allocates a key only
 /// when it is new and worth keeping.
@@ -82,6 +86,8 @@ pub struct Tracker {
     conns: HashMap<(u64, u64), ConnInfo>,
     pending: HashMap<(u64, u64, u64), Pending>,
     cache: ParseCache,
+    /// Prepared statements kept, over every connection.
+    statements: usize,
     unknown: Arc<QueryInfo>,
     /// The operation of a Redis command the server rejected as unknown: one label for every
     /// such name, whatever a client sends (its fingerprint keeps the name).
@@ -108,6 +114,7 @@ impl Tracker {
             conns: HashMap::new(),
             pending: HashMap::new(),
             cache: HashMap::new(),
+            statements: 0,
             unknown: Arc::new(QueryInfo {
                 operation: u.clone(),
                 fingerprint: u.clone(),
@@ -190,7 +197,15 @@ impl Tracker {
         let mut ages: Vec<Instant> = self.conns.values().map(|c| c.last_seen).collect();
         ages.sort_unstable();
         let cut = ages[ages.len() / 4];
-        self.conns.retain(|_, c| c.last_seen > cut);
+        let mut dropped = 0;
+        self.conns.retain(|_, c| {
+            let keep = c.last_seen > cut;
+            if !keep {
+                dropped += c.statements.len();
+            }
+            keep
+        });
+        self.statements = self.statements.saturating_sub(dropped);
     }
 
     fn on_request(&mut self, ev: &DbRequestEvent) {
@@ -204,7 +219,7 @@ impl Tracker {
                     c.system,
                     prefix,
                     ev.len as usize,
-                    &mut c.statements,
+                    (&mut c.statements, &mut self.statements),
                     &mut self.cache,
                     self.raw_text,
                 )
@@ -214,7 +229,7 @@ impl Tracker {
                     s,
                     prefix,
                     ev.len as usize,
-                    &mut HashMap::new(),
+                    (&mut HashMap::new(), &mut 0),
                     &mut self.cache,
                     self.raw_text,
                 )
@@ -223,8 +238,9 @@ impl Tracker {
         .unwrap_or_else(|| self.unknown.clone());
         if self.pending.len() >= MAX_PENDING {
             // Requests whose completions never came (dropped events, connections that died).
+            // A new map: clear() would keep the full table's memory.
             self.pending_dropped += self.pending.len() as u64;
-            self.pending.clear();
+            self.pending = HashMap::new();
         }
         self.pending.insert(
             (ev.sk, ev.conn_id, ev.seq),
@@ -393,7 +409,7 @@ fn parse(
     system: System,
     prefix: &[u8],
     len: usize,
-    statements: &mut HashMap<String, Arc<QueryInfo>>,
+    (statements, kept): (&mut HashMap<String, Arc<QueryInfo>>, &mut usize),
     cache: &mut ParseCache,
     raw: bool,
 ) -> Option<Arc<QueryInfo>> {
@@ -422,9 +438,13 @@ fn parse(
             if let (Some(name), Some(_)) = (&req.parsed_statement, &req.sql) {
                 if !name.is_empty() {
                     if statements.len() >= MAX_STATEMENTS {
-                        statements.clear();
+                        *kept = kept.saturating_sub(statements.len());
+                        *statements = HashMap::new();
                     }
-                    statements.insert(name.clone(), info.clone());
+                    let room = statements.contains_key(name) || *kept < MAX_STATEMENTS_TOTAL;
+                    if room && statements.insert(name.clone(), info.clone()).is_none() {
+                        *kept += 1;
+                    }
                 }
             }
             let info = if req.executes {
@@ -482,7 +502,7 @@ fn parse(
     };
     if cacheable {
         if cache.len() >= MAX_PARSE_CACHE {
-            cache.clear();
+            *cache = HashMap::new();
         }
         cache.insert(Box::from(prefix), (system, info.clone()));
     }
@@ -653,6 +673,19 @@ mod tests {
         m
     }
 
+    /// A Parse message preparing `sql` as statement `name`.
+    fn pg_parse(name: &str, sql: &str) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        body.extend_from_slice(sql.as_bytes());
+        body.extend_from_slice(&[0, 0, 0]);
+        let mut m = vec![b'P'];
+        m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        m.extend_from_slice(&body);
+        m
+    }
+
     #[test]
     fn names_sql_and_masks_literals() {
         let mut st = HashMap::new();
@@ -660,7 +693,7 @@ mod tests {
             System::Postgresql,
             &pg_query("SELECT * FROM t WHERE id = 7"),
             0,
-            &mut st,
+            (&mut st, &mut 0),
             &mut cache(),
             false,
         )
@@ -669,7 +702,7 @@ mod tests {
             System::Postgresql,
             &pg_query("select * from t where id = 8"),
             0,
-            &mut st,
+            (&mut st, &mut 0),
             &mut cache(),
             false,
         )
@@ -681,12 +714,38 @@ mod tests {
             System::Postgresql,
             &pg_query("SELECT 7"),
             0,
-            &mut st,
+            (&mut st, &mut 0),
             &mut cache(),
             true,
         )
         .unwrap();
         assert!(raw.sample.contains('7'));
+    }
+
+    #[test]
+    fn prepared_statements_are_bounded_over_all_connections() {
+        let mut c = cache();
+        let mut kept = 0usize;
+        let mut conns: Vec<HashMap<String, Arc<QueryInfo>>> = Vec::new();
+        // 64 connections preparing 256 statements each: 16384 asked, MAX_STATEMENTS_TOTAL kept.
+        for _ in 0..64 {
+            let mut st = HashMap::new();
+            for i in 0..256 {
+                let msg = pg_parse(&format!("s{i}"), &format!("SELECT {i}"));
+                parse(
+                    System::Postgresql,
+                    &msg,
+                    0,
+                    (&mut st, &mut kept),
+                    &mut c,
+                    false,
+                );
+            }
+            conns.push(st);
+        }
+        let held: usize = conns.iter().map(HashMap::len).sum();
+        assert_eq!(kept, MAX_STATEMENTS_TOTAL);
+        assert_eq!(held, MAX_STATEMENTS_TOTAL);
     }
 
     #[test]
@@ -703,15 +762,31 @@ mod tests {
         bind.extend_from_slice(&[b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0]);
         let mut st = HashMap::new();
         let mut c = cache();
-        let p = parse(System::Postgresql, &parse_msg, 0, &mut st, &mut c, false).unwrap();
+        let p = parse(
+            System::Postgresql,
+            &parse_msg,
+            0,
+            (&mut st, &mut 0),
+            &mut c,
+            false,
+        )
+        .unwrap();
         assert_eq!(&*p.operation, "UPDATE");
-        let e = parse(System::Postgresql, &bind, 0, &mut st, &mut c, false).unwrap();
+        let e = parse(
+            System::Postgresql,
+            &bind,
+            0,
+            (&mut st, &mut 0),
+            &mut c,
+            false,
+        )
+        .unwrap();
         assert_eq!(&*e.operation, "UPDATE");
         let other = parse(
             System::Postgresql,
             &bind,
             0,
-            &mut HashMap::new(),
+            (&mut HashMap::new(), &mut 0),
             &mut cache(),
             false,
         )
@@ -725,7 +800,7 @@ mod tests {
             System::Redis,
             b"*2\r\n$3\r\nget\r\n$3\r\nkey\r\n",
             0,
-            &mut HashMap::new(),
+            (&mut HashMap::new(), &mut 0),
             &mut cache(),
             false,
         )
@@ -738,7 +813,7 @@ mod tests {
             System::Redis,
             b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n",
             0,
-            &mut HashMap::new(),
+            (&mut HashMap::new(), &mut 0),
             &mut cache(),
             true,
         )
@@ -755,7 +830,7 @@ mod tests {
             System::Mysql,
             &q,
             q.len(),
-            &mut HashMap::new(),
+            (&mut HashMap::new(), &mut 0),
             &mut cache(),
             false,
         )
@@ -766,7 +841,7 @@ mod tests {
             System::Mysql,
             &[0x0e],
             1,
-            &mut HashMap::new(),
+            (&mut HashMap::new(), &mut 0),
             &mut cache(),
             false,
         )

@@ -207,6 +207,17 @@ impl Collector for StoreCollector {
                 Some(&Unit::Bytes),
                 [(vec![], rss)],
             )?;
+            let (in_use, free) = crate::limits::heap();
+            gauge(
+                e,
+                "insite_agent_heap",
+                "Heap memory of the agent: in_use (what it holds), free (kept by the allocator, not returned to the system)",
+                Some(&Unit::Bytes),
+                [
+                    (l("kind", "in_use"), in_use as f64),
+                    (l("kind", "free"), free as f64),
+                ],
+            )?;
             counter(
                 e,
                 "insite_agent_cpu",
