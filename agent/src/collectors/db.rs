@@ -39,6 +39,10 @@ pub const MAX_CONNS: usize = 16_384;
 pub const MAX_PENDING: usize = 65_536;
 /// Parsed request prefixes reused as they are (identical bytes, identical answer).
 pub const MAX_PARSE_CACHE: usize = 1024;
+/// Requests before a completion that are forgotten at most, per completion: the usual gap is
+/// none; a larger one (many completion events lost at once) is left to the pending table's
+/// own bound.
+const MAX_SWEEP: u64 = 4096;
 /// Prepared statements remembered per PostgreSQL connection...
 const MAX_STATEMENTS: usize = 256;
 /// ...and over all connections: any local process can open connections that look like
@@ -72,6 +76,8 @@ struct ConnInfo {
     comm: Arc<str>,
     statements: HashMap<String, Arc<QueryInfo>>,
     last_seen: Instant,
+    /// Sequence numbers below this have been completed or forgotten (see `on_response`).
+    swept_to: u64,
 }
 
 #[derive(Debug)]
@@ -185,6 +191,7 @@ impl Tracker {
                 comm: comm.clone(),
                 statements: HashMap::new(),
                 last_seen: Instant::now(),
+                swept_to: 0,
             });
         // A new owner (a forked worker) re-attributes the connection.
         entry.service = service;
@@ -296,9 +303,23 @@ impl Tracker {
             self.undecodable += 1;
             return;
         };
-        let conn = self.conns.get(&(ev.sk, ev.conn_id));
+        let conn = self.conns.get_mut(&(ev.sk, ev.conn_id));
         let (destination, service, comm) = match conn {
-            Some(c) => (c.destination.clone(), c.service.clone(), c.comm.clone()),
+            Some(c) => {
+                // Completions come in request order on a connection: a request before this
+                // one still waiting has lost its completion (its event was dropped, and
+                // counted by the kernel as event_lost). Forget it now rather than hold it
+                // until the pending table fills.
+                let from = c.swept_to.max(ev.seq.saturating_sub(MAX_SWEEP));
+                for seq in from..ev.seq {
+                    self.pending.remove(&(ev.sk, ev.conn_id, seq));
+                }
+                c.swept_to = c.swept_to.max(
+                    ev.seq
+                        .wrapping_add(u64::from(ev.count.clamp(1, DB_MAX_RUN))),
+                );
+                (c.destination.clone(), c.service.clone(), c.comm.clone())
+            }
             None => {
                 let u = &self.unknown.operation;
                 (u.clone(), u.clone(), u.clone())
@@ -922,6 +943,44 @@ mod tests {
         assert_eq!(t.undecodable, 4);
     }
 
+    fn conn_event(sk: u64, conn_id: u64) -> DbConnEvent {
+        DbConnEvent {
+            kind: kind::CONN,
+            system: agent_common::db::system::REDIS,
+            role: agent_common::db::role::SERVER,
+            family: AF_INET,
+            pid: 1,
+            sk,
+            conn_id,
+            cgroup_id: 0,
+            comm: [0; agent_common::TASK_COMM_LEN],
+            saddr: [0; 16],
+            daddr: [0; 16],
+            sport: 6379,
+            dport: 40000,
+            path_len: 0,
+            path: [0; agent_common::db::DB_PATH_LEN],
+            _pad: 0,
+        }
+    }
+
+    fn redis_response(seq: u64, count: u32) -> DbResponseEvent {
+        DbResponseEvent {
+            kind: kind::RESPONSE,
+            system: agent_common::db::system::REDIS,
+            role: agent_common::db::role::SERVER,
+            outcome: outcome::OK,
+            pid: 1,
+            sk: 9,
+            conn_id: 3,
+            seq,
+            count,
+            _pad: 0,
+            start_ns: 1_000,
+            end_ns: 2_000,
+        }
+    }
+
     fn redis_request(seq: u64, cmd: &[u8]) -> DbRequestEvent {
         let mut req = DbRequestEvent {
             kind: kind::REQUEST,
@@ -993,6 +1052,25 @@ mod tests {
         );
         assert_eq!(&*out[0].record.key.operation, "unknown");
         assert_eq!(&*out[0].record.fingerprint, "NEWER ?");
+    }
+
+    #[test]
+    fn a_request_whose_completion_was_lost_is_forgotten_at_the_next_completion() {
+        let mut t = Tracker::new(false);
+        let cfg = DbConfig::default();
+        t.on_conn(&conn_event(9, 3));
+        for seq in 0..3 {
+            t.on_request(&redis_request(seq, b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"));
+        }
+        assert_eq!(t.pending.len(), 3);
+        // The completion of seq 0 was lost; seq 1 completes.
+        let mut out = Vec::new();
+        t.on_response(&redis_response(1, 1), &cfg, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(t.pending.len(), 1, "seq 0 forgotten, seq 2 still waiting");
+        t.on_response(&redis_response(2, 1), &cfg, &mut out);
+        assert!(t.pending.is_empty());
+        assert_eq!(t.unmatched, 0);
     }
 
     #[test]
