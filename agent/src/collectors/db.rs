@@ -39,6 +39,13 @@ pub const MAX_CONNS: usize = 16_384;
 pub const MAX_PENDING: usize = 65_536;
 /// Parsed request prefixes reused as they are (identical bytes, identical answer).
 pub const MAX_PARSE_CACHE: usize = 1024;
+/// A request still waiting after this long is forgotten (counted in pending_dropped): the
+/// connection ended after its last completions were lost, or a statement runs longer than
+/// this, whose completion is then counted as `operation="unknown"` (its time stays right:
+/// the kernel times it).
+const PENDING_MAX_AGE_NS: u64 = 10 * 60 * 1_000_000_000;
+/// How often waiting requests are checked for age.
+const PENDING_SWEEP_NS: u64 = 30 * 1_000_000_000;
 /// Requests before a completion that are forgotten at most, per completion: the usual gap is
 /// none; a larger one (many completion events lost at once) is left to the pending table's
 /// own bound.
@@ -94,6 +101,8 @@ pub struct Tracker {
     cache: ParseCache,
     /// Prepared statements kept, over every connection.
     statements: usize,
+    /// Kernel time of the last sweep of old requests.
+    swept_at_ns: u64,
     unknown: Arc<QueryInfo>,
     /// The operation of a Redis command the server rejected as unknown: one label for every
     /// such name, whatever a client sends (its fingerprint keeps the name).
@@ -121,6 +130,7 @@ impl Tracker {
             pending: HashMap::new(),
             cache: HashMap::new(),
             statements: 0,
+            swept_at_ns: 0,
             unknown: Arc::new(QueryInfo {
                 operation: u.clone(),
                 fingerprint: u.clone(),
@@ -243,6 +253,15 @@ impl Tracker {
             }),
         }
         .unwrap_or_else(|| self.unknown.clone());
+        // Requests of connections that ended, whose last completions were lost: nothing
+        // will ever complete them. Kernel time (CLOCK_MONOTONIC) of the requests is the clock.
+        if ev.start_ns > self.swept_at_ns.saturating_add(PENDING_SWEEP_NS) {
+            self.swept_at_ns = ev.start_ns;
+            let cutoff = ev.start_ns.saturating_sub(PENDING_MAX_AGE_NS);
+            let before = self.pending.len();
+            self.pending.retain(|_, p| p.start_ns >= cutoff);
+            self.pending_dropped += (before - self.pending.len()) as u64;
+        }
         if self.pending.len() >= MAX_PENDING {
             // Requests whose completions never came (dropped events, connections that died).
             // A new map: clear() would keep the full table's memory.
@@ -1071,6 +1090,29 @@ mod tests {
         t.on_response(&redis_response(2, 1), &cfg, &mut out);
         assert!(t.pending.is_empty());
         assert_eq!(t.unmatched, 0);
+    }
+
+    #[test]
+    fn requests_left_waiting_for_ten_minutes_are_forgotten() {
+        let mut t = Tracker::new(false);
+        t.on_conn(&conn_event(9, 3));
+        let get = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
+        let mut old = redis_request(0, get);
+        old.start_ns = 1_000_000_000;
+        t.on_request(&old);
+        let mut recent = redis_request(1, get);
+        recent.start_ns = old.start_ns + PENDING_MAX_AGE_NS - 1;
+        t.on_request(&recent);
+        assert_eq!(t.pending.len(), 2);
+        let mut now = redis_request(2, get);
+        now.start_ns = old.start_ns + PENDING_MAX_AGE_NS + PENDING_SWEEP_NS + 1;
+        t.on_request(&now);
+        assert_eq!(
+            t.pending.len(),
+            2,
+            "the request of 10 minutes ago is forgotten"
+        );
+        assert_eq!(t.pending_dropped, 1);
     }
 
     #[test]
