@@ -59,7 +59,7 @@ fn bad_config_fails_start_up_naming_the_key() {
 
 #[test]
 fn bad_reload_keeps_serving_and_good_reload_applies() {
-    let agent = Agent::start("[syscalls]\nslow_threshold = \"10ms\"\n");
+    let agent = Agent::start("[syscalls]\nmode = \"full\"\nslow_threshold = \"10ms\"\n");
     let text = std::fs::read_to_string(&agent.config_path).unwrap();
 
     std::fs::write(

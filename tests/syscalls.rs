@@ -2,6 +2,9 @@
 
 use insite_e2e::{getppid_calls, nanosleep_calls, Agent};
 
+/// The mode whose counts are exact (the default, sampled, counts only inside its windows).
+const FULL: &str = "[syscalls]\nmode = \"full\"\n";
+
 const LE_33MS: &str = "0.033554432"; // 2^25 ns
 const LE_67MS: &str = "0.067108864"; // 2^26 ns
 
@@ -26,7 +29,7 @@ fn delta(before: &insite_e2e::Metrics, after: &insite_e2e::Metrics, syscall: &st
 
 #[test]
 fn workload_is_counted_and_sleeps_land_in_their_bucket() {
-    let agent = Agent::start("");
+    let agent = Agent::start(FULL);
     let before = agent.scrape();
     getppid_calls(20_000);
     nanosleep_calls(5, 50);
@@ -68,7 +71,7 @@ fn workload_is_counted_and_sleeps_land_in_their_bucket() {
 #[test]
 fn pid_filter_counts_exactly_this_process() {
     let me = std::process::id();
-    let agent = Agent::start(&format!("[syscalls]\npids = [{me}]\n"));
+    let agent = Agent::start(&format!("[syscalls]\nmode = \"full\"\npids = [{me}]\n"));
     let before = agent.scrape();
     getppid_calls(12_345);
     nanosleep_calls(3, 20);
@@ -87,7 +90,7 @@ fn pid_filter_counts_exactly_this_process() {
 
 #[test]
 fn syscall_set_filter_keeps_only_named_syscalls() {
-    let agent = Agent::start("[syscalls]\nsyscalls = [\"getppid\"]\n");
+    let agent = Agent::start("[syscalls]\nmode = \"full\"\nsyscalls = [\"getppid\"]\n");
     getppid_calls(1_000);
     nanosleep_calls(1, 1);
     agent.wait_ticks(2);
@@ -108,7 +111,7 @@ fn syscall_set_filter_keeps_only_named_syscalls() {
 #[test]
 fn slow_calls_are_reported_with_process_and_duration() {
     let me = std::process::id();
-    let agent = Agent::start("[syscalls]\nslow_threshold = \"10ms\"\n");
+    let agent = Agent::start("[syscalls]\nmode = \"full\"\nslow_threshold = \"10ms\"\n");
     nanosleep_calls(3, 30);
     getppid_calls(100);
     agent.wait_ticks(2);
@@ -146,7 +149,7 @@ fn slow_calls_are_reported_with_process_and_duration() {
 #[test]
 fn errors_are_counted() {
     let me = std::process::id();
-    let agent = Agent::start(&format!("[syscalls]\npids = [{me}]\n"));
+    let agent = Agent::start(&format!("[syscalls]\nmode = \"full\"\npids = [{me}]\n"));
     let before = agent.scrape();
     for _ in 0..50 {
         // close(-1) fails with EBADF every time.
@@ -162,7 +165,7 @@ fn errors_are_counted() {
 
 #[test]
 fn raw_tracepoint_attachment_works_too() {
-    let agent = Agent::start("[syscalls]\nattach = \"raw_tracepoint\"\n");
+    let agent = Agent::start("[syscalls]\nmode = \"full\"\nattach = \"raw_tracepoint\"\n");
     let probe = agent.probe("syscalls");
     assert_eq!(probe["state"], "attached");
     assert_eq!(probe["attach"], "raw_tracepoint");
@@ -175,7 +178,7 @@ fn raw_tracepoint_attachment_works_too() {
 
 #[test]
 fn cli_views_show_the_workload() {
-    let agent = Agent::start("");
+    let agent = Agent::start(FULL);
     getppid_calls(50_000);
     agent.wait_ticks(2);
     let out = agent.cli(&["syscalls", "--window", "10s"]);
@@ -205,7 +208,7 @@ fn cli_views_show_the_workload() {
 #[test]
 fn comm_filter_traces_only_named_threads() {
     // comm is per thread: a thread named by the test is its own selector.
-    let agent = Agent::start("[syscalls]\ncomms = [\"isa-comm-probe\"]\n");
+    let agent = Agent::start("[syscalls]\nmode = \"full\"\ncomms = [\"isa-comm-probe\"]\n");
     let before = agent.scrape();
     std::thread::Builder::new()
         .name("isa-comm-probe".into())
@@ -228,7 +231,9 @@ fn cgroup_filter_traces_only_that_cgroup() {
     std::fs::create_dir(&dir).unwrap();
     let _cleanup = insite_e2e::RemoveDirOnDrop(dir.clone());
 
-    let agent = Agent::start(&format!("[syscalls]\ncgroups = [\"/{name}\"]\n"));
+    let agent = Agent::start(&format!(
+        "[syscalls]\nmode = \"full\"\ncgroups = [\"/{name}\"]\n"
+    ));
     assert!(
         agent.probe("syscalls")["error"].is_null(),
         "{}",
@@ -267,7 +272,8 @@ fn cgroup_filter_traces_only_that_cgroup() {
 
 #[test]
 fn missing_cgroup_is_reported_not_fatal() {
-    let agent = Agent::start("[syscalls]\ncgroups = [\"/no/such/insite/cgroup\"]\n");
+    let agent =
+        Agent::start("[syscalls]\nmode = \"full\"\ncgroups = [\"/no/such/insite/cgroup\"]\n");
     let probe = agent.probe("syscalls");
     assert_eq!(probe["state"], "attached");
     assert!(
@@ -295,7 +301,7 @@ fn blocking_calls_across_threads_are_each_timed_once() {
     // again on whatever CPU they wake on); getppid never does (per-CPU fast path). Both must be
     // counted exactly, with sleeps timed at least as long as they slept.
     let me = std::process::id();
-    let agent = Agent::start(&format!("[syscalls]\npids = [{me}]\n"));
+    let agent = Agent::start(&format!("[syscalls]\nmode = \"full\"\npids = [{me}]\n"));
     let before = agent.scrape();
     let threads: Vec<_> = (0..4)
         .map(|_| {
@@ -328,4 +334,127 @@ fn blocking_calls_across_threads_are_each_timed_once() {
     let short =
         hist_bucket(&after, "nanosleep", LE_32US) - hist_bucket(&before, "nanosleep", LE_32US);
     assert_eq!(short, 0.0, "sleeps timed shorter than they slept");
+}
+
+/// Scrapes until the hooks are (or are not) attached, as the agent's last tick read them.
+fn wait_attached(agent: &Agent, on: bool) -> insite_e2e::Metrics {
+    let want = if on { 1.0 } else { 0.0 };
+    let m = insite_e2e::Metrics::wait_for(agent, |m| {
+        m.value("insite_syscall_hooks_attached", &[]) == Some(want)
+    });
+    assert_eq!(
+        m.value("insite_syscall_hooks_attached", &[]),
+        Some(want),
+        "hooks never {}",
+        if on { "attached" } else { "detached" }
+    );
+    m
+}
+
+#[test]
+fn sampled_mode_counts_inside_its_windows_and_says_so() {
+    // Windows of 500 ms every 2 s: a steady getppid loop over 4 s (two whole intervals) is
+    // counted about a quarter of the time, and observed_seconds says how long.
+    let me = std::process::id();
+    let agent = Agent::start(&format!(
+        "[syscalls]\nmode = \"sampled\"\nsample_window = \"500ms\"\nsample_interval = \"2s\"\npids = [{me}]\n"
+    ));
+    let before = agent.scrape();
+    let t = std::time::Instant::now();
+    let mut made = 0u64;
+    while t.elapsed() < std::time::Duration::from_secs(4) {
+        getppid_calls(1_000);
+        made += 1_000;
+    }
+    let elapsed = t.elapsed().as_secs_f64();
+    agent.wait_ticks(2);
+    let after = agent.scrape();
+    let counted = delta(&before, &after, "getppid");
+    let observed = after.value_or_zero("insite_syscall_observed_seconds_total", &[])
+        - before.value_or_zero("insite_syscall_observed_seconds_total", &[]);
+    assert!(
+        counted > 0.0 && counted < 0.6 * made as f64,
+        "counted {counted} of {made}"
+    );
+    // Two windows of 0.5 s in 4 s (the ticks bracketing the scrapes add up to ~0.3 s).
+    assert!((0.6..=1.6).contains(&observed), "observed {observed} s");
+    // The rate over the observed time estimates the loop's rate (slower while hooked).
+    let estimate = counted / observed;
+    let real = made as f64 / elapsed;
+    assert!(
+        estimate > 0.3 * real && estimate < 1.5 * real,
+        "estimated {estimate:.0}/s, made {real:.0}/s"
+    );
+    assert!(
+        after
+            .value(
+                "insite_syscall_duration_seconds_count",
+                &[("syscall", "getppid"), ("mode", "sampled")]
+            )
+            .is_some(),
+        "series not labelled mode=\"sampled\""
+    );
+    let v = agent.data(r#"{"cmd":"syscalls","window":"4s"}"#);
+    assert_eq!(v["mode"], "sampled", "{v}");
+    assert!(v["observed_seconds"].as_f64().unwrap() < v["window_seconds"].as_f64().unwrap());
+}
+
+#[test]
+fn a_trace_counts_every_call_then_the_windows_resume() {
+    // One 100 ms window an hour: detached right after start-up, until a trace.
+    let me = std::process::id();
+    let agent = Agent::start(&format!(
+        "[syscalls]\nsample_window = \"100ms\"\nsample_interval = \"1h\"\npids = [{me}]\n"
+    ));
+    let before = wait_attached(&agent, false);
+    getppid_calls(5_000);
+    agent.wait_ticks(2);
+    let detached = agent.scrape();
+    assert_eq!(delta(&before, &detached, "getppid"), 0.0);
+
+    let r = agent.data(r#"{"cmd":"trace_syscalls","duration":"3s"}"#);
+    assert_eq!(r["mode"], "sampled", "{r}");
+    assert!(r["seconds_left"].as_f64().unwrap() > 2.0, "{r}");
+    let tracing = wait_attached(&agent, true);
+    getppid_calls(12_345);
+    agent.wait_ticks(2);
+    let traced = agent.scrape();
+    assert_eq!(delta(&tracing, &traced, "getppid"), 12_345.0);
+
+    let after_trace = wait_attached(&agent, false);
+    getppid_calls(1_000);
+    agent.wait_ticks(2);
+    assert_eq!(delta(&after_trace, &agent.scrape(), "getppid"), 0.0);
+
+    // Bad durations are refused by name; the CLI runs a trace and reports on it.
+    for bad in ["0s", "2h", "soon"] {
+        let r = agent
+            .request(&format!(r#"{{"cmd":"trace_syscalls","duration":"{bad}"}}"#))
+            .unwrap();
+        assert_eq!(r["ok"], false, "{bad}: {r}");
+        assert!(r["error"].as_str().unwrap().contains("duration"), "{r}");
+    }
+    let out = agent.cli(&["syscalls", "--trace", "1s", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tracing every syscall"));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["observed_seconds"].as_f64().unwrap() >= 0.8, "{v}");
+}
+
+#[test]
+fn full_mode_is_labelled_and_always_attached() {
+    let agent = Agent::start(FULL);
+    getppid_calls(100);
+    agent.wait_ticks(2);
+    let m = agent.scrape();
+    assert!(m
+        .value(
+            "insite_syscall_duration_seconds_count",
+            &[("syscall", "getppid"), ("mode", "full")]
+        )
+        .is_some());
+    assert_eq!(
+        m.value("insite_syscall_hooks_attached", &[("mode", "full")]),
+        Some(1.0)
+    );
 }

@@ -35,6 +35,9 @@ pub struct SyscallConfig {
     /// `FILTER_*` bits.
     pub filter_flags: u32,
     pub _reserved: u32,
+    /// When the hooks were last attached (`bpf_ktime_get_ns`). A start older than this was
+    /// recorded in an earlier sampling window and its exit missed: never timed against now.
+    pub window_start_ns: u64,
 }
 
 /// Per-thread start of the call in flight (task-local storage `SYSCALL_START`).
@@ -94,7 +97,7 @@ pub struct SlowSyscallEvent {
 }
 
 // No implicit padding: every size is the plain sum of its fields.
-const _: () = assert!(core::mem::size_of::<SyscallConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<SyscallConfig>() == 24);
 const _: () = assert!(core::mem::size_of::<SyscallStart>() == 16);
 const _: () = assert!(core::mem::size_of::<InflightSyscall>() == 24);
 const _: () = assert!(core::mem::size_of::<SyscallStats>() == 8 * (3 + HIST_BUCKETS));

@@ -11,7 +11,7 @@ use crate::{
         connections::{human_bytes, ConnectionsView, MapView},
         protocol::Request,
         queries::QueriesView,
-        views::{StatusView, SyscallRow, SyscallsView},
+        views::{StatusView, SyscallRow, SyscallTraceView, SyscallsView},
     },
     daemon, logging,
     untrusted::Printable,
@@ -58,6 +58,10 @@ pub enum Command {
         /// Rows per table.
         #[arg(long, default_value_t = 10)]
         limit: usize,
+        /// Attach the hooks for this long (e.g. 30s; sampled mode attaches them only part of
+        /// the time), wait, then report on that time (at most its last 60s).
+        #[arg(long, value_name = "DURATION")]
+        trace: Option<String>,
         #[arg(long)]
         json: bool,
         #[arg(long, default_value = config::DEFAULT_CONTROL_SOCKET)]
@@ -161,17 +165,24 @@ pub fn main() -> ExitCode {
         Command::Syscalls {
             window,
             limit,
+            trace,
             json,
             control_socket,
-        } => client_cmd(
-            &control_socket,
-            &Request::Syscalls {
-                window: Some(window),
-                limit: Some(limit),
-            },
-            json,
-            |v| serde_json::from_value::<SyscallsView>(v).map(|s| print_syscalls(&s)),
-        ),
+        } => (|| {
+            let window = match trace {
+                Some(d) => trace_syscalls(&control_socket, &d)?,
+                None => window,
+            };
+            client_cmd(
+                &control_socket,
+                &Request::Syscalls {
+                    window: Some(window),
+                    limit: Some(limit),
+                },
+                json,
+                |v| serde_json::from_value::<SyscallsView>(v).map(|s| print_syscalls(&s)),
+            )
+        })(),
         Command::Connections {
             window,
             limit,
@@ -250,6 +261,30 @@ fn report_error(e: &anyhow::Error) {
         "insite-agent: {}",
         crate::probes::error_chain(e.as_ref())
     );
+}
+
+/// Asks for a trace, waits for it to end (and for the agent's next ticks to read it), and
+/// returns the window to report on.
+fn trace_syscalls(socket: &std::path::Path, duration: &str) -> anyhow::Result<String> {
+    let data = client::request(
+        socket,
+        &Request::TraceSyscalls {
+            duration: duration.to_string(),
+        },
+        CLIENT_TIMEOUT,
+    )?;
+    let t: SyscallTraceView = serde_json::from_value(data)?;
+    let left = Duration::from_secs_f64(t.seconds_left.max(0.0));
+    eprintln!(
+        "tracing every syscall for {} ({} mode otherwise)...",
+        humantime::format_duration(Duration::from_secs(left.as_secs())),
+        t.mode
+    );
+    // Two ticks (or more) for the agent to read the last of it.
+    let settle = Duration::from_millis(600);
+    std::thread::sleep(left + settle);
+    let secs = (left + settle).as_secs_f64().ceil().clamp(1.0, 60.0) as u64;
+    Ok(format!("{secs}s"))
 }
 
 fn client_cmd(
@@ -351,6 +386,13 @@ fn print_syscalls(v: &SyscallsView) {
         "syscalls over the last {:.1}s: {} calls",
         v.window_seconds, v.total_calls
     );
+    if v.mode == "sampled" && v.observed_seconds + 0.05 < v.window_seconds {
+        println!(
+            "  sampled mode: hooks attached {:.1}s of {:.1}s; counts are of that time, rates \
+             estimate the host's (--trace 30s, or [syscalls] mode = \"full\", counts every call)",
+            v.observed_seconds, v.window_seconds
+        );
+    }
     print_rows("top by count:", &v.by_count);
     print_rows("top by p99:", &v.by_p99);
     println!("recent slow calls (>= {} ms):", v.slow_threshold_ms);

@@ -106,11 +106,45 @@ impl fmt::Display for AttachMode {
     }
 }
 
+/// How the syscall hooks are kept on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyscallMode {
+    /// Hooks attached for `sample_window` of every `sample_interval`: counts are of the calls
+    /// made while attached (`insite_syscall_observed_seconds_total` says how long that was).
+    Sampled,
+    /// Hooks attached all the time: every call is counted (equal to `strace -c`).
+    Full,
+}
+
+impl SyscallMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sampled => "sampled",
+            Self::Full => "full",
+        }
+    }
+}
+
+impl fmt::Display for SyscallMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SyscallsConfig {
     pub enabled: bool,
     pub attach: AttachMode,
+    /// `sampled` (default: a bounded tax on every workload) or `full` (exact counts).
+    pub mode: SyscallMode,
+    /// In sampled mode, the hooks are attached for this long...
+    #[serde(with = "humantime_serde")]
+    pub sample_window: Duration,
+    /// ...at the start of every interval this long.
+    #[serde(with = "humantime_serde")]
+    pub sample_interval: Duration,
     /// Calls at least this long become slow-call events; "0s" turns events off.
     #[serde(with = "humantime_serde")]
     pub slow_threshold: Duration,
@@ -229,6 +263,9 @@ impl Default for SyscallsConfig {
         Self {
             enabled: true,
             attach: AttachMode::Auto,
+            mode: SyscallMode::Sampled,
+            sample_window: Duration::from_secs(1),
+            sample_interval: Duration::from_secs(10),
             slow_threshold: Duration::from_millis(10),
             comms: Vec::new(),
             pids: Vec::new(),
@@ -602,6 +639,15 @@ impl Config {
                 ),
             ));
         }
+        if s.sample_window < Duration::from_millis(100) || s.sample_window > s.sample_interval {
+            return Err(violation(
+                "syscalls.sample_window",
+                "must be at least 100ms and at most syscalls.sample_interval",
+            ));
+        }
+        if s.sample_interval > Duration::from_secs(3600) {
+            return Err(violation("syscalls.sample_interval", "must be at most 1h"));
+        }
         if s.slow_log_size == 0 || s.slow_log_size > 100_000 {
             return Err(violation(
                 "syscalls.slow_log_size",
@@ -763,6 +809,9 @@ request_timeout = "2s"
 [syscalls]
 enabled = true
 attach = "raw_tracepoint"
+mode = "full"
+sample_window = "2s"
+sample_interval = "20s"
 slow_threshold = "5ms"
 comms = ["postgres"]
 pids = [1]
@@ -779,6 +828,8 @@ enabled = false
         assert_eq!(cfg.metrics.listen.port(), 9999);
         assert_eq!(cfg.control.group.as_deref(), Some("adm"));
         assert_eq!(cfg.syscalls.attach, AttachMode::RawTracepoint);
+        assert_eq!(cfg.syscalls.mode, SyscallMode::Full);
+        assert_eq!(cfg.syscalls.sample_window, Duration::from_secs(2));
         assert_eq!(cfg.syscalls.slow_threshold, Duration::from_millis(5));
         assert_eq!(cfg.syscalls.syscalls, vec!["read", "write"]);
         assert!(!cfg.host.enabled);
@@ -817,6 +868,12 @@ enabled = false
             ),
             ("[syscalls]\nenabled = \"yes\"\n", "syscalls.enabled", 2),
             ("[syscalls]\nattach = \"kprobe\"\n", "syscalls.attach", 2),
+            ("[syscalls]\nmode = \"some\"\n", "syscalls.mode", 2),
+            (
+                "[syscalls]\nsample_window = \"20s\"\n",
+                "syscalls.sample_window",
+                2,
+            ),
             ("[syscalls]\npids = [-1]\n", "syscalls.pids", 2),
             ("[host]\nenabled = 1\n", "host.enabled", 2),
         ] {

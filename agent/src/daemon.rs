@@ -170,7 +170,14 @@ async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
     }
 
     let mut tasks = tokio::task::JoinSet::new();
+    let (trace_tx, trace_rx) = watch::channel(None);
     if let Some(p) = &syscall_probe {
+        tasks.spawn(probes::sampling::run(
+            p.clone(),
+            cfg_rx.clone(),
+            trace_rx,
+            shutdown_rx.clone(),
+        ));
         let ring = p.lock().ok().and_then(|mut p| p.take_ring());
         if let Some(ring) = ring {
             tasks.spawn(collectors::syscalls::run_slow_reader(ring, store.clone()));
@@ -222,6 +229,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
             store: store.clone(),
             config: cfg_rx.clone(),
             access,
+            syscall_trace: syscall_probe.is_some().then(|| Arc::new(trace_tx)),
         },
         shutdown_rx.clone(),
     ));

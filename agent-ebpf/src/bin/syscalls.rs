@@ -8,6 +8,9 @@
 //! where sys_exit finds it on whatever CPU the task wakes up on. Task storage costs a helper
 //! call with locking, so only calls that switched pay for it.
 //!
+//! In sampled mode userspace attaches and detaches the hooks (`probes/sampling.rs`); a start
+//! recorded before the current window opened is never timed (`window_start_ns`).
+//!
 //! Two attachment flavours share one body: tp_btf (cheapest on 6.x kernels) and raw tracepoints
 //! (the fallback where BTF-typed tracing is unavailable). Userspace attaches exactly one pair.
 #![no_std]
@@ -214,6 +217,13 @@ fn on_exit(ret: i64) {
     let Some((start, nr)) = take_start() else {
         return;
     };
+    let (threshold, window_start) = match SYSCALL_CONFIG.get(0) {
+        Some(cfg) => (cfg.slow_threshold_ns, cfg.window_start_ns),
+        None => (0, 0),
+    };
+    if start < window_start {
+        return;
+    }
     // SAFETY: no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let duration = now.saturating_sub(start);
@@ -234,10 +244,6 @@ fn on_exit(ret: i64) {
         }
     }
 
-    let threshold = match SYSCALL_CONFIG.get(0) {
-        Some(cfg) => cfg.slow_threshold_ns,
-        None => 0,
-    };
     if threshold != 0 && duration >= threshold {
         emit_slow(now, duration, ret, bpf_get_current_pid_tgid(), nr);
     }

@@ -40,6 +40,11 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         offset: Option<usize>,
     },
+    /// Attaches the syscall hooks for `duration` (humantime, up to 1h): every call is counted
+    /// until it ends, also in sampled mode.
+    TraceSyscalls {
+        duration: String,
+    },
     /// Top query fingerprints over a window (default 60s) and recent slow queries.
     Queries {
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -195,6 +195,8 @@ pub struct Context {
     pub store: SharedStore,
     pub config: watch::Receiver<Arc<Config>>,
     pub access: Access,
+    /// Trace requests for the syscall sampler; None when the syscall probe is not attached.
+    pub syscall_trace: Option<Arc<crate::probes::sampling::TraceUntil>>,
 }
 
 /// Connection slots: at most `max` in all, at most `per_uid` for each unprivileged uid, and
@@ -418,6 +420,37 @@ fn line_codec(max: usize) -> AnyDelimiterCodec {
 }
 
 /// Runs one request; `Ok` is the reply's `data` as JSON text.
+/// Attaches the syscall hooks for `duration` (sampled mode; full mode has them attached).
+fn trace_syscalls(ctx: &Context, cfg: &Config, duration: &str) -> Result<String, String> {
+    use crate::probes::sampling::MAX_TRACE;
+    let d = humantime::parse_duration(duration)
+        .map_err(|e| format!("duration {duration:?}: {e} (e.g. \"30s\")"))?;
+    if d.is_zero() || d > MAX_TRACE {
+        return Err(format!(
+            "duration {duration:?}: must be more than 0s and at most {}",
+            humantime::format_duration(MAX_TRACE)
+        ));
+    }
+    let Some(trace) = &ctx.syscall_trace else {
+        return Err("the syscall probe is not attached: nothing to trace".into());
+    };
+    let until = std::time::Instant::now() + d;
+    // A longer trace already running is kept.
+    trace.send_modify(|t| *t = Some(t.map_or(until, |t| t.max(until))));
+    let until = (*trace.borrow()).unwrap_or(until);
+    let left = until.saturating_duration_since(std::time::Instant::now());
+    let until_unix_ms = std::time::SystemTime::now()
+        .checked_add(left)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |t| t.as_millis() as u64);
+    let v = views::SyscallTraceView {
+        mode: cfg.syscalls.mode.as_str().into(),
+        seconds_left: left.as_secs_f64(),
+        until_unix_ms,
+    };
+    serde_json::to_string(&v).map_err(|e| format!("internal: {e}"))
+}
+
 fn dispatch(ctx: &Context, req: Request) -> Result<String, String> {
     let cfg = ctx.config.borrow().clone();
     let Ok(store) = ctx.store.read() else {
@@ -425,6 +458,7 @@ fn dispatch(ctx: &Context, req: Request) -> Result<String, String> {
     };
     let json = |v: Result<String, serde_json::Error>| v.map_err(|e| format!("internal: {e}"));
     match req {
+        Request::TraceSyscalls { duration } => trace_syscalls(ctx, &cfg, &duration),
         Request::Status {} => json(serde_json::to_string(&views::status(&store, &cfg))),
         Request::Syscalls { window, limit } => {
             let window = views::parse_window(window.as_deref())?;
@@ -527,6 +561,7 @@ mod tests {
             store,
             config: rx,
             access,
+            syscall_trace: None,
         };
         tokio::spawn(async move {
             let _keep = _tx;

@@ -52,11 +52,27 @@ pub struct SyscallRow {
     pub mean_us: Option<f64>,
 }
 
+/// The reply to a trace request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyscallTraceView {
+    /// The configured mode, which the trace ends back in.
+    pub mode: String,
+    pub seconds_left: f64,
+    pub until_unix_ms: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SyscallsView {
     /// Time the figures really cover (shorter than asked while the agent is young).
     pub window_seconds: f64,
     pub requested_window_seconds: f64,
+    /// `sampled` or `full`: how the hooks are kept (see `[syscalls] mode`).
+    #[serde(default)]
+    pub mode: String,
+    /// Of `window_seconds`, how long the hooks were attached: the counts are of the calls
+    /// made in that time (all of it in full mode).
+    #[serde(default)]
+    pub observed_seconds: f64,
     pub total_calls: u64,
     pub slow_threshold_ms: f64,
     pub by_count: Vec<SyscallRow>,
@@ -170,6 +186,13 @@ pub fn syscalls(
             _ => "no syscall data yet: the first tick has not run".into(),
         });
     };
+    // In sampled mode the calls were counted only while the hooks were attached: a rate over
+    // that time estimates the host's (and the view says it is one).
+    let observed = Duration::from_nanos(w.delta.observed_ns).min(w.span);
+    let rate_span = match cfg.syscalls.mode {
+        crate::config::SyscallMode::Full => w.span,
+        crate::config::SyscallMode::Sampled => observed,
+    };
     let rows: Vec<SyscallRow> = w
         .delta
         .by_nr
@@ -179,7 +202,7 @@ pub fn syscalls(
             SyscallRow {
                 syscall: syscall_names::label(*nr),
                 count: c.latency.count,
-                per_second: rate(c.latency.count, w.span),
+                per_second: rate(c.latency.count, rate_span),
                 errors: c.errors,
                 p50_us: us(0.5),
                 p90_us: us(0.9),
@@ -203,6 +226,8 @@ pub fn syscalls(
     Ok(SyscallsView {
         window_seconds: w.span.as_secs_f64(),
         requested_window_seconds: window.as_secs_f64(),
+        mode: cfg.syscalls.mode.as_str().into(),
+        observed_seconds: observed.as_secs_f64(),
         total_calls,
         slow_threshold_ms: cfg.syscalls.slow_threshold.as_secs_f64() * 1e3,
         by_count,
@@ -245,12 +270,21 @@ mod tests {
         slow.errors = 1;
         t.by_nr.insert(110, fast); // getppid
         t.by_nr.insert(35, slow); // nanosleep
+                                  // Hooks attached for 1 s of the 2 s (a sampling window).
+        t.observed_ns = 1_000_000_000;
         store.syscalls.push(t0 + Duration::from_secs(2), t);
-        let v = syscalls(&store, &Config::default(), Duration::from_secs(10), 10).unwrap();
+        let mut full = Config::default();
+        full.syscalls.mode = crate::config::SyscallMode::Full;
+        let v = syscalls(&store, &full, Duration::from_secs(10), 10).unwrap();
         assert_eq!(v.total_calls, 103);
         assert_eq!(v.by_count[0].syscall, "getppid");
         assert_eq!(v.by_count[0].count, 100);
         assert!((v.by_count[0].per_second - 50.0).abs() < 1e-9);
+        // Sampled: the rate is over the time the calls could be seen, and says so.
+        let v = syscalls(&store, &Config::default(), Duration::from_secs(10), 10).unwrap();
+        assert_eq!(v.mode, "sampled");
+        assert!((v.observed_seconds - 1.0).abs() < 1e-9);
+        assert!((v.by_count[0].per_second - 100.0).abs() < 1e-9);
         assert_eq!(v.by_p99[0].syscall, "nanosleep");
         assert_eq!(v.by_p99[0].errors, 1);
         let p99 = v.by_p99[0].p99_us.unwrap();

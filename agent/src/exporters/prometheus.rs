@@ -277,20 +277,40 @@ impl Collector for StoreCollector {
         if let Some(latest) = st.syscalls.latest() {
             let t = &latest.totals;
             let (rows, folded) = top_n_syscalls(&t.by_nr, self.top_n.load(Ordering::Relaxed));
+            // The mode says what the counts are: every call (full), or the calls made while
+            // the hooks were attached (sampled; see insite_syscall_observed_seconds_total).
+            let mode = t.mode.map_or("full", |m| m.as_str());
+            let labels = |name: &String| {
+                let mut v = l("syscall", name.clone());
+                v.push(("mode", mode.into()));
+                v
+            };
             histogram(
                 e,
                 "insite_syscall_duration",
-                "Syscall latency (sys_enter to sys_exit), log2 buckets from the kernel",
-                rows.iter()
-                    .map(|(name, c)| (l("syscall", name.clone()), &c.latency)),
+                "Syscall latency (sys_enter to sys_exit), log2 buckets from the kernel; mode=\"sampled\": only calls made while the hooks were attached",
+                rows.iter().map(|(name, c)| (labels(name), &c.latency)),
             )?;
             counter(
                 e,
                 "insite_syscall_errors",
-                "Syscalls that returned an error (-errno)",
+                "Syscalls that returned an error (-errno); mode as insite_syscall_duration_seconds",
                 None,
-                rows.iter()
-                    .map(|(name, c)| (l("syscall", name.clone()), c.errors as f64)),
+                rows.iter().map(|(name, c)| (labels(name), c.errors as f64)),
+            )?;
+            counter(
+                e,
+                "insite_syscall_observed",
+                "Time the syscall hooks were attached: rate(insite_syscall_duration_seconds_count) / rate(this) estimates the host's call rate in sampled mode",
+                Some(&Unit::Seconds),
+                [(vec![], t.observed_ns as f64 / 1e9)],
+            )?;
+            gauge(
+                e,
+                "insite_syscall_hooks_attached",
+                "1 while the syscall hooks are attached (always in full mode, during windows and traces in sampled mode)",
+                None,
+                [(l("mode", mode), if t.attached { 1.0 } else { 0.0 })],
             )?;
             gauge(
                 e,

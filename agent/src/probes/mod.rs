@@ -9,6 +9,7 @@ pub mod btf;
 pub mod db;
 pub mod net;
 pub mod privileges;
+pub mod sampling;
 pub mod syscalls;
 
 use std::path::Path;

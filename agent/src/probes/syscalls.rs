@@ -3,6 +3,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     os::unix::fs::MetadataExt as _,
+    time::{Duration, Instant},
 };
 
 use agent_common::{
@@ -15,13 +16,16 @@ use agent_common::{
 };
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, ProgramError, RawTracePoint},
+    programs::{
+        raw_trace_point::RawTracePointLink, tp_btf::BtfTracePointLink, BtfTracePoint, ProgramError,
+        RawTracePoint,
+    },
     Btf, Ebpf, EbpfError,
 };
 use tracing::{info, warn};
 
 use crate::{
-    config::{AttachMode, SyscallsConfig},
+    config::{AttachMode, SyscallMode, SyscallsConfig},
     store::{histogram::Log2Histogram, SyscallCounters, SyscallTotals},
     syscall_names,
 };
@@ -36,11 +40,27 @@ pub enum SyscallProbeError {
     NoAttach(String),
 }
 
+/// One attached hook; dropping it detaches it.
+enum Hook {
+    // Held for their Drop, which detaches.
+    Btf(#[allow(dead_code)] BtfTracePointLink),
+    Raw(#[allow(dead_code)] RawTracePointLink),
+}
+
 /// The attached syscall probe and the maps userspace talks to.
 pub struct SyscallProbe {
-    // Owns the programs and their links: dropping it detaches everything.
+    // Owns the programs; `hooks` owns their links.
     ebpf: Ebpf,
     mode: AttachMode,
+    /// Attached links, in attach order (sched_switch, sys_exit, sys_enter); empty while a
+    /// sampling window is closed.
+    hooks: Vec<Hook>,
+    attached_since: Option<Instant>,
+    /// Attached time of the windows that have closed.
+    observed: Duration,
+    sampling: SyscallMode,
+    /// Last configuration written to the kernel (its window start is rewritten on attach).
+    kcfg: SyscallConfig,
     stats: PerCpuArray<MapData, SyscallStats>,
     counters: PerCpuArray<MapData, u64>,
     config: Array<MapData, SyscallConfig>,
@@ -94,6 +114,11 @@ impl SyscallProbe {
             seen_bitmap: super::take_map(&mut ebpf, "SYSCALL_SEEN", Array::try_from)?,
             ebpf,
             mode: cfg.attach,
+            hooks: Vec::new(),
+            attached_since: None,
+            observed: Duration::ZERO,
+            sampling: cfg.mode,
+            kcfg: SyscallConfig::default(),
             seen: BTreeSet::new(),
             reads: 0,
         };
@@ -108,9 +133,12 @@ impl SyscallProbe {
         };
         let mut errors = Vec::new();
         let mut mode = None;
+        probe.set_window_start()?;
         for &m in order {
             match attach_set(&mut probe.ebpf, m) {
-                Ok(()) => {
+                Ok(hooks) => {
+                    probe.hooks = hooks;
+                    probe.attached_since = Some(Instant::now());
                     mode = Some(m);
                     break;
                 }
@@ -134,6 +162,55 @@ impl SyscallProbe {
         self.mode
     }
 
+    /// Whether the hooks are attached now (always in full mode; in sampled mode, during a
+    /// window).
+    pub fn attached(&self) -> bool {
+        !self.hooks.is_empty()
+    }
+
+    /// Attaches or detaches the hooks (a sampling window opens or closes). Programs stay
+    /// loaded, so this is a few bpf() calls, not a verification.
+    pub fn set_attached(&mut self, on: bool) -> Result<(), SyscallProbeError> {
+        if on == self.attached() {
+            return Ok(());
+        }
+        if on {
+            // Starts recorded before this instant belong to an earlier window whose exits
+            // were missed: the kernel must not time them against now.
+            self.set_window_start()?;
+            self.hooks =
+                link_set(&mut self.ebpf, self.mode).map_err(SyscallProbeError::NoAttach)?;
+            self.attached_since = Some(Instant::now());
+        } else {
+            // sys_enter first, so no start is recorded that its exit hook cannot see.
+            while let Some(hook) = self.hooks.pop() {
+                drop(hook);
+            }
+            if let Some(since) = self.attached_since.take() {
+                self.observed += since.elapsed();
+            }
+        }
+        Ok(())
+    }
+
+    /// The configured mode (`sampled` or `full`); the sampler task applies it.
+    pub fn sampling(&self) -> SyscallMode {
+        self.sampling
+    }
+
+    /// Time the hooks have been attached since the probe was loaded.
+    pub fn observed(&self) -> Duration {
+        self.observed + self.attached_since.map_or(Duration::ZERO, |t| t.elapsed())
+    }
+
+    fn set_window_start(&mut self) -> Result<(), SyscallProbeError> {
+        self.kcfg.window_start_ns = monotonic_ns();
+        self.config
+            .set(0, self.kcfg, 0)
+            .map_err(super::map_err("SYSCALL_CONFIG"))?;
+        Ok(())
+    }
+
     /// Runs the kernel skipped, per attached program.
     pub fn missed_runs(&self) -> Result<Vec<(&'static str, u64)>, SyscallProbeError> {
         let names = programs(self.mode).map(|(p, _)| p);
@@ -148,6 +225,7 @@ impl SyscallProbe {
     /// Pushes threshold and filters into the kernel. Returns non-fatal problems (e.g. a
     /// configured cgroup that does not exist: nothing in it can be traced until it does).
     pub fn apply_config(&mut self, cfg: &SyscallsConfig) -> Result<Vec<String>, SyscallProbeError> {
+        self.sampling = cfg.mode;
         let mut problems = Vec::new();
         let mut flags = 0u32;
 
@@ -200,13 +278,14 @@ impl SyscallProbe {
         }
 
         // Flags last: the filter maps are complete before the kernel starts consulting them.
-        let kcfg = SyscallConfig {
+        self.kcfg = SyscallConfig {
             slow_threshold_ns: u64::try_from(cfg.slow_threshold.as_nanos()).unwrap_or(u64::MAX),
             filter_flags: flags,
             _reserved: 0,
+            window_start_ns: self.kcfg.window_start_ns,
         };
         self.config
-            .set(0, kcfg, 0)
+            .set(0, self.kcfg, 0)
             .map_err(super::map_err("SYSCALL_CONFIG"))?;
         Ok(problems)
     }
@@ -261,6 +340,9 @@ impl SyscallProbe {
             slow_events: counter(counters::SLOW_EVENTS)?,
             slow_drops: counter(counters::SLOW_DROPS)?,
             start_drops: counter(counters::START_DROPS)?,
+            observed_ns: u64::try_from(self.observed().as_nanos()).unwrap_or(u64::MAX),
+            mode: Some(self.sampling),
+            attached: self.attached(),
         })
     }
 }
@@ -291,11 +373,57 @@ fn programs(mode: AttachMode) -> [(&'static str, &'static str); 3] {
     }
 }
 
-/// Attaches sched_switch, sys_exit and sys_enter (in that order: a start recorded before its
-/// consumers are live would be stranded) with one method, or nothing.
-fn attach_set(ebpf: &mut Ebpf, mode: AttachMode) -> Result<(), String> {
+/// `bpf_ktime_get_ns`'s clock.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// Attaches the loaded programs of `mode`: sched_switch, sys_exit and sys_enter, in that order
+/// (a start recorded before its consumers are live would be stranded), or none of them.
+fn link_set(ebpf: &mut Ebpf, mode: AttachMode) -> Result<Vec<Hook>, String> {
+    let mut hooks = Vec::with_capacity(3);
+    for (prog, tp) in programs(mode) {
+        let wrap = |source| super::ObjectError::Program {
+            what: format!("{prog} ({tp})"),
+            source,
+        };
+        let hook = (|| -> Result<Hook, SyscallProbeError> {
+            let p = ebpf
+                .program_mut(prog)
+                .ok_or_else(|| SyscallProbeError::NoAttach(format!("program {prog} missing")))?;
+            Ok(match mode {
+                AttachMode::TpBtf => {
+                    let p: &mut BtfTracePoint = p.try_into().map_err(wrap)?;
+                    let id = p.attach().map_err(wrap)?;
+                    Hook::Btf(p.take_link(id).map_err(wrap)?)
+                }
+                _ => {
+                    let p: &mut RawTracePoint = p.try_into().map_err(wrap)?;
+                    let id = p.attach(tp).map_err(wrap)?;
+                    Hook::Raw(p.take_link(id).map_err(wrap)?)
+                }
+            })
+        })();
+        match hook {
+            Ok(h) => hooks.push(h),
+            Err(e) => {
+                // Detach what did attach, last first.
+                while let Some(h) = hooks.pop() {
+                    drop(h);
+                }
+                return Err(super::error_chain(&e));
+            }
+        }
+    }
+    Ok(hooks)
+}
+
+/// Loads and attaches sched_switch, sys_exit and sys_enter with one method, or nothing.
+fn attach_set(ebpf: &mut Ebpf, mode: AttachMode) -> Result<Vec<Hook>, String> {
     let progs = programs(mode);
-    let result = (|| -> Result<(), SyscallProbeError> {
+    let result = (|| -> Result<Vec<Hook>, SyscallProbeError> {
         let btf = if mode == AttachMode::TpBtf {
             Some(
                 Btf::from_sys_fs()
@@ -316,37 +444,36 @@ fn attach_set(ebpf: &mut Ebpf, mode: AttachMode) -> Result<(), String> {
                 Some(btf) => {
                     let p: &mut BtfTracePoint = p.try_into().map_err(wrap)?;
                     p.load(tp, btf).map_err(wrap)?;
-                    p.attach().map_err(wrap)?;
                 }
                 None => {
                     let p: &mut RawTracePoint = p.try_into().map_err(wrap)?;
                     p.load().map_err(wrap)?;
-                    p.attach(tp).map_err(wrap)?;
                 }
             }
         }
-        Ok(())
+        link_set(ebpf, mode).map_err(SyscallProbeError::NoAttach)
     })();
-    if let Err(e) = result {
-        // Leave nothing half-attached behind before trying the next method.
-        for (prog, _) in progs {
-            let Some(p) = ebpf.program_mut(prog) else {
-                continue;
-            };
-            let unloaded = match mode {
-                AttachMode::TpBtf => <&mut BtfTracePoint>::try_from(p).map(|p| p.unload()),
-                _ => <&mut RawTracePoint>::try_from(p).map(|p| p.unload()),
-            };
-            match unloaded {
-                Ok(Err(ProgramError::NotLoaded)) | Ok(Ok(())) | Err(_) => {}
-                Ok(Err(e)) => {
-                    warn!(program = prog, error = %crate::probes::error_chain(&e), "unloading after a failed attach")
-                }
+    let e = match result {
+        Ok(hooks) => return Ok(hooks),
+        Err(e) => e,
+    };
+    // Leave nothing half-attached behind before trying the next method.
+    for (prog, _) in progs {
+        let Some(p) = ebpf.program_mut(prog) else {
+            continue;
+        };
+        let unloaded = match mode {
+            AttachMode::TpBtf => <&mut BtfTracePoint>::try_from(p).map(|p| p.unload()),
+            _ => <&mut RawTracePoint>::try_from(p).map(|p| p.unload()),
+        };
+        match unloaded {
+            Ok(Err(ProgramError::NotLoaded)) | Ok(Ok(())) | Err(_) => {}
+            Ok(Err(e)) => {
+                warn!(program = prog, error = %crate::probes::error_chain(&e), "unloading after a failed attach")
             }
         }
-        return Err(super::error_chain(&e));
     }
-    Ok(())
+    Err(super::error_chain(&e))
 }
 
 fn replace_keys<K: aya::Pod + Ord>(

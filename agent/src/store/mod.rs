@@ -46,6 +46,13 @@ pub struct SyscallTotals {
     pub slow_drops: u64,
     /// Calls not timed because their start could not be parked in task storage.
     pub start_drops: u64,
+    /// How long the hooks have been attached: the time the counts cover. In full mode, the
+    /// agent's whole run; in sampled mode, the sum of its windows.
+    pub observed_ns: u64,
+    /// The configured mode when this was read (`sampled` or `full`); not cumulative.
+    pub mode: Option<crate::config::SyscallMode>,
+    /// Whether the hooks were attached when this was read; not cumulative.
+    pub attached: bool,
 }
 
 impl Cumulative for SyscallTotals {
@@ -68,6 +75,9 @@ impl Cumulative for SyscallTotals {
             slow_events: self.slow_events.saturating_sub(earlier.slow_events),
             slow_drops: self.slow_drops.saturating_sub(earlier.slow_drops),
             start_drops: self.start_drops.saturating_sub(earlier.start_drops),
+            observed_ns: self.observed_ns.saturating_sub(earlier.observed_ns),
+            mode: self.mode,
+            attached: self.attached,
         }
     }
 }
