@@ -80,7 +80,7 @@ struct AgentRun {
 
 /// Summed (run time ns, runs) of the loaded programs whose name starts with `prefix`, as the
 /// kernel counts them while run-time statistics are enabled.
-fn bpf_run_time(prefix: &str) -> (u64, u64) {
+pub(crate) fn bpf_run_time(prefix: &str) -> (u64, u64) {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with(prefix)))
@@ -368,7 +368,7 @@ fn others_cpu_ticks() -> u64 {
 /// About a 95% interval half-width for the median of `v`: 2 standard errors, with the
 /// standard error of a median taken as 1.25 σ / √n and σ estimated from the median absolute
 /// deviation (× 1.4826), which one disturbed round does not inflate. Rough with few rounds.
-fn uncertainty(v: &[f64]) -> f64 {
+pub(crate) fn uncertainty(v: &[f64]) -> f64 {
     if v.len() < 3 {
         return f64::NAN;
     }
@@ -377,7 +377,7 @@ fn uncertainty(v: &[f64]) -> f64 {
     2.0 * 1.25 * 1.4826 * mad / (v.len() as f64).sqrt()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
         0 => f64::NAN,
@@ -387,7 +387,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// (max - min) / median, min, max.
-fn spread(v: &[f64]) -> (f64, f64, f64) {
+pub(crate) fn spread(v: &[f64]) -> (f64, f64, f64) {
     let min = v.iter().copied().fold(f64::INFINITY, f64::min);
     let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     ((max - min) / median(v.to_vec()), min, max)

@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_net;
+mod bench_web;
 mod fuzz;
 mod setup;
 mod util;
@@ -44,7 +45,7 @@ enum Cmd {
         no_lint: bool,
     },
     /// Benchmarks (not tests): `cargo xtask bench syscalls`, `cargo xtask bench net`,
-    /// `cargo xtask bench db`, `cargo xtask bench soak --minutes N`.
+    /// `cargo xtask bench db`, `cargo xtask bench web`, `cargo xtask bench soak --minutes N`.
     Bench {
         #[command(subcommand)]
         which: bench::Which,

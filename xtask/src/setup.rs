@@ -106,6 +106,9 @@ pub fn run(want: Want) -> Result<()> {
             ("dot", "graphviz"),
             ("ip", "iproute2"),
             ("python3", "python3"),
+            // `cargo xtask bench web`: the web server and its load generator.
+            ("nginx", "nginx"),
+            ("wrk", "wrk"),
         ] {
             if !have(tool) {
                 apt.install(&[package])?;
