@@ -86,8 +86,17 @@ pub mod counters {
     pub const BYTES_NOT_DECODED: u32 = 9;
     /// Reads and writes whose walk stopped at `DB_MAX_STEPS`.
     pub const STEP_CAP: u32 = 10;
-    pub const COUNT: u32 = 11;
+    /// Sockets decided not to be database connections (`DB_GIVE_UP` unrecognised reads and
+    /// writes).
+    pub const GAVE_UP: u32 = 11;
+    pub const COUNT: u32 = 12;
 }
+
+/// Reads and writes of a socket that fit no database protocol before the probe stops looking
+/// at it: its later ones cost the hook and two storage lookups. A connection open before the
+/// agent started is joined at its first recognisable request, which a request/response
+/// protocol sends within a few reads and writes.
+pub const DB_GIVE_UP: u32 = 16;
 
 /// [`DbOffsets::flags`]: `unix_sock` offsets are valid.
 pub const DB_HAVE_UNIX: u32 = 1;

@@ -287,6 +287,19 @@ pub fn run(o: Opts) -> Result<()> {
     ] {
         println!("  {name}: {}", m.sum(name, &[]));
     }
+    // Bounded tables that fill up over a run: growth the verdict sees may be one of them.
+    for table in ["connections", "pending", "statements", "parse_cache"] {
+        println!(
+            "  insite_db_collector_entries{{table=\"{table}\"}}: {}",
+            m.sum("insite_db_collector_entries", &[("table", table)])
+        );
+    }
+    for (name, labels) in [
+        ("insite_tcp_active_connections", &[][..]),
+        ("insite_db_connections_recognised_total", &[][..]),
+    ] {
+        println!("  {name}: {}", m.sum(name, labels));
+    }
     Ok(())
 }
 

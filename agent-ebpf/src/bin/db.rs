@@ -30,7 +30,7 @@ agent_ebpf::license!();
 
 use agent_common::db::{
     counters, kind, outcome, role, system, DbConnEvent, DbLossEvent, DbOffsets, DbRequestEvent,
-    DbResponseEvent, DB_HAVE_UNIX, DB_INFLIGHT, DB_MAX_RUN, DB_MAX_STEPS, DB_PATH_LEN,
+    DbResponseEvent, DB_GIVE_UP, DB_HAVE_UNIX, DB_INFLIGHT, DB_MAX_RUN, DB_MAX_STEPS, DB_PATH_LEN,
     DB_PREFIX_LEN, DB_RINGBUF_BYTES,
 };
 use agent_ebpf::{
@@ -201,6 +201,23 @@ struct Conn {
 
 #[btf_map]
 static DB_CONNS: SkStorage<Conn> = SkStorage::new();
+
+/// Reads and writes of a socket that fit no database protocol, up to `DB_GIVE_UP`: then it is
+/// not a database connection and costs only the lookups (decided once per socket, freed with
+/// it).
+#[btf_map]
+static DB_NOT_DB: SkStorage<u32> = SkStorage::new();
+
+/// What the first bytes of a socket without state said.
+enum Seen {
+    /// A database connection whose bytes are to be walked.
+    Db(*mut Conn),
+    /// A database connection whose handshake was consumed here, or one that could not get
+    /// its state (tried again on the next read or write).
+    Handled,
+    /// Nothing a database protocol starts with.
+    Other,
+}
 
 /// Per-CPU working memory of one read or write: a window of its bytes, the walk's position,
 /// and the completions not yet announced.
@@ -553,7 +570,23 @@ fn on_io(sk: *const u8, ret: i32, send: bool) -> Option<u32> {
     }
     let conn = match DB_CONNS.get(sk) {
         Some(c) => c,
-        None => recognise(sk, ret as u32, send, family, &off)?,
+        None => {
+            let misses = DB_NOT_DB.get(sk);
+            if let Some(m) = misses {
+                // SAFETY: this socket's own storage.
+                if unsafe { *m } >= DB_GIVE_UP {
+                    return None;
+                }
+            }
+            match recognise(sk, ret as u32, send, family, &off) {
+                Seen::Db(c) => c,
+                Seen::Handled => return None,
+                Seen::Other => {
+                    not_db(sk, misses);
+                    return None;
+                }
+            }
+        }
     };
     // SAFETY: storage of this socket; tracepoints on one socket may run on two CPUs at once
     // (a reader and a writer), which at worst misorders a request with its own response: the
@@ -609,23 +642,39 @@ fn fill(s: &mut Scratch, from: u32) -> u32 {
     }
 }
 
-/// The first read or write of a socket without state: is it one of ours?
+/// One more read or write of `sk` that fit no database protocol.
 #[inline(always)]
-fn recognise(
-    sk: *const u8,
-    ret: u32,
-    send: bool,
-    family: u16,
-    off: &DbOffsets,
-) -> Option<*mut Conn> {
-    let (buf, n, _, _) = user_buffer(ret)?;
+fn not_db(sk: *const u8, misses: Option<*mut u32>) {
+    let m = match misses {
+        Some(m) => m,
+        None => match DB_NOT_DB.get_or_insert(sk) {
+            Some(m) => m,
+            None => return,
+        },
+    };
+    // SAFETY: this socket's own storage. A reader and a writer racing may lose an increment:
+    // the verdict comes a read or write later.
+    unsafe {
+        *m += 1;
+        if *m == DB_GIVE_UP {
+            bump(counters::GAVE_UP);
+        }
+    }
+}
+
+/// A read or write of a socket without state: is it one of ours?
+#[inline(always)]
+fn recognise(sk: *const u8, ret: u32, send: bool, family: u16, off: &DbOffsets) -> Seen {
+    let Some((buf, n, _, _)) = user_buffer(ret) else {
+        return Seen::Other;
+    };
     if n < 5 {
-        return None;
+        return Seen::Other;
     }
     let mut h = [0u8; 16];
     let want = if n < 16 { n } else { 16 };
     if !read_user(h.as_mut_ptr(), want, buf) {
-        return None;
+        return Seen::Other;
     }
     let be32 = |i: usize| u32::from_be_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
     let le24 = u32::from_le_bytes([h[0], h[1], h[2], 0]);
@@ -652,11 +701,11 @@ fn recognise(
     {
         (system::REDIS, READY, true)
     } else {
-        return None;
+        return Seen::Other;
     };
     let Some(conn) = DB_CONNS.get_or_insert(sk) else {
         bump(counters::STORAGE_FAILED);
-        return None;
+        return Seen::Handled;
     };
     bump(counters::CONNS);
     // SAFETY: fresh, zeroed storage of this socket.
@@ -679,9 +728,9 @@ fn recognise(
         || phase == PG_SSL_WAIT
         || phase == MY_HANDSHAKE;
     if consumed {
-        return None;
+        return Seen::Handled;
     }
-    Some(conn)
+    Seen::Db(conn)
 }
 
 #[inline(always)]

@@ -22,7 +22,7 @@ use crate::{
     config::{Config, DbConfig},
     probes::syscalls::comm_str,
     store::{
-        db::{LossKey, LossStats, OpKey, Outcome, QueryRecord, Role, SlowQuery, System},
+        db::{DbTables, LossKey, LossStats, OpKey, Outcome, QueryRecord, Role, SlowQuery, System},
         SharedStore,
     },
     untrusted::{strip_controls, LogField},
@@ -144,6 +144,16 @@ impl Tracker {
             pending_dropped: 0,
             undecodable: 0,
             losses: Vec::new(),
+        }
+    }
+
+    /// How full the bounded tables are.
+    pub fn tables(&self) -> DbTables {
+        DbTables {
+            connections: self.conns.len() as u64,
+            pending: self.pending.len() as u64,
+            statements: self.statements as u64,
+            parse_cache: self.cache.len() as u64,
         }
     }
 
@@ -665,6 +675,7 @@ fn flush(
         t.unmatched = tracker.unmatched;
         t.pending_dropped = tracker.pending_dropped;
         t.undecodable = tracker.undecodable;
+        t.tables = tracker.tables();
         for (k, l) in tracker.losses.drain(..) {
             t.record_loss(k, &l, cfg.max_series);
         }

@@ -816,6 +816,7 @@ fn encode_db(
     for (name, help, v) in [
         ("insite_db_step_cap_hits", cap_help.as_str(), k.step_cap),
         ("insite_db_connections_recognised", "Connections recognised as PostgreSQL, MySQL or Redis by their bytes", k.conns),
+        ("insite_db_sockets_passed_over", "Sockets whose first reads and writes fit no database protocol: the probe stopped looking at them", k.gave_up),
         ("insite_db_tls_connections", "Recognised connections that switched to TLS (not decoded)", k.tls),
         ("insite_db_requests_untimed", "Requests not timed because too many were in flight on their connection", k.inflight_full),
         ("insite_db_desyncs", "Times a connection's framing was lost; its requests in flight were dropped", k.desync),
@@ -828,6 +829,20 @@ fn encode_db(
     ] {
         counter(e, name, help, None, [(vec![], v as f64)])?;
     }
+    let tb = &t.tables;
+    gauge(
+        e,
+        "insite_db_collector_entries",
+        "Entries in the database collector's bounded tables: connections (16384 at most), requests waiting for their completion (65536), prepared statements (8192), parsed prefixes (1024)",
+        None,
+        [
+            ("connections", tb.connections),
+            ("pending", tb.pending),
+            ("statements", tb.statements),
+            ("parse_cache", tb.parse_cache),
+        ]
+        .map(|(table, n)| (l("table", table), n as f64)),
+    )?;
     Ok(())
 }
 

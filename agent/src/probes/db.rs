@@ -37,6 +37,7 @@ pub struct DbKernelCounters {
     pub lost_event: u64,
     pub bytes_not_decoded: u64,
     pub step_cap: u64,
+    pub gave_up: u64,
 }
 
 /// The attached database probe and the maps userspace reads.
@@ -164,6 +165,7 @@ impl DbProbe {
             lost_event: get(counters::LOST_EVENT)?,
             bytes_not_decoded: get(counters::BYTES_NOT_DECODED)?,
             step_cap: get(counters::STEP_CAP)?,
+            gave_up: get(counters::GAVE_UP)?,
         })
     }
 }

@@ -250,6 +250,17 @@ pub struct DbTotals {
     /// Requests not timed and bytes not decoded, per connection's labels (bounded like `ops`).
     pub losses: HashMap<LossKey, LossStats>,
     pub kernel: DbKernelCounters,
+    /// Entries in the collector's bounded tables now (not cumulative).
+    pub tables: DbTables,
+}
+
+/// How full the database collector's bounded tables are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DbTables {
+    pub connections: u64,
+    pub pending: u64,
+    pub statements: u64,
+    pub parse_cache: u64,
 }
 
 impl DbTotals {
@@ -359,6 +370,7 @@ impl Cumulative for DbTotals {
                 })
                 .collect(),
             kernel: kernel_delta(&self.kernel, &earlier.kernel),
+            tables: self.tables,
         }
     }
 }
@@ -376,6 +388,7 @@ fn kernel_delta(a: &DbKernelCounters, b: &DbKernelCounters) -> DbKernelCounters 
         lost_event: a.lost_event.saturating_sub(b.lost_event),
         bytes_not_decoded: a.bytes_not_decoded.saturating_sub(b.bytes_not_decoded),
         step_cap: a.step_cap.saturating_sub(b.step_cap),
+        gave_up: a.gave_up.saturating_sub(b.gave_up),
     }
 }
 
