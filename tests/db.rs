@@ -840,3 +840,23 @@ fn sockets_that_speak_no_database_protocol_are_passed_over() {
         );
     }
 }
+
+#[test]
+fn db_roles_follows_only_the_named_end() {
+    require_root();
+    let redis = Redis::start().expect("redis");
+    let agent = Agent::start(&format!("{DB_ONLY}[db]\nroles = [\"client\"]\n"));
+    let tcp = redis.tcp_addr().to_string();
+    let mut conn = RedisConn::connect(&redis.endpoint(Via::Tcp)).expect("connect");
+    for _ in 0..5 {
+        assert_eq!(
+            conn.command(&["SET", "k", "v"]).expect("SET").as_str(),
+            Some("OK")
+        );
+    }
+    let m = Metrics::wait_for(&agent, |m| count(m, "redis", "SET", "client", &tcp) >= 5.0);
+    assert_eq!(count(&m, "redis", "SET", "client", &tcp), 5.0, "{}", m.0);
+    // Nothing of the server's end: no series, no losses, for any destination.
+    assert_eq!(m.sum(DURATION, &[("role", "server")]), 0.0, "{}", m.0);
+    assert_eq!(m.sum(LOST, &[("role", "server")]), 0.0, "{}", m.0);
+}

@@ -396,6 +396,14 @@ fn sampled_mode_counts_inside_its_windows_and_says_so() {
     );
     let v = agent.data(r#"{"cmd":"syscalls","window":"4s"}"#);
     assert_eq!(v["mode"], "sampled", "{v}");
+    let status = agent.data(r#"{"cmd":"status"}"#);
+    assert!(
+        status["syscall_sampling"]
+            .as_str()
+            .unwrap()
+            .starts_with("sampled, 500ms of every 2s (hooks "),
+        "{status}"
+    );
     assert!(v["observed_seconds"].as_f64().unwrap() < v["window_seconds"].as_f64().unwrap());
 }
 

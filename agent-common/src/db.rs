@@ -123,9 +123,15 @@ pub struct DbOffsets {
     pub unix_address_name: u32,
     /// `unix_address.len` (int).
     pub unix_address_len: u32,
-    /// Keeps the size a multiple of 8.
-    pub _reserved: u32,
+    /// Not an offset but a load-time setting like them: the roles followed, `DB_ROLE_*` bits
+    /// (`db.roles`); 0 is both.
+    pub roles: u32,
 }
+
+/// [`DbOffsets::roles`]: follow the end that sends requests.
+pub const DB_ROLE_CLIENT: u32 = 1 << 0;
+/// [`DbOffsets::roles`]: follow the end that receives them.
+pub const DB_ROLE_SERVER: u32 = 1 << 1;
 
 /// A connection was recognised (or changed owner). Carries who and where.
 #[repr(C)]

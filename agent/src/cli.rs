@@ -315,6 +315,9 @@ fn print_status(s: &StatusView) {
         "  tick          {} ms ({} ticks, last {:.2} ms)",
         s.tick_interval_ms, s.ticks, s.last_tick_ms
     );
+    if !s.syscall_sampling.is_empty() {
+        println!("  syscalls      {}", s.syscall_sampling);
+    }
     println!("probes:");
     for p in &s.probes {
         let state = format!("{:?}", p.state).to_lowercase();

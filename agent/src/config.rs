@@ -186,6 +186,10 @@ pub struct NetConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct DbConfig {
     pub enabled: bool,
+    /// The ends of a connection followed: `client` (the end that sends requests), `server`,
+    /// or both (default). On a host that runs both ends of its connections, one role halves
+    /// the probe's cost (restart to change).
+    pub roles: Vec<DbRole>,
     /// Series of `insite_db_*` exported with their own labels (by query count); the rest fold
     /// into `operation="other"`, `destination="other"`, `service="other"`.
     pub top_n: usize,
@@ -307,10 +311,31 @@ pub fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
         .map_err(|_| format!("{s:?} is not an address or a network like 10.0.0.0/8"))
 }
 
+/// An end of a database connection, as `db.roles` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DbRole {
+    Client,
+    Server,
+}
+
+impl DbConfig {
+    /// `db.roles` as the kernel's bits.
+    pub fn role_bits(&self) -> u32 {
+        self.roles.iter().fold(0, |bits, r| {
+            bits | match r {
+                DbRole::Client => agent_common::db::DB_ROLE_CLIENT,
+                DbRole::Server => agent_common::db::DB_ROLE_SERVER,
+            }
+        })
+    }
+}
+
 impl Default for DbConfig {
     fn default() -> Self {
         Self {
             enabled: true,
+            roles: vec![DbRole::Client, DbRole::Server],
             top_n: 50,
             max_series: 2048,
             max_fingerprints: 1000,
@@ -678,6 +703,12 @@ impl Config {
         }
 
         let d = &self.db;
+        if d.roles.is_empty() {
+            return Err(violation(
+                "db.roles",
+                "name at least one of \"client\" and \"server\" (or set db.enabled = false)",
+            ));
+        }
         if d.top_n == 0 || d.top_n > 1000 {
             return Err(violation("db.top_n", "must be between 1 and 1000"));
         }
@@ -869,6 +900,7 @@ enabled = false
             ("[syscalls]\nenabled = \"yes\"\n", "syscalls.enabled", 2),
             ("[syscalls]\nattach = \"kprobe\"\n", "syscalls.attach", 2),
             ("[syscalls]\nmode = \"some\"\n", "syscalls.mode", 2),
+            ("[db]\nroles = [\"primary\"]\n", "db.roles", 2),
             (
                 "[syscalls]\nsample_window = \"20s\"\n",
                 "syscalls.sample_window",
@@ -960,6 +992,7 @@ enabled = false
             ),
             ("[db]\ntop_n = 0\n", "db.top_n", 2),
             ("[db]\nmax_series = 8\n", "db.max_series", 2),
+            ("[db]\nroles = []\n", "db.roles", 2),
             ("[db]\nmax_fingerprints = 1\n", "db.max_fingerprints", 2),
             ("[db]\nslow_log_capacity = 0\n", "db.slow_log_capacity", 2),
             (

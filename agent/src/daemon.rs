@@ -303,7 +303,7 @@ fn attach_net(cfg: &Config, store: &SharedStore) -> Option<Arc<Mutex<NetProbe>>>
 
 fn attach_db(cfg: &Config, store: &SharedStore) -> Option<Arc<Mutex<DbProbe>>> {
     attach_family(store, "db", cfg.db.enabled, || {
-        DbProbe::attach()
+        DbProbe::attach(cfg.db.role_bits())
             .map(|(p, problems)| {
                 let how = format!("tp_btf: {}", p.attached().join(", "));
                 (p, how, problems)
@@ -382,6 +382,7 @@ fn reload(
         ),
         ("net.enabled", old.net.enabled != new.net.enabled),
         ("db.enabled", old.db.enabled != new.db.enabled),
+        ("db.roles", old.db.roles != new.db.roles),
     ] {
         if changed {
             warn!(
@@ -427,6 +428,7 @@ fn reload(
     applied.syscalls.enabled = old.syscalls.enabled;
     applied.net.enabled = old.net.enabled;
     applied.db.enabled = old.db.enabled;
+    applied.db.roles = old.db.roles.clone();
     applied.syscalls.attach = old.syscalls.attach;
     let _ = cfg_tx.send(Arc::new(applied));
     info!("SIGHUP: config reloaded");

@@ -14,7 +14,7 @@ use crate::util::agent_bin;
 
 // Declared here rather than in main.rs: `crate::bench::bench_db`.
 #[path = "bench_db.rs"]
-mod bench_db;
+pub(crate) mod bench_db;
 #[path = "bench_soak.rs"]
 mod bench_soak;
 
@@ -99,6 +99,10 @@ pub enum Which {
         /// clock reads per program run, which slow the runs with the agent a little).
         #[arg(long)]
         bpf_stats: bool,
+        /// The ends the agent follows (`db.roles`): both, client or server. The count check
+        /// expects nothing of the other.
+        #[arg(long, value_enum, default_value = "both")]
+        roles: bench_db::Roles,
     },
     /// The agent with every probe on under a mixed workload (syscalls, connections, Redis,
     /// PostgreSQL and MariaDB, scrapes every second, CLI calls) for a while: RSS and open fds
@@ -151,7 +155,9 @@ pub fn run(which: Which) -> Result<()> {
             pg_extended,
             keep_probes,
             bpf_stats,
+            roles,
         } => bench_db::run(bench_db::Opts {
+            roles,
             rounds,
             seconds,
             requests,

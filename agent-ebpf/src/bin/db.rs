@@ -31,7 +31,7 @@ agent_ebpf::license!();
 use agent_common::db::{
     counters, kind, outcome, role, system, DbConnEvent, DbLossEvent, DbOffsets, DbRequestEvent,
     DbResponseEvent, DB_GIVE_UP, DB_HAVE_UNIX, DB_INFLIGHT, DB_MAX_RUN, DB_MAX_STEPS, DB_PATH_LEN,
-    DB_PREFIX_LEN, DB_RINGBUF_BYTES,
+    DB_PREFIX_LEN, DB_RINGBUF_BYTES, DB_ROLE_CLIENT, DB_ROLE_SERVER,
 };
 use agent_ebpf::{
     util::{self, load, now_ns},
@@ -293,7 +293,7 @@ static DB_OFFSETS: DbOffsets = DbOffsets {
     unix_peer: 0,
     unix_address_name: 0,
     unix_address_len: 0,
-    _reserved: 0,
+    roles: 0,
 };
 
 #[inline(always)]
@@ -703,6 +703,25 @@ fn recognise(sk: *const u8, ret: u32, send: bool, family: u16, off: &DbOffsets) 
     } else {
         return Seen::Other;
     };
+    // Who sends requests is the client; who sends the greeting is the server.
+    let end = if send == request {
+        role::CLIENT
+    } else {
+        role::SERVER
+    };
+    let bit = if end == role::CLIENT {
+        DB_ROLE_CLIENT
+    } else {
+        DB_ROLE_SERVER
+    };
+    if off.roles != 0 && off.roles & bit == 0 {
+        // An end `db.roles` leaves out: never looked at again, and no connection state.
+        if let Some(m) = DB_NOT_DB.get_or_insert(sk) {
+            // SAFETY: this socket's own storage.
+            unsafe { *m = DB_GIVE_UP };
+        }
+        return Seen::Handled;
+    }
     let Some(conn) = DB_CONNS.get_or_insert(sk) else {
         bump(counters::STORAGE_FAILED);
         return Seen::Handled;
@@ -713,12 +732,7 @@ fn recognise(sk: *const u8, ret: u32, send: bool, family: u16, off: &DbOffsets) 
     c.sk = sk as u64;
     c.conn_id = now_ns();
     c.system = sys;
-    // Who sends requests is the client; who sends the greeting is the server.
-    c.role = if send == request {
-        role::CLIENT
-    } else {
-        role::SERVER
-    };
+    c.role = end;
     c.phase = phase;
     c.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     conn_event(sk, c, family, off);

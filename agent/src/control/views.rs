@@ -28,6 +28,10 @@ pub struct StatusView {
     pub last_tick_ms: f64,
     pub probes: Vec<ProbeStatus>,
     pub events: Vec<EventRates>,
+    /// How the syscall hooks are kept: `full`, or `sampled` with its duty cycle, and whether
+    /// they are attached now.
+    #[serde(default)]
+    pub syscall_sampling: String,
 }
 
 /// Events of one stream, and how many were lost, over the last 10 s.
@@ -89,6 +93,23 @@ fn rate(n: u64, span: Duration) -> f64 {
     }
 }
 
+fn syscall_sampling(cfg: &Config, attached: Option<bool>) -> String {
+    let s = &cfg.syscalls;
+    let mode = match s.mode {
+        crate::config::SyscallMode::Full => "full".to_string(),
+        crate::config::SyscallMode::Sampled => format!(
+            "sampled, {} of every {}",
+            humantime::format_duration(s.sample_window),
+            humantime::format_duration(s.sample_interval)
+        ),
+    };
+    match attached {
+        Some(true) => format!("{mode} (hooks attached now)"),
+        Some(false) => format!("{mode} (hooks detached now)"),
+        None => mode,
+    }
+}
+
 pub fn status(store: &Store, cfg: &Config) -> StatusView {
     let w: Option<WindowDelta<SyscallTotals>> = store.syscalls.over(DEFAULT_WINDOW);
     let latest = store.syscalls.latest();
@@ -147,6 +168,7 @@ pub fn status(store: &Store, cfg: &Config) -> StatusView {
         last_tick_ms: store.last_tick.as_secs_f64() * 1e3,
         probes: store.probes.values().cloned().collect(),
         events,
+        syscall_sampling: syscall_sampling(cfg, latest.map(|l| l.totals.attached)),
     }
 }
 

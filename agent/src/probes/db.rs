@@ -76,9 +76,11 @@ const PROGRAMS: [(&str, &str); 2] = [
 ];
 
 impl DbProbe {
-    pub fn attach() -> Result<(Self, Vec<String>), DbProbeError> {
+    /// Loads and attaches the probe, following the ends in `roles` (`DB_ROLE_*` bits).
+    pub fn attach(roles: u32) -> Result<(Self, Vec<String>), DbProbeError> {
         let kbtf = KernelBtf::from_sys_fs()?;
-        let (offsets, problems) = resolve_offsets(&kbtf)?;
+        let (mut offsets, problems) = resolve_offsets(&kbtf)?;
+        offsets.roles = roles;
         let mut ebpf = aya::EbpfLoader::new()
             .override_global("DB_OFFSETS", &offsets, true)
             .load(super::DB_OBJECT)?;
@@ -234,7 +236,7 @@ mod tests {
         if unsafe { libc::geteuid() } != 0 {
             return;
         }
-        match DbProbe::attach() {
+        match DbProbe::attach(0) {
             Ok((probe, problems)) => {
                 assert!(problems.is_empty(), "{problems:?}");
                 assert_eq!(probe.attached().len(), 2);
