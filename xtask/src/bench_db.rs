@@ -576,9 +576,9 @@ impl BenchAgent {
                 &cfg,
                 format!(
                     "[metrics]\nlisten = \"127.0.0.1:{port}\"\n[control]\nsocket = \"{}\"\n\
-                     {probes}[db]\nenabled = true\n{}",
-                    roles.config(),
-                    dir.join("ctl.sock").display()
+                     {probes}[db]\nenabled = true\n{roles}",
+                    dir.join("ctl.sock").display(),
+                    roles = roles.config(),
                 ),
             )
             .with_context(|| format!("writing {}", cfg.display()))?;
