@@ -989,3 +989,39 @@ for _ in range(4000):
     // Lost closes were found: some connections got through open, and ended reconciled.
     assert!(reconciled(&m) > 0.0, "{report}");
 }
+
+#[test]
+fn a_live_connection_is_sampled_without_a_hook_on_every_receive() {
+    // Bytes and RTT of a connection that stays open arrive with the periodic walk over the
+    // kernel's TCP sockets, not only at its close; no program runs on the receive path.
+    let agent = Agent::start(&format!("{NET_ONLY}[net]\nsample_interval = \"200ms\"\n"));
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let dest = listener.local_addr().unwrap();
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0usize;
+        while total < 300_000 {
+            total += s.read(&mut buf).unwrap();
+        }
+        s
+    });
+    let mut c = std::net::TcpStream::connect(dest).unwrap();
+    c.write_all(&vec![b'x'; 300_000]).unwrap();
+    let server_side = reader.join().unwrap();
+    let dest = dest.to_string();
+    let out = labels("outbound", &dest);
+    let m = scrape_until(&agent, |m| {
+        m.value_or_zero("insite_tcp_sent_bytes_total", &out) >= 300_000.0
+    });
+    assert!(
+        m.value_or_zero("insite_tcp_sent_bytes_total", &out) >= 300_000.0,
+        "bytes of the open connection not sampled:\n{}",
+        m.0
+    );
+    let status = agent.probe("net");
+    let attach = status["attach"].as_str().unwrap_or_default().to_string();
+    assert!(attach.contains("iter/tcp"), "{status}");
+    assert!(!attach.contains("tcp_rcv_space_adjust"), "{status}");
+    drop((c, server_side));
+}

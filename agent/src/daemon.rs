@@ -198,6 +198,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
         if let Some(conns) = conns {
             tasks.spawn(collectors::net::run_reconciler(conns, store.clone()));
         }
+        if p.lock().is_ok_and(|p| p.has_walker()) {
+            tasks.spawn(collectors::net::run_walker(
+                p.clone(),
+                cfg_rx.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
     }
     if let Some(p) = &db_probe {
         let ring = p.lock().ok().and_then(|mut p| p.take_ring());

@@ -3,8 +3,8 @@
 //!
 //! Nothing here runs per packet. State transitions happen a handful of times per connection;
 //! RTT and byte counts are read from the socket itself at those transitions and, for live
-//! connections, at most once per sample interval from `tcp_rcv_space_adjust` (which the
-//! receive path calls after reads that copied data). Each connection's state lives in a hash
+//! connections, once per sample interval by a walk over the kernel's TCP sockets (`iter/tcp`,
+//! run by userspace), or where there is no such iterator from `tcp_rcv_space_adjust`. Each connection's state lives in a hash
 //! keyed by the socket's address; every event carries byte and retransmit deltas since the
 //! previous one, so userspace only adds.
 //!
@@ -154,6 +154,27 @@ pub fn isa_net_retransmit(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// Samples every tracked live connection, run by userspace once per sample interval over the
+/// kernel's TCP sockets (a BPF iterator, `iter/tcp`): the receive path pays nothing. Its
+/// context is `struct bpf_iter__tcp { struct bpf_iter_meta *meta; struct sock_common
+/// *sk_common; uid_t uid; }`, and a last call with no socket ends the walk.
+///
+/// # Safety
+/// Called by the kernel with its iterator context.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub unsafe extern "C" fn isa_net_walk(ctx: *mut core::ffi::c_void) -> i32 {
+    // SAFETY: the context's second member; the verifier checks the load against its BTF.
+    let sk = unsafe { core::ptr::read_volatile(ctx.cast::<*const u8>().add(1)) };
+    if sk.is_null() {
+        return 0;
+    }
+    sample(sk, kind::SAMPLE, true);
+    0
+}
+
+/// The fallback where the kernel has no TCP iterator: samples from the receive path, which
+/// calls this on every receive that copied data (before its own once-per-RTT check).
 #[btf_tracepoint(function = "tcp_rcv_space_adjust")]
 pub fn isa_net_sample(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);

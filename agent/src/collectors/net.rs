@@ -132,6 +132,41 @@ pub async fn run_event_reader(
 /// table in a few batched syscalls.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(3);
 
+/// Samples the live connections once per `net.sample_interval` by walking the kernel's TCP
+/// sockets (see `NetProbe::walk`), until shutdown. The walk runs on a blocking thread: it
+/// takes time in proportion to the host's sockets.
+pub async fn run_walker(
+    probe: std::sync::Arc<std::sync::Mutex<crate::probes::net::NetProbe>>,
+    config: tokio::sync::watch::Receiver<std::sync::Arc<crate::config::Config>>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut failing = false;
+    loop {
+        let every = config.borrow().net.sample_interval;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = crate::daemon::shutdown_requested(&mut shutdown) => return,
+        }
+        let p = probe.clone();
+        let walked = tokio::task::spawn_blocking(move || match p.lock() {
+            Ok(mut p) => p.walk().map_err(|e| crate::probes::error_chain(&e)),
+            Err(_) => Err("network probe lock poisoned".to_string()),
+        })
+        .await;
+        match walked {
+            Ok(Ok(())) => failing = false,
+            Ok(Err(e)) => {
+                // Once per failing streak; the next interval tries again.
+                if !failing {
+                    warn!(error = %e, "sampling live connections");
+                }
+                failing = true;
+            }
+            Err(e) => warn!(error = %e, "sampling live connections: task failed"),
+        }
+    }
+}
+
 /// Reconciles the open connections against the kernel's table of tracked ones, forever
 /// (the task is aborted at shutdown).
 pub async fn run_reconciler(table: ConnTable, store: SharedStore) {

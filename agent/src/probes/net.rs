@@ -7,7 +7,7 @@ use agent_common::net::{
 };
 use aya::{
     maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray, RingBuf},
-    programs::BtfTracePoint,
+    programs::{BtfTracePoint, Iter},
     Btf, Ebpf, EbpfError,
 };
 use tracing::{info, warn};
@@ -27,6 +27,10 @@ pub enum NetProbeError {
     Object(#[from] super::ObjectError),
     #[error("reading the connection table NET_CONNS")]
     ReadConns(#[source] std::io::Error),
+    #[error("creating the TCP socket iterator")]
+    Walk(#[source] aya::programs::links::LinkError),
+    #[error("running the TCP socket iterator")]
+    WalkRead(#[source] std::io::Error),
 }
 
 /// Kernel-side counters of the network probe (cumulative, summed over CPUs).
@@ -86,7 +90,15 @@ pub struct NetProbe {
     ignored: BTreeSet<u16>,
     /// (program, tracepoint) of what is attached.
     attached: Vec<(&'static str, &'static str)>,
+    /// Whether live connections are sampled by walking the TCP sockets (`walk`); if not, the
+    /// receive-path hook does it.
+    walker: bool,
 }
+
+/// The iterator program that samples live connections, and its target.
+const WALKER: (&str, &str) = ("isa_net_walk", "tcp");
+/// The receive-path hook it replaces (the fallback).
+const RECEIVE_HOOK: &str = "isa_net_sample";
 
 impl std::fmt::Debug for NetProbe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -134,11 +146,45 @@ impl NetProbe {
             },
             ignored: BTreeSet::new(),
             attached: Vec::new(),
+            walker: false,
         };
         probe.apply_config(cfg)?;
 
         let btf = Btf::from_sys_fs()?;
+        // Live connections are sampled by a walk over the TCP sockets once per interval where
+        // the kernel has the iterator (5.9+), so the receive path pays nothing.
+        let walker = (|| -> Result<(), NetProbeError> {
+            let (prog, target) = WALKER;
+            let wrap = |source| super::ObjectError::Program {
+                what: format!("{prog} (iter/{target})"),
+                source,
+            };
+            let p: &mut Iter = probe
+                ._ebpf
+                .program_mut(prog)
+                .ok_or(super::ObjectError::MissingProgram(prog))?
+                .try_into()
+                .map_err(wrap)?;
+            p.load(target, &btf).map_err(wrap)?;
+            Ok(())
+        })();
+        match walker {
+            Ok(()) => {
+                probe.walker = true;
+                probe.attached.push((WALKER.0, "iter/tcp"));
+            }
+            Err(e) => {
+                let why = super::error_chain(&e);
+                warn!(error = %why, "network probe: no TCP socket iterator; sampling on the receive path");
+                problems.push(format!(
+                    "iter/tcp not loaded (sampling on every receive): {why}"
+                ));
+            }
+        }
         for (prog, tp, required) in PROGRAMS {
+            if prog == RECEIVE_HOOK && probe.walker {
+                continue;
+            }
             let res = (|| -> Result<(), NetProbeError> {
                 let wrap = |source| super::ObjectError::Program {
                     what: format!("{prog} ({tp})"),
@@ -166,6 +212,37 @@ impl NetProbe {
         }
         info!(tracepoints = ?probe.attached(), "network probe attached");
         Ok((probe, problems))
+    }
+
+    /// Whether live connections are sampled by `walk` (else by the receive-path hook).
+    pub fn has_walker(&self) -> bool {
+        self.walker
+    }
+
+    /// Samples every tracked live connection: runs the iterator over the kernel's TCP sockets
+    /// (the samples go through the ring buffer like every event). Takes a few hundred ns per
+    /// socket on the host, in the agent's own time.
+    pub fn walk(&mut self) -> Result<(), NetProbeError> {
+        use std::io::Read as _;
+        let (prog, target) = WALKER;
+        let wrap = |source| super::ObjectError::Program {
+            what: format!("{prog} (iter/{target})"),
+            source,
+        };
+        let p: &mut Iter = self
+            ._ebpf
+            .program_mut(prog)
+            .ok_or(super::ObjectError::MissingProgram(prog))?
+            .try_into()
+            .map_err(wrap)?;
+        let id = p.attach().map_err(wrap)?;
+        let link = p.take_link(id).map_err(wrap)?;
+        let mut file = link.into_file().map_err(NetProbeError::Walk)?;
+        // The program writes nothing to the sequence file: reading it to the end runs it.
+        let mut sink = Vec::new();
+        file.read_to_end(&mut sink)
+            .map_err(NetProbeError::WalkRead)?;
+        Ok(())
     }
 
     /// The ring buffer of connection events, for the reader task (once).
