@@ -98,7 +98,9 @@ pub struct NetOffsets {
     pub kn_id: u32,
     /// `sock.sk_socket`: NULL on a listener's child until it is accepted.
     pub sk_socket: u32,
-    pub _reserved: u32,
+    /// `sock_common.skc_state` (u8): the walk over the sockets skips all but ESTABLISHED
+    /// before any lookup (TIME_WAIT ones can be most of a busy host's).
+    pub skc_state: u32,
 }
 
 /// Settings userspace may change while the probe runs.

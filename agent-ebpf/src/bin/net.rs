@@ -81,7 +81,7 @@ static NET_OFFSETS: NetOffsets = NetOffsets {
     cgroup_kn: 0,
     kn_id: 0,
     sk_socket: 0,
-    _reserved: 0,
+    skc_state: 0,
 };
 
 #[inline(always)]
@@ -167,6 +167,11 @@ pub unsafe extern "C" fn isa_net_walk(ctx: *mut core::ffi::c_void) -> i32 {
     // SAFETY: the context's second member; the verifier checks the load against its BTF.
     let sk = unsafe { core::ptr::read_volatile(ctx.cast::<*const u8>().add(1)) };
     if sk.is_null() {
+        return 0;
+    }
+    // Most sockets a busy host holds are not live connections (TIME_WAIT, requests): one
+    // load decides, before the hash lookup.
+    if load::<u8>(sk, offsets().skc_state) as i32 != TCP_ESTABLISHED {
         return 0;
     }
     sample(sk, kind::SAMPLE, true);

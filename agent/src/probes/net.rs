@@ -330,7 +330,7 @@ fn resolve_offsets(btf: &KernelBtf) -> Result<(NetOffsets, Vec<String>), BtfErro
         cgroup_kn: 0,
         kn_id: 0,
         sk_socket: sock("sk_socket")?,
-        _reserved: 0,
+        skc_state: sock("__sk_common.skc_state")?,
     };
     let mut offsets = offsets;
     let mut problems = Vec::new();
