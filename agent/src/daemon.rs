@@ -201,6 +201,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
         if p.lock().is_ok_and(|p| p.has_walker()) {
             tasks.spawn(collectors::net::run_walker(
                 p.clone(),
+                store.clone(),
                 cfg_rx.clone(),
                 shutdown_rx.clone(),
             ));

@@ -342,6 +342,30 @@ impl Collector for StoreCollector {
             ring_drops.push((l("ring", "net_events"), t.kernel.drops as f64));
             encode_net(e, t, self.net_top_n.load(Ordering::Relaxed))?;
         }
+        let w = &st.net_walk;
+        if w.walks > 0 {
+            counter(
+                e,
+                "insite_net_walks",
+                "Walks over the kernel's TCP sockets that sample live connections",
+                None,
+                [(vec![], w.walks as f64)],
+            )?;
+            counter(
+                e,
+                "insite_net_walk",
+                "Time the agent spent walking the kernel's TCP sockets (it grows with the host's sockets, TIME_WAIT ones included)",
+                Some(&Unit::Seconds),
+                [(vec![], w.seconds_total)],
+            )?;
+            gauge(
+                e,
+                "insite_net_walk_interval",
+                "Interval between walks now: net.sample_interval, or 200 times the last walk's duration when that is longer",
+                Some(&Unit::Seconds),
+                [(vec![], w.interval_seconds)],
+            )?;
+        }
         if let Some(latest) = st.db.latest() {
             let t = &latest.totals;
             ring_events.push((l("ring", "db_events"), t.kernel.events as f64));

@@ -36,6 +36,16 @@ impl SyscallCounters {
     }
 }
 
+/// The walks over the kernel's TCP sockets (network probe): how many, how long the last one
+/// took, and the interval they run at now.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct NetWalk {
+    pub walks: u64,
+    pub seconds_total: f64,
+    pub last_seconds: f64,
+    pub interval_seconds: f64,
+}
+
 /// Everything the syscall probe counts, cumulative since the agent started.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SyscallTotals {
@@ -208,6 +218,8 @@ pub struct Store {
     pub net: Windows<net::NetTotals>,
     /// The connections open now, which the edges' `open` gauges follow (not snapshotted).
     pub net_open: net::OpenConns,
+    /// The walks over the TCP sockets that sample live connections.
+    pub net_walk: NetWalk,
     /// Query timings, cumulative (the query reader adds to it), and its snapshots.
     pub db_live: db::DbTotals,
     pub db: Windows<db::DbTotals>,
@@ -233,6 +245,7 @@ impl Store {
             net_live: net::NetTotals::default(),
             net: Windows::new(WINDOW_GRANULARITY, WINDOW_RETENTION),
             net_open: net::OpenConns::default(),
+            net_walk: NetWalk::default(),
             db_live: db::DbTotals::default(),
             db: Windows::new(WINDOW_GRANULARITY, WINDOW_RETENTION),
             db_slow: VecDeque::new(),
