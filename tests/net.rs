@@ -1020,7 +1020,11 @@ fn a_live_connection_is_sampled_without_a_hook_on_every_receive() {
         m.0
     );
     // The walks are counted and timed, at the configured interval or slower.
-    assert!(m.value_or_zero("insite_net_walks_total", &[]) >= 1.0, "{}", m.0);
+    assert!(
+        m.value_or_zero("insite_net_walks_total", &[]) >= 1.0,
+        "{}",
+        m.0
+    );
     assert!(m.value_or_zero("insite_net_walk_interval_seconds", &[]) >= 0.2);
     let status = agent.probe("net");
     let attach = status["attach"].as_str().unwrap_or_default().to_string();
