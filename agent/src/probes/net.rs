@@ -100,6 +100,21 @@ const WALKER: (&str, &str) = ("isa_net_walk", "tcp");
 /// The receive-path hook it replaces (the fallback).
 const RECEIVE_HOOK: &str = "isa_net_sample";
 
+fn walker_error(source: aya::programs::ProgramError) -> super::ObjectError {
+    super::ObjectError::Program {
+        what: format!("{} (iter/{})", WALKER.0, WALKER.1),
+        source,
+    }
+}
+
+/// The walker program of the loaded object.
+fn walker_program(ebpf: &mut Ebpf) -> Result<&mut Iter, super::ObjectError> {
+    ebpf.program_mut(WALKER.0)
+        .ok_or(super::ObjectError::MissingProgram(WALKER.0))?
+        .try_into()
+        .map_err(walker_error)
+}
+
 impl std::fmt::Debug for NetProbe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NetProbe")
@@ -153,21 +168,8 @@ impl NetProbe {
         let btf = Btf::from_sys_fs()?;
         // Live connections are sampled by a walk over the TCP sockets once per interval where
         // the kernel has the iterator (5.9+), so the receive path pays nothing.
-        let walker = (|| -> Result<(), NetProbeError> {
-            let (prog, target) = WALKER;
-            let wrap = |source| super::ObjectError::Program {
-                what: format!("{prog} (iter/{target})"),
-                source,
-            };
-            let p: &mut Iter = probe
-                ._ebpf
-                .program_mut(prog)
-                .ok_or(super::ObjectError::MissingProgram(prog))?
-                .try_into()
-                .map_err(wrap)?;
-            p.load(target, &btf).map_err(wrap)?;
-            Ok(())
-        })();
+        let walker = walker_program(&mut probe._ebpf)
+            .and_then(|p| p.load(WALKER.1, &btf).map_err(walker_error));
         match walker {
             Ok(()) => {
                 probe.walker = true;
@@ -224,19 +226,9 @@ impl NetProbe {
     /// socket on the host, in the agent's own time.
     pub fn walk(&mut self) -> Result<(), NetProbeError> {
         use std::io::Read as _;
-        let (prog, target) = WALKER;
-        let wrap = |source| super::ObjectError::Program {
-            what: format!("{prog} (iter/{target})"),
-            source,
-        };
-        let p: &mut Iter = self
-            ._ebpf
-            .program_mut(prog)
-            .ok_or(super::ObjectError::MissingProgram(prog))?
-            .try_into()
-            .map_err(wrap)?;
-        let id = p.attach().map_err(wrap)?;
-        let link = p.take_link(id).map_err(wrap)?;
+        let p = walker_program(&mut self._ebpf)?;
+        let id = p.attach().map_err(walker_error)?;
+        let link = p.take_link(id).map_err(walker_error)?;
         let mut file = link.into_file().map_err(NetProbeError::Walk)?;
         // The program writes nothing to the sequence file: reading it to the end runs it.
         let mut sink = Vec::new();
