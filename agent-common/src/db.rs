@@ -2,11 +2,17 @@
 //! off the wire, from socket reads and writes (TCP and unix-domain sockets alike).
 //!
 //! The kernel recognises the protocol from a connection's bytes, matches every request to its
-//! response (several may be in flight) and timestamps both. Userspace gets four kinds of
-//! events: a connection was recognised ([`DbConnEvent`]), a request was sent or received, with a
-//! bounded prefix of its bytes ([`DbRequestEvent`]), requests completed ([`DbResponseEvent`],
-//! which shares `(sk, conn_id, seq)` with them), and requests could not be timed or bytes not
-//! decoded ([`DbLossEvent`]).
+//! response (several may be in flight), times it and counts it in `DB_STATS` under
+//! [`DbStatKey`]: (service's cgroup, destination, statement key, system, role, outcome), with a
+//! log2 latency histogram. The statement key is a hash of the request's first bytes with
+//! literals skipped, so that every run of one statement shares it.
+//!
+//! Events carry only what counts cannot: a connection was recognised ([`DbConnEvent`], names
+//! its destination and service), a statement key userspace has not registered in `DB_KNOWN`
+//! was sent, with its text ([`DbTextEvent`]), a request took longer than its system's
+//! threshold ([`DbSlowEvent`]: request and completion in one record), and requests could not be
+//! timed or bytes not decoded ([`DbLossEvent`]). A full ring delays names and the slow log; it
+//! never changes a count.
 
 use crate::TASK_COMM_LEN;
 
@@ -20,8 +26,14 @@ pub const DB_INFLIGHT: usize = 64;
 pub const DB_PATH_LEN: usize = 108;
 /// How often userspace drains the ring without being woken.
 pub const DB_DRAIN_INTERVAL_MS: u64 = 100;
-/// Completions one [`DbResponseEvent`] may carry (consecutive requests, one outcome).
-pub const DB_MAX_RUN: u32 = 1024;
+/// Entries of `DB_STATS`: (cgroup, destination, statement, system, role, outcome) series.
+pub const DB_STATS_ENTRIES: u32 = 8192;
+/// Entries of `DB_STATS_OTHER`: series (without the statement) counted there when `DB_STATS`
+/// is full. Past both, a completion is counted in `counters::STATS_FULL` only.
+pub const DB_STATS_OTHER_ENTRIES: u32 = 2048;
+/// Statement keys userspace has named (`DB_KNOWN`, least recently used go first: their text
+/// is then sent again).
+pub const DB_KNOWN_ENTRIES: u32 = 16_384;
 /// Steps the kernel walks per read or write (RESP: a header byte or a jump over a bulk
 /// payload; PostgreSQL and MySQL: a message). Past it the rest of the read or write is not
 /// decoded: counted in [`DbLossEvent::bytes`] and the requests in flight dropped, counted.
@@ -51,13 +63,15 @@ pub mod outcome {
     pub const NULL: u8 = 2;
     /// A PostgreSQL pipelined statement the server skipped after an earlier error.
     pub const SKIPPED: u8 = 3;
+    /// Counted when sent, not timed: `DB_INFLIGHT` were already in flight (no outcome).
+    pub const UNTIMED: u8 = 4;
 }
 
 /// Event kinds: the first byte of every event.
 pub mod kind {
     pub const CONN: u8 = 1;
-    pub const REQUEST: u8 = 2;
-    pub const RESPONSE: u8 = 3;
+    pub const TEXT: u8 = 2;
+    pub const SLOW: u8 = 3;
     pub const LOSS: u8 = 4;
 }
 
@@ -80,8 +94,8 @@ pub mod counters {
     pub const TLS: u32 = 6;
     /// Timed requests dropped when their connection's framing was lost.
     pub const LOST_DESYNC: u32 = 7;
-    /// Requests completed whose completion event could not be written (ring buffer full).
-    pub const LOST_EVENT: u32 = 8;
+    /// Completions not counted because `DB_STATS` was full.
+    pub const STATS_FULL: u32 = 8;
     /// Bytes of reads and writes left undecoded (after a desync, or past `DB_MAX_STEPS`).
     pub const BYTES_NOT_DECODED: u32 = 9;
     /// Reads and writes whose walk stopped at `DB_MAX_STEPS`.
@@ -89,7 +103,11 @@ pub mod counters {
     /// Sockets decided not to be database connections (`DB_GIVE_UP` unrecognised reads and
     /// writes).
     pub const GAVE_UP: u32 = 11;
-    pub const COUNT: u32 = 12;
+    /// Statement texts sent (the key was not in `DB_KNOWN`).
+    pub const TEXTS: u32 = 12;
+    /// Slow-query events lost to a full ring buffer (the query is counted all the same).
+    pub const SLOW_LOST: u32 = 13;
+    pub const COUNT: u32 = 14;
 }
 
 /// Reads and writes of a socket that fit no database protocol before the probe stops looking
@@ -158,12 +176,16 @@ pub struct DbConnEvent {
     /// The unix socket's path (the server's listening path, seen from either end).
     pub path: [u8; DB_PATH_LEN],
     pub _pad: u32,
+    /// The destination's id in [`DbStatKey::dest`].
+    pub dest: u64,
+    /// The owner's id in [`DbStatKey::owner`] (from `cgroup_id` and `comm`).
+    pub owner: u64,
 }
 
-/// A request was sent (client) or received (server).
+/// A request whose statement key userspace has not named yet, with its first bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-pub struct DbRequestEvent {
+pub struct DbTextEvent {
     pub kind: u8,
     pub system: u8,
     pub role: u8,
@@ -171,9 +193,8 @@ pub struct DbRequestEvent {
     pub pid: u32,
     pub sk: u64,
     pub conn_id: u64,
-    /// The request's number on this connection.
-    pub seq: u64,
-    pub start_ns: u64,
+    /// The statement key the kernel counts it under.
+    pub key: u64,
     /// Bytes of the request in this read or write, from its first byte (PostgreSQL: the first
     /// message of the request, MySQL: the command byte, Redis: the command).
     pub len: u32,
@@ -182,10 +203,10 @@ pub struct DbRequestEvent {
     pub prefix: [u8; DB_PREFIX_LEN],
 }
 
-/// A request's response was received (client) or sent (server).
+/// A request that took at least its system's slow threshold: request and completion in one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-pub struct DbResponseEvent {
+pub struct DbSlowEvent {
     pub kind: u8,
     pub system: u8,
     pub role: u8,
@@ -193,15 +214,46 @@ pub struct DbResponseEvent {
     pub pid: u32,
     pub sk: u64,
     pub conn_id: u64,
-    /// The first request this completes...
-    pub seq: u64,
-    /// ...and how many in a row (PostgreSQL completes the rest of a pipeline's Sync group at
-    /// once: skipped after an error, or at a ReadyForQuery that ends a long response).
-    pub count: u32,
-    pub _pad: u32,
-    /// When the first of them started (each one's own start is in its request event).
+    pub key: u64,
     pub start_ns: u64,
     pub end_ns: u64,
+}
+
+/// Where `DB_STATS` counts a request.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DbStatKey {
+    /// Who owns the connection: a hash of its owner's cgroup and command name when it was
+    /// recognised or last changed owner (what names its service).
+    pub owner: u64,
+    /// The destination (see [`DbConnEvent::dest`]).
+    pub dest: u64,
+    /// The statement key (see [`DbTextEvent::key`]).
+    pub key: u64,
+    pub system: u8,
+    pub role: u8,
+    /// `outcome::*`.
+    pub outcome: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Requests counted under one [`DbStatKey`] since the probe was loaded. Updated with atomic
+/// adds from every CPU; `buckets` wrap (userspace takes wrapping differences each tick).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DbStat {
+    pub count: u64,
+    pub sum_ns: u64,
+    /// log2 buckets of the duration in ns (see [`crate::log2_bucket`]).
+    pub buckets: [u32; crate::HIST_BUCKETS],
+}
+
+/// Settings userspace may change while the probe runs (`DB_SETTINGS[0]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DbSettings {
+    /// Slow-query thresholds in ns, by `system::*` (index 0 unused); 0 sends no slow events.
+    pub slow_ns: [u64; 4],
 }
 
 /// Requests of a connection the kernel could not time, and bytes it could not decode, since
@@ -224,7 +276,7 @@ pub struct DbLossEvent {
     /// Timed requests in flight dropped because the framing was lost (untimed ones in flight
     /// then are counted in `untimed` already).
     pub desync: u32,
-    /// Requests completed whose completion event was lost (ring buffer full).
+    /// Completions not counted: `DB_STATS` was full.
     pub event_lost: u32,
     pub _pad2: u32,
     /// Bytes not decoded: the rest of a read or write after a desync or past the step cap.
@@ -238,10 +290,14 @@ pub struct DbLossEvent {
 const _: () = assert!(core::mem::size_of::<DbOffsets>() == 14 * 4);
 const _: () = assert!(core::mem::size_of::<DbLossEvent>() == 8 + 2 * 8 + 4 * 4 + 3 * 8);
 const _: () = assert!(
-    core::mem::size_of::<DbConnEvent>() == 8 + 3 * 8 + 16 + 32 + 2 * 2 + 4 + DB_PATH_LEN + 4
+    core::mem::size_of::<DbConnEvent>()
+        == 8 + 3 * 8 + 16 + 32 + 2 * 2 + 4 + DB_PATH_LEN + 4 + 2 * 8
 );
-const _: () = assert!(core::mem::size_of::<DbRequestEvent>() == 8 + 4 * 8 + 8 + DB_PREFIX_LEN);
-const _: () = assert!(core::mem::size_of::<DbResponseEvent>() == 8 + 6 * 8);
+const _: () = assert!(core::mem::size_of::<DbTextEvent>() == 8 + 3 * 8 + 8 + DB_PREFIX_LEN);
+const _: () = assert!(core::mem::size_of::<DbSlowEvent>() == 8 + 5 * 8);
+const _: () = assert!(core::mem::size_of::<DbStatKey>() == 32);
+const _: () = assert!(core::mem::size_of::<DbStat>() == 16 + 4 * crate::HIST_BUCKETS);
+const _: () = assert!(core::mem::size_of::<DbSettings>() == 32);
 const _: () = assert!(DB_INFLIGHT.is_power_of_two());
 
 #[cfg(feature = "user")]
@@ -249,7 +305,10 @@ mod pod {
     // SAFETY: plain repr(C) data without padding (sizes asserted above).
     unsafe impl aya::Pod for super::DbOffsets {}
     unsafe impl aya::Pod for super::DbConnEvent {}
-    unsafe impl aya::Pod for super::DbRequestEvent {}
-    unsafe impl aya::Pod for super::DbResponseEvent {}
+    unsafe impl aya::Pod for super::DbTextEvent {}
+    unsafe impl aya::Pod for super::DbSlowEvent {}
+    unsafe impl aya::Pod for super::DbStatKey {}
+    unsafe impl aya::Pod for super::DbStat {}
+    unsafe impl aya::Pod for super::DbSettings {}
     unsafe impl aya::Pod for super::DbLossEvent {}
 }

@@ -208,10 +208,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
         }
     }
     if let Some(p) = &db_probe {
-        let ring = p.lock().ok().and_then(|mut p| p.take_ring());
-        if let Some(ring) = ring {
+        let maps = p.lock().ok().and_then(|mut p| p.take_maps());
+        if let Some(maps) = maps {
             tasks.spawn(collectors::db::run_event_reader(
-                ring,
+                maps,
                 store.clone(),
                 cfg_rx.clone(),
             ));

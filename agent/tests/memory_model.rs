@@ -17,7 +17,7 @@ use std::{
 use insite_agent::{
     budget,
     store::{
-        db::{DbTotals, OpKey, Outcome, QueryRecord, Role, System as DbSystem},
+        db::{DbTotals, OpKey, OpStats, Outcome, QueryRecord, Role, System as DbSystem},
         net::{ConnId, ConnUpdate, Direction, EdgeKey, NetTotals, OpenConns, Traffic},
         window::Windows,
         WINDOW_GRANULARITY, WINDOW_RETENTION,
@@ -172,8 +172,7 @@ fn record(i: usize, tick: u64) -> QueryRecord {
         // As long as fingerprints get (sql::MAX_FINGERPRINT).
         fingerprint: Arc::from(format!("SELECT {i} {}", "x".repeat(500)).as_str()),
         sample: Arc::from(format!("SELECT {i} {}", "y".repeat(500)).as_str()),
-        duration_ns: 1000 + tick,
-        outcome: Outcome::Ok,
+        stats: OpStats::one(1000 + tick, Outcome::Ok),
         process: Some((42, Arc::from("psql"))),
     }
 }
@@ -210,18 +209,18 @@ fn event_bytes<T: Copy>(ev: &T) -> Vec<u8> {
         .to_vec()
 }
 
-fn request(system: u8, sk: u64, seq: u64, prefix: &[u8]) -> Vec<u8> {
-    use agent_common::db::{kind, role, DbRequestEvent, DB_PREFIX_LEN};
-    let mut ev = DbRequestEvent {
-        kind: kind::REQUEST,
+/// A statement text the kernel sends for a key not named yet.
+fn request(system: u8, sk: u64, key: u64, prefix: &[u8]) -> Vec<u8> {
+    use agent_common::db::{kind, role, DbTextEvent, DB_PREFIX_LEN};
+    let mut ev = DbTextEvent {
+        kind: kind::TEXT,
         system,
         role: role::CLIENT,
         _pad: 0,
         pid: 1,
         sk,
         conn_id: 1,
-        seq,
-        start_ns: 1,
+        key,
         len: prefix.len() as u32,
         prefix_len: prefix.len().min(DB_PREFIX_LEN) as u32,
         prefix: [0; DB_PREFIX_LEN],
@@ -231,17 +230,19 @@ fn request(system: u8, sk: u64, seq: u64, prefix: &[u8]) -> Vec<u8> {
     event_bytes(&ev)
 }
 
-/// The database collector's own tables at their bounds: connections remembered, prepared
-/// statements kept, requests waiting for completions, the parse cache.
+/// The database collector's own tables at their bounds: connections, destinations and owners
+/// remembered, prepared statements kept, statement keys named, the parse cache, and what it
+/// holds of every entry of the kernel's count table.
 #[test]
 fn database_collector_tables_cost_what_the_model_says() {
-    use agent_common::db::{kind, role, system, DbConnEvent, DB_PATH_LEN};
+    use agent_common::db::{
+        kind, outcome, role, system, DbConnEvent, DbStat, DbStatKey, DB_PATH_LEN, DB_STATS_ENTRIES,
+    };
     use insite_agent::collectors::db::{
-        Tracker, MAX_CONNS, MAX_PARSE_CACHE, MAX_PENDING, MAX_STATEMENTS_TOTAL,
+        Tracker, MAX_CONNS, MAX_KEYS, MAX_PARSE_CACHE, MAX_STATEMENTS_TOTAL,
     };
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let cfg = insite_agent::config::DbConfig::default();
-    let mut out = Vec::new();
     let before = LIVE.load(Ordering::Relaxed);
     let mut t = Tracker::new(false);
     let sock = |i: usize| 0xffff_0000_0000 + i as u64 * 64;
@@ -266,8 +267,10 @@ fn database_collector_tables_cost_what_the_model_says() {
             path_len: p.len() as u32,
             path,
             _pad: 0,
+            dest: i as u64,
+            owner: i as u64,
         };
-        t.feed(&event_bytes(&ev), &cfg, &mut out);
+        t.feed(&event_bytes(&ev), &cfg);
     }
     // Statements of 200 bytes of SQL each, 256 on a connection, until none more is kept.
     let mut seq = 0;
@@ -282,11 +285,7 @@ fn database_collector_tables_cost_what_the_model_says() {
             let mut msg = vec![b'P'];
             msg.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
             msg.extend_from_slice(&body);
-            t.feed(
-                &request(system::POSTGRESQL, sock(i), seq, &msg),
-                &cfg,
-                &mut out,
-            );
+            t.feed(&request(system::POSTGRESQL, sock(i), seq, &msg), &cfg);
             seq += 1;
         }
     }
@@ -294,31 +293,49 @@ fn database_collector_tables_cost_what_the_model_says() {
     for i in 0..MAX_PARSE_CACHE - 1 {
         let mut q = vec![0x03];
         q.extend_from_slice(format!("SELECT * FROM t WHERE name = '{i:0>200}'").as_bytes());
-        t.feed(
-            &request(system::MYSQL, sock(MAX_CONNS - 1), seq, &q),
-            &cfg,
-            &mut out,
-        );
+        t.feed(&request(system::MYSQL, sock(MAX_CONNS - 1), seq, &q), &cfg);
         seq += 1;
     }
-    // ...and requests whose completions never come fill the pending table.
+    // ...statement keys fill the keys table...
     let get = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
-    while (seq as usize) < MAX_PENDING - 1 {
-        t.feed(
-            &request(system::REDIS, sock(MAX_CONNS - 2), seq, get),
-            &cfg,
-            &mut out,
-        );
+    while (seq as usize) < MAX_KEYS - 1 {
+        t.feed(&request(system::REDIS, sock(MAX_CONNS - 2), seq, get), &cfg);
         seq += 1;
     }
+    // ...and every entry of the kernel's count table has been folded.
+    let entries: Vec<(DbStatKey, DbStat)> = (0..DB_STATS_ENTRIES as u64)
+        .map(|i| {
+            let k = DbStatKey {
+                owner: i,
+                dest: i,
+                key: i,
+                system: system::REDIS,
+                role: role::CLIENT,
+                outcome: outcome::OK,
+                _pad: [0; 5],
+            };
+            let mut v = DbStat {
+                count: 1,
+                sum_ns: 1000,
+                buckets: [0; agent_common::HIST_BUCKETS],
+            };
+            v.buckets[9] = 1;
+            (k, v)
+        })
+        .collect();
+    let mut records = Vec::new();
+    t.fold(&entries, std::time::Instant::now(), &mut records);
+    drop((entries, records));
     let bytes = (LIVE.load(Ordering::Relaxed) - before) as f64;
     eprintln!(
         "database collector at its bounds: {:.1} MiB",
         bytes / (1 << 20) as f64
     );
-    assert!(
-        t.pending_dropped == 0,
-        "the pending table was cleared: the test asked too much"
+    let tables = t.tables();
+    assert_eq!(
+        (tables.keys, tables.kernel_stats),
+        (MAX_KEYS as u64 - 1, u64::from(DB_STATS_ENTRIES)),
+        "a table was started afresh: the test asked too much"
     );
     assert!(
         bytes <= budget::DB_COLLECTOR_BYTES as f64,

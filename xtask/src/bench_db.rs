@@ -231,7 +231,7 @@ const KERNEL_COUNTERS: &[(&str, &str, bool)] = &[
     ("desyncs", "insite_db_desyncs_total", false),
     ("untimed", "insite_db_requests_untimed_total", false),
     ("unmatched", "insite_db_unmatched_responses_total", false),
-    ("pending dropped", "insite_db_pending_dropped_total", false),
+    ("texts sent", "insite_db_statement_texts_total", false),
     (
         "storage failures",
         "insite_db_storage_failures_total",

@@ -288,7 +288,13 @@ pub fn run(o: Opts) -> Result<()> {
         println!("  {name}: {}", m.sum(name, &[]));
     }
     // Bounded tables that fill up over a run: growth the verdict sees may be one of them.
-    for table in ["connections", "pending", "statements", "parse_cache"] {
+    for table in [
+        "connections",
+        "keys",
+        "statements",
+        "parse_cache",
+        "kernel_stats",
+    ] {
         println!(
             "  insite_db_collector_entries{{table=\"{table}\"}}: {}",
             m.sum("insite_db_collector_entries", &[("table", table)])

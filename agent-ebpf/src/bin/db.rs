@@ -10,9 +10,16 @@
 //!
 //! Per connection the program walks the protocol's framing in both directions, keeps the start
 //! times of requests in flight in a FIFO, and pairs each response with the oldest one: Redis
-//! pipelines and pipelined PostgreSQL Executes are timed one by one. Userspace gets a request
-//! event with the first `DB_PREFIX_LEN` bytes of each request and a response event with both
-//! timestamps and the outcome.
+//! pipelines and pipelined PostgreSQL Executes are timed one by one.
+//!
+//! Each request gets a statement key: a hash of its first bytes (Redis: up to the command
+//! name; SQL: the text with numeric and string literals skipped; PostgreSQL Bind and named
+//! Parse: the statement's name, salted with the connection, whose statements those are).
+//! Completions are counted in `DB_STATS` by (cgroup, destination, key, system, role,
+//! outcome) with a log2 histogram, consecutive ones that share all of it in one update. The
+//! request's text goes to userspace only while its key is not in `DB_KNOWN`, which userspace
+//! fills as it names keys; a request slower than its system's threshold sends one event. A
+//! full ring buffer delays names and the slow log and never changes a count.
 //!
 //! Each walker is a `bpf_loop` callback of one step (RESP: a type byte and the rest of its
 //! header line, or a jump over a bulk payload; PostgreSQL and MySQL: a message), verified once
@@ -25,13 +32,21 @@
 //! left undecoded are counted. Per connection these go to userspace in a loss event.
 #![no_std]
 #![no_main]
+// Atomic adds: core's atomic types lack fetch_add on the bpf target; the intrinsic lowers to
+// the BPF atomic add instruction.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 agent_ebpf::license!();
 
-use agent_common::db::{
-    counters, kind, outcome, role, system, DbConnEvent, DbLossEvent, DbOffsets, DbRequestEvent,
-    DbResponseEvent, DB_GIVE_UP, DB_HAVE_UNIX, DB_INFLIGHT, DB_MAX_RUN, DB_MAX_STEPS, DB_PATH_LEN,
-    DB_PREFIX_LEN, DB_RINGBUF_BYTES, DB_ROLE_CLIENT, DB_ROLE_SERVER,
+use agent_common::{
+    db::{
+        counters, kind, outcome, role, system, DbConnEvent, DbLossEvent, DbOffsets, DbSettings,
+        DbSlowEvent, DbStat, DbStatKey, DbTextEvent, DB_GIVE_UP, DB_HAVE_UNIX, DB_INFLIGHT,
+        DB_KNOWN_ENTRIES, DB_MAX_STEPS, DB_PATH_LEN, DB_PREFIX_LEN, DB_RINGBUF_BYTES,
+        DB_ROLE_CLIENT, DB_ROLE_SERVER, DB_STATS_ENTRIES, DB_STATS_OTHER_ENTRIES,
+    },
+    log2_bucket, HIST_BUCKETS,
 };
 use agent_ebpf::{
     util::{self, load, now_ns},
@@ -44,7 +59,7 @@ use aya_ebpf::{
         generated::{bpf_get_current_task_btf, bpf_loop, bpf_probe_read_user, bpf_task_pt_regs},
     },
     macros::{btf_map, btf_tracepoint, map},
-    maps::{PerCpuArray, ProgramArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::BtfTracePointContext,
 };
 
@@ -83,6 +98,15 @@ const WALK_RESP_RESP: u32 = 3;
 /// PostgreSQL Sync groups in flight per connection (a power of two).
 const PG_SYNCS: usize = 16;
 const WAKEUP_EVERY: u32 = 64;
+/// Completions one `DB_STATS` update may carry.
+const MAX_RUN: u32 = 1 << 20;
+/// Bytes of a Redis request hashed for its key: the array header, the command name's header
+/// and the name (`*3\r\n$3\r\nSET\r\n`); a longer name is cut.
+const RESP_KEY_BYTES: u32 = 48;
+/// `BPF_NOEXIST`.
+const NOEXIST: u64 = 1;
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 const INFLIGHT_MASK: u64 = (DB_INFLIGHT - 1) as u64;
 
 /// Scratch::done: the step cap stopped the walk with bytes left.
@@ -152,7 +176,13 @@ struct Conn {
     head: u64,
     tail: u64,
     start: [u64; DB_INFLIGHT],
+    /// Statement keys of the requests in flight.
+    key: [u64; DB_INFLIGHT],
     qflags: [u8; DB_INFLIGHT],
+    /// Where `DB_STATS` counts this connection: its owner (cgroup and command name) and its
+    /// destination, set when it is recognised or changes owner.
+    owner: u64,
+    dest: u64,
     /// Bytes of a length-framed message (PostgreSQL, MySQL) that continue in the next read or
     /// write, per direction.
     req_skip: u64,
@@ -197,6 +227,9 @@ struct Conn {
     loss_bytes: u64,
     loss_from: u64,
     loss_to: u64,
+    /// The connection event was lost to a full ring: sent again on the next read or write.
+    conn_pending: u32,
+    _pad3: u32,
 }
 
 #[btf_map]
@@ -243,14 +276,34 @@ struct Scratch {
     /// The bytes travel in the request direction (client to server).
     req: u8,
     _pad: [u8; 6],
-    /// Completions not yet announced: `run_count` requests from `run_seq` with one outcome,
-    /// ended at `run_end` (0: now), the first started at `run_start`.
-    run_seq: u64,
-    run_start: u64,
-    run_end: u64,
+    /// Completions not yet counted: `run_count` of statement `run_key` with one outcome and
+    /// one latency bucket, `run_sum` ns together.
+    run_key: u64,
+    run_sum: u64,
     run_count: u32,
+    run_bucket: u32,
     run_outcome: u8,
-    _pad2: [u8; 3],
+    /// What `complete` passes to its loop: the outcome, and the end (0: now).
+    done_result: u8,
+    _pad2: [u8; 6],
+    done_end: u64,
+    /// This connection's system's slow threshold (0: none), read once per walk.
+    slow_ns: u64,
+    /// A statement-key hash in progress (see `hash_step`).
+    hash_h: u64,
+    hash_i: u32,
+    hash_end: u32,
+    hash_nuls: u32,
+    hash_ident: u32,
+    hash_quote: u32,
+    _pad4: u32,
+    /// The first bytes of a request, for its key.
+    text: [u8; DB_PREFIX_LEN + 16],
+    /// Zeros: the initial value of a `DB_STATS` entry.
+    zero: DbStat,
+    /// Texts sent lately (see `sent_lately`).
+    sent_key: [u64; SENT_SLOTS],
+    sent_at: [u64; SENT_SLOTS],
 }
 
 /// What a `bpf_loop` step gets: the connection and the scratch, as the verifier knows them.
@@ -276,6 +329,23 @@ static DB_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::C
 
 #[map]
 static DB_PENDING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// The counts: see `DbStatKey`. Shared by every CPU, updated with atomic adds.
+#[map]
+static DB_STATS: HashMap<DbStatKey, DbStat> = HashMap::with_max_entries(DB_STATS_ENTRIES, 0);
+
+/// Where a request is counted when `DB_STATS` is full: its series without the statement (key
+/// 0), so that a flood of distinct statements costs names, never counts.
+#[map]
+static DB_STATS_OTHER: HashMap<DbStatKey, DbStat> =
+    HashMap::with_max_entries(DB_STATS_OTHER_ENTRIES, 0);
+
+/// Statement keys userspace has named: their text is not sent again.
+#[map]
+static DB_KNOWN: LruHashMap<u64, u8> = LruHashMap::with_max_entries(DB_KNOWN_ENTRIES, 0);
+
+#[map]
+static DB_SETTINGS: Array<DbSettings> = Array::with_max_entries(1, 0);
 
 /// Field offsets from the kernel's BTF, set by userspace at load (see `net.rs`).
 #[unsafe(no_mangle)]
@@ -609,10 +679,14 @@ fn on_io(sk: *const u8, ret: i32, send: bool) -> Option<u32> {
     w.at = 0;
     let request_dir = (c.role == role::CLIENT) == send;
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if pid != c.pid {
+    if pid != c.pid || c.conn_pending != 0 {
         c.pid = pid;
         conn_event(sk, c, family, &off);
     }
+    w.slow_ns = match DB_SETTINGS.get(0) {
+        Some(s) => s.slow_ns[(c.system & 3) as usize],
+        None => 0,
+    };
     w.now = now_ns();
     w.req = request_dir as u8;
     match c.system {
@@ -752,13 +826,97 @@ fn wakeup_flags() -> u64 {
     util::wakeup_flags(&DB_PENDING, WAKEUP_EVERY)
 }
 
-/// Who owns the connection and where it goes.
 #[inline(always)]
-fn conn_event(sk: *const u8, c: &Conn, family: u16, off: &DbOffsets) {
+fn mix(h: u64, v: u64) -> u64 {
+    (h ^ v).wrapping_mul(FNV_PRIME)
+}
+
+/// Who owns the connection and where it goes: sets where `DB_STATS` counts it, and tells
+/// userspace the names (again on a later read or write if the ring is full).
+#[inline(always)]
+fn conn_event(sk: *const u8, c: &mut Conn, family: u16, off: &DbOffsets) {
+    // SAFETY: a helper without arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    c.owner = mix(
+        mix(
+            mix(FNV_OFFSET, cgroup_id),
+            u64::from_le_bytes([
+                comm[0], comm[1], comm[2], comm[3], comm[4], comm[5], comm[6], comm[7],
+            ]),
+        ),
+        u64::from_le_bytes([
+            comm[8], comm[9], comm[10], comm[11], comm[12], comm[13], comm[14], comm[15],
+        ]),
+    );
+    let client = c.role == role::CLIENT;
+    // The unix socket's listening address (shared by the listener and every accepted
+    // socket): names a unix destination.
+    let mut uaddr = 0u64;
+    if family == AF_UNIX && off.flags & DB_HAVE_UNIX != 0 {
+        // An accepted socket carries the address as its own, a client finds it on its peer.
+        let mut owner = sk as u64;
+        if client {
+            let mut peer = 0u64;
+            // SAFETY: a kernel read checked by the helper.
+            let _ = unsafe {
+                bpf_probe_read_kernel_buf(
+                    sk.wrapping_add(off.unix_peer as usize),
+                    core::slice::from_raw_parts_mut((&raw mut peer).cast::<u8>(), 8),
+                )
+            };
+            owner = peer;
+        }
+        if owner != 0 {
+            // SAFETY: as above.
+            let _ = unsafe {
+                bpf_probe_read_kernel_buf(
+                    (owner as *const u8).wrapping_add(off.unix_addr as usize),
+                    core::slice::from_raw_parts_mut((&raw mut uaddr).cast::<u8>(), 8),
+                )
+            };
+        }
+    }
+    // The server's end: the peer's address seen from the client, its own on the server.
+    let mut dest = mix(FNV_OFFSET, family as u64);
+    if family == AF_UNIX {
+        dest = mix(dest, uaddr);
+    } else {
+        let port = if client {
+            u16::from_be(load::<u16>(sk, off.skc_dport))
+        } else {
+            load::<u16>(sk, off.skc_num)
+        };
+        if family == AF_INET {
+            let a: u32 = load(
+                sk,
+                if client {
+                    off.skc_daddr
+                } else {
+                    off.skc_rcv_saddr
+                },
+            );
+            dest = mix(dest, a as u64);
+        } else {
+            let a: [u64; 2] = load(
+                sk,
+                if client {
+                    off.skc_v6_daddr
+                } else {
+                    off.skc_v6_rcv_saddr
+                },
+            );
+            dest = mix(mix(dest, a[0]), a[1]);
+        }
+        dest = mix(dest, port as u64);
+    }
+    c.dest = dest;
     let Some(mut e) = DB_EVENTS.reserve::<DbConnEvent>(0) else {
         bump(counters::DROPS);
+        c.conn_pending = 1;
         return;
     };
+    c.conn_pending = 0;
     let p = e.as_mut_ptr();
     // SAFETY: reserved ring space of exactly this type; every field is written below.
     unsafe {
@@ -769,14 +927,16 @@ fn conn_event(sk: *const u8, c: &Conn, family: u16, off: &DbOffsets) {
         (*p).pid = c.pid;
         (*p).sk = sk as u64;
         (*p).conn_id = c.conn_id;
-        (*p).cgroup_id = bpf_get_current_cgroup_id();
-        (*p).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        (*p).cgroup_id = cgroup_id;
+        (*p).comm = comm;
+        (*p).owner = c.owner;
         (*p).saddr = [0; 16];
         (*p).daddr = [0; 16];
         (*p).sport = 0;
         (*p).dport = 0;
         (*p).path_len = 0;
         (*p)._pad = 0;
+        (*p).dest = dest;
         (*p).path = [0; DB_PATH_LEN];
         if family == AF_INET {
             let d: [u8; 4] = load(sk, off.skc_daddr);
@@ -790,47 +950,28 @@ fn conn_event(sk: *const u8, c: &Conn, family: u16, off: &DbOffsets) {
         if family != AF_UNIX {
             (*p).dport = u16::from_be(load::<u16>(sk, off.skc_dport));
             (*p).sport = load::<u16>(sk, off.skc_num);
-        } else if off.flags & DB_HAVE_UNIX != 0 {
-            // The listening path: an accepted socket carries it as its own address, a
-            // client finds it on its peer.
-            let mut owner = sk as u64;
-            if c.role == role::CLIENT {
-                let mut peer = 0u64;
-                let _ = bpf_probe_read_kernel_buf(
-                    sk.wrapping_add(off.unix_peer as usize),
-                    core::slice::from_raw_parts_mut((&raw mut peer).cast::<u8>(), 8),
-                );
-                owner = peer;
-            }
-            let mut addr = 0u64;
-            if owner != 0 {
-                let _ = bpf_probe_read_kernel_buf(
-                    (owner as *const u8).wrapping_add(off.unix_addr as usize),
-                    core::slice::from_raw_parts_mut((&raw mut addr).cast::<u8>(), 8),
-                );
-            }
-            if addr != 0 {
-                let mut alen = 0i32;
-                let _ = bpf_probe_read_kernel_buf(
-                    (addr as *const u8).wrapping_add(off.unix_address_len as usize),
-                    core::slice::from_raw_parts_mut((&raw mut alen).cast::<u8>(), 4),
-                );
-                // sockaddr_un: a 2-byte family, then the path.
-                if bpf_probe_read_kernel_buf(
-                    (addr as *const u8).wrapping_add(off.unix_address_name as usize + 2),
-                    &mut (*p).path,
-                )
-                .is_ok()
-                {
-                    let l = alen - 2;
-                    (*p).path_len = if l < 0 {
-                        0
-                    } else if l > DB_PATH_LEN as i32 {
-                        DB_PATH_LEN as u32
-                    } else {
-                        l as u32
-                    };
-                }
+        }
+        if uaddr != 0 {
+            let mut alen = 0i32;
+            let _ = bpf_probe_read_kernel_buf(
+                (uaddr as *const u8).wrapping_add(off.unix_address_len as usize),
+                core::slice::from_raw_parts_mut((&raw mut alen).cast::<u8>(), 4),
+            );
+            // sockaddr_un: a 2-byte family, then the path.
+            if bpf_probe_read_kernel_buf(
+                (uaddr as *const u8).wrapping_add(off.unix_address_name as usize + 2),
+                &mut (*p).path,
+            )
+            .is_ok()
+            {
+                let l = alen - 2;
+                (*p).path_len = if l < 0 {
+                    0
+                } else if l > DB_PATH_LEN as i32 {
+                    DB_PATH_LEN as u32
+                } else {
+                    l as u32
+                };
             }
         }
     }
@@ -842,7 +983,7 @@ fn conn_event(sk: *const u8, c: &Conn, family: u16, off: &DbOffsets) {
 /// then it is counted untimed and, but for PostgreSQL (done by Sync group), noted after the
 /// last slot so that its response is matched in order.
 #[inline(always)]
-fn push(c: &mut Conn, flags: u8, now: u64) -> Option<u64> {
+fn push(c: &mut Conn, flags: u8, key: u64, now: u64) -> Option<u64> {
     let (head, tail) = (vget(&c.head), vget(&c.tail));
     if tail.wrapping_sub(head) >= DB_INFLIGHT as u64 {
         bump(counters::INFLIGHT_FULL);
@@ -862,6 +1003,7 @@ fn push(c: &mut Conn, flags: u8, now: u64) -> Option<u64> {
     let i = (tail & INFLIGHT_MASK) as usize;
     if i < DB_INFLIGHT {
         c.start[i] = now;
+        c.key[i] = key;
         c.qflags[i] = flags;
         c.gap[i] = 0;
     }
@@ -883,13 +1025,199 @@ fn head_flags(c: &Conn) -> Option<u8> {
     }
 }
 
-/// Times a request that starts at `at` of this read or write and announces it.
+/// Times a request that starts at `at` of this read or write (or counts it untimed), and
+/// sends its text if its statement key is not known yet.
 #[inline(always)]
 fn note_request(c: &mut Conn, w: &mut Scratch, flags: u8, at: u32) {
-    let Some(seq) = push(c, flags, w.now) else {
-        return;
+    let key = statement_key(c, w, flags, at);
+    // SAFETY: a lookup; the value is not kept.
+    if unsafe { DB_KNOWN.get(key) }.is_none() && !sent_lately(w, key) {
+        text_event(c, key, w.buf_addr, at, w.len);
+    }
+    if push(c, flags, key, w.now).is_none() {
+        account(c, w, key, outcome::UNTIMED, 1, 0, 0);
+    }
+}
+
+/// This CPU sent `key`'s text less than `TEXT_RESEND_NS` ago (else notes that it sends it
+/// now): a statement new while userspace is slow to name it (or stopped) costs a text every
+/// `TEXT_RESEND_NS` per CPU, not one per request.
+#[inline(always)]
+fn sent_lately(w: &mut Scratch, key: u64) -> bool {
+    let i = ((key ^ (key >> 29)) & (SENT_SLOTS as u64 - 1)) as usize;
+    if i >= SENT_SLOTS {
+        return false;
+    }
+    let now = w.now;
+    if w.sent_key[i] == key && now.wrapping_sub(w.sent_at[i]) < TEXT_RESEND_NS {
+        return true;
+    }
+    w.sent_key[i] = key;
+    w.sent_at[i] = now;
+    false
+}
+
+/// Copies up to `max` (at most `DB_PREFIX_LEN`) bytes of the request at `at` into
+/// `w.text`; returns how many.
+#[inline(always)]
+fn read_text(w: &mut Scratch, at: u32, max: u32) -> u32 {
+    let mut n = vget(&w.len).saturating_sub(at);
+    if n > max {
+        n = max;
+    }
+    if n > DB_PREFIX_LEN as u32 {
+        n = DB_PREFIX_LEN as u32;
+    }
+    if n == 0 || !read_user(w.text.as_mut_ptr(), n, vget(&w.buf_addr) + at as u64) {
+        return 0;
+    }
+    n
+}
+
+/// The statement key of the request at `at`: the same for every run of one statement (as
+/// far as its first `DB_PREFIX_LEN` bytes tell), different for different statements.
+#[inline(always)]
+fn statement_key(c: &Conn, w: &mut Scratch, flags: u8, at: u32) -> u64 {
+    let seed = mix(FNV_OFFSET, c.system as u64 | (flags as u64) << 8);
+    match c.system {
+        system::REDIS => {
+            // Up to the end of the command name: `*N\r\n$L\r\nNAME\r\n` (an inline command:
+            // its first line).
+            let n = read_text(w, at, RESP_KEY_BYTES);
+            let lines = if w.text[0] == b'*' { 3 } else { 1 };
+            let (mut h, mut nl) = (seed, 0);
+            for i in 0..RESP_KEY_BYTES as usize {
+                if i as u32 >= n || nl >= lines {
+                    break;
+                }
+                let b = w.text[i];
+                h = mix(h, b as u64);
+                if b == b'\n' {
+                    nl += 1;
+                }
+            }
+            h
+        }
+        system::POSTGRESQL => {
+            let n = read_text(w, at, DB_PREFIX_LEN as u32);
+            if n < 6 {
+                return mix(seed, c.conn_id);
+            }
+            let t = w.text[0];
+            let mlen = u32::from_be_bytes([w.text[1], w.text[2], w.text[3], w.text[4]]);
+            let end = if mlen < n { mlen + 1 } else { n };
+            let seed = mix(seed, t as u64);
+            match t {
+                // A simple query: its text.
+                b'Q' => text_hash(w, seed, 5, end, 1),
+                // An unnamed statement: its text, whoever parses it.
+                b'P' if w.text[5] == 0 => text_hash(w, seed, 5, end, 2),
+                // A named statement (Parse) or one bound by name (Bind): the name means
+                // something on this connection only.
+                b'P' | b'B' => mix(text_hash(w, seed, 5, end, 2), c.conn_id),
+                _ => mix(seed, c.conn_id),
+            }
+        }
+        _ => {
+            // MySQL: the command byte, and a query's or prepared statement's text.
+            let n = read_text(w, at, DB_PREFIX_LEN as u32);
+            let cmd = w.text[0];
+            let seed = mix(seed, cmd as u64);
+            if n > 1 && (cmd == 0x03 || cmd == 0x16) {
+                text_hash(w, seed, 1, n, 0)
+            } else {
+                seed
+            }
+        }
+    }
+}
+
+/// Hash of `w.text[from..to]` with numeric literals (digits not inside a word) and the insides
+/// of quoted strings skipped, ending after the `nuls`th NUL byte (0: at `to`).
+#[inline(always)]
+fn text_hash(w: &mut Scratch, seed: u64, from: u32, to: u32, nuls: u32) -> u64 {
+    vset(&mut w.hash_h, seed);
+    vset(&mut w.hash_i, from);
+    vset(&mut w.hash_end, to);
+    vset(&mut w.hash_nuls, nuls);
+    vset(&mut w.hash_ident, 0);
+    vset(&mut w.hash_quote, 0);
+    let mut l = LoopCtx {
+        c: core::ptr::null_mut(),
+        w: core::ptr::from_mut(w),
     };
-    request_event(c, seq, w.now, w.buf_addr, at, w.len);
+    // SAFETY: as in `run_steps`.
+    unsafe {
+        bpf_loop(
+            (DB_PREFIX_LEN / HASH_CHUNK) as u32 + 1,
+            hash_step as *mut _,
+            (&raw mut l).cast(),
+            0,
+        )
+    };
+    vget(&w.hash_h)
+}
+
+/// Keys whose text each CPU remembers sending (a power of two), and for how long.
+const SENT_SLOTS: usize = 32;
+const TEXT_RESEND_NS: u64 = 50_000_000;
+
+/// Bytes one `hash_step` takes.
+const HASH_CHUNK: usize = 8;
+
+/// `HASH_CHUNK` bytes of a `text_hash`; 1 when done.
+extern "C" fn hash_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `text_hash` passes its `LoopCtx`, whose scratch pointer is the per-CPU scratch.
+    let w = unsafe { &mut *(*ctx.cast::<LoopCtx>()).w };
+    let mut h = vget(&w.hash_h);
+    let mut i = vget(&w.hash_i);
+    let mut end = vget(&w.hash_end);
+    let mut nuls = vget(&w.hash_nuls);
+    let mut ident = vget(&w.hash_ident);
+    let mut quote = vget(&w.hash_quote);
+    for _ in 0..HASH_CHUNK {
+        if i >= end {
+            break;
+        }
+        let b = w.text[(i & (DB_PREFIX_LEN as u32 - 1)) as usize];
+        i += 1;
+        if quote != 0 {
+            if b == b'\'' {
+                quote = 0;
+            }
+            continue;
+        }
+        if b == 0 {
+            h = mix(h, 0);
+            ident = 0;
+            if nuls == 1 {
+                end = i;
+            } else if nuls > 1 {
+                nuls -= 1;
+            }
+            continue;
+        }
+        if b == b'\'' {
+            quote = 1;
+            ident = 0;
+            h = mix(h, b'?' as u64);
+            continue;
+        }
+        let digit = b.wrapping_sub(b'0') < 10;
+        if digit && ident == 0 {
+            continue;
+        }
+        let word = (b | 0x20).wrapping_sub(b'a') < 26 || b == b'_' || b == b'$' || b >= 0x80;
+        h = mix(h, b as u64);
+        ident = (word || digit) as u32;
+    }
+    vset(&mut w.hash_h, h);
+    vset(&mut w.hash_i, i);
+    vset(&mut w.hash_end, end);
+    vset(&mut w.hash_nuls, nuls);
+    vset(&mut w.hash_ident, ident);
+    vset(&mut w.hash_quote, quote);
+    (i >= end) as i64
 }
 
 /// Completes the oldest `count` timed requests in flight with `result`.
@@ -927,33 +1255,71 @@ fn reply_done(c: &mut Conn, w: &mut Scratch, result: u8, end: u64) {
     complete(c, w, result, 1, end);
 }
 
-/// Advances the head over `n` timed requests, adding them to the run of completions to
-/// announce (consecutive requests, one outcome, one end: one event).
+/// Completes the `n` oldest timed requests with `result` at `end` (0: now).
 #[inline(always)]
 fn complete(c: &mut Conn, w: &mut Scratch, result: u8, n: u64, end: u64) {
-    let head = vget(&c.head);
-    let run = vget(&w.run_count);
-    if run != 0
-        && vget(&w.run_seq) + run as u64 == head
-        && vget(&w.run_outcome) == result
-        && vget(&w.run_end) == end
-        && run as u64 + n <= DB_MAX_RUN as u64
-    {
-        vset(&mut w.run_count, run + n as u32);
-    } else {
-        flush_run(c, w);
-        let i = (head & INFLIGHT_MASK) as usize;
-        let start = if i < DB_INFLIGHT { c.start[i] } else { 0 };
-        vset(&mut w.run_seq, head);
-        vset(&mut w.run_start, start);
-        vset(&mut w.run_end, end);
-        vset(&mut w.run_outcome, result);
-        vset(&mut w.run_count, n as u32);
+    if n == 1 {
+        complete_one(c, w, result, end);
+        return;
     }
-    vset(&mut c.head, head + n);
+    vset(&mut w.done_result, result);
+    vset(&mut w.done_end, end);
+    let mut l = LoopCtx {
+        c: core::ptr::from_mut(c),
+        w: core::ptr::from_mut(w),
+    };
+    // SAFETY: as in `run_steps`.
+    unsafe { bpf_loop(n as u32, complete_step as *mut _, (&raw mut l).cast(), 0) };
 }
 
-/// Announces the run of completions, if any; a full ring loses it, counted.
+extern "C" fn complete_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    step_with(ctx, |c, w| {
+        let (r, e) = (vget(&w.done_result), vget(&w.done_end));
+        complete_one(c, w, r, e);
+        true
+    })
+}
+
+/// Completes the head request: adds it to the run of completions to count (consecutive
+/// ones of one statement, outcome and latency bucket: one update), and sends a slow-query
+/// event if it took at least the threshold.
+#[inline(always)]
+fn complete_one(c: &mut Conn, w: &mut Scratch, result: u8, end: u64) {
+    let head = vget(&c.head);
+    let i = (head & INFLIGHT_MASK) as usize;
+    let (start, key) = if i < DB_INFLIGHT {
+        (c.start[i], c.key[i])
+    } else {
+        (0, 0)
+    };
+    vset(&mut c.head, head + 1);
+    let end = if end != 0 { end } else { w.now };
+    let d = end.saturating_sub(start);
+    let slow = vget(&w.slow_ns);
+    if slow != 0 && d >= slow {
+        slow_event(c, key, result, start, end);
+    }
+    let bucket = log2_bucket(d) as u32;
+    let run = vget(&w.run_count);
+    if run != 0
+        && run < MAX_RUN
+        && vget(&w.run_key) == key
+        && vget(&w.run_outcome) == result
+        && vget(&w.run_bucket) == bucket
+    {
+        vset(&mut w.run_count, run + 1);
+        vadd(&mut w.run_sum, d);
+    } else {
+        flush_run(c, w);
+        vset(&mut w.run_key, key);
+        vset(&mut w.run_outcome, result);
+        vset(&mut w.run_bucket, bucket);
+        vset(&mut w.run_sum, d);
+        vset(&mut w.run_count, 1);
+    }
+}
+
+/// Counts the run of completions, if any.
 #[inline(always)]
 fn flush_run(c: &mut Conn, w: &mut Scratch) {
     let n = vget(&w.run_count);
@@ -961,19 +1327,78 @@ fn flush_run(c: &mut Conn, w: &mut Scratch) {
         return;
     }
     vset(&mut w.run_count, 0);
-    let end = vget(&w.run_end);
-    let end = if end != 0 { end } else { w.now };
-    if !response_event(
-        c,
-        vget(&w.run_seq),
-        n,
+    let (key, o, sum, b) = (
+        vget(&w.run_key),
         vget(&w.run_outcome),
-        vget(&w.run_start),
-        end,
-    ) {
-        bump_by(counters::LOST_EVENT, n as u64);
-        vadd(&mut c.loss_event, n);
-        vset(&mut c.loss_pending, 1);
+        vget(&w.run_sum),
+        vget(&w.run_bucket),
+    );
+    account(c, w, key, o, n, sum, b);
+}
+
+/// The entry of `k`, inserted (zeroed) if missing; None if the map is full.
+#[inline(always)]
+fn stat_entry(map: &HashMap<DbStatKey, DbStat>, k: &DbStatKey, w: &Scratch) -> Option<*mut DbStat> {
+    if let Some(v) = map.get_ptr_mut(k) {
+        return Some(v);
+    }
+    // Another CPU may insert it first: then this one finds it. By reference: a copy of the
+    // zeros would take 176 bytes of the 512-byte stack.
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    let _ = map.insert(k, &w.zero, NOEXIST);
+    map.get_ptr_mut(k)
+}
+
+/// `*p += v`, atomically (BPF `lock` add: no result, no ordering).
+///
+/// # Safety
+/// `p` points into a map value.
+#[inline(always)]
+unsafe fn atomic_add<T: Copy>(p: *mut T, v: T) {
+    use core::intrinsics::{atomic_xadd, AtomicOrdering};
+    // SAFETY: the caller's.
+    unsafe { atomic_xadd::<T, T, { AtomicOrdering::Relaxed }>(p, v) };
+}
+
+/// Adds `n` requests of statement `key` with `outcome`, `sum` ns together, all in latency
+/// bucket `bucket`, to this connection's series in `DB_STATS`.
+#[inline(always)]
+fn account(c: &mut Conn, w: &Scratch, key: u64, outcome: u8, n: u32, sum: u64, bucket: u32) {
+    let mut k = DbStatKey {
+        owner: c.owner,
+        dest: c.dest,
+        key,
+        system: c.system,
+        role: c.role,
+        outcome,
+        _pad: [0; 5],
+    };
+    let v = match stat_entry(&DB_STATS, &k, w) {
+        Some(v) => v,
+        None => {
+            k.key = 0;
+            match stat_entry(&DB_STATS_OTHER, &k, w) {
+                Some(v) => v,
+                None => {
+                    bump_by(counters::STATS_FULL, n as u64);
+                    vadd(&mut c.loss_event, n);
+                    vset(&mut c.loss_pending, 1);
+                    return;
+                }
+            }
+        }
+    };
+    // SAFETY: a map value, alive while this program runs; other CPUs update it too, with
+    // atomic adds like these.
+    unsafe {
+        atomic_add(&raw mut (*v).count, n as u64);
+        if outcome != outcome::UNTIMED {
+            atomic_add(&raw mut (*v).sum_ns, sum);
+            let b = bucket as usize;
+            if b < HIST_BUCKETS {
+                atomic_add(&raw mut (*v).buckets[b], n);
+            }
+        }
     }
 }
 
@@ -1094,38 +1519,37 @@ fn loss_event(c: &mut Conn) {
     c.loss_pending = 0;
 }
 
-/// A run of `count` completions from `seq`; false if the ring is full.
+/// A request that took at least the slow threshold; a full ring loses the event (counted),
+/// never the count.
 #[inline(always)]
-fn response_event(c: &Conn, seq: u64, count: u32, result: u8, start: u64, end: u64) -> bool {
-    let Some(mut e) = DB_EVENTS.reserve::<DbResponseEvent>(0) else {
+fn slow_event(c: &Conn, key: u64, result: u8, start: u64, end: u64) {
+    let Some(mut e) = DB_EVENTS.reserve::<DbSlowEvent>(0) else {
         bump(counters::DROPS);
-        return false;
+        bump(counters::SLOW_LOST);
+        return;
     };
     let p = e.as_mut_ptr();
     // SAFETY: reserved ring space of exactly this type; every field is written.
     unsafe {
-        (*p).kind = kind::RESPONSE;
+        (*p).kind = kind::SLOW;
         (*p).system = c.system;
         (*p).role = c.role;
         (*p).outcome = result;
         (*p).pid = c.pid;
         (*p).sk = c.sk;
         (*p).conn_id = c.conn_id;
-        (*p).seq = seq;
-        (*p).count = count;
-        (*p)._pad = 0;
+        (*p).key = key;
         (*p).start_ns = start;
         (*p).end_ns = end;
     }
     e.submit(wakeup_flags());
     bump(counters::EVENTS);
-    true
 }
 
-/// Announces a request with the first bytes of it.
+/// The first bytes of a request whose statement key userspace has not named.
 #[inline(always)]
-fn request_event(c: &Conn, seq: u64, now: u64, buf: u64, at: u32, len: u32) {
-    let Some(mut e) = DB_EVENTS.reserve::<DbRequestEvent>(0) else {
+fn text_event(c: &Conn, key: u64, buf: u64, at: u32, len: u32) {
+    let Some(mut e) = DB_EVENTS.reserve::<DbTextEvent>(0) else {
         bump(counters::DROPS);
         return;
     };
@@ -1137,15 +1561,14 @@ fn request_event(c: &Conn, seq: u64, now: u64, buf: u64, at: u32, len: u32) {
     }
     // SAFETY: reserved ring space of exactly this type; every field is written.
     unsafe {
-        (*p).kind = kind::REQUEST;
+        (*p).kind = kind::TEXT;
         (*p).system = c.system;
         (*p).role = c.role;
         (*p)._pad = 0;
         (*p).pid = c.pid;
         (*p).sk = c.sk;
         (*p).conn_id = c.conn_id;
-        (*p).seq = seq;
-        (*p).start_ns = now;
+        (*p).key = key;
         (*p).len = avail;
         (*p).prefix_len = 0;
         if n > 0 && read_user((*p).prefix.as_mut_ptr(), n, buf + at as u64) {
@@ -1154,6 +1577,7 @@ fn request_event(c: &Conn, seq: u64, now: u64, buf: u64, at: u32, len: u32) {
     }
     e.submit(wakeup_flags());
     bump(counters::EVENTS);
+    bump(counters::TEXTS);
 }
 
 #[inline(always)]

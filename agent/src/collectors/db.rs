@@ -1,6 +1,9 @@
-//! Query events from the kernel ring buffer into the store: each request's bytes are parsed
-//! (operation, normalized fingerprint) and joined with its completion by (connection, sequence
-//! number); the kernel's two timestamps give the duration.
+//! Database and cache queries into the store. The kernel counts and times every query in
+//! `DB_STATS` under a statement key; this collector names the keys from the statement texts
+//! the kernel sends while a key is new (operation, normalized fingerprint), registers them in
+//! `DB_KNOWN` so that their text stops coming, and folds what the kernel counted into the
+//! store every tick. Connection events name destinations and services; slow-query events,
+//! the slow log.
 
 use std::{
     collections::HashMap,
@@ -9,20 +12,26 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use agent_common::db::{
-    kind, outcome, DbConnEvent, DbLossEvent, DbRequestEvent, DbResponseEvent, DB_DRAIN_INTERVAL_MS,
-    DB_MAX_RUN,
+use agent_common::{
+    db::{
+        kind, outcome, DbConnEvent, DbLossEvent, DbSettings, DbSlowEvent, DbStat, DbStatKey,
+        DbTextEvent, DB_DRAIN_INTERVAL_MS, DB_KNOWN_ENTRIES,
+    },
+    HIST_BUCKETS,
 };
-use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::watch};
 use tracing::{debug, info, warn};
 
 use super::net::Names;
 use crate::{
     config::{Config, DbConfig},
-    probes::syscalls::comm_str,
+    probes::{db::DbMaps, syscalls::comm_str},
     store::{
-        db::{DbTables, LossKey, LossStats, OpKey, Outcome, QueryRecord, Role, SlowQuery, System},
+        db::{
+            DbTables, LossKey, LossStats, OpKey, OpStats, Outcome, QueryRecord, Role, SlowQuery,
+            System,
+        },
+        histogram::Log2Histogram,
         SharedStore,
     },
     untrusted::{strip_controls, LogField},
@@ -35,27 +44,27 @@ const AF_INET6: u8 = 10;
 
 /// Connections remembered (by socket and recognition time); the least recently used go first.
 pub const MAX_CONNS: usize = 16_384;
-/// Requests waiting for their completion, all connections together.
-pub const MAX_PENDING: usize = 65_536;
+/// Destinations and owners named (by the kernel's ids), each.
+const MAX_NAMES: usize = 16_384;
+/// Statement keys named: as many as the kernel's `DB_KNOWN` holds.
+pub const MAX_KEYS: usize = DB_KNOWN_ENTRIES as usize;
 /// Parsed request prefixes reused as they are (identical bytes, identical answer).
 pub const MAX_PARSE_CACHE: usize = 1024;
-/// A request still waiting after this long is forgotten (counted in pending_dropped): the
-/// connection ended after its last completions were lost, or a statement runs longer than
-/// this, whose completion is then counted as `operation="unknown"` (its time stays right:
-/// the kernel times it).
-const PENDING_MAX_AGE_NS: u64 = 10 * 60 * 1_000_000_000;
-/// How often waiting requests are checked for age.
-const PENDING_SWEEP_NS: u64 = 30 * 1_000_000_000;
-/// Requests before a completion that are forgotten at most, per completion: the usual gap is
-/// none; a larger one (many completion events lost at once) is left to the pending table's
-/// own bound.
-const MAX_SWEEP: u64 = 4096;
 /// Prepared statements remembered per PostgreSQL connection...
 const MAX_STATEMENTS: usize = 256;
 /// ...and over all connections: any local process can open connections that look like
 /// PostgreSQL and prepare statements on them, so what they make the agent keep is bounded as
 /// a whole. Past it, a Bind/Execute of a statement not kept is named `EXECUTE <name>`.
 pub const MAX_STATEMENTS_TOTAL: usize = 8192;
+/// How long counts wait for the text or connection event that names them (a full ring
+/// delays those); then they are counted as `unknown`.
+const NAME_WAIT: Duration = Duration::from_secs(3);
+/// A `DB_STATS` entry unchanged for this long is removed from the kernel's table, to make
+/// room (an increment in the instant between the last read and the removal would be lost:
+/// the entry has been idle for this long).
+const STATS_IDLE: Duration = Duration::from_secs(600);
+/// How often the kernel's counts are folded into the store.
+const FOLD_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Parsed requests by their exact bytes. Looked up by slice: a request allocates a key only
 /// when it is new and worth keeping.
@@ -77,48 +86,75 @@ pub struct QueryInfo {
 
 #[derive(Debug)]
 struct ConnInfo {
-    system: System,
     destination: Arc<str>,
     service: Arc<str>,
     comm: Arc<str>,
     statements: HashMap<String, Arc<QueryInfo>>,
     last_seen: Instant,
-    /// Sequence numbers below this have been completed or forgotten (see `on_response`).
-    swept_to: u64,
 }
 
+/// A named statement key.
 #[derive(Debug)]
-struct Pending {
+struct KeyInfo {
     info: Arc<QueryInfo>,
-    start_ns: u64,
+    /// The process that sent (client) or served (server) its text.
+    process: (u32, Arc<str>),
 }
 
-/// Joins requests with their completions and names them.
+/// What the store has of a `DB_STATS` entry.
+#[derive(Debug, Clone, Copy)]
+struct Folded {
+    count: u64,
+    sum_ns: u64,
+    buckets: [u32; HIST_BUCKETS],
+    /// Since when counts have waited for a name (see `NAME_WAIT`).
+    waiting: Option<Instant>,
+    /// When the count last changed.
+    changed: Instant,
+}
+
+impl Folded {
+    fn new(now: Instant) -> Self {
+        Self {
+            count: 0,
+            sum_ns: 0,
+            buckets: [0; HIST_BUCKETS],
+            waiting: None,
+            changed: now,
+        }
+    }
+}
+
+/// Names the kernel's ids (statement keys, destinations, owners) and turns its counts into
+/// store records.
 pub struct Tracker {
     names: Names,
     conns: HashMap<(u64, u64), ConnInfo>,
-    pending: HashMap<(u64, u64, u64), Pending>,
+    dests: HashMap<u64, Arc<str>>,
+    owners: HashMap<u64, Arc<str>>,
+    keys: HashMap<u64, KeyInfo>,
+    folded: HashMap<DbStatKey, Folded>,
     cache: ParseCache,
     /// Prepared statements kept, over every connection.
     statements: usize,
-    /// Kernel time of the last sweep of old requests.
-    swept_at_ns: u64,
     unknown: Arc<QueryInfo>,
+    /// What the kernel counted without its statement (key 0: its table was full).
+    other: Arc<QueryInfo>,
     /// The operation of a Redis command the server rejected as unknown: one label for every
     /// such name, whatever a client sends (its fingerprint keeps the name).
     unknown_command: Arc<str>,
     raw_text: bool,
+    /// Keys named since the kernel was last told, and keys forgotten since.
+    pub named: Vec<u64>,
+    pub forgotten: Vec<u64>,
+    /// Kernel count entries idle for `STATS_IDLE`: to remove from its table.
+    pub idle: Vec<DbStatKey>,
     pub unmatched: u64,
-    pub pending_dropped: u64,
     pub undecodable: u64,
     /// Losses the kernel reported since the last flush, by connection labels.
     pub losses: Vec<(LossKey, LossStats)>,
-}
-
-/// A completed query and, when it crossed its system's threshold, its slow-log entry.
-pub struct Completed {
-    pub record: QueryRecord,
-    pub slow: Option<SlowQuery>,
+    /// Slow queries since the last flush.
+    pub slow: Vec<SlowQuery>,
 }
 
 impl Tracker {
@@ -127,10 +163,12 @@ impl Tracker {
         Self {
             names: Names::new(),
             conns: HashMap::new(),
-            pending: HashMap::new(),
+            dests: HashMap::new(),
+            owners: HashMap::new(),
+            keys: HashMap::new(),
+            folded: HashMap::new(),
             cache: HashMap::new(),
             statements: 0,
-            swept_at_ns: 0,
             unknown: Arc::new(QueryInfo {
                 operation: u.clone(),
                 fingerprint: u.clone(),
@@ -138,12 +176,22 @@ impl Tracker {
                 read: false,
                 runs: true,
             }),
+            other: Arc::new(QueryInfo {
+                operation: Arc::from("other"),
+                fingerprint: Arc::from("other"),
+                sample: Arc::from("other"),
+                read: false,
+                runs: true,
+            }),
             unknown_command: Arc::from("unknown_command"),
             raw_text,
+            idle: Vec::new(),
+            named: Vec::new(),
+            forgotten: Vec::new(),
             unmatched: 0,
-            pending_dropped: 0,
             undecodable: 0,
             losses: Vec::new(),
+            slow: Vec::new(),
         }
     }
 
@@ -151,32 +199,37 @@ impl Tracker {
     pub fn tables(&self) -> DbTables {
         DbTables {
             connections: self.conns.len() as u64,
-            pending: self.pending.len() as u64,
+            keys: self.keys.len() as u64,
             statements: self.statements as u64,
             parse_cache: self.cache.len() as u64,
+            kernel_stats: self.folded.len() as u64,
         }
     }
 
+    /// Raw text in the slow log and samples means the text of every request: no key is
+    /// registered in the kernel while it is on, and those registered are forgotten.
     pub fn set_raw_text(&mut self, raw: bool) {
         if raw != self.raw_text {
             self.raw_text = raw;
             self.cache.clear();
+            self.forgotten.extend(self.keys.drain().map(|(k, _)| k));
+            self.named.clear();
         }
     }
 
-    /// Feeds one ring-buffer record; returns the queries it completed.
-    pub fn feed(&mut self, bytes: &[u8], cfg: &DbConfig, out: &mut Vec<Completed>) {
+    /// Feeds one ring-buffer record.
+    pub fn feed(&mut self, bytes: &[u8], cfg: &DbConfig) {
         match bytes.first().copied() {
             Some(kind::CONN) => match super::decode_event::<DbConnEvent>(bytes) {
                 Some(ev) => self.on_conn(&ev),
                 None => self.undecodable += 1,
             },
-            Some(kind::REQUEST) => match super::decode_event::<DbRequestEvent>(bytes) {
-                Some(ev) => self.on_request(&ev),
+            Some(kind::TEXT) => match super::decode_event::<DbTextEvent>(bytes) {
+                Some(ev) => self.on_text(&ev),
                 None => self.undecodable += 1,
             },
-            Some(kind::RESPONSE) => match super::decode_event::<DbResponseEvent>(bytes) {
-                Some(ev) => self.on_response(&ev, cfg, out),
+            Some(kind::SLOW) => match super::decode_event::<DbSlowEvent>(bytes) {
+                Some(ev) => self.on_slow(&ev, cfg),
                 None => self.undecodable += 1,
             },
             Some(kind::LOSS) => match super::decode_event::<DbLossEvent>(bytes) {
@@ -188,8 +241,7 @@ impl Tracker {
     }
 
     fn on_conn(&mut self, ev: &DbConnEvent) {
-        let (Some(system), Some(role)) =
-            (System::from_kernel(ev.system), Role::from_kernel(ev.role))
+        let (Some(_), Some(role)) = (System::from_kernel(ev.system), Role::from_kernel(ev.role))
         else {
             self.undecodable += 1;
             return;
@@ -201,17 +253,26 @@ impl Tracker {
         let comm = comm_str(&ev.comm);
         let service = self.names.service(ev.cgroup_id, &comm, None);
         let comm = self.names.intern(comm);
+        // Ids seen again keep their first name: a table full of ids a local process made up
+        // is started afresh (their counts then wait for a name, or go to `unknown`).
+        for (map, id, name) in [
+            (&mut self.dests, ev.dest, &destination),
+            (&mut self.owners, ev.owner, &service),
+        ] {
+            if map.len() >= MAX_NAMES && !map.contains_key(&id) {
+                *map = HashMap::new();
+            }
+            map.insert(id, name.clone());
+        }
         let entry = self
             .conns
             .entry((ev.sk, ev.conn_id))
             .or_insert_with(|| ConnInfo {
-                system,
                 destination: destination.clone(),
                 service: service.clone(),
                 comm: comm.clone(),
                 statements: HashMap::new(),
                 last_seen: Instant::now(),
-                swept_to: 0,
             });
         // A new owner (a forked worker) re-attributes the connection.
         entry.service = service;
@@ -235,60 +296,119 @@ impl Tracker {
         self.statements = self.statements.saturating_sub(dropped);
     }
 
-    fn on_request(&mut self, ev: &DbRequestEvent) {
+    /// A statement key's text: names the key (and, for PostgreSQL, defines the statements
+    /// the connection prepares).
+    fn on_text(&mut self, ev: &DbTextEvent) {
         let n = (ev.prefix_len as usize).min(ev.prefix.len());
         let prefix = &ev.prefix[..n];
+        let Some(system) = System::from_kernel(ev.system) else {
+            self.undecodable += 1;
+            return;
+        };
         let conn = self.conns.get_mut(&(ev.sk, ev.conn_id));
-        let info = match conn {
+        let (info, comm) = match conn {
             Some(c) => {
                 c.last_seen = Instant::now();
-                parse(
-                    c.system,
+                let info = parse(
+                    system,
                     prefix,
                     ev.len as usize,
                     (&mut c.statements, &mut self.statements),
                     &mut self.cache,
                     self.raw_text,
-                )
+                );
+                (info, c.comm.clone())
             }
-            None => System::from_kernel(ev.system).and_then(|s| {
-                parse(
-                    s,
+            None => {
+                let info = parse(
+                    system,
                     prefix,
                     ev.len as usize,
                     (&mut HashMap::new(), &mut 0),
                     &mut self.cache,
                     self.raw_text,
-                )
-            }),
+                );
+                (info, self.unknown.operation.clone())
+            }
+        };
+        let info = info.unwrap_or_else(|| self.unknown.clone());
+        if self.keys.len() >= MAX_KEYS && !self.keys.contains_key(&ev.key) {
+            // Started afresh; the kernel forgets them too, so their text comes again.
+            self.forgotten.extend(self.keys.drain().map(|(k, _)| k));
+            self.named.clear();
         }
-        .unwrap_or_else(|| self.unknown.clone());
-        // Requests of connections that ended, whose last completions were lost: nothing
-        // will ever complete them. Kernel time (CLOCK_MONOTONIC) of the requests is the clock.
-        if ev.start_ns > self.swept_at_ns.saturating_add(PENDING_SWEEP_NS) {
-            self.swept_at_ns = ev.start_ns;
-            let cutoff = ev.start_ns.saturating_sub(PENDING_MAX_AGE_NS);
-            let before = self.pending.len();
-            self.pending.retain(|_, p| p.start_ns >= cutoff);
-            self.pending_dropped += (before - self.pending.len()) as u64;
+        let fresh = self
+            .keys
+            .insert(
+                ev.key,
+                KeyInfo {
+                    info,
+                    process: (ev.pid, comm),
+                },
+            )
+            .is_none();
+        if fresh && !self.raw_text {
+            self.named.push(ev.key);
         }
-        if self.pending.len() >= MAX_PENDING {
-            // Requests whose completions never came (dropped events, connections that died).
-            // A new map: clear() would keep the full table's memory.
-            self.pending_dropped += self.pending.len() as u64;
-            self.pending = HashMap::new();
-        }
-        self.pending.insert(
-            (ev.sk, ev.conn_id, ev.seq),
-            Pending {
-                info,
-                start_ns: ev.start_ns,
-            },
-        );
     }
 
-    /// Requests the kernel could not time on a connection: counted under its labels. Those
-    /// a desync dropped will never complete: their request events are forgotten.
+    /// The name of a key: its statement, or `unknown` if its text never came.
+    fn key_info(&self, key: u64) -> Option<&KeyInfo> {
+        self.keys.get(&key)
+    }
+
+    fn on_slow(&mut self, ev: &DbSlowEvent, cfg: &DbConfig) {
+        let (Some(system), Some(role)) =
+            (System::from_kernel(ev.system), Role::from_kernel(ev.role))
+        else {
+            self.undecodable += 1;
+            return;
+        };
+        let info = self
+            .key_info(ev.key)
+            .map_or_else(|| self.unknown.clone(), |k| k.info.clone());
+        let u = &self.unknown.operation;
+        let (destination, service, comm) = match self.conns.get(&(ev.sk, ev.conn_id)) {
+            Some(c) => (c.destination.clone(), c.service.clone(), c.comm.clone()),
+            None => (u.clone(), u.clone(), u.clone()),
+        };
+        let result = outcome_of(ev.outcome, &info);
+        let operation = self.operation(system, result, &info);
+        if self.slow.len() >= cfg.slow_log_capacity.max(1) {
+            self.slow.remove(0);
+        }
+        let duration_ns = ev.end_ns.saturating_sub(ev.start_ns);
+        self.slow.push(SlowQuery {
+            at: SystemTime::now(),
+            system,
+            role,
+            operation: operation.to_string(),
+            fingerprint: info.fingerprint.to_string(),
+            text: info.sample.to_string(),
+            duration_ms: duration_ns as f64 / 1e6,
+            outcome: result,
+            pid: ev.pid,
+            comm: comm.to_string(),
+            service: service.to_string(),
+            destination: destination.to_string(),
+        });
+    }
+
+    /// The operation label: the statement's, but a Redis command outside the known set that
+    /// the server refused is `unknown_command` (its fingerprint keeps the name).
+    fn operation(&self, system: System, result: Outcome, info: &Arc<QueryInfo>) -> Arc<str> {
+        if system == System::Redis
+            && result == Outcome::Error
+            && !Arc::ptr_eq(info, &self.unknown)
+            && !resp::is_known(&info.operation)
+        {
+            self.unknown_command.clone()
+        } else {
+            info.operation.clone()
+        }
+    }
+
+    /// Requests the kernel could not time on a connection: counted under its labels.
     fn on_loss(&mut self, ev: &DbLossEvent) {
         let (Some(system), Some(role)) =
             (System::from_kernel(ev.system), Role::from_kernel(ev.role))
@@ -303,12 +423,6 @@ impl Tracker {
                 (u.clone(), u.clone())
             }
         };
-        let dropped = ev.dropped_to.wrapping_sub(ev.dropped_from);
-        if dropped <= u64::from(DB_MAX_RUN) {
-            for seq in ev.dropped_from..ev.dropped_to {
-                self.pending.remove(&(ev.sk, ev.conn_id, seq));
-            }
-        }
         self.losses.push((
             LossKey {
                 system,
@@ -325,101 +439,106 @@ impl Tracker {
         ));
     }
 
-    fn on_response(&mut self, ev: &DbResponseEvent, cfg: &DbConfig, out: &mut Vec<Completed>) {
-        let (Some(system), Some(role)) =
-            (System::from_kernel(ev.system), Role::from_kernel(ev.role))
-        else {
-            self.undecodable += 1;
-            return;
-        };
-        let conn = self.conns.get_mut(&(ev.sk, ev.conn_id));
-        let (destination, service, comm) = match conn {
-            Some(c) => {
-                // Completions come in request order on a connection: a request before this
-                // one still waiting has lost its completion (its event was dropped, and
-                // counted by the kernel as event_lost). Forget it now rather than hold it
-                // until the pending table fills.
-                let from = c.swept_to.max(ev.seq.saturating_sub(MAX_SWEEP));
-                for seq in from..ev.seq {
-                    self.pending.remove(&(ev.sk, ev.conn_id, seq));
+    /// What the kernel counted since the last fold, as store records: one per `DB_STATS`
+    /// entry that changed. Counts whose names have not arrived wait up to `NAME_WAIT` (the
+    /// kernel keeps counting meanwhile), then go to `unknown`.
+    pub fn fold(
+        &mut self,
+        entries: &[(DbStatKey, DbStat)],
+        now: Instant,
+        out: &mut Vec<QueryRecord>,
+    ) {
+        for (k, v) in entries {
+            let (Some(system), Some(role)) =
+                (System::from_kernel(k.system), Role::from_kernel(k.role))
+            else {
+                continue;
+            };
+            let f = self.folded.entry(*k).or_insert_with(|| Folded::new(now));
+            let count = v.count.wrapping_sub(f.count);
+            if count == 0 {
+                if now.duration_since(f.changed) >= STATS_IDLE {
+                    self.idle.push(*k);
                 }
-                c.swept_to = c.swept_to.max(
-                    ev.seq
-                        .wrapping_add(u64::from(ev.count.clamp(1, DB_MAX_RUN))),
-                );
-                (c.destination.clone(), c.service.clone(), c.comm.clone())
+                continue;
             }
-            None => {
-                let u = &self.unknown.operation;
-                (u.clone(), u.clone(), u.clone())
+            // Key 0: counted without its statement, the kernel's table was full.
+            let (info, process) = match (k.key, self.keys.get(&k.key)) {
+                (0, _) => (Some(&self.other), None),
+                (_, Some(n)) => (Some(&n.info), Some(&n.process)),
+                (_, None) => (None, None),
+            };
+            let dest = self.dests.get(&k.dest);
+            let owner = self.owners.get(&k.owner);
+            if info.is_none() || dest.is_none() || owner.is_none() {
+                let since = *f.waiting.get_or_insert(now);
+                if now.duration_since(since) < NAME_WAIT {
+                    continue;
+                }
             }
-        };
-        let threshold = match system {
-            System::Postgresql => cfg.slow_threshold.postgresql,
-            System::Mysql => cfg.slow_threshold.mysql,
-            System::Redis => cfg.slow_threshold.redis,
-        };
-        for i in 0..u64::from(ev.count.clamp(1, DB_MAX_RUN)) {
-            let seq = ev.seq.wrapping_add(i);
-            let (info, start) = match self.pending.remove(&(ev.sk, ev.conn_id, seq)) {
-                Some(p) => (p.info, p.start_ns),
+            let mut stats = OpStats::default();
+            if k.outcome == outcome::UNTIMED {
+                stats.untimed = count;
+            } else {
+                let mut h = Log2Histogram {
+                    count,
+                    sum_ns: v.sum_ns.wrapping_sub(f.sum_ns),
+                    ..Log2Histogram::default()
+                };
+                for (i, b) in h.buckets.iter_mut().enumerate() {
+                    *b = u64::from(v.buckets[i].wrapping_sub(f.buckets[i]));
+                }
+                stats.duration = h;
+            }
+            *f = Folded {
+                count: v.count,
+                sum_ns: v.sum_ns,
+                buckets: v.buckets,
+                waiting: None,
+                changed: now,
+            };
+            let process = process.cloned();
+            let info = match info {
+                Some(i) => i.clone(),
                 None => {
-                    self.unmatched += 1;
-                    (self.unknown.clone(), ev.start_ns)
+                    self.unmatched += count;
+                    self.unknown.clone()
                 }
             };
             if !info.runs {
                 continue;
             }
-            let duration_ns = ev.end_ns.saturating_sub(start);
-            let result = match ev.outcome {
-                outcome::ERROR => Outcome::Error,
-                outcome::SKIPPED => Outcome::Skipped,
-                outcome::NULL if info.read => Outcome::Miss,
-                outcome::NULL => Outcome::Null,
-                _ => Outcome::Ok,
-            };
-            let operation = if system == System::Redis
-                && result == Outcome::Error
-                && !Arc::ptr_eq(&info, &self.unknown)
-                && !resp::is_known(&info.operation)
-            {
-                self.unknown_command.clone()
-            } else {
-                info.operation.clone()
-            };
-            let slow = (Duration::from_nanos(duration_ns) >= threshold).then(|| SlowQuery {
-                at: SystemTime::now(),
-                system,
-                role,
-                operation: operation.to_string(),
-                fingerprint: info.fingerprint.to_string(),
-                text: info.sample.to_string(),
-                duration_ms: duration_ns as f64 / 1e6,
-                outcome: result,
-                pid: ev.pid,
-                comm: comm.to_string(),
-                service: service.to_string(),
-                destination: destination.to_string(),
-            });
-            out.push(Completed {
-                record: QueryRecord {
-                    key: OpKey {
-                        system,
-                        role,
-                        operation,
-                        destination: destination.clone(),
-                        service: service.clone(),
-                    },
-                    fingerprint: info.fingerprint.clone(),
-                    sample: info.sample.clone(),
-                    duration_ns,
-                    outcome: result,
-                    process: Some((ev.pid, comm.clone())),
+            let result = outcome_of(k.outcome, &info);
+            match result {
+                Outcome::Error | Outcome::Skipped => stats.errors = stats.duration.count,
+                Outcome::Miss => stats.misses = stats.duration.count,
+                _ => {}
+            }
+            let u = &self.unknown.operation;
+            out.push(QueryRecord {
+                key: OpKey {
+                    system,
+                    role,
+                    operation: self.operation(system, result, &info),
+                    destination: dest.unwrap_or(u).clone(),
+                    service: owner.unwrap_or(u).clone(),
                 },
-                slow,
+                fingerprint: info.fingerprint.clone(),
+                sample: info.sample.clone(),
+                stats,
+                process,
             });
         }
+    }
+}
+
+fn outcome_of(o: u8, info: &QueryInfo) -> Outcome {
+    match o {
+        outcome::ERROR => Outcome::Error,
+        outcome::SKIPPED => Outcome::Skipped,
+        outcome::NULL if info.read => Outcome::Miss,
+        outcome::NULL => Outcome::Null,
+        _ => Outcome::Ok,
     }
 }
 
@@ -596,12 +715,20 @@ fn redis_raw(prefix: &[u8]) -> String {
     strip_controls(&words.join(" ")).into_owned()
 }
 
-/// Reads query events until the ring buffer's fd fails (the probe was dropped).
+/// Reads query events and the kernel's counts until the ring buffer's fd fails (the probe
+/// was dropped).
 pub async fn run_event_reader(
-    ring: RingBuf<MapData>,
+    maps: DbMaps,
     store: SharedStore,
     config: watch::Receiver<Arc<Config>>,
 ) {
+    let DbMaps {
+        ring,
+        mut stats,
+        mut stats_other,
+        mut known,
+        mut settings,
+    } = maps;
     // SAFETY: the ring buffer owns its map fd, which stays open for as long as the AsyncFd
     // owns the ring buffer.
     let mut fd = match unsafe { AsyncFd::register(ring) } {
@@ -614,24 +741,25 @@ pub async fn run_event_reader(
     let mut tracker = Tracker::new(config.borrow().db.log_raw_text);
     let mut drain = tokio::time::interval(Duration::from_millis(DB_DRAIN_INTERVAL_MS));
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut done = Vec::with_capacity(FLUSH_EVERY);
+    let mut fold = tokio::time::interval(FOLD_INTERVAL);
+    fold.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut entries = Vec::new();
+    let mut records = Vec::new();
+    let mut applied = None;
     loop {
         let cfg = config.borrow().clone();
         tracker.set_raw_text(cfg.db.log_raw_text);
-        // A reader that falls behind meets a full ring: what it holds is folded into the
-        // store every FLUSH_EVERY completions, so its own memory stays bounded.
-        let mut drain_ring = |ring: &mut RingBuf<MapData>, done: &mut Vec<Completed>| {
-            let mut events = 0u64;
-            while let Some(item) = ring.next() {
-                events += 1;
-                tracker.feed(&item, &cfg.db, done);
-                if done.len() >= FLUSH_EVERY || tracker.losses.len() >= FLUSH_EVERY {
-                    flush(&store, &cfg.db, done, events, &mut tracker);
-                    events = 0;
+        let want = settings_of(&cfg.db);
+        if applied != Some(want) {
+            match settings.set(0, want, 0) {
+                Ok(()) => applied = Some(want),
+                Err(e) => {
+                    warn!(error = %crate::probes::error_chain(&e), "cannot set the database probe's slow thresholds")
                 }
             }
-            flush(&store, &cfg.db, done, events, &mut tracker);
-        };
+        }
+        let mut events = 0u64;
+        let mut folding = false;
         tokio::select! {
             ready = fd.readable_mut() => {
                 let mut guard = match ready {
@@ -641,31 +769,87 @@ pub async fn run_event_reader(
                         return;
                     }
                 };
-                drain_ring(guard.get_inner_mut(), &mut done);
+                events += drain_ring(guard.get_inner_mut(), &mut tracker, &cfg.db, &mut known);
                 guard.clear_ready();
             }
-            _ = drain.tick() => drain_ring(fd.get_mut(), &mut done),
+            _ = drain.tick() => events += drain_ring(fd.get_mut(), &mut tracker, &cfg.db, &mut known),
+            _ = fold.tick() => {
+                // Names first: the texts and connections the counts are waiting for.
+                events += drain_ring(fd.get_mut(), &mut tracker, &cfg.db, &mut known);
+                entries.clear();
+                entries.extend(stats.iter().filter_map(Result::ok));
+                entries.extend(stats_other.iter().filter_map(Result::ok));
+                tracker.fold(&entries, Instant::now(), &mut records);
+                for k in tracker.idle.drain(..) {
+                    let map = if k.key == 0 { &mut stats_other } else { &mut stats };
+                    if map.remove(&k).is_ok() {
+                        tracker.folded.remove(&k);
+                    }
+                }
+                folding = true;
+            }
+        }
+        register(&mut tracker, &mut known);
+        if events > 0 || folding || !tracker.slow.is_empty() || !tracker.losses.is_empty() {
+            flush(&store, &cfg.db, &mut records, events, &mut tracker);
         }
     }
 }
 
-/// Completions handled per store update.
-const FLUSH_EVERY: usize = 4096;
+/// What the kernel needs of the config.
+fn settings_of(cfg: &DbConfig) -> DbSettings {
+    let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
+    let t = &cfg.slow_threshold;
+    DbSettings {
+        slow_ns: [0, ns(t.postgresql), ns(t.mysql), ns(t.redis)],
+    }
+}
 
-/// Folds completed queries into the store and logs the slow ones.
+/// Reads what the ring holds; returns how many events. Keys are registered as they are
+/// named, not when the ring is empty: under a flood it never is, and every request of a key
+/// not registered sends its text.
+fn drain_ring(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    tracker: &mut Tracker,
+    cfg: &DbConfig,
+    known: &mut aya::maps::HashMap<aya::maps::MapData, u64, u8>,
+) -> u64 {
+    let mut events = 0u64;
+    while let Some(item) = ring.next() {
+        events += 1;
+        tracker.feed(&item, cfg);
+        if !tracker.named.is_empty() {
+            register(tracker, known);
+        }
+    }
+    register(tracker, known);
+    events
+}
+
+/// Tells the kernel which keys are named (their text stops coming) and which are forgotten.
+fn register(tracker: &mut Tracker, known: &mut aya::maps::HashMap<aya::maps::MapData, u64, u8>) {
+    for k in tracker.forgotten.drain(..) {
+        let _ = known.remove(&k);
+    }
+    for k in tracker.named.drain(..) {
+        if let Err(e) = known.insert(k, 1, 0) {
+            debug!(error = %crate::probes::error_chain(&e), "cannot register a statement key");
+        }
+    }
+}
+
+/// Folds the kernel's counts into the store and logs the slow queries.
 fn flush(
     store: &SharedStore,
     cfg: &DbConfig,
-    done: &mut Vec<Completed>,
+    records: &mut Vec<QueryRecord>,
     events: u64,
     tracker: &mut Tracker,
 ) {
-    if events == 0 && done.is_empty() && tracker.losses.is_empty() {
-        return;
-    }
     let Ok(mut st) = store.write() else {
-        done.clear();
+        records.clear();
         tracker.losses.clear();
+        tracker.slow.clear();
         return;
     };
     let cap = cfg.slow_log_capacity.max(1);
@@ -673,38 +857,36 @@ fn flush(
         let t = &mut st.db_live;
         t.events += events;
         t.unmatched = tracker.unmatched;
-        t.pending_dropped = tracker.pending_dropped;
         t.undecodable = tracker.undecodable;
         t.tables = tracker.tables();
         for (k, l) in tracker.losses.drain(..) {
             t.record_loss(k, &l, cfg.max_series);
         }
     }
-    for c in done.drain(..) {
-        if let Some(s) = c.slow {
-            // The process-controlled fields are quoted and escaped when they need it: one
-            // line per slow query, whatever they hold.
-            info!(
-                target: "insite::slow_query",
-                system = s.system.as_str(),
-                role = s.role.as_str(),
-                operation = %LogField(&s.operation),
-                duration_ms = s.duration_ms,
-                outcome = ?s.outcome,
-                pid = s.pid,
-                comm = %LogField(&s.comm),
-                service = %LogField(&s.service),
-                destination = %LogField(&s.destination),
-                text = %LogField(&s.text),
-                "slow query"
-            );
-            while st.db_slow.len() >= cap {
-                st.db_slow.pop_front();
-            }
-            st.db_slow.push_back(s);
+    for s in tracker.slow.drain(..) {
+        // The process-controlled fields are quoted and escaped when they need it: one line
+        // per slow query, whatever they hold.
+        info!(
+            target: "insite::slow_query",
+            system = s.system.as_str(),
+            role = s.role.as_str(),
+            operation = %LogField(&s.operation),
+            duration_ms = s.duration_ms,
+            outcome = ?s.outcome,
+            pid = s.pid,
+            comm = %LogField(&s.comm),
+            service = %LogField(&s.service),
+            destination = %LogField(&s.destination),
+            text = %LogField(&s.text),
+            "slow query"
+        );
+        while st.db_slow.len() >= cap {
+            st.db_slow.pop_front();
         }
-        st.db_live
-            .record(c.record, cfg.max_series, cfg.max_fingerprints);
+        st.db_slow.push_back(s);
+    }
+    for r in records.drain(..) {
+        st.db_live.record(r, cfg.max_series, cfg.max_fingerprints);
     }
 }
 
@@ -900,81 +1082,15 @@ mod tests {
         assert_eq!(&*ping.operation, "PING");
     }
 
-    #[test]
-    fn completions_join_requests_and_count_ranges() {
-        let mut t = Tracker::new(false);
-        let cfg = DbConfig::default();
-        let mut req = DbRequestEvent {
-            kind: kind::REQUEST,
-            system: agent_common::db::system::REDIS,
-            role: agent_common::db::role::CLIENT,
-            _pad: 0,
-            pid: 1,
-            sk: 9,
-            conn_id: 3,
-            seq: 0,
-            start_ns: 1_000,
-            len: 0,
-            prefix_len: 0,
-            prefix: [0; agent_common::db::DB_PREFIX_LEN],
-        };
-        let cmd = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
-        req.prefix[..cmd.len()].copy_from_slice(cmd);
-        req.prefix_len = cmd.len() as u32;
-        for seq in 0..3 {
-            req.seq = seq;
-            req.start_ns = 1_000 + seq;
-            t.on_request(&req);
+    fn as_bytes<T>(v: &T) -> &[u8] {
+        // SAFETY: plain repr(C) values without padding, viewed as their bytes.
+        unsafe {
+            std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>())
         }
-        let resp = DbResponseEvent {
-            kind: kind::RESPONSE,
-            system: req.system,
-            role: req.role,
-            outcome: outcome::NULL,
-            pid: 1,
-            sk: 9,
-            conn_id: 3,
-            seq: 0,
-            count: 3,
-            _pad: 0,
-            start_ns: 1_000,
-            end_ns: 51_000,
-        };
-        let mut out = Vec::new();
-        t.on_response(&resp, &cfg, &mut out);
-        assert_eq!(out.len(), 3);
-        assert!(out.iter().all(|c| c.record.outcome == Outcome::Miss));
-        assert_eq!(out[2].record.duration_ns, 51_000 - 1_002);
-        assert_eq!(t.unmatched, 0);
-        // A completion whose request never arrived still counts, as `unknown`.
-        let mut out = Vec::new();
-        t.on_response(
-            &DbResponseEvent {
-                seq: 7,
-                count: 1,
-                ..resp
-            },
-            &cfg,
-            &mut out,
-        );
-        assert_eq!(&*out[0].record.key.operation, "unknown");
-        assert_eq!(t.unmatched, 1);
-        // Junk never panics.
-        let mut out = Vec::new();
-        for junk in [
-            &[][..],
-            &[kind::CONN][..],
-            &[kind::RESPONSE, 1, 2][..],
-            &[99; 400][..],
-        ] {
-            t.feed(junk, &cfg, &mut out);
-        }
-        assert!(out.is_empty());
-        assert_eq!(t.undecodable, 4);
     }
 
     fn conn_event(sk: u64, conn_id: u64) -> DbConnEvent {
-        DbConnEvent {
+        let mut ev = DbConnEvent {
             kind: kind::CONN,
             system: agent_common::db::system::REDIS,
             role: agent_common::db::role::SERVER,
@@ -984,174 +1100,256 @@ mod tests {
             conn_id,
             cgroup_id: 0,
             comm: [0; agent_common::TASK_COMM_LEN],
-            saddr: [0; 16],
+            saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             daddr: [0; 16],
             sport: 6379,
             dport: 40000,
             path_len: 0,
             path: [0; agent_common::db::DB_PATH_LEN],
             _pad: 0,
-        }
+            dest: 0xde57,
+            owner: 0x0a1e,
+        };
+        ev.comm[..5].copy_from_slice(b"redis");
+        ev
     }
 
-    fn redis_response(seq: u64, count: u32) -> DbResponseEvent {
-        DbResponseEvent {
-            kind: kind::RESPONSE,
-            system: agent_common::db::system::REDIS,
-            role: agent_common::db::role::SERVER,
-            outcome: outcome::OK,
-            pid: 1,
-            sk: 9,
-            conn_id: 3,
-            seq,
-            count,
-            _pad: 0,
-            start_ns: 1_000,
-            end_ns: 2_000,
-        }
-    }
-
-    fn redis_request(seq: u64, cmd: &[u8]) -> DbRequestEvent {
-        let mut req = DbRequestEvent {
-            kind: kind::REQUEST,
+    fn redis_text(key: u64, cmd: &[u8]) -> DbTextEvent {
+        let mut ev = DbTextEvent {
+            kind: kind::TEXT,
             system: agent_common::db::system::REDIS,
             role: agent_common::db::role::SERVER,
             _pad: 0,
             pid: 1,
             sk: 9,
             conn_id: 3,
-            seq,
-            start_ns: 1_000,
+            key,
             len: cmd.len() as u32,
             prefix_len: cmd.len() as u32,
             prefix: [0; agent_common::db::DB_PREFIX_LEN],
         };
-        req.prefix[..cmd.len()].copy_from_slice(cmd);
-        req
+        ev.prefix[..cmd.len()].copy_from_slice(cmd);
+        ev
+    }
+
+    fn stat_key(key: u64, o: u8) -> DbStatKey {
+        DbStatKey {
+            owner: 0x0a1e,
+            dest: 0xde57,
+            key,
+            system: agent_common::db::system::REDIS,
+            role: agent_common::db::role::SERVER,
+            outcome: o,
+            _pad: [0; 5],
+        }
+    }
+
+    /// `n` requests of `ns` each.
+    fn stat(n: u64, ns: u64) -> DbStat {
+        let mut s = DbStat {
+            count: n,
+            sum_ns: n * ns,
+            buckets: [0; HIST_BUCKETS],
+        };
+        s.buckets[agent_common::log2_bucket(ns)] = n as u32;
+        s
+    }
+
+    #[test]
+    fn texts_name_keys_and_kernel_counts_fold_as_differences() {
+        let mut t = Tracker::new(false);
+        let cfg = DbConfig::default();
+        t.feed(as_bytes(&conn_event(9, 3)), &cfg);
+        t.feed(
+            as_bytes(&redis_text(7, b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")),
+            &cfg,
+        );
+        assert_eq!(t.named, [7], "the key is to be registered in the kernel");
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let entries = [
+            (stat_key(7, outcome::OK), stat(3, 1_000)),
+            (stat_key(7, outcome::NULL), stat(2, 5_000)),
+            (
+                stat_key(7, outcome::UNTIMED),
+                DbStat {
+                    count: 4,
+                    ..stat(0, 0)
+                },
+            ),
+        ];
+        t.fold(&entries, now, &mut out);
+        assert_eq!(out.len(), 3);
+        for r in &out {
+            assert_eq!(
+                (
+                    &*r.key.operation,
+                    &*r.key.destination,
+                    &*r.key.service,
+                    &*r.fingerprint
+                ),
+                ("GET", "127.0.0.1:6379", "redis", "GET ?")
+            );
+        }
+        assert_eq!((out[0].stats.duration.count, out[0].stats.misses), (3, 0));
+        assert_eq!((out[1].stats.duration.count, out[1].stats.misses), (2, 2));
+        assert_eq!(out[1].stats.duration.sum_ns, 10_000);
+        assert_eq!((out[2].stats.untimed, out[2].stats.duration.count), (4, 0));
+        // Unchanged counts give nothing; grown ones give the difference, buckets included.
+        out.clear();
+        t.fold(&entries, now, &mut out);
+        assert!(out.is_empty());
+        let mut grown = entries;
+        grown[0].1 = stat(10, 1_000);
+        t.fold(&grown, now, &mut out);
+        assert_eq!(out.len(), 1);
+        let h = &out[0].stats.duration;
+        assert_eq!(
+            (h.count, h.buckets[agent_common::log2_bucket(1_000)]),
+            (7, 7)
+        );
+        assert_eq!(t.unmatched, 0);
+    }
+
+    #[test]
+    fn counts_wait_for_their_names_then_go_to_unknown() {
+        let mut t = Tracker::new(false);
+        let cfg = DbConfig::default();
+        let now = Instant::now();
+        let entries = [(stat_key(5, outcome::OK), stat(6, 1_000))];
+        let mut out = Vec::new();
+        t.fold(&entries, now, &mut out);
+        assert!(out.is_empty(), "held while the names may still come");
+        // The names arrive within the wait: counted under them.
+        t.feed(as_bytes(&conn_event(9, 3)), &cfg);
+        t.feed(as_bytes(&redis_text(5, b"*1\r\n$4\r\nPING\r\n")), &cfg);
+        t.fold(&entries, now + Duration::from_secs(1), &mut out);
+        assert_eq!(&*out[0].key.operation, "PING");
+        assert_eq!(out[0].stats.duration.count, 6);
+        // A key whose text never comes is counted as `unknown` after the wait.
+        let entries = [(stat_key(6, outcome::OK), stat(2, 1_000))];
+        out.clear();
+        t.fold(&entries, now, &mut out);
+        t.fold(&entries, now + NAME_WAIT, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(&*out[0].key.operation, "unknown");
+        assert_eq!(&*out[0].key.destination, "127.0.0.1:6379");
+        assert_eq!(t.unmatched, 2);
     }
 
     #[test]
     fn unknown_redis_commands_share_one_operation_and_keep_their_fingerprint() {
         let mut t = Tracker::new(false);
         let cfg = DbConfig::default();
-        t.on_request(&redis_request(0, b"*2\r\n$4\r\nCMD1\r\n$1\r\nk\r\n"));
-        t.on_request(&redis_request(1, b"*2\r\n$4\r\nCMD2\r\n$1\r\nk\r\n"));
-        t.on_request(&redis_request(2, b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"));
-        let resp = DbResponseEvent {
-            kind: kind::RESPONSE,
-            system: agent_common::db::system::REDIS,
-            role: agent_common::db::role::SERVER,
-            outcome: outcome::ERROR,
-            pid: 1,
-            sk: 9,
-            conn_id: 3,
-            seq: 0,
-            count: 3,
-            _pad: 0,
-            start_ns: 1_000,
-            end_ns: 2_000,
-        };
+        t.feed(as_bytes(&conn_event(9, 3)), &cfg);
+        t.feed(
+            as_bytes(&redis_text(1, b"*2\r\n$4\r\nCMD1\r\n$1\r\nk\r\n")),
+            &cfg,
+        );
+        t.feed(
+            as_bytes(&redis_text(2, b"*2\r\n$4\r\nCMD2\r\n$1\r\nk\r\n")),
+            &cfg,
+        );
+        t.feed(
+            as_bytes(&redis_text(3, b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")),
+            &cfg,
+        );
+        t.feed(
+            as_bytes(&redis_text(4, b"*2\r\n$5\r\nNEWER\r\n$1\r\nk\r\n")),
+            &cfg,
+        );
+        let entries = [
+            (stat_key(1, outcome::ERROR), stat(1, 1_000)),
+            (stat_key(2, outcome::ERROR), stat(1, 1_000)),
+            (stat_key(3, outcome::ERROR), stat(1, 1_000)),
+            (stat_key(4, outcome::OK), stat(1, 1_000)),
+        ];
         let mut out = Vec::new();
-        t.on_response(&resp, &cfg, &mut out);
-        let ops: Vec<(&str, &str)> = out
+        t.fold(&entries, Instant::now(), &mut out);
+        let ops: Vec<(&str, &str, u64)> = out
             .iter()
-            .map(|c| (&*c.record.key.operation, &*c.record.fingerprint))
+            .map(|r| (&*r.key.operation, &*r.fingerprint, r.stats.errors))
             .collect();
-        // A known command that fails (WRONGTYPE and the like) keeps its name.
+        // A known command that fails (WRONGTYPE and the like) keeps its name. A name outside
+        // the table that the server accepted (a command newer than the table) is `unknown`:
+        // labels never carry the client's text. Fingerprints keep the name.
         assert_eq!(
             ops,
             [
-                ("unknown_command", "CMD1 ?"),
-                ("unknown_command", "CMD2 ?"),
-                ("GET", "GET ?")
+                ("unknown_command", "CMD1 ?", 1),
+                ("unknown_command", "CMD2 ?", 1),
+                ("GET", "GET ?", 1),
+                ("unknown", "NEWER ?", 0),
             ]
         );
-        // A name outside the table that the server accepted (a command newer than the table)
-        // is `unknown`: labels never carry the client's text. Its fingerprint keeps the name.
-        t.on_request(&redis_request(3, b"*2\r\n$5\r\nNEWER\r\n$1\r\nk\r\n"));
-        let mut out = Vec::new();
-        t.on_response(
-            &DbResponseEvent {
-                seq: 3,
-                count: 1,
-                outcome: outcome::OK,
-                ..resp
-            },
-            &cfg,
-            &mut out,
-        );
-        assert_eq!(&*out[0].record.key.operation, "unknown");
-        assert_eq!(&*out[0].record.fingerprint, "NEWER ?");
     }
 
     #[test]
-    fn a_request_whose_completion_was_lost_is_forgotten_at_the_next_completion() {
+    fn slow_events_name_their_statement_and_connection() {
         let mut t = Tracker::new(false);
         let cfg = DbConfig::default();
-        t.on_conn(&conn_event(9, 3));
-        for seq in 0..3 {
-            t.on_request(&redis_request(seq, b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"));
-        }
-        assert_eq!(t.pending.len(), 3);
-        // The completion of seq 0 was lost; seq 1 completes.
-        let mut out = Vec::new();
-        t.on_response(&redis_response(1, 1), &cfg, &mut out);
-        assert_eq!(out.len(), 1);
-        assert_eq!(t.pending.len(), 1, "seq 0 forgotten, seq 2 still waiting");
-        t.on_response(&redis_response(2, 1), &cfg, &mut out);
-        assert!(t.pending.is_empty());
-        assert_eq!(t.unmatched, 0);
-    }
-
-    #[test]
-    fn requests_left_waiting_for_ten_minutes_are_forgotten() {
-        let mut t = Tracker::new(false);
-        t.on_conn(&conn_event(9, 3));
-        let get = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
-        let mut old = redis_request(0, get);
-        old.start_ns = 1_000_000_000;
-        t.on_request(&old);
-        let mut recent = redis_request(1, get);
-        recent.start_ns = old.start_ns + PENDING_MAX_AGE_NS - 1;
-        t.on_request(&recent);
-        assert_eq!(t.pending.len(), 2);
-        let mut now = redis_request(2, get);
-        now.start_ns = old.start_ns + PENDING_MAX_AGE_NS + PENDING_SWEEP_NS + 1;
-        t.on_request(&now);
-        assert_eq!(
-            t.pending.len(),
-            2,
-            "the request of 10 minutes ago is forgotten"
+        t.feed(as_bytes(&conn_event(9, 3)), &cfg);
+        t.feed(
+            as_bytes(&redis_text(3, b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")),
+            &cfg,
         );
-        assert_eq!(t.pending_dropped, 1);
-    }
-
-    #[test]
-    fn loss_events_count_under_the_connections_labels_and_forget_dropped_requests() {
-        let mut t = Tracker::new(false);
-        let mut conn = DbConnEvent {
-            kind: kind::CONN,
+        let slow = DbSlowEvent {
+            kind: kind::SLOW,
             system: agent_common::db::system::REDIS,
             role: agent_common::db::role::SERVER,
-            family: AF_INET,
+            outcome: outcome::NULL,
             pid: 1,
             sk: 9,
             conn_id: 3,
-            cgroup_id: 0,
-            comm: [0; 16],
-            saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            daddr: [0; 16],
-            sport: 6379,
-            dport: 0,
-            path_len: 0,
-            path: [0; agent_common::db::DB_PATH_LEN],
-            _pad: 0,
+            key: 3,
+            start_ns: 1_000,
+            end_ns: 51_001_000,
         };
-        conn.comm[..5].copy_from_slice(b"redis");
-        t.on_conn(&conn);
-        for seq in 0..4 {
-            t.on_request(&redis_request(seq, b"*1\r\n$4\r\nPING\r\n"));
+        t.feed(as_bytes(&slow), &cfg);
+        assert_eq!(t.slow.len(), 1);
+        let s = &t.slow[0];
+        assert_eq!(
+            (&*s.operation, &*s.text, &*s.destination, s.outcome),
+            ("GET", "GET ?", "127.0.0.1:6379", Outcome::Miss)
+        );
+        assert!((s.duration_ms - 51.0).abs() < 1e-9);
+        // Junk never panics.
+        for junk in [
+            &[][..],
+            &[kind::CONN][..],
+            &[kind::SLOW, 1, 2][..],
+            &[99; 400][..],
+        ] {
+            t.feed(junk, &cfg);
         }
+        assert_eq!(t.undecodable, 4);
+    }
+
+    #[test]
+    fn raw_text_registers_no_key_and_forgets_those_registered() {
+        let mut t = Tracker::new(false);
+        let cfg = DbConfig::default();
+        t.feed(
+            as_bytes(&redis_text(3, b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")),
+            &cfg,
+        );
+        assert_eq!(t.named, [3]);
+        t.named.clear();
+        t.set_raw_text(true);
+        assert_eq!(t.forgotten, [3]);
+        t.feed(
+            as_bytes(&redis_text(3, b"*2\r\n$3\r\nGET\r\n$2\r\nk2\r\n")),
+            &cfg,
+        );
+        assert!(t.named.is_empty(), "every text keeps coming");
+        assert_eq!(&*t.keys[&3].info.sample, "GET k2");
+    }
+
+    #[test]
+    fn loss_events_count_under_the_connections_labels() {
+        let mut t = Tracker::new(false);
+        let conn = conn_event(9, 3);
+        t.on_conn(&conn);
         let loss = DbLossEvent {
             kind: kind::LOSS,
             system: conn.system,
@@ -1168,16 +1366,7 @@ mod tests {
             dropped_from: 1,
             dropped_to: 4,
         };
-        let mut out = Vec::new();
-        // SAFETY: a plain repr(C) value without padding, viewed as its bytes.
-        let bytes = unsafe {
-            std::slice::from_raw_parts(
-                (&raw const loss).cast::<u8>(),
-                std::mem::size_of::<DbLossEvent>(),
-            )
-        };
-        t.feed(bytes, &DbConfig::default(), &mut out);
-        assert!(out.is_empty());
+        t.feed(as_bytes(&loss), &DbConfig::default());
         assert_eq!(t.losses.len(), 1);
         let (k, l) = &t.losses[0];
         assert_eq!(
@@ -1189,8 +1378,5 @@ mod tests {
             (36, 3, 1, 700)
         );
         assert_eq!(l.requests(), 40);
-        // Requests 1..4 were dropped in the kernel: only 0 still waits for its completion.
-        let waiting: Vec<u64> = t.pending.keys().map(|k| k.2).collect();
-        assert_eq!(waiting, [0]);
     }
 }

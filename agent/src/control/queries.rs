@@ -44,7 +44,10 @@ pub struct QueryRow {
     pub fingerprint: String,
     /// A recent example (masked unless db.log_raw_text).
     pub sample: String,
+    /// Queries counted, timed or not.
     pub count: u64,
+    /// Of which not timed (sent while 64 were in flight on their connection).
+    pub untimed: u64,
     pub errors: u64,
     pub misses: u64,
     pub p50_ms: Option<f64>,
@@ -118,14 +121,15 @@ pub fn queries(
                 operation: f.operation.to_string(),
                 fingerprint: k.fingerprint.to_string(),
                 sample: f.sample.to_string(),
-                count: h.count,
+                count: f.stats.count(),
+                untimed: f.stats.untimed,
                 errors: f.stats.errors,
                 misses: f.stats.misses,
                 p50_ms: ms(h.quantile_ns(0.5)),
                 p99_ms: ms(h.quantile_ns(0.99)),
                 mean_ms: ms(h.mean_ns()),
                 total_ms: h.sum_ns as f64 / 1e6,
-                per_second: h.count as f64 / secs,
+                per_second: f.stats.count() as f64 / secs,
                 destination: k.destination.to_string(),
                 process: f
                     .process
@@ -172,7 +176,7 @@ pub fn queries(
         unmatched: w.delta.unmatched,
         desyncs: k.desync,
         untimed: k.inflight_full,
-        lost: k.inflight_full + k.lost_desync + k.lost_event,
+        lost: k.inflight_full + k.lost_desync + k.stats_full,
         bytes_not_decoded: k.bytes_not_decoded,
         tls_connections: k.tls,
         fingerprints_overflowed: w.delta.fingerprints_overflowed,

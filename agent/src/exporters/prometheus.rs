@@ -778,6 +778,13 @@ fn encode_db(
     )?;
     counter(
         e,
+        "insite_db_queries_untimed",
+        "Queries counted in the kernel but not timed: sent while 64 were already in flight on their connection (their outcome is not known either). A series' queries are its insite_db_query_duration_count plus this",
+        None,
+        rows.iter().map(|(k, v)| (labels(k), v.untimed as f64)),
+    )?;
+    counter(
+        e,
         "insite_redis_keyspace_misses",
         "Redis reads (GET and friends) answered with a null reply",
         None,
@@ -809,7 +816,7 @@ fn encode_db(
     counter(
         e,
         "insite_db_requests_lost",
-        "Requests seen on a recognised connection but not timed: reason=untimed (beyond 64 in flight; responses still matched in order), desync (in flight when the framing was lost), event_lost (completion event lost to a full ring buffer)",
+        "Requests seen on a recognised connection but not timed: reason=untimed (beyond 64 in flight; responses still matched in order; counted per operation in insite_db_queries_untimed), desync (in flight when the framing was lost: not counted as queries), event_lost (completed, but the kernel's count table was full: not counted as queries)",
         None,
         losses.iter().flat_map(|(k, v)| {
             [
@@ -845,8 +852,10 @@ fn encode_db(
         ("insite_db_requests_untimed", "Requests not timed because too many were in flight on their connection", k.inflight_full),
         ("insite_db_desyncs", "Times a connection's framing was lost; its requests in flight were dropped", k.desync),
         ("insite_db_storage_failures", "Connections whose kernel state could not be allocated", k.storage_failed),
-        ("insite_db_unmatched_responses", "Completions whose request event never reached userspace (counted as operation=\"unknown\")", t.unmatched),
-        ("insite_db_pending_dropped", "Requests dropped while waiting for their completion, to stay bounded", t.pending_dropped),
+        ("insite_db_unmatched_responses", "Queries whose statement text never reached userspace (counted as operation=\"unknown\")", t.unmatched),
+        ("insite_db_statement_texts", "Statement texts the kernel sent because userspace had not named their statement key yet", k.texts),
+        ("insite_db_stats_full", "Completions not counted because the kernel's count table was full", k.stats_full),
+        ("insite_db_slow_events_lost", "Slow-query events lost to a full ring buffer (the queries are counted all the same)", k.slow_lost),
         ("insite_db_series_overflowed", "Queries counted under an other series because db.max_series was reached", t.ops_overflowed),
         ("insite_db_fingerprints_overflowed", "Queries counted under the fingerprint other because db.max_fingerprints was reached", t.fingerprints_overflowed),
         ("insite_db_events_undecodable", "Query events from the kernel that could not be decoded", t.undecodable),
@@ -857,13 +866,14 @@ fn encode_db(
     gauge(
         e,
         "insite_db_collector_entries",
-        "Entries in the database collector's bounded tables: connections (16384 at most), requests waiting for their completion (65536), prepared statements (8192), parsed prefixes (1024)",
+        "Entries in the database collector's bounded tables: connections (16384 at most), statement keys named (16384), prepared statements (8192), parsed prefixes (1024), and the kernel's count table (8192)",
         None,
         [
             ("connections", tb.connections),
-            ("pending", tb.pending),
+            ("keys", tb.keys),
             ("statements", tb.statements),
             ("parse_cache", tb.parse_cache),
+            ("kernel_stats", tb.kernel_stats),
         ]
         .map(|(table, n)| (l("table", table), n as f64)),
     )?;

@@ -1,9 +1,9 @@
 //! Database and cache probe: queries timed off socket reads and writes (see
 //! `agent-ebpf/src/bin/db.rs`).
 
-use agent_common::db::{counters, DbOffsets, DB_HAVE_UNIX};
+use agent_common::db::{counters, DbOffsets, DbSettings, DbStat, DbStatKey, DB_HAVE_UNIX};
 use aya::{
-    maps::{MapData, PerCpuArray, ProgramArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::BtfTracePoint,
     Btf, Ebpf, EbpfError,
 };
@@ -34,10 +34,23 @@ pub struct DbKernelCounters {
     pub storage_failed: u64,
     pub tls: u64,
     pub lost_desync: u64,
-    pub lost_event: u64,
+    pub stats_full: u64,
     pub bytes_not_decoded: u64,
     pub step_cap: u64,
     pub gave_up: u64,
+    pub texts: u64,
+    pub slow_lost: u64,
+}
+
+/// The maps the collector reads and writes: events, counts, the statement keys it has
+/// named, and the settings it may change.
+pub struct DbMaps {
+    pub ring: RingBuf<MapData>,
+    pub stats: HashMap<MapData, DbStatKey, DbStat>,
+    /// Where the kernel counts when `stats` is full (statement key 0).
+    pub stats_other: HashMap<MapData, DbStatKey, DbStat>,
+    pub known: HashMap<MapData, u64, u8>,
+    pub settings: Array<MapData, DbSettings>,
 }
 
 /// The attached database probe and the maps userspace reads.
@@ -45,7 +58,7 @@ pub struct DbProbe {
     // Owns the programs and their links: dropping it detaches everything.
     _ebpf: Ebpf,
     counters: PerCpuArray<MapData, u64>,
-    ring: Option<RingBuf<MapData>>,
+    maps: Option<DbMaps>,
     // Holds the walkers' slots for as long as the probe lives.
     _walkers: Option<ProgramArray<MapData>>,
     attached: Vec<&'static str>,
@@ -86,7 +99,13 @@ impl DbProbe {
             .load(super::DB_OBJECT)?;
         let mut probe = Self {
             counters: super::take_map(&mut ebpf, "DB_COUNTERS", PerCpuArray::try_from)?,
-            ring: Some(super::take_map(&mut ebpf, "DB_EVENTS", RingBuf::try_from)?),
+            maps: Some(DbMaps {
+                ring: super::take_map(&mut ebpf, "DB_EVENTS", RingBuf::try_from)?,
+                stats: super::take_map(&mut ebpf, "DB_STATS", HashMap::try_from)?,
+                stats_other: super::take_map(&mut ebpf, "DB_STATS_OTHER", HashMap::try_from)?,
+                known: super::take_map(&mut ebpf, "DB_KNOWN", HashMap::try_from)?,
+                settings: super::take_map(&mut ebpf, "DB_SETTINGS", Array::try_from)?,
+            }),
             _ebpf: ebpf,
             _walkers: None,
             attached: Vec::new(),
@@ -134,9 +153,9 @@ impl DbProbe {
         Ok((probe, problems))
     }
 
-    /// The ring buffer of query events, for the reader task (once).
-    pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
-        self.ring.take()
+    /// The maps of the collector task (once).
+    pub fn take_maps(&mut self) -> Option<DbMaps> {
+        self.maps.take()
     }
 
     pub fn attached(&self) -> &[&'static str] {
@@ -164,10 +183,12 @@ impl DbProbe {
             storage_failed: get(counters::STORAGE_FAILED)?,
             tls: get(counters::TLS)?,
             lost_desync: get(counters::LOST_DESYNC)?,
-            lost_event: get(counters::LOST_EVENT)?,
+            stats_full: get(counters::STATS_FULL)?,
             bytes_not_decoded: get(counters::BYTES_NOT_DECODED)?,
             step_cap: get(counters::STEP_CAP)?,
             gave_up: get(counters::GAVE_UP)?,
+            texts: get(counters::TEXTS)?,
+            slow_lost: get(counters::SLOW_LOST)?,
         })
     }
 }

@@ -123,13 +123,31 @@ pub struct OpStats {
     pub duration: Log2Histogram,
     pub errors: u64,
     pub misses: u64,
+    /// Counted but not timed: sent while `DB_INFLIGHT` requests were in flight on their
+    /// connection (outcome unknown, so not in `errors` or `misses` either).
+    pub untimed: u64,
 }
 
 impl OpStats {
+    /// One timed query.
+    pub fn one(ns: u64, outcome: Outcome) -> Self {
+        let mut s = Self::default();
+        s.duration.record(ns);
+        s.errors = u64::from(outcome.is_error());
+        s.misses = u64::from(outcome == Outcome::Miss);
+        s
+    }
+
     pub fn add(&mut self, o: &Self) {
         self.duration.add(&o.duration);
         self.errors += o.errors;
         self.misses += o.misses;
+        self.untimed += o.untimed;
+    }
+
+    /// Queries counted, timed or not.
+    pub fn count(&self) -> u64 {
+        self.duration.count + self.untimed
     }
 
     fn delta_since(&self, e: &Self) -> Self {
@@ -137,6 +155,7 @@ impl OpStats {
             duration: self.duration.delta_since(&e.duration),
             errors: self.errors.saturating_sub(e.errors),
             misses: self.misses.saturating_sub(e.misses),
+            untimed: self.untimed.saturating_sub(e.untimed),
         }
     }
 }
@@ -160,14 +179,14 @@ pub struct FpStats {
     pub process: Option<(u32, Arc<str>)>,
 }
 
-/// One timed query, as the collector hands it to the store.
+/// Queries of one statement under one series, as the collector hands them to the store:
+/// what the kernel counted since the collector last read its counts.
 #[derive(Debug, Clone)]
 pub struct QueryRecord {
     pub key: OpKey,
     pub fingerprint: Arc<str>,
     pub sample: Arc<str>,
-    pub duration_ns: u64,
-    pub outcome: Outcome,
+    pub stats: OpStats,
     pub process: Option<(u32, Arc<str>)>,
 }
 
@@ -239,14 +258,12 @@ pub struct DbTotals {
     pub ops_overflowed: u64,
     /// ...or under the fingerprint `other` because `db.max_fingerprints` was reached.
     pub fingerprints_overflowed: u64,
-    /// Completions whose request event never arrived (operation `unknown`).
+    /// Queries whose statement text never reached userspace (operation `unknown`).
     pub unmatched: u64,
     /// Events read from the ring buffer.
     pub events: u64,
     /// Events that could not be decoded.
     pub undecodable: u64,
-    /// Requests still waiting for their response that were dropped to stay bounded.
-    pub pending_dropped: u64,
     /// Requests not timed and bytes not decoded, per connection's labels (bounded like `ops`).
     pub losses: HashMap<LossKey, LossStats>,
     pub kernel: DbKernelCounters,
@@ -258,9 +275,12 @@ pub struct DbTotals {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DbTables {
     pub connections: u64,
-    pub pending: u64,
+    /// Statement keys named.
+    pub keys: u64,
     pub statements: u64,
     pub parse_cache: u64,
+    /// Entries of the kernel's `DB_STATS`.
+    pub kernel_stats: u64,
 }
 
 impl DbTotals {
@@ -275,17 +295,12 @@ impl DbTotals {
 
     pub fn record(&mut self, q: QueryRecord, max_series: usize, max_fingerprints: usize) {
         let (system, role) = (q.key.system, q.key.role);
-        let miss = q.outcome == Outcome::Miss;
-        let err = q.outcome.is_error();
-        let apply = |s: &mut OpStats| {
-            s.duration.record(q.duration_ns);
-            s.errors += u64::from(err);
-            s.misses += u64::from(miss);
-        };
+        let n = q.stats.count();
+        let apply = |s: &mut OpStats| s.add(&q.stats);
         let key = if self.ops.contains_key(&q.key) || self.ops.len() < max_series {
             q.key.clone()
         } else {
-            self.ops_overflowed += 1;
+            self.ops_overflowed += n;
             OpKey::other(system, role)
         };
         apply(Arc::make_mut(self.ops.entry(key).or_default()));
@@ -297,7 +312,7 @@ impl DbTotals {
             fingerprint: q.fingerprint.clone(),
         };
         if !self.fingerprints.contains_key(&fk) && self.fingerprints.len() >= max_fingerprints {
-            self.fingerprints_overflowed += 1;
+            self.fingerprints_overflowed += n;
             fk.fingerprint = Arc::from("other");
         }
         let e = self.fingerprints.entry(fk).or_insert_with(|| {
@@ -328,7 +343,7 @@ impl Cumulative for DbTotals {
                     Some(e) => v.delta_since(e),
                     None => (**v).clone(),
                 };
-                (d.duration.count > 0).then(|| (k.clone(), Arc::new(d)))
+                (d.count() > 0).then(|| (k.clone(), Arc::new(d)))
             })
             .collect();
         let fingerprints = self
@@ -340,7 +355,7 @@ impl Cumulative for DbTotals {
                     Some(e) => v.stats.delta_since(&e.stats),
                     None => v.stats.clone(),
                 };
-                (stats.duration.count > 0).then(|| {
+                (stats.count() > 0).then(|| {
                     let mut f = (**v).clone();
                     f.stats = stats;
                     (k.clone(), Arc::new(f))
@@ -357,7 +372,6 @@ impl Cumulative for DbTotals {
             unmatched: self.unmatched.saturating_sub(earlier.unmatched),
             events: self.events.saturating_sub(earlier.events),
             undecodable: self.undecodable.saturating_sub(earlier.undecodable),
-            pending_dropped: self.pending_dropped.saturating_sub(earlier.pending_dropped),
             losses: self
                 .losses
                 .iter()
@@ -385,7 +399,9 @@ fn kernel_delta(a: &DbKernelCounters, b: &DbKernelCounters) -> DbKernelCounters 
         storage_failed: a.storage_failed.saturating_sub(b.storage_failed),
         tls: a.tls.saturating_sub(b.tls),
         lost_desync: a.lost_desync.saturating_sub(b.lost_desync),
-        lost_event: a.lost_event.saturating_sub(b.lost_event),
+        stats_full: a.stats_full.saturating_sub(b.stats_full),
+        texts: a.texts.saturating_sub(b.texts),
+        slow_lost: a.slow_lost.saturating_sub(b.slow_lost),
         bytes_not_decoded: a.bytes_not_decoded.saturating_sub(b.bytes_not_decoded),
         step_cap: a.step_cap.saturating_sub(b.step_cap),
         gave_up: a.gave_up.saturating_sub(b.gave_up),
@@ -417,20 +433,18 @@ pub fn top_series(
     top_n: usize,
 ) -> (Vec<(OpKey, OpStats)>, usize) {
     let mut all: Vec<(&OpKey, &Arc<OpStats>)> = ops.iter().collect();
-    all.sort_by(|a, b| {
-        b.1.duration
-            .count
-            .cmp(&a.1.duration.count)
-            .then_with(|| a.0.cmp(b.0))
-    });
+    all.sort_by(|a, b| b.1.count().cmp(&a.1.count()).then_with(|| a.0.cmp(b.0)));
     let mut rows: Vec<(OpKey, OpStats)> = Vec::new();
     let mut other: HashMap<(System, Role), OpStats> = HashMap::new();
     let mut folded = 0;
     for (i, (k, v)) in all.into_iter().enumerate() {
-        if i < top_n && &*k.operation != "other" {
+        // The `other` series (of `db.max_series`) is added to, not kept as a row; statements
+        // the kernel counted as `other` keep their destination and service.
+        let is_other = *k == OpKey::other(k.system, k.role);
+        if i < top_n && !is_other {
             rows.push((k.clone(), (**v).clone()));
         } else {
-            folded += usize::from(&*k.operation != "other");
+            folded += usize::from(!is_other);
             other.entry((k.system, k.role)).or_default().add(v);
         }
     }
@@ -458,8 +472,7 @@ mod tests {
             },
             fingerprint: Arc::from(fp),
             sample: Arc::from(fp),
-            duration_ns: ns,
-            outcome,
+            stats: OpStats::one(ns, outcome),
             process: Some((7, Arc::from("app"))),
         }
     }
