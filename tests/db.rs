@@ -1014,3 +1014,65 @@ fn counts_stay_exact_under_pipelined_load_with_the_agent_stopped() {
         "pgbench: {tx} transactions"
     );
 }
+
+/// Issue 10: text travels only when it is new. During a flood of a known statement (GET,
+/// pipelined), a new statement (HSET) is still fingerprinted and counted once per end, and a
+/// slow one (DEBUG SLEEP) is still in the slow-query log with its text; the flood itself
+/// sent a handful of texts, not one per request.
+#[test]
+fn a_new_statement_and_a_slow_query_in_a_flood_are_still_named() {
+    require_root();
+    let redis = Redis::start().expect("redis");
+    let agent = Agent::start(DB_ONLY);
+    let tcp = redis.tcp_addr().to_string();
+    let flood = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            redis.benchmark(
+                Via::Tcp,
+                &["-P", "16", "-c", "10", "-n", "1500000", "-t", "get"],
+            )
+        });
+        std::thread::sleep(Duration::from_millis(700));
+        ok(&redis.cli_tcp(&["HSET", "h", "f", "v"]).expect("HSET"));
+        ok(&redis
+            .cli_tcp(&["DEBUG", "SLEEP", "0.05"])
+            .expect("DEBUG SLEEP"));
+        h.join().expect("flood thread")
+    });
+    ok(&flood.expect("redis-benchmark"));
+    let m = Metrics::wait_for(&agent, |m| {
+        counted(m, "GET", "server", &tcp) >= 1_500_000.0
+            && counted(m, "HSET", "server", &tcp) >= 1.0
+    });
+    let gets = counted(&m, "GET", "server", &tcp);
+    let texts = m.sum("insite_db_statement_texts_total", &[]);
+    assert!(gets >= 1_500_000.0, "{gets}");
+    assert!(texts < 1000.0, "{texts} texts for {gets} GETs");
+    let v = queries_json(&agent, &["--system", "redis", "--sort", "count"]);
+    let rows = v["queries"].as_array().expect("rows");
+    for (role, process) in [("client", "redis-cli"), ("server", "redis-server")] {
+        assert!(
+            rows.iter().any(|r| r["fingerprint"] == "HSET ? ? ?"
+                && r["role"] == role
+                && r["destination"] == *tcp
+                && r["count"] == 1
+                && r["process"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with(process))),
+            "{role}: {v}"
+        );
+    }
+    // Redis blocks for DEBUG SLEEP: the GETs queued behind it are slow too, and fill the
+    // view's bounded slow list. The log has every slow query.
+    let log = agent.log();
+    for role in ["client", "server"] {
+        assert!(
+            log.lines().any(|l| l.contains("slow query")
+                && l.contains(&format!("role=\"{role}\""))
+                && l.contains("operation=DEBUG")
+                && l.contains("text=DEBUG ? ?")),
+            "{role}: {log}"
+        );
+    }
+    eprintln!("{gets} GETs in the flood cost {texts} statement texts");
+}

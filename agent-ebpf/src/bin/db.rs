@@ -1078,7 +1078,11 @@ fn read_text(w: &mut Scratch, at: u32, max: u32) -> u32 {
 /// far as its first `DB_PREFIX_LEN` bytes tell), different for different statements.
 #[inline(always)]
 fn statement_key(c: &Conn, w: &mut Scratch, flags: u8, at: u32) -> u64 {
-    let seed = mix(FNV_OFFSET, c.system as u64 | (flags as u64) << 8);
+    // Per role: each end's text names its own process.
+    let seed = mix(
+        FNV_OFFSET,
+        c.system as u64 | (flags as u64) << 8 | (c.role as u64) << 16,
+    );
     match c.system {
         system::REDIS => {
             // Up to the end of the command name: `*N\r\n$L\r\nNAME\r\n` (an inline command:
