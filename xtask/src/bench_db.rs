@@ -61,8 +61,9 @@ const DURATION_COUNT: &str = "insite_db_query_duration_seconds_count";
 /// How long a server may take to start, and a tool to finish beyond its planned time.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 const TOOL_SLACK: Duration = Duration::from_secs(120);
-/// The agent's counts are settled when two scrapes this far apart agree.
-const SETTLE_STEP: Duration = Duration::from_millis(400);
+/// The agent's counts are settled when two scrapes this far apart agree: longer than the
+/// store's 1 s snapshots plus the collector's 250 ms fold of the kernel's counts.
+const SETTLE_STEP: Duration = Duration::from_millis(1300);
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub struct Opts {
