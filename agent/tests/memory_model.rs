@@ -28,10 +28,20 @@ struct Counting;
 
 static LIVE: AtomicIsize = AtomicIsize::new(0);
 
+thread_local! {
+    /// Allocations made by this thread (const-initialised: reading it allocates nothing).
+    static ALLOCS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+fn allocs() -> u64 {
+    ALLOCS.with(std::cell::Cell::get)
+}
+
 // SAFETY: forwards to the system allocator and only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+        ALLOCS.with(|a| a.set(a.get() + 1));
         // SAFETY: same layout as asked.
         unsafe { System.alloc(l) }
     }
@@ -42,6 +52,7 @@ unsafe impl GlobalAlloc for Counting {
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
         LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
+        ALLOCS.with(|a| a.set(a.get() + 1));
         // SAFETY: as GlobalAlloc::realloc requires.
         unsafe { System.realloc(p, l, new) }
     }
@@ -343,4 +354,95 @@ fn database_collector_tables_cost_what_the_model_says() {
         budget::DB_COLLECTOR_BYTES
     );
     drop(t);
+}
+
+/// Issue 10: the readers do not allocate per event on the hot path. Connection events of
+/// edges already seen, and the database collector's fold of counts that changed, allocate
+/// nothing once warm.
+#[test]
+fn known_events_and_count_folds_allocate_nothing() {
+    use agent_common::{
+        db::{outcome, role, system, DbStat, DbStatKey},
+        net::{direction, kind, NetEvent},
+    };
+    use insite_agent::collectors::{db::Tracker, net};
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut names = net::Names::new();
+    let mut ev = NetEvent {
+        ts_ns: 1,
+        sock: 0xffff_0000,
+        cgroup_id: 1,
+        duration_ns: 50_000,
+        bytes_sent: 0,
+        bytes_received: 0,
+        saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        daddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        pid: 42,
+        srtt_us: 30,
+        retransmits: 0,
+        error: 0,
+        sport: 40_000,
+        dport: 5432,
+        family: 2,
+        kind: kind::CONNECT,
+        direction: direction::OUTBOUND,
+        comm: *b"client\0\0\0\0\0\0\0\0\0\0",
+    };
+    assert!(net::observe(&ev, &mut names).is_some(), "warm-up");
+    let before = allocs();
+    for i in 0..10_000u64 {
+        ev.sock = 0xffff_0000 + i * 64;
+        ev.ts_ns = i;
+        ev.kind = if i % 2 == 0 {
+            kind::CONNECT
+        } else {
+            kind::CLOSE
+        };
+        assert!(net::observe(&ev, &mut names).is_some());
+    }
+    assert_eq!(
+        allocs() - before,
+        0,
+        "allocations for 10,000 connection events"
+    );
+
+    let mut t = Tracker::new(false);
+    let mut entries: Vec<(DbStatKey, DbStat)> = (0..1000u64)
+        .map(|i| {
+            let k = DbStatKey {
+                owner: 1,
+                dest: 1,
+                key: 0,
+                system: system::REDIS,
+                role: role::CLIENT,
+                outcome: outcome::OK,
+                _pad: [0; 5],
+            };
+            let k = DbStatKey { dest: i, ..k };
+            let v = DbStat {
+                count: 1,
+                sum_ns: 1000,
+                buckets: [0; agent_common::HIST_BUCKETS],
+            };
+            (k, v)
+        })
+        .collect();
+    let now = std::time::Instant::now();
+    let mut out = Vec::with_capacity(entries.len());
+    // The first fold meets the entries (and holds them: their destinations are not named).
+    t.fold(&entries, now, &mut out);
+    for (_, v) in &mut entries {
+        v.count += 5;
+        v.sum_ns += 5000;
+        v.buckets[9] += 5;
+    }
+    let later = now + std::time::Duration::from_secs(5);
+    let before = allocs();
+    t.fold(&entries, later, &mut out);
+    assert_eq!(out.len(), entries.len());
+    assert_eq!(
+        allocs() - before,
+        0,
+        "allocations folding 1000 changed counts"
+    );
 }

@@ -3,10 +3,13 @@
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use agent_common::net::{conn_state, direction, kind, NetEvent, NET_DRAIN_INTERVAL_MS};
+use agent_common::{
+    net::{conn_state, direction, kind, NetEvent, NET_DRAIN_INTERVAL_MS},
+    TASK_COMM_LEN,
+};
 use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::watch};
 use tracing::{debug, warn};
@@ -243,7 +246,19 @@ pub struct Names {
     cgroups: CgroupNames,
     listeners: ListenerOwners,
     interned: std::collections::HashMap<String, Arc<str>>,
+    /// Services named for what an event carries: the events of one service cost a lookup,
+    /// no allocation. Named again after `EVENT_NAME_TTL` (a cgroup found by a later scan).
+    by_event: std::collections::HashMap<EventOwner, (Arc<str>, Instant)>,
+    comms: std::collections::HashMap<[u8; TASK_COMM_LEN], Arc<str>>,
 }
+
+/// What names an event's service: its cgroup, command name and (inbound) listening port.
+type EventOwner = (u64, [u8; TASK_COMM_LEN], u16);
+
+/// How long a service named from an event's (cgroup, command, port) is reused.
+const EVENT_NAME_TTL: Duration = Duration::from_secs(10);
+/// Entries of each event-name cache before it starts afresh.
+const MAX_EVENT_NAMES: usize = 10_000;
 
 impl Names {
     pub fn new() -> Self {
@@ -251,7 +266,43 @@ impl Names {
             cgroups: CgroupNames::new(cgroup2_root()),
             listeners: ListenerOwners::new(),
             interned: std::collections::HashMap::new(),
+            by_event: std::collections::HashMap::new(),
+            comms: std::collections::HashMap::new(),
         }
+    }
+
+    /// [`Self::service`] for an event's raw command name, cached.
+    pub(crate) fn service_of_event(
+        &mut self,
+        cgroup_id: u64,
+        comm: &[u8; TASK_COMM_LEN],
+        listen_port: Option<u16>,
+    ) -> Arc<str> {
+        let key = (cgroup_id, *comm, listen_port.unwrap_or(0));
+        if let Some((name, at)) = self.by_event.get(&key) {
+            if at.elapsed() < EVENT_NAME_TTL {
+                return name.clone();
+            }
+        }
+        let name = self.service(cgroup_id, &comm_str(comm), listen_port);
+        if self.by_event.len() >= MAX_EVENT_NAMES {
+            self.by_event = std::collections::HashMap::new();
+        }
+        self.by_event.insert(key, (name.clone(), Instant::now()));
+        name
+    }
+
+    /// An event's raw command name, interned and cached.
+    pub(crate) fn comm(&mut self, comm: &[u8; TASK_COMM_LEN]) -> Arc<str> {
+        if let Some(c) = self.comms.get(comm) {
+            return c.clone();
+        }
+        let name = self.intern(comm_str(comm));
+        if self.comms.len() >= MAX_EVENT_NAMES {
+            self.comms = std::collections::HashMap::new();
+        }
+        self.comms.insert(*comm, name.clone());
+        name
     }
 
     /// The systemd unit of the cgroup; else the cgroup path (unless it is the root); else the
@@ -339,9 +390,8 @@ pub fn observe(ev: &NetEvent, names: &mut Names) -> Option<Observation> {
         _ => return None,
     };
     let listen_port = (dir == Direction::Inbound).then_some(ev.sport);
-    let comm = comm_str(&ev.comm);
-    let service = names.service(ev.cgroup_id, &comm, listen_port);
-    let process = (ev.pid != 0).then(|| (ev.pid, names.intern(comm)));
+    let service = names.service_of_event(ev.cgroup_id, &ev.comm, listen_port);
+    let process = (ev.pid != 0).then(|| (ev.pid, names.comm(&ev.comm)));
     Some(Observation {
         key: EdgeKey {
             direction: dir,
@@ -368,6 +418,8 @@ mod tests {
             cgroups: CgroupNames::new(None),
             listeners: ListenerOwners::new(),
             interned: Default::default(),
+            by_event: Default::default(),
+            comms: Default::default(),
         }
     }
 
