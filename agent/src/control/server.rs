@@ -149,12 +149,19 @@ pub fn bind(cfg: &ControlConfig) -> Result<(UnixListener, Access, SocketFile), C
     }
     let mode = if group.is_some() { 0o660 } else { 0o600 };
     // The mode is set as the socket is created (umask), not by a later chmod through the path.
+    // The mask is the process's: two binds at once (tests run in parallel) would each restore
+    // the other's mask, so they take turns.
+    static UMASK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let turn = UMASK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     // SAFETY: umask only swaps the process's file creation mask; nothing else creates files
     // while the agent starts.
     let old = unsafe { libc::umask(0o777 & !mode) };
     let bound = UnixListener::bind(path);
     // SAFETY: as above, restoring the mask.
     unsafe { libc::umask(old) };
+    drop(turn);
     let listener = bound.map_err(io)?;
     let meta = std::fs::symlink_metadata(path).map_err(io)?;
     if let Some(gid) = group {
