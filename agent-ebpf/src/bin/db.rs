@@ -2145,6 +2145,16 @@ fn resp_step<const REQ: bool>(c: &mut Conn, w: &mut Scratch) -> bool {
         return false;
     }
     let r = if req { &mut c.req } else { &mut c.resp };
+    let skip = vget(&r.skip);
+    if end == T_DONE && skip > 0 {
+        // A bulk string's header: its payload is passed in this step when this segment
+        // holds it (nearly always), not in a step of its own.
+        let at = vget(&w.at);
+        if skip <= (vget(&w.len).saturating_sub(at)) as u64 {
+            vset(&mut w.at, at + skip as u32);
+            vset(&mut r.skip, 0);
+        }
+    }
     if end == T_DONE && !req && vget(&r.remaining) == 0 && vget(&r.skip) == 0 {
         let o = resp_outcome(vget(&r.top));
         reply_done(c, w, o, 0);
