@@ -54,7 +54,7 @@ pub mod role {
     pub const SERVER: u8 = 2;
 }
 
-/// [`DbResponseEvent::outcome`].
+/// [`DbStatKey::outcome`], [`DbSlowEvent::outcome`].
 pub mod outcome {
     pub const OK: u8 = 0;
     /// PostgreSQL `ErrorResponse`, MySQL `ERR` packet, Redis `-` reply.
@@ -259,7 +259,7 @@ pub struct DbSettings {
 /// Requests of a connection the kernel could not time, and bytes it could not decode, since
 /// its previous loss event. Sent at the end of a read or write that had any (kept on the
 /// connection and sent later if the ring is full). Every request the walker identifies is
-/// either completed in a [`DbResponseEvent`] or counted here.
+/// counted in `DB_STATS` (timed, or untimed) or, if a desync dropped it, here.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct DbLossEvent {
@@ -282,7 +282,7 @@ pub struct DbLossEvent {
     /// Bytes not decoded: the rest of a read or write after a desync or past the step cap.
     pub bytes: u64,
     /// The timed requests a desync dropped: sequence numbers `dropped_from..dropped_to`
-    /// (their request events were sent; userspace forgets them).
+    /// (counted in no series).
     pub dropped_from: u64,
     pub dropped_to: u64,
 }

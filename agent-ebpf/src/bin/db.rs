@@ -26,8 +26,8 @@
 //! and run up to `DB_MAX_STEPS` times per read or write (Redis: across every iovec segment). Walkers keep their state in the connection's storage and the
 //! per-CPU scratch, not in registers, so a step is the same code whatever came before.
 //!
-//! Nothing the walkers identify is dropped silently: a request is timed (and completed in a
-//! response event), or counted untimed (too many in flight; its response is matched and
+//! Nothing the walkers identify is dropped silently: a request is timed (and counted in
+//! `DB_STATS` when it completes), or counted untimed (too many in flight; its response is matched and
 //! dropped so that later requests keep their own), or counted as dropped at a desync; bytes
 //! left undecoded are counted. Per connection these go to userspace in a loss event.
 #![no_std]
@@ -253,7 +253,7 @@ enum Seen {
 }
 
 /// Per-CPU working memory of one read or write: a window of its bytes, the walk's position,
-/// and the completions not yet announced.
+/// and the completions not yet counted.
 #[repr(C)]
 struct Scratch {
     /// Slack past SCRATCH so that header reads at a masked offset stay inside.
@@ -1437,7 +1437,7 @@ fn account(c: &mut Conn, w: &Scratch, key: u64, outcome: u8, n: u32, sum: u64, b
     }
 }
 
-/// The end of a walk: what is left to announce.
+/// The end of a walk: what is left to count and to report.
 #[inline(always)]
 fn finish(c: &mut Conn, w: &mut Scratch) {
     flush_run(c, w);

@@ -218,7 +218,7 @@ pub struct LossStats {
     pub untimed: u64,
     /// In flight when the connection's framing was lost.
     pub desync: u64,
-    /// Completed, but the completion event was lost (ring buffer full).
+    /// Completed, but not counted: both of the kernel's count tables were full.
     pub event_lost: u64,
     /// Bytes of reads and writes not decoded (after a desync, or past the step cap).
     pub bytes: u64,
