@@ -248,6 +248,16 @@ pub struct DbStat {
     pub buckets: [u32; crate::HIST_BUCKETS],
 }
 
+impl Default for DbStat {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            sum_ns: 0,
+            buckets: [0; crate::HIST_BUCKETS],
+        }
+    }
+}
+
 /// Settings userspace may change while the probe runs (`DB_SETTINGS[0]`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -777,8 +777,8 @@ pub async fn run_event_reader(
                 // Names first: the texts and connections the counts are waiting for.
                 events += drain_ring(fd.get_mut(), &mut tracker, &cfg.db, &mut known);
                 entries.clear();
-                entries.extend(stats.iter().filter_map(Result::ok));
-                entries.extend(stats_other.iter().filter_map(Result::ok));
+                read_stats(&stats, &mut entries);
+                read_stats(&stats_other, &mut entries);
                 tracker.fold(&entries, Instant::now(), &mut records);
                 for k in tracker.idle.drain(..) {
                     let map = if k.key == 0 { &mut stats_other } else { &mut stats };
@@ -793,6 +793,30 @@ pub async fn run_event_reader(
         if events > 0 || folding || !tracker.slow.is_empty() || !tracker.losses.is_empty() {
             flush(&store, &cfg.db, &mut records, events, &mut tracker);
         }
+    }
+}
+
+/// Entries of the kernel's count table read per syscall (1024 x 208 bytes).
+const READ_CHUNK: u32 = 1024;
+
+/// Every entry of one of the kernel's count tables: batched, a few syscalls for the whole
+/// table (8,192 entries one by one would be 16,384 syscalls a fold); kernels without batch
+/// lookups (before 5.6) get one lookup per entry.
+fn read_stats(
+    map: &aya::maps::HashMap<aya::maps::MapData, DbStatKey, DbStat>,
+    into: &mut Vec<(DbStatKey, DbStat)>,
+) {
+    use aya::maps::IterableMap as _;
+    use std::os::fd::AsFd as _;
+    match crate::probes::bpf_sys::lookup_batch::<DbStatKey, DbStat>(
+        map.map().fd().as_fd(),
+        READ_CHUNK,
+    ) {
+        Ok(v) => into.extend(v),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            into.extend(map.iter().filter_map(Result::ok));
+        }
+        Err(e) => debug!(error = %e, "cannot read the kernel's query counts"),
     }
 }
 
