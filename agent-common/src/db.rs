@@ -264,6 +264,9 @@ impl Default for DbStat {
 pub struct DbSettings {
     /// Slow-query thresholds in ns, by `system::*` (index 0 unused); 0 sends no slow events.
     pub slow_ns: [u64; 4],
+    /// Bumped by userspace whenever it forgets keys (removes them from `DB_KNOWN`): a
+    /// connection's memory of the last key found there is good for one generation only.
+    pub known_gen: u64,
 }
 
 /// Requests of a connection the kernel could not time, and bytes it could not decode, since
@@ -307,7 +310,7 @@ const _: () = assert!(core::mem::size_of::<DbTextEvent>() == 8 + 3 * 8 + 8 + DB_
 const _: () = assert!(core::mem::size_of::<DbSlowEvent>() == 8 + 5 * 8);
 const _: () = assert!(core::mem::size_of::<DbStatKey>() == 32);
 const _: () = assert!(core::mem::size_of::<DbStat>() == 16 + 4 * crate::HIST_BUCKETS);
-const _: () = assert!(core::mem::size_of::<DbSettings>() == 32);
+const _: () = assert!(core::mem::size_of::<DbSettings>() == 40);
 const _: () = assert!(DB_INFLIGHT.is_power_of_two());
 
 #[cfg(feature = "user")]

@@ -230,6 +230,10 @@ struct Conn {
     /// The connection event was lost to a full ring: sent again on the next read or write.
     conn_pending: u32,
     _pad3: u32,
+    /// The last statement key found in `DB_KNOWN`, and in which generation of it: a run of
+    /// one statement (a pipeline) looks it up once.
+    known_key: u64,
+    known_gen: u64,
 }
 
 #[btf_map]
@@ -287,8 +291,10 @@ struct Scratch {
     done_result: u8,
     _pad2: [u8; 6],
     done_end: u64,
-    /// This connection's system's slow threshold (0: none), read once per walk.
+    /// This connection's system's slow threshold (0: none), and the generation of
+    /// `DB_KNOWN`, read once per walk.
     slow_ns: u64,
+    known_gen: u64,
     /// A statement-key hash in progress (see `hash_step`).
     hash_h: u64,
     hash_i: u32,
@@ -687,9 +693,9 @@ fn on_io(sk: *const u8, ret: i32, send: bool) -> Option<u32> {
         c.pid = pid;
         conn_event(sk, c, family, &off);
     }
-    w.slow_ns = match DB_SETTINGS.get(0) {
-        Some(s) => s.slow_ns[(c.system & 3) as usize],
-        None => 0,
+    (w.slow_ns, w.known_gen) = match DB_SETTINGS.get(0) {
+        Some(s) => (s.slow_ns[(c.system & 3) as usize], s.known_gen),
+        None => (0, 0),
     };
     w.now = now_ns();
     w.req = request_dir as u8;
@@ -1034,9 +1040,15 @@ fn head_flags(c: &Conn) -> Option<u8> {
 #[inline(always)]
 fn note_request(c: &mut Conn, w: &mut Scratch, flags: u8, at: u32) {
     let key = statement_key(c, w, flags, at);
-    // SAFETY: a lookup; the value is not kept.
-    if unsafe { DB_KNOWN.get(key) }.is_none() && !sent_lately(w, key) {
-        text_event(c, key, w.buf_addr, at, w.len);
+    let gen = vget(&w.known_gen);
+    if vget(&c.known_key) != key || vget(&c.known_gen) != gen {
+        // SAFETY: a lookup; the value is not kept.
+        if unsafe { DB_KNOWN.get(key) }.is_some() {
+            vset(&mut c.known_key, key);
+            vset(&mut c.known_gen, gen);
+        } else if !sent_lately(w, key) {
+            text_event(c, key, w.buf_addr, at, w.len);
+        }
     }
     if push(c, flags, key, w.now).is_none() {
         account(c, w, key, outcome::UNTIMED, 1, 0, 0);

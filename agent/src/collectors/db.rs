@@ -147,6 +147,8 @@ pub struct Tracker {
     /// Keys named since the kernel was last told, and keys forgotten since.
     pub named: Vec<u64>,
     pub forgotten: Vec<u64>,
+    /// The generation of the kernel's `DB_KNOWN`: moves on when keys are forgotten.
+    pub known_gen: u64,
     /// Kernel count entries idle for `STATS_IDLE`: to remove from its table.
     pub idle: Vec<DbStatKey>,
     pub unmatched: u64,
@@ -188,6 +190,7 @@ impl Tracker {
             idle: Vec::new(),
             named: Vec::new(),
             forgotten: Vec::new(),
+            known_gen: 0,
             unmatched: 0,
             undecodable: 0,
             losses: Vec::new(),
@@ -749,7 +752,7 @@ pub async fn run_event_reader(
     loop {
         let cfg = config.borrow().clone();
         tracker.set_raw_text(cfg.db.log_raw_text);
-        let want = settings_of(&cfg.db);
+        let want = settings_of(&cfg.db, tracker.known_gen);
         if applied != Some(want) {
             match settings.set(0, want, 0) {
                 Ok(()) => applied = Some(want),
@@ -760,6 +763,12 @@ pub async fn run_event_reader(
         }
         let mut events = 0u64;
         let mut folding = false;
+        let mut maps = KeyMaps {
+            known: &mut known,
+            settings: &mut settings,
+            applied: &mut applied,
+            cfg: &cfg.db,
+        };
         tokio::select! {
             ready = fd.readable_mut() => {
                 let mut guard = match ready {
@@ -769,13 +778,13 @@ pub async fn run_event_reader(
                         return;
                     }
                 };
-                events += drain_ring(guard.get_inner_mut(), &mut tracker, &cfg.db, &mut known);
+                events += drain_ring(guard.get_inner_mut(), &mut tracker, &mut maps);
                 guard.clear_ready();
             }
-            _ = drain.tick() => events += drain_ring(fd.get_mut(), &mut tracker, &cfg.db, &mut known),
+            _ = drain.tick() => events += drain_ring(fd.get_mut(), &mut tracker, &mut maps),
             _ = fold.tick() => {
                 // Names first: the texts and connections the counts are waiting for.
-                events += drain_ring(fd.get_mut(), &mut tracker, &cfg.db, &mut known);
+                events += drain_ring(fd.get_mut(), &mut tracker, &mut maps);
                 entries.clear();
                 read_stats(&stats, &mut entries);
                 read_stats(&stats_other, &mut entries);
@@ -789,7 +798,7 @@ pub async fn run_event_reader(
                 folding = true;
             }
         }
-        register(&mut tracker, &mut known);
+        register(&mut tracker, &mut maps);
         if events > 0 || folding || !tracker.slow.is_empty() || !tracker.losses.is_empty() {
             flush(&store, &cfg.db, &mut records, events, &mut tracker);
         }
@@ -821,11 +830,12 @@ fn read_stats(
 }
 
 /// What the kernel needs of the config.
-fn settings_of(cfg: &DbConfig) -> DbSettings {
+fn settings_of(cfg: &DbConfig, known_gen: u64) -> DbSettings {
     let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
     let t = &cfg.slow_threshold;
     DbSettings {
         slow_ns: [0, ns(t.postgresql), ns(t.mysql), ns(t.redis)],
+        known_gen,
     }
 }
 
@@ -835,26 +845,46 @@ fn settings_of(cfg: &DbConfig) -> DbSettings {
 fn drain_ring(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     tracker: &mut Tracker,
-    cfg: &DbConfig,
-    known: &mut aya::maps::HashMap<aya::maps::MapData, u64, u8>,
+    maps: &mut KeyMaps<'_>,
 ) -> u64 {
     let mut events = 0u64;
     while let Some(item) = ring.next() {
         events += 1;
-        tracker.feed(&item, cfg);
-        if !tracker.named.is_empty() {
-            register(tracker, known);
+        tracker.feed(&item, maps.cfg);
+        if !tracker.named.is_empty() || !tracker.forgotten.is_empty() {
+            register(tracker, maps);
         }
     }
-    register(tracker, known);
+    register(tracker, maps);
     events
 }
 
-/// Tells the kernel which keys are named (their text stops coming) and which are forgotten.
-fn register(tracker: &mut Tracker, known: &mut aya::maps::HashMap<aya::maps::MapData, u64, u8>) {
-    for k in tracker.forgotten.drain(..) {
-        let _ = known.remove(&k);
+/// What registering keys takes: the kernel's `DB_KNOWN` and settings, and the config.
+struct KeyMaps<'a> {
+    known: &'a mut aya::maps::HashMap<aya::maps::MapData, u64, u8>,
+    settings: &'a mut aya::maps::Array<aya::maps::MapData, DbSettings>,
+    applied: &'a mut Option<DbSettings>,
+    cfg: &'a DbConfig,
+}
+
+/// Tells the kernel which keys are named (their text stops coming) and which are forgotten:
+/// those are removed first, then `known_gen` moves on, so that no connection goes on
+/// trusting its memory of one (a request in between may skip its text; the next sends it).
+fn register(tracker: &mut Tracker, maps: &mut KeyMaps<'_>) {
+    if !tracker.forgotten.is_empty() {
+        for k in tracker.forgotten.drain(..) {
+            let _ = maps.known.remove(&k);
+        }
+        tracker.known_gen += 1;
+        let want = settings_of(maps.cfg, tracker.known_gen);
+        match maps.settings.set(0, want, 0) {
+            Ok(()) => *maps.applied = Some(want),
+            Err(e) => {
+                warn!(error = %crate::probes::error_chain(&e), "cannot update the database probe's settings")
+            }
+        }
     }
+    let known = &mut maps.known;
     for k in tracker.named.drain(..) {
         if let Err(e) = known.insert(k, 1, 0) {
             debug!(error = %crate::probes::error_chain(&e), "cannot register a statement key");
