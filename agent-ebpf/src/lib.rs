@@ -4,6 +4,10 @@
 //! It is also what `agent` names as a build-dependency, so cargo rebuilds the agent (whose
 //! build.rs compiles the kernel objects) when this crate changes.
 #![no_std]
+// Atomic adds: core's atomic types lack fetch_add on the bpf target; the intrinsic lowers to
+// the BPF atomic add instruction.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]
@@ -156,6 +160,18 @@ pub mod util {
     pub fn load<T: Copy>(base: *const u8, off: u32) -> T {
         // SAFETY: see above.
         unsafe { core::ptr::read_volatile(base.wrapping_add(off as usize).cast::<T>()) }
+    }
+
+    /// `*p += v`, atomically (BPF `lock` add: no result, no ordering): map values every CPU
+    /// updates.
+    ///
+    /// # Safety
+    /// `p` points into a map value.
+    #[inline(always)]
+    pub unsafe fn atomic_add<T: Copy>(p: *mut T, v: T) {
+        use core::intrinsics::{atomic_xadd, AtomicOrdering};
+        // SAFETY: the caller's.
+        unsafe { atomic_xadd::<T, T, { AtomicOrdering::Relaxed }>(p, v) };
     }
 
     #[inline(always)]

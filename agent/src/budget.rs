@@ -14,9 +14,10 @@ use crate::config::Config;
 pub const BASE_BYTES: u64 = 48 << 20;
 /// One connection edge (`net.max_edges`), its counters in every kept snapshot included.
 pub const EDGE_BYTES: u64 = 28 << 10;
-/// One connection in the table of open connections (`store::net::OpenConns`), which holds at
-/// most `store::net::MAX_OPEN_CONNS`.
-pub const OPEN_CONN_BYTES: u64 = 224;
+/// One edge of the kernel's edge table, as the network collector keeps it (its last counts,
+/// and its share of each fold's read buffer). The kernel table holds
+/// `probes::net::kernel_edges(net.max_edges)`.
+pub const KERNEL_EDGE_BYTES: u64 = 2048;
 /// One query series (`db.max_series`).
 pub const DB_SERIES_BYTES: u64 = 20 << 10;
 /// One query fingerprint (`db.max_fingerprints`), with its text and sample.
@@ -44,9 +45,9 @@ pub fn estimate(cfg: &Config) -> Estimate {
         ("control and scrape replies", REPLIES_BYTES),
         ("net.max_edges", n(cfg.net.max_edges) * EDGE_BYTES),
         (
-            "open connections",
+            "kernel connection edges",
             if cfg.net.enabled {
-                n(crate::store::net::MAX_OPEN_CONNS) * OPEN_CONN_BYTES
+                u64::from(crate::probes::net::kernel_edges(cfg.net.max_edges)) * KERNEL_EDGE_BYTES
             } else {
                 0
             },

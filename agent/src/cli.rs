@@ -526,10 +526,10 @@ fn print_connections(c: &ConnectionsView) {
             c.total_edges
         );
     }
-    if c.events_dropped > 0 || c.edges_overflowed > 0 {
+    if c.kernel_edges_full > 0 || c.edges_overflowed > 0 {
         println!(
-            "  warning: {} events dropped by the kernel, {} updates folded into `other` (net.max_edges)",
-            c.events_dropped, c.edges_overflowed
+            "  warning: {} updates counted under `other` by the kernel (edge table full), {} folded into `other` (net.max_edges)",
+            c.kernel_edges_full, c.edges_overflowed
         );
     }
     println!(

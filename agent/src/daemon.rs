@@ -184,26 +184,28 @@ async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
         }
     }
     if let Some(p) = &net_probe {
-        let (ring, conns) = match p.lock() {
-            Ok(mut p) => (p.take_ring(), p.take_conns()),
-            Err(_) => (None, None),
-        };
-        if let Some(ring) = ring {
-            tasks.spawn(collectors::net::run_event_reader(
-                ring,
-                store.clone(),
-                cfg_rx.clone(),
-            ));
-        }
-        if let Some(conns) = conns {
-            tasks.spawn(collectors::net::run_reconciler(conns, store.clone()));
-        }
-        if p.lock().is_ok_and(|p| p.has_walker()) {
+        let tables = p.lock().ok().and_then(|mut p| p.take_tables());
+        // Walks over the TCP sockets sample live connections and find the ones whose end
+        // went unseen; without the iterator the receive-path hook samples.
+        let walks = if p.lock().is_ok_and(|p| p.has_walker()) {
+            let (tx, rx) = watch::channel(collectors::net::Walks::default());
             tasks.spawn(collectors::net::run_walker(
                 p.clone(),
                 store.clone(),
                 cfg_rx.clone(),
+                tx,
                 shutdown_rx.clone(),
+            ));
+            Some(rx)
+        } else {
+            None
+        };
+        if let Some(tables) = tables {
+            tasks.spawn(collectors::net::run_collector(
+                tables,
+                store.clone(),
+                cfg_rx.clone(),
+                walks,
             ));
         }
     }

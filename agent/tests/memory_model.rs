@@ -14,11 +14,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use agent_common::net::{NetEdge, NetEdgeKey};
 use insite_agent::{
     budget,
+    collectors::net::{FoldConfig, Folder},
     store::{
         db::{DbTotals, OpKey, OpStats, Outcome, QueryRecord, Role, System as DbSystem},
-        net::{ConnId, ConnUpdate, Direction, EdgeKey, NetTotals, OpenConns, Traffic},
+        net::{Direction, EdgeCounters, EdgeKey, NetTotals},
         window::Windows,
         WINDOW_GRANULARITY, WINDOW_RETENTION,
     },
@@ -88,9 +90,8 @@ fn edges_cost_what_the_model_says() {
         .map(|i| Arc::from(format!("svc-{i}.service").as_str()))
         .collect();
     let mut live = NetTotals::default();
-    // One connection per edge stays open (its entry in the open table is charged apart);
-    // every tick samples each edge, so each snapshot holds its own copy of every edge.
-    let mut open = OpenConns::default();
+    // One connection per edge stays open; every tick samples each edge, so each snapshot
+    // holds its own copy of every edge.
     let (after, w) = churn(&mut live, |t, tick| {
         for (i, svc) in services.iter().enumerate() {
             let ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i as u32));
@@ -100,26 +101,20 @@ fn edges_cost_what_the_model_says() {
                 peer: Some(ip),
                 destination: Some(SocketAddr::new(ip, 5432)),
             };
-            let update = if tick == 0 {
-                ConnUpdate::Connected {
-                    conn: ConnId {
-                        sock: 0xffff_0000_0000 + i as u64 * 64,
-                        start_ns: 1,
-                    },
-                    connect_ns: 1000,
-                    rtt_ns: 5000,
-                }
-            } else {
-                ConnUpdate::Sampled {
-                    rtt_ns: 5000 + tick,
-                }
+            let mut d = EdgeCounters {
+                connects: u64::from(tick == 0),
+                bytes_sent: 10,
+                bytes_received: 10,
+                ..EdgeCounters::default()
             };
-            let traffic = Traffic {
-                sent: 10,
-                received: 10,
-                retransmits: 0,
-            };
-            t.apply(&mut open, key, &update, traffic, n);
+            if tick == 0 {
+                d.connect_time.record(1000);
+            }
+            d.rtt.record(5000 + tick);
+            let at = t.add(&key, &d, n);
+            if tick == 0 {
+                t.move_open(None, 0, &at, 1);
+            }
         }
     });
     let per = (after - before) as f64 / n as f64;
@@ -127,46 +122,67 @@ fn edges_cost_what_the_model_says() {
         "edge: {per:.0} bytes each, one open connection included ({} snapshots)",
         w.snapshots()
     );
-    let model = (budget::EDGE_BYTES + budget::OPEN_CONN_BYTES) as f64;
+    let model = budget::EDGE_BYTES as f64;
     assert!(
         per <= model,
         "an edge costs {per:.0} bytes, the model says {model}"
     );
-    drop((w, live, services, open));
+    drop((w, live, services));
+}
+
+/// `n` kernel edges, one per peer, each with a handshake and bytes.
+fn kernel_edges(n: usize) -> Vec<(NetEdgeKey, NetEdge)> {
+    (0..n)
+        .map(|i| {
+            let mut k = NetEdgeKey {
+                cgroup_id: 1,
+                comm: *b"client\0\0\0\0\0\0\0\0\0\0",
+                dport: 5432,
+                family: 2,
+                direction: agent_common::net::direction::OUTBOUND,
+                ..NetEdgeKey::default()
+            };
+            k.peer[..4].copy_from_slice(&(0x0a00_0000 + i as u32).to_be_bytes());
+            k.dest = k.peer;
+            let mut v = NetEdge {
+                connects: 1,
+                bytes_sent: 10,
+                last_pid: 42,
+                ..NetEdge::default()
+            };
+            v.connect_buckets[10] = 1;
+            (k, v)
+        })
+        .collect()
 }
 
 #[test]
-fn open_connections_cost_what_the_model_says() {
+fn kernel_edges_cost_what_the_model_says() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    // The table full: its hash table is then at its largest per entry.
-    let n = insite_agent::store::net::MAX_OPEN_CONNS;
-    let mut live = NetTotals::default();
-    let mut open = OpenConns::default();
-    let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
-    let key = EdgeKey {
-        direction: Direction::Inbound,
-        service: Arc::from("web.service"),
-        peer: Some(ip),
-        destination: Some(SocketAddr::new(ip, 443)),
+    // The kernel's table full at the default net.max_edges, every entry changing.
+    let n = insite_agent::probes::net::kernel_edges(1024) as usize;
+    let cfg = FoldConfig {
+        max_edges: 16,
+        ignored: Vec::new(),
     };
-    let sample = ConnUpdate::Sampled { rtt_ns: 1 };
-    live.apply(&mut open, key.clone(), &sample, Traffic::default(), 16);
+    let mut totals = NetTotals::default();
+    let mut folder = Folder::new();
     let before = LIVE.load(Ordering::Relaxed);
-    for i in 0..n {
-        let conn = ConnId {
-            sock: 0xffff_0000_0000 + i as u64 * 64,
-            start_ns: 1,
-        };
-        let accepted = ConnUpdate::Accepted { conn, rtt_ns: 1 };
-        live.apply(&mut open, key.clone(), &accepted, Traffic::default(), 16);
+    let mut entries = kernel_edges(n);
+    let now = Instant::now();
+    folder.fold(&entries, Default::default(), &mut totals, &cfg, now);
+    for (_, v) in &mut entries {
+        v.connects += 1;
+        v.bytes_sent += 10;
     }
+    folder.fold(&entries, Default::default(), &mut totals, &cfg, now);
     let per = (LIVE.load(Ordering::Relaxed) - before) as f64 / n as f64;
-    eprintln!("open connection: {per:.0} bytes each");
-    assert_eq!(open.len(), n);
+    eprintln!("kernel edge: {per:.0} bytes each, with its share of the read buffer");
+    assert_eq!(folder.len(), n);
     assert!(
-        per <= budget::OPEN_CONN_BYTES as f64,
-        "an open connection costs {per:.0} bytes, the model says {}",
-        budget::OPEN_CONN_BYTES
+        per <= budget::KERNEL_EDGE_BYTES as f64,
+        "a kernel edge costs {per:.0} bytes, the model says {}",
+        budget::KERNEL_EDGE_BYTES
     );
 }
 
@@ -356,55 +372,48 @@ fn database_collector_tables_cost_what_the_model_says() {
     drop(t);
 }
 
-/// Issue 10: the readers do not allocate per event on the hot path. Connection events of
-/// edges already seen, and the database collector's fold of counts that changed, allocate
-/// nothing once warm.
+/// Issue 10: the readers do not allocate per event on the hot path. The folds of the
+/// kernel's counts (connection edges, database statements) that changed allocate nothing
+/// once warm.
 #[test]
 fn known_events_and_count_folds_allocate_nothing() {
-    use agent_common::{
-        db::{outcome, role, system, DbStat, DbStatKey},
-        net::{direction, kind, NetEvent},
-    };
-    use insite_agent::collectors::{db::Tracker, net};
+    use agent_common::db::{outcome, role, system, DbStat, DbStatKey};
+    use insite_agent::collectors::db::Tracker;
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let mut names = net::Names::new();
-    let mut ev = NetEvent {
-        ts_ns: 1,
-        sock: 0xffff_0000,
-        cgroup_id: 1,
-        duration_ns: 50_000,
-        bytes_sent: 0,
-        bytes_received: 0,
-        saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        daddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        pid: 42,
-        srtt_us: 30,
-        retransmits: 0,
-        error: 0,
-        sport: 40_000,
-        dport: 5432,
-        family: 2,
-        kind: kind::CONNECT,
-        direction: direction::OUTBOUND,
-        comm: *b"client\0\0\0\0\0\0\0\0\0\0",
+    let cfg = FoldConfig {
+        max_edges: 2000,
+        ignored: Vec::new(),
     };
-    assert!(net::observe(&ev, &mut names).is_some(), "warm-up");
-    let before = allocs();
-    for i in 0..10_000u64 {
-        ev.sock = 0xffff_0000 + i * 64;
-        ev.ts_ns = i;
-        ev.kind = if i % 2 == 0 {
-            kind::CONNECT
-        } else {
-            kind::CLOSE
-        };
-        assert!(net::observe(&ev, &mut names).is_some());
+    let mut totals = NetTotals::default();
+    let mut folder = Folder::new();
+    let mut entries = kernel_edges(1000);
+    folder.fold(
+        &entries,
+        Default::default(),
+        &mut totals,
+        &cfg,
+        Instant::now(),
+    );
+    for (_, v) in &mut entries {
+        v.connects += 1;
+        v.closes += 1;
+        v.rtt_buckets[12] += 2;
+        v.bytes_received += 100;
     }
+    let before = allocs();
+    folder.fold(
+        &entries,
+        Default::default(),
+        &mut totals,
+        &cfg,
+        Instant::now(),
+    );
     assert_eq!(
         allocs() - before,
         0,
-        "allocations for 10,000 connection events"
+        "allocations folding 1000 changed connection edges"
     );
+    assert_eq!(totals.edges.values().map(|e| e.connects).sum::<u64>(), 2000);
 
     let mut t = Tracker::new(false);
     let mut entries: Vec<(DbStatKey, DbStat)> = (0..1000u64)

@@ -148,6 +148,10 @@ fn test(lint: bool) -> Result<()> {
         "insite-e2e",
         "--exclude",
         "agent-ebpf",
+        "--",
+        // The unit tests that load eBPF programs are ignored by a plain `cargo test` (they
+        // need root); here we are root.
+        "--include-ignored",
     ])?;
     // Every wire decoder under cargo-fuzz, briefly (the decoders alone, in target/fuzz).
     fuzz::run(None, 15)?;

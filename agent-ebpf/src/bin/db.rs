@@ -32,10 +32,6 @@
 //! left undecoded are counted. Per connection these go to userspace in a loss event.
 #![no_std]
 #![no_main]
-// Atomic adds: core's atomic types lack fetch_add on the bpf target; the intrinsic lowers to
-// the BPF atomic add instruction.
-#![feature(core_intrinsics)]
-#![allow(internal_features)]
 
 agent_ebpf::license!();
 
@@ -49,7 +45,7 @@ use agent_common::{
     log2_bucket, HIST_BUCKETS,
 };
 use agent_ebpf::{
-    util::{self, load, now_ns},
+    util::{self, atomic_add, load, now_ns},
     SkStorage,
 };
 use aya_ebpf::{
@@ -1394,17 +1390,6 @@ fn stat_entry(map: &HashMap<DbStatKey, DbStat>, k: &DbStatKey, w: &Scratch) -> O
     #[allow(clippy::needless_borrows_for_generic_args)]
     let _ = map.insert(k, &w.zero, NOEXIST);
     map.get_ptr_mut(k)
-}
-
-/// `*p += v`, atomically (BPF `lock` add: no result, no ordering).
-///
-/// # Safety
-/// `p` points into a map value.
-#[inline(always)]
-unsafe fn atomic_add<T: Copy>(p: *mut T, v: T) {
-    use core::intrinsics::{atomic_xadd, AtomicOrdering};
-    // SAFETY: the caller's.
-    unsafe { atomic_xadd::<T, T, { AtomicOrdering::Relaxed }>(p, v) };
 }
 
 /// Adds `n` requests of statement `key` with `outcome`, `sum` ns together, all in latency

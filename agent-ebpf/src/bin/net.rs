@@ -1,22 +1,26 @@
 //! TCP connection lifecycle: connect time and failures, accepts, lifetime, RTT, bytes and
-//! retransmits, from the `sock:inet_sock_set_state` and `tcp:*` tracepoints (tp_btf).
+//! retransmits, from the `sock:inet_sock_set_state` and `tcp:*` tracepoints (tp_btf), counted
+//! in the kernel per edge (service, peer, destination) in `NET_EDGES`.
 //!
-//! Nothing here runs per packet. State transitions happen a handful of times per connection;
+//! Nothing here runs per packet, and nothing goes to userspace per connection: state
+//! transitions happen a handful of times per connection, and each one that matters adds to
+//! its edge's counters and histograms with atomic adds, which userspace reads once per tick.
 //! RTT and byte counts are read from the socket itself at those transitions and, for live
 //! connections, once per sample interval by a walk over the kernel's TCP sockets (`iter/tcp`,
-//! run by userspace), or where there is no such iterator from `tcp_rcv_space_adjust`. Each connection's state lives in a hash
-//! keyed by the socket's address; every event carries byte and retransmit deltas since the
-//! previous one, so userspace only adds.
+//! run by userspace), or where there is no such iterator from `tcp_rcv_space_adjust`. Each
+//! connection's state lives in a hash keyed by the socket's address (the table of open
+//! connections userspace lists); it remembers what the socket had sent and received when last
+//! counted, so every update adds only the difference.
 //!
 //! The kernel skips a run of a tp_btf program that would start while the same program is
 //! already running on that CPU (a softirq state change interrupting one in process context),
 //! so a connection's end can go unseen. `tcp_destroy_sock`, which every TCP socket passes
-//! once, ends whatever is still tracked then; userspace reconciles its open connections
-//! against `NET_CONNS` for what neither saw (or what the ring buffer dropped).
+//! once, ends whatever is still tracked then; a socket that starts a new connection while
+//! its old one is still tracked ends the old one; and userspace ends the entries that two
+//! walks over the sockets in a row did not find (`NetConn::walk`).
 //!
 //! On these VMs a helper call costs a hundred nanoseconds or more, so the programs count them:
-//! uninteresting transitions return before the first, fields are plain loads, and the reader
-//! is woken once per batch of events.
+//! uninteresting transitions return before the first, and fields are plain loads.
 //!
 //! Kernel struct fields are read with plain loads at offsets that userspace resolved from the
 //! running kernel's BTF and set as the read-only global `NET_OFFSETS` (see
@@ -28,33 +32,36 @@
 agent_ebpf::license!();
 
 use agent_common::{
+    log2_bucket,
     net::{
         conn_state::{CONNECTING, ESTABLISHED},
-        counters, direction, kind, NetConfig, NetConn as Conn, NetEvent, NetOffsets,
-        NetTuple as Tuple, MAX_TRACKED_CONNS, NET_HAVE_SK_CGROUP, NET_RINGBUF_BYTES, PORT_SLOTS,
+        counters, direction, failure_index, NetConfig, NetConn as Conn, NetEdge, NetEdgeKey,
+        NetOffsets, NetTuple as Tuple, FAILURE_REASONS, MAX_TRACKED_CONNS, NET_EDGES_DEFAULT,
+        NET_HAVE_SK_CGROUP, PORT_SLOTS,
     },
-    TASK_COMM_LEN,
+    HIST_BUCKETS, TASK_COMM_LEN,
 };
-use agent_ebpf::util::{self, load, now_ns};
+use agent_ebpf::util::{self, atomic_add, load, now_ns};
 use aya_ebpf::{
+    bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         generated::bpf_skc_to_tcp_sock,
     },
     macros::{btf_tracepoint, map},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray},
     programs::BtfTracePointContext,
 };
 
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
 const TCP_SYN_RECV: i32 = 3;
+const TCP_TIME_WAIT: i32 = 6;
 const TCP_CLOSE: i32 = 7;
+const TCP_LISTEN: i32 = 10;
+const TCP_NEW_SYN_RECV: i32 = 12;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
-
-/// Wake the reader every this many events per CPU (see `wakeup_flags`).
-const WAKEUP_EVERY: u32 = 64;
 
 #[map]
 static NET_CONFIG: Array<NetConfig> = Array::with_max_entries(1, 0);
@@ -96,18 +103,26 @@ fn offsets() -> NetOffsets {
 #[map]
 static NET_CONNS: HashMap<u64, Conn> = HashMap::with_max_entries(MAX_TRACKED_CONNS, 0);
 
+/// What the kernel counted per edge. Userspace sizes it from `net.max_edges` at load and
+/// removes edges that stayed idle with nothing open. Full means new edges are counted in
+/// `NET_EDGES_OTHER`.
 #[map]
-static NET_EVENTS: RingBuf = RingBuf::with_byte_size(NET_RINGBUF_BYTES, 0);
+static NET_EDGES: HashMap<NetEdgeKey, NetEdge> = HashMap::with_max_entries(NET_EDGES_DEFAULT, 0);
+
+/// The edges past a full `NET_EDGES`, one per direction (indexed by it).
+#[map]
+static NET_EDGES_OTHER: Array<NetEdge> = Array::with_max_entries(3, 0);
+
+/// One zeroed edge, never written: what a new edge is inserted from (it does not fit on the
+/// program's 512-byte stack beside its key).
+#[map]
+static NET_EDGE_ZERO: Array<NetEdge> = Array::with_max_entries(1, 0);
 
 #[map]
 static NET_IGNORE_PORTS: Array<u8> = Array::with_max_entries(PORT_SLOTS, 0);
 
 #[map]
 static NET_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
-
-/// Events written on each CPU since it last woke the reader.
-#[map]
-static NET_PENDING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn isa_net_state(ctx: BtfTracePointContext) -> i32 {
@@ -122,25 +137,22 @@ pub fn isa_net_state(ctx: BtfTracePointContext) -> i32 {
 /// The backstop. Every full TCP socket passes here once, when it is freed; one still in our
 /// map missed the state change that should have ended it: the kernel skips a tp_btf program
 /// that is already running on this CPU (a softirq state change interrupting a run in process
-/// context) and only counts the skipped run in the program's recursion_misses. Report the
-/// connection's end now, so that no connection stays open forever and no stale entry stays
-/// in the map. On the common path (not tracked) this costs the hook and one hash lookup.
+/// context) and only counts the skipped run in the program's recursion_misses. End the
+/// connection now, so that no connection stays open forever and no stale entry stays in the
+/// map. On the common path (not tracked) this costs the hook and one hash lookup.
 #[btf_tracepoint(function = "tcp_destroy_sock")]
 pub fn isa_net_destroy(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     let Some(c) = tracked(sk) else { return 0 };
-    let now = now_ns();
-    let elapsed = now.saturating_sub(c.start_ns);
     if c.state == ESTABLISHED {
-        emit(sk, c, kind::CLOSE, now, elapsed, 0);
+        closed(sk, c, now_ns());
     } else if !syn_acked(sk) {
         // The error may have been read (and cleared) by the application by now: 0 then,
-        // reported as aborted.
-        let err: i32 = load(sk, offsets().sk_err);
-        emit(sk, c, kind::CONNECT_FAILED, now, elapsed, err);
+        // counted as aborted.
+        failed(c, load(sk, offsets().sk_err));
     }
     // A connect whose SYN was acknowledged did complete, unseen: as on a missed ESTABLISHED
-    // in `on_state`, neither a connect nor a failure is reported for it.
+    // in `on_state`, neither a connect nor a failure is counted for it.
     bump(counters::ENDED_AT_DESTROY);
     untrack(sk);
     0
@@ -150,14 +162,16 @@ pub fn isa_net_destroy(ctx: BtfTracePointContext) -> i32 {
 pub fn isa_net_retransmit(ctx: BtfTracePointContext) -> i32 {
     bump(counters::RETRANSMITS);
     let sk: *const u8 = ctx.arg(0);
-    sample(sk, kind::RETRANSMIT, true);
+    sample(sk, true);
     0
 }
 
 /// Samples every tracked live connection, run by userspace once per sample interval over the
-/// kernel's TCP sockets (a BPF iterator, `iter/tcp`): the receive path pays nothing. Its
-/// context is `struct bpf_iter__tcp { struct bpf_iter_meta *meta; struct sock_common
-/// *sk_common; uid_t uid; }`, and a last call with no socket ends the walk.
+/// kernel's TCP sockets (a BPF iterator, `iter/tcp`): the receive path pays nothing. It also
+/// stamps each tracked socket it finds with the walk's number, so that userspace can end the
+/// entries whose socket is gone unseen. Its context is `struct bpf_iter__tcp { struct
+/// bpf_iter_meta *meta; struct sock_common *sk_common; uid_t uid; }`, and a last call with no
+/// socket ends the walk.
 ///
 /// # Safety
 /// Called by the kernel with its iterator context.
@@ -169,12 +183,27 @@ pub unsafe extern "C" fn isa_net_walk(ctx: *mut core::ffi::c_void) -> i32 {
     if sk.is_null() {
         return 0;
     }
-    // Most sockets a busy host holds are not live connections (TIME_WAIT, requests): one
-    // load decides, before the hash lookup.
-    if load::<u8>(sk, offsets().skc_state) as i32 != TCP_ESTABLISHED {
+    // Most sockets a busy host holds are not connections we track (TIME_WAIT, requests,
+    // listeners): one load decides, before the hash lookup.
+    let state = load::<u8>(sk, offsets().skc_state) as i32;
+    if state == TCP_TIME_WAIT
+        || state == TCP_CLOSE
+        || state == TCP_LISTEN
+        || state == TCP_NEW_SYN_RECV
+    {
         return 0;
     }
-    sample(sk, kind::SAMPLE, true);
+    let Some(c) = tracked(sk) else { return 0 };
+    let Some(cfg) = NET_CONFIG.get(0) else {
+        return 0;
+    };
+    c.walk = cfg.walk_gen as u32;
+    if state == TCP_ESTABLISHED && c.state == ESTABLISHED {
+        c.last_sample_ns = now_ns();
+        if let Some(e) = edge(c) {
+            account(sk, c, e);
+        }
+    }
     0
 }
 
@@ -183,7 +212,7 @@ pub unsafe extern "C" fn isa_net_walk(ctx: *mut core::ffi::c_void) -> i32 {
 #[btf_tracepoint(function = "tcp_rcv_space_adjust")]
 pub fn isa_net_sample(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
-    sample(sk, kind::SAMPLE, false);
+    sample(sk, false);
     0
 }
 
@@ -246,10 +275,7 @@ fn on_state(sk: *const u8, old: i32, new: i32) {
         if new == TCP_ESTABLISHED {
             connected(sk, c, now_ns());
         } else if new == TCP_CLOSE {
-            let now = now_ns();
-            let err: i32 = load(sk, offsets().sk_err);
-            let elapsed = now.saturating_sub(c.start_ns);
-            emit(sk, c, kind::CONNECT_FAILED, now, elapsed, err);
+            failed(c, load(sk, offsets().sk_err));
             untrack(sk);
         }
     } else if old == TCP_SYN_RECV && new == TCP_ESTABLISHED {
@@ -264,16 +290,15 @@ fn on_state(sk: *const u8, old: i32, new: i32) {
             return;
         }
         // Softirq context: the owner is known by the socket's cgroup.
-        if let Some(mut c) = start(sk, direction::INBOUND, false) {
-            let now = c.start_ns;
-            emit(sk, &mut c, kind::ACCEPT, now, 0, 0);
+        if let Some(c) = start(sk, direction::INBOUND, false) {
+            if let Some(e) = edge(&c) {
+                handshake(sk, e);
+            }
         }
     } else if new == TCP_CLOSE {
         let Some(c) = tracked(sk) else { return };
         if c.state == ESTABLISHED {
-            let now = now_ns();
-            let lifetime = now.saturating_sub(c.start_ns);
-            emit(sk, c, kind::CLOSE, now, lifetime, 0);
+            closed(sk, c, now_ns());
         }
         untrack(sk);
     }
@@ -282,14 +307,22 @@ fn on_state(sk: *const u8, old: i32, new: i32) {
 /// Whether the peer acknowledged our SYN (`bytes_acked` counts it as one byte).
 #[inline(always)]
 fn syn_acked(sk: *const u8) -> bool {
-    // SAFETY: `sk` is the tracepoint's socket argument, as the helper requires.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast_mut().cast()) }
-        .cast::<u8>()
-        .cast_const();
+    let tp = tcp_sock(sk);
     !tp.is_null() && load::<u64>(tp, offsets().tp_bytes_acked) != 0
 }
 
-/// An outbound connect completed: time it, and from now on time the connection's life.
+/// The socket as a `struct tcp_sock` (NULL for anything that is not a full TCP socket): the
+/// tcp_sock fields lie past `struct sock`.
+#[inline(always)]
+fn tcp_sock(sk: *const u8) -> *const u8 {
+    // SAFETY: `sk` is the tracepoint's (or the iterator's) socket, as the helper requires.
+    unsafe { bpf_skc_to_tcp_sock(sk.cast_mut().cast()) }
+        .cast::<u8>()
+        .cast_const()
+}
+
+/// An outbound connect completed: count and time it on its edge, and from now on time the
+/// connection's life.
 #[inline(always)]
 fn connected(sk: *const u8, c: &mut Conn, now: u64) {
     let elapsed = now.saturating_sub(c.start_ns);
@@ -298,11 +331,64 @@ fn connected(sk: *const u8, c: &mut Conn, now: u64) {
     c.start_ns = now;
     c.state = ESTABLISHED;
     c.last_sample_ns = now;
-    emit(sk, c, kind::CONNECT, now, elapsed, 0);
+    let Some(e) = edge(c) else { return };
+    // SAFETY: a map value, alive while this program runs; other CPUs update it too, with
+    // atomic adds like these.
+    unsafe {
+        atomic_add(&raw mut (*e).connect_sum_ns, elapsed);
+        let b = log2_bucket(elapsed);
+        if b < HIST_BUCKETS {
+            atomic_add(&raw mut (*e).connect_buckets[b], 1);
+        }
+        if c.pid != 0 {
+            // A plain store: the last writer wins, which is all it claims.
+            (*e).last_pid = c.pid;
+        }
+    }
+    handshake(sk, e);
 }
 
-/// Starts tracking a connection (unless one of its ports is ignored); returns what it stored.
-/// An inbound connection is established from the start; an outbound one is connecting.
+/// A handshake completed on edge `e`: one more connection (open until a close or a
+/// reconciliation counts its end), with the RTT the handshake measured.
+#[inline(always)]
+fn handshake(sk: *const u8, e: *mut NetEdge) {
+    // SAFETY: as in `connected`.
+    unsafe {
+        atomic_add(&raw mut (*e).connects, 1);
+    }
+    // Nothing has flowed yet: the RTT only.
+    let tp = tcp_sock(sk);
+    if !tp.is_null() {
+        rtt(tp, e);
+    }
+}
+
+/// An outbound connect failed with socket error `err`.
+#[inline(always)]
+fn failed(c: &Conn, err: i32) {
+    let Some(e) = edge(c) else { return };
+    let i = failure_index(err);
+    if i < FAILURE_REASONS {
+        // SAFETY: as in `connected`.
+        unsafe { atomic_add(&raw mut (*e).failures[i], 1) };
+    }
+}
+
+/// A tracked established connection ended: its last bytes and its lifetime.
+#[inline(always)]
+fn closed(sk: *const u8, c: &mut Conn, now: u64) {
+    let Some(e) = edge(c) else { return };
+    account(sk, c, e);
+    // SAFETY: as in `connected`.
+    unsafe {
+        atomic_add(&raw mut (*e).closes, 1);
+        atomic_add(&raw mut (*e).lifetime_ns, now.saturating_sub(c.start_ns));
+    }
+}
+
+/// Starts tracking a connection (unless one of its ports is ignored); returns what it
+/// stored. An inbound connection is established from the start; an outbound one is
+/// connecting.
 #[inline(always)]
 fn start(sk: *const u8, dir: u8, process_context: bool) -> Option<Conn> {
     let tuple = read_tuple(sk);
@@ -338,12 +424,29 @@ fn start(sk: *const u8, dir: u8, process_context: bool) -> Option<Conn> {
         } else {
             CONNECTING
         },
-        _pad: [0; 6],
+        _pad: [0; 2],
+        walk: 0,
     };
-    if NET_CONNS.insert(sk as u64, conn, 0).is_err() {
+    if NET_CONNS
+        .insert(sk as u64, conn, BPF_NOEXIST as u64)
+        .is_ok()
+    {
+        return Some(conn);
+    }
+    // Still tracked: the socket's previous connection ended unseen (its state change and its
+    // destroy both skipped). End it on its edge, then track the new one in its place.
+    let Some(old) = tracked(sk) else {
         bump(counters::TRACK_FAILED);
         return None;
+    };
+    if old.state == ESTABLISHED {
+        if let Some(e) = edge(old) {
+            // SAFETY: as in `connected`.
+            unsafe { atomic_add(&raw mut (*e).reconciled, 1) };
+        }
+        bump(counters::REUSED);
     }
+    *old = conn;
     Some(conn)
 }
 
@@ -365,31 +468,98 @@ fn sock_cgroup(sk: *const u8) -> u64 {
     load(kn, o.kn_id)
 }
 
-/// A live-connection sample or a retransmit: RTT and byte deltas, rate-limited per connection
-/// (retransmits are always reported: they are what the user is looking for).
+/// A live-connection sample from the receive path, at most once per sample interval per
+/// connection, or a retransmit (`always`: what the user is looking for).
 #[inline(always)]
-fn sample(sk: *const u8, what: u8, always: bool) {
+fn sample(sk: *const u8, always: bool) {
     let Some(c) = tracked(sk) else { return };
     if c.state != ESTABLISHED {
         return;
     }
-    let Some(cfg) = NET_CONFIG.get(0) else {
-        return;
-    };
     let now = now_ns();
-    if !always && now.saturating_sub(c.last_sample_ns) < cfg.sample_interval_ns {
-        return;
+    if !always {
+        let Some(cfg) = NET_CONFIG.get(0) else {
+            return;
+        };
+        if now.saturating_sub(c.last_sample_ns) < cfg.sample_interval_ns {
+            return;
+        }
     }
     c.last_sample_ns = now;
-    emit(sk, c, what, now, 0, 0);
+    if let Some(e) = edge(c) {
+        account(sk, c, e);
+    }
 }
 
-/// Wake the reader only once a batch has built up: a wakeup per event would cost more than the
-/// event on a host that opens tens of thousands of connections a second. Userspace also drains
-/// the ring on a short timer, so a trickle of events is never stranded.
+/// The edge a connection counts on: its entry in `NET_EDGES`, made if new; past a full table,
+/// its direction's entry in `NET_EDGES_OTHER`.
 #[inline(always)]
-fn wakeup_flags() -> u64 {
-    util::wakeup_flags(&NET_PENDING, WAKEUP_EVERY)
+fn edge(c: &Conn) -> Option<*mut NetEdge> {
+    let k = c.edge_key();
+    if let Some(e) = NET_EDGES.get_ptr_mut(k) {
+        return Some(e);
+    }
+    let zero = NET_EDGE_ZERO.get(0)?;
+    // Another CPU may insert the same edge first: NOEXIST keeps its counts.
+    let _ = NET_EDGES.insert(k, zero, BPF_NOEXIST as u64);
+    if let Some(e) = NET_EDGES.get_ptr_mut(k) {
+        return Some(e);
+    }
+    bump(counters::EDGES_FULL);
+    NET_EDGES_OTHER.get_ptr_mut(c.direction as u32)
+}
+
+/// Adds what the socket did since it was last counted to edge `e`: an RTT sample, and the
+/// bytes and retransmits since.
+#[inline(always)]
+fn account(sk: *const u8, c: &mut Conn, e: *mut NetEdge) {
+    let tp = tcp_sock(sk);
+    if tp.is_null() {
+        return;
+    }
+    rtt(tp, e);
+    let o = offsets();
+    let acked: u64 = load(tp, o.tp_bytes_acked);
+    let rcvd: u64 = load(tp, o.tp_bytes_received);
+    let retrans: u32 = load(tp, o.tp_total_retrans);
+    let sent = acked.saturating_sub(c.bytes_acked);
+    let received = rcvd.saturating_sub(c.bytes_received);
+    let retransmits = retrans.saturating_sub(c.total_retrans);
+    c.bytes_acked = acked;
+    c.bytes_received = rcvd;
+    c.total_retrans = retrans;
+    // SAFETY: as in `connected`.
+    unsafe {
+        if sent != 0 {
+            atomic_add(&raw mut (*e).bytes_sent, sent);
+        }
+        if received != 0 {
+            atomic_add(&raw mut (*e).bytes_received, received);
+        }
+        if retransmits != 0 {
+            atomic_add(&raw mut (*e).retransmits, u64::from(retransmits));
+        }
+    }
+}
+
+/// Adds the socket's smoothed RTT (`tp`: the socket as a tcp_sock) to edge `e`.
+#[inline(always)]
+fn rtt(tp: *const u8, e: *mut NetEdge) {
+    let rtt_ns = u64::from(load::<u32>(tp, offsets().tp_srtt_us) >> 3) * 1000;
+    if rtt_ns == 0 {
+        return;
+    }
+    // SAFETY: as in `connected`.
+    unsafe {
+        atomic_add(&raw mut (*e).rtt_sum_ns, rtt_ns);
+        // The compiler knows an RTT's bucket is below 39 and drops the check, which the
+        // verifier needs: read the index back opaquely so that the check stays.
+        let b = log2_bucket(rtt_ns);
+        let b = core::ptr::read_volatile(&b);
+        if b < HIST_BUCKETS {
+            atomic_add(&raw mut (*e).rtt_buckets[b], 1);
+        }
+    }
 }
 
 /// The socket's addresses and ports.
@@ -425,60 +595,4 @@ fn load_in6(sk: *const u8, off: u32) -> [u8; 16] {
         i += 1;
     }
     a
-}
-
-/// Writes one event for `c`. Events after the first carry byte and retransmit deltas, read
-/// from the socket now, against what the previous event of this connection reported (the
-/// handshake events skip those reads: nothing has flowed yet).
-#[inline(always)]
-fn emit(sk: *const u8, c: &mut Conn, what: u8, now: u64, duration_ns: u64, error: i32) {
-    let Some(mut entry) = NET_EVENTS.reserve::<NetEvent>(0) else {
-        bump(counters::DROPS);
-        return;
-    };
-    let o = offsets();
-    // The tcp_sock fields lie past `struct sock`: reach them through a pointer typed as
-    // tcp_sock (NULL for anything that is not a full TCP socket).
-    // SAFETY: `sk` is the tracepoint's socket argument, as the helper requires.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast_mut().cast()) }
-        .cast::<u8>()
-        .cast_const();
-    let (mut sent, mut received, mut retransmits, mut srtt_us) = (0, 0, 0, 0);
-    if !tp.is_null() {
-        srtt_us = load::<u32>(tp, o.tp_srtt_us) >> 3;
-        if what != kind::CONNECT && what != kind::ACCEPT {
-            let acked: u64 = load(tp, o.tp_bytes_acked);
-            let rcvd: u64 = load(tp, o.tp_bytes_received);
-            let retrans: u32 = load(tp, o.tp_total_retrans);
-            sent = acked.saturating_sub(c.bytes_acked);
-            received = rcvd.saturating_sub(c.bytes_received);
-            retransmits = retrans.saturating_sub(c.total_retrans);
-            c.bytes_acked = acked;
-            c.bytes_received = rcvd;
-            c.total_retrans = retrans;
-        }
-    }
-    let ev = NetEvent {
-        ts_ns: now,
-        sock: sk as u64,
-        cgroup_id: c.cgroup_id,
-        duration_ns,
-        bytes_sent: sent,
-        bytes_received: received,
-        saddr: c.tuple.saddr,
-        daddr: c.tuple.daddr,
-        pid: c.pid,
-        srtt_us,
-        retransmits,
-        error,
-        sport: c.tuple.sport,
-        dport: c.tuple.dport,
-        family: c.tuple.family,
-        kind: what,
-        direction: c.direction,
-        comm: c.comm,
-    };
-    entry.write(ev);
-    entry.submit(wakeup_flags());
-    bump(counters::EVENTS);
 }

@@ -57,8 +57,9 @@ pub struct ConnectionsView {
     pub resets_received: u64,
     /// Retransmits on every TCP socket, tracked or not.
     pub retransmits_all: u64,
-    pub events: u64,
-    pub events_dropped: u64,
+    /// Connection updates the kernel counted under `other` because its edge table was full.
+    #[serde(default)]
+    pub kernel_edges_full: u64,
     pub edges_overflowed: u64,
 }
 
@@ -194,8 +195,7 @@ pub fn connections(store: &Store, window: Duration, page: Page) -> Result<Connec
         resets_sent: k.resets_sent,
         resets_received: k.resets_received,
         retransmits_all: k.retransmits,
-        events: k.events,
-        events_dropped: k.drops,
+        kernel_edges_full: k.edges_full,
         edges_overflowed: w.delta.overflowed,
     })
 }
@@ -412,7 +412,7 @@ mod tests {
     use super::*;
     use crate::{
         config::ConfigSource,
-        store::net::{ConnId, ConnUpdate, NetTotals, Traffic},
+        store::net::{EdgeCounters, NetTotals},
     };
     use std::{sync::Arc, time::Instant};
 
@@ -433,41 +433,29 @@ mod tests {
             peer: Some("127.0.0.1".parse().unwrap()),
             destination: Some("127.0.0.1:5432".parse().unwrap()),
         };
-        let open = &mut st.net_open;
-        let id = |sock| ConnId { sock, start_ns: 1 };
-        for i in 0..3 {
-            let connected = ConnUpdate::Connected {
-                conn: id(i),
-                connect_ns: 2_000_000,
-                rtt_ns: 40_000,
-            };
-            let traffic = Traffic {
-                sent: 100,
-                received: 5000,
-                retransmits: 0,
-            };
-            t.apply(open, out.clone(), &connected, traffic, 100);
-            let accepted = ConnUpdate::Accepted {
-                conn: id(10 + i),
-                rtt_ns: 40_000,
-            };
-            t.apply(open, inb.clone(), &accepted, Traffic::default(), 100);
+        let mut connected = EdgeCounters {
+            connects: 3,
+            bytes_sent: 300,
+            bytes_received: 15_000,
+            ..EdgeCounters::default()
+        };
+        for _ in 0..3 {
+            connected.connect_time.record(2_000_000);
+            connected.rtt.record(40_000);
         }
-        let failed = ConnUpdate::Failed {
-            reason: FailureReason::Refused,
-        };
-        t.apply(open, out.clone(), &failed, Traffic::default(), 100);
-        let closed = ConnUpdate::Closed {
-            conn: id(10),
+        connected.failures[0] = 1;
+        t.add(&out, &connected, 100);
+        t.move_open(None, 0, &out, 3);
+        let accepted = EdgeCounters {
+            connects: 3,
+            closes: 1,
             lifetime_ns: 1,
-            rtt_ns: 0,
+            bytes_sent: 5000,
+            bytes_received: 100,
+            ..EdgeCounters::default()
         };
-        let traffic = Traffic {
-            sent: 5000,
-            received: 100,
-            retransmits: 0,
-        };
-        t.apply(open, inb, &closed, traffic, 100);
+        t.add(&inb, &accepted, 100);
+        t.move_open(None, 0, &inb, 2);
         st.net.push(t0 + Duration::from_secs(2), t);
         st
     }

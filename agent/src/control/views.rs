@@ -126,19 +126,6 @@ pub fn status(store: &Store, cfg: &Config) -> StatusView {
             dropped_per_second: rate(dr, span),
         });
     }
-    if let Some(l) = store.net.latest() {
-        let w = store.net.over(DEFAULT_WINDOW);
-        let (ev, dr, span) = w.as_ref().map_or((0, 0, Duration::ZERO), |w| {
-            (w.delta.kernel.events, w.delta.kernel.drops, w.span)
-        });
-        events.push(EventRates {
-            stream: "net_events".into(),
-            total: l.totals.kernel.events,
-            per_second: rate(ev, span),
-            dropped_total: l.totals.kernel.drops,
-            dropped_per_second: rate(dr, span),
-        });
-    }
     if let Some(l) = store.db.latest() {
         let w = store.db.over(DEFAULT_WINDOW);
         let (ev, dr, span) = w.as_ref().map_or((0, 0, Duration::ZERO), |w| {

@@ -338,8 +338,6 @@ impl Collector for StoreCollector {
         )?;
         if let Some(latest) = st.net.latest() {
             let t = &latest.totals;
-            ring_events.push((l("ring", "net_events"), t.kernel.events as f64));
-            ring_drops.push((l("ring", "net_events"), t.kernel.drops as f64));
             encode_net(e, t, self.net_top_n.load(Ordering::Relaxed))?;
         }
         let w = &st.net_walk;
@@ -726,22 +724,22 @@ fn encode_net(
     )?;
     counter(
         e,
-        "insite_tcp_closes_without_open",
-        "TCP closes of connections the agent never saw open (their connect or accept event was lost): not in insite_tcp_closed_connections_total",
+        "insite_tcp_kernel_edges_full",
+        "TCP connection updates the kernel counted under the `other` edge because its edge table was full",
         None,
-        [(vec![], t.closes_unmatched as f64)],
+        [(vec![], t.kernel.edges_full as f64)],
     )?;
     counter(
         e,
-        "insite_tcp_open_table_overflowed",
-        "TCP connections not counted in insite_tcp_active_connections because the agent's table of open connections was full",
+        "insite_tcp_sockets_reused",
+        "Tracked TCP connections ended (counted reconciled) because their socket started a new connection while the kernel still tracked the old one",
         None,
-        [(vec![], t.open_overflowed as f64)],
+        [(vec![], t.kernel.reused as f64)],
     )?;
     counter(
         e,
         "insite_net_events_ignored",
-        "Connection events dropped in userspace (net.ignore_cidrs, or undecodable)",
+        "Connection events (handshakes, closes, failed connects) on edges to networks in net.ignore_cidrs, counted on no edge",
         None,
         [(vec![], t.ignored as f64)],
     )?;

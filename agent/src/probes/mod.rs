@@ -192,6 +192,15 @@ pub fn cgroup2_root() -> Option<std::path::PathBuf> {
     })
 }
 
+/// For the tests that load eBPF programs (ignored by default; `cargo xtask test` runs them
+/// as root): fails clearly when run without root.
+#[cfg(test)]
+pub(crate) fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "this test loads eBPF programs and needs root");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

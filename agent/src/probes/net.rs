@@ -3,10 +3,11 @@
 use std::collections::BTreeSet;
 
 use agent_common::net::{
-    counters, NetConfig as KernelNetConfig, NetConn, NetOffsets, NET_HAVE_SK_CGROUP, PORT_SLOTS,
+    counters, NetConfig as KernelNetConfig, NetConn, NetEdge, NetEdgeKey, NetOffsets,
+    NET_HAVE_SK_CGROUP, PORT_SLOTS,
 };
 use aya::{
-    maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray},
     programs::{BtfTracePoint, Iter},
     Btf, Ebpf, EbpfError,
 };
@@ -27,6 +28,8 @@ pub enum NetProbeError {
     Object(#[from] super::ObjectError),
     #[error("reading the connection table NET_CONNS")]
     ReadConns(#[source] std::io::Error),
+    #[error("reading the edge table NET_EDGES")]
+    ReadEdges(#[source] std::io::Error),
     #[error("creating the TCP socket iterator")]
     Walk(#[source] aya::programs::links::LinkError),
     #[error("running the TCP socket iterator")]
@@ -36,8 +39,10 @@ pub enum NetProbeError {
 /// Kernel-side counters of the network probe (cumulative, summed over CPUs).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NetKernelCounters {
-    pub events: u64,
-    pub drops: u64,
+    /// Connection updates counted in the kernel's `other` edges (its edge table was full).
+    pub edges_full: u64,
+    /// Tracked connections ended because their socket started a new one.
+    pub reused: u64,
     pub retransmits: u64,
     pub resets_sent: u64,
     pub resets_received: u64,
@@ -46,7 +51,7 @@ pub struct NetKernelCounters {
     pub ended_at_destroy: u64,
 }
 
-/// The kernel's table of tracked connections (`NET_CONNS`), read by the reconciler.
+/// The kernel's table of tracked connections (`NET_CONNS`): the open connections.
 pub struct ConnTable {
     map: HashMap<MapData, u64, NetConn>,
 }
@@ -75,6 +80,54 @@ impl ConnTable {
             Err(source) => Err(NetProbeError::ReadConns(source)),
         }
     }
+
+    /// Stops tracking a socket whose end went unseen (it may be gone already).
+    pub fn remove(&mut self, sock: u64) {
+        let _ = self.map.remove(&sock);
+    }
+}
+
+/// What the kernel counted per edge (`NET_EDGES`, and `NET_EDGES_OTHER` past it).
+pub struct EdgeTable {
+    map: HashMap<MapData, NetEdgeKey, NetEdge>,
+    other: Array<MapData, NetEdge>,
+}
+
+impl std::fmt::Debug for EdgeTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeTable").finish_non_exhaustive()
+    }
+}
+
+/// Edges read per syscall: 1024 x 424 bytes of value.
+const EDGE_CHUNK: u32 = 1024;
+
+impl EdgeTable {
+    /// Every edge, batched; kernels without batch lookups get one lookup per entry.
+    pub fn read(&self) -> Result<Vec<(NetEdgeKey, NetEdge)>, NetProbeError> {
+        use std::os::fd::AsFd as _;
+        match super::bpf_sys::lookup_batch(self.map.map().fd().as_fd(), EDGE_CHUNK) {
+            Ok(v) => Ok(v),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self
+                .map
+                .iter()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| super::map_err("NET_EDGES")(e).into()),
+            Err(source) => Err(NetProbeError::ReadEdges(source)),
+        }
+    }
+
+    /// The `other` edge of a direction ([`agent_common::net::direction`]).
+    pub fn other(&self, direction: u8) -> Result<NetEdge, NetProbeError> {
+        self.other
+            .get(&u32::from(direction), 0)
+            .map_err(|e| super::map_err("NET_EDGES_OTHER")(e).into())
+    }
+
+    /// Forgets an idle edge (a connection that opens on it afterwards starts it afresh).
+    pub fn remove(&mut self, key: &NetEdgeKey) {
+        let _ = self.map.remove(key);
+    }
 }
 
 /// The attached network probe and the maps userspace talks to.
@@ -84,8 +137,7 @@ pub struct NetProbe {
     config: Array<MapData, KernelNetConfig>,
     ignore_ports: Array<MapData, u8>,
     counters: PerCpuArray<MapData, u64>,
-    ring: Option<RingBuf<MapData>>,
-    conns: Option<ConnTable>,
+    tables: Option<(EdgeTable, ConnTable)>,
     kernel_config: KernelNetConfig,
     ignored: BTreeSet<u16>,
     /// (program, tracepoint) of what is attached.
@@ -146,19 +198,23 @@ impl NetProbe {
         // read in the programs is a checked, inlined load.
         let mut ebpf = aya::EbpfLoader::new()
             .override_global("NET_OFFSETS", &offsets, true)
+            .map_max_entries("NET_EDGES", kernel_edges(cfg.max_edges))
             .load(super::NET_OBJECT)?;
         let mut probe = Self {
             config: super::take_map(&mut ebpf, "NET_CONFIG", Array::try_from)?,
             ignore_ports: super::take_map(&mut ebpf, "NET_IGNORE_PORTS", Array::try_from)?,
             counters: super::take_map(&mut ebpf, "NET_COUNTERS", PerCpuArray::try_from)?,
-            ring: Some(super::take_map(&mut ebpf, "NET_EVENTS", RingBuf::try_from)?),
-            conns: Some(ConnTable {
-                map: super::take_map(&mut ebpf, "NET_CONNS", HashMap::try_from)?,
-            }),
+            tables: Some((
+                EdgeTable {
+                    map: super::take_map(&mut ebpf, "NET_EDGES", HashMap::try_from)?,
+                    other: super::take_map(&mut ebpf, "NET_EDGES_OTHER", Array::try_from)?,
+                },
+                ConnTable {
+                    map: super::take_map(&mut ebpf, "NET_CONNS", HashMap::try_from)?,
+                },
+            )),
             _ebpf: ebpf,
-            kernel_config: KernelNetConfig {
-                sample_interval_ns: 0,
-            },
+            kernel_config: KernelNetConfig::default(),
             ignored: BTreeSet::new(),
             attached: Vec::new(),
             walker: false,
@@ -221,11 +277,15 @@ impl NetProbe {
         self.walker
     }
 
-    /// Samples every tracked live connection: runs the iterator over the kernel's TCP sockets
-    /// (the samples go through the ring buffer like every event). Takes a few hundred ns per
-    /// socket on the host, in the agent's own time.
-    pub fn walk(&mut self) -> Result<(), NetProbeError> {
+    /// Samples every tracked live connection: runs the iterator over the kernel's TCP sockets,
+    /// which adds what each did since to its edge and stamps it with walk number `gen`. Takes
+    /// a few hundred ns per socket on the host, in the agent's own time.
+    pub fn walk(&mut self, gen: u64) -> Result<(), NetProbeError> {
         use std::io::Read as _;
+        self.kernel_config.walk_gen = gen;
+        self.config
+            .set(0, self.kernel_config, 0)
+            .map_err(super::map_err("NET_CONFIG"))?;
         let p = walker_program(&mut self._ebpf)?;
         let id = p.attach().map_err(walker_error)?;
         let link = p.take_link(id).map_err(walker_error)?;
@@ -235,11 +295,6 @@ impl NetProbe {
         file.read_to_end(&mut sink)
             .map_err(NetProbeError::WalkRead)?;
         Ok(())
-    }
-
-    /// The ring buffer of connection events, for the reader task (once).
-    pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
-        self.ring.take()
     }
 
     /// Pushes the sample interval and the ignored ports into the kernel.
@@ -266,9 +321,9 @@ impl NetProbe {
         Ok(())
     }
 
-    /// The kernel's connection table, for the reconciler task (once).
-    pub fn take_conns(&mut self) -> Option<ConnTable> {
-        self.conns.take()
+    /// The kernel's edge and connection tables, for the collector (once).
+    pub fn take_tables(&mut self) -> Option<(EdgeTable, ConnTable)> {
+        self.tables.take()
     }
 
     /// The tracepoints that are attached (for `status`).
@@ -287,8 +342,8 @@ impl NetProbe {
     pub fn read_counters(&self) -> Result<NetKernelCounters, NetProbeError> {
         let get = |idx| super::percpu_sum(&self.counters, "NET_COUNTERS", idx);
         Ok(NetKernelCounters {
-            events: get(counters::EVENTS)?,
-            drops: get(counters::DROPS)?,
+            edges_full: get(counters::EDGES_FULL)?,
+            reused: get(counters::REUSED)?,
             retransmits: get(counters::RETRANSMITS)?,
             resets_sent: get(counters::RESETS_SENT)?,
             resets_received: get(counters::RESETS_RECEIVED)?,
@@ -301,6 +356,15 @@ impl NetProbe {
 /// Offsets of the fields the programs read, from the running kernel's BTF. The socket's
 /// cgroup is optional (kernels without CONFIG_SOCK_CGROUP_DATA attribute outbound connections
 /// by the connecting task's cgroup only); everything else is required.
+/// The kernel's edge table holds twice the edges userspace keeps: kernel edges are finer
+/// (per cgroup and command; per peer) than the services they are named after, and idle ones
+/// leave only after a while.
+pub fn kernel_edges(max_edges: usize) -> u32 {
+    u32::try_from(max_edges.saturating_mul(2))
+        .unwrap_or(u32::MAX)
+        .clamp(1024, 1 << 17)
+}
+
 fn resolve_offsets(btf: &KernelBtf) -> Result<(NetOffsets, Vec<String>), BtfError> {
     let sock = |path: &str| btf.field("sock", path).map(|f| f.offset);
     let tcp = |path: &str| btf.field("tcp_sock", path).map(|f| f.offset);
@@ -345,4 +409,29 @@ fn resolve_offsets(btf: &KernelBtf) -> Result<(NetOffsets, Vec<String>), BtfErro
         )),
     }
     Ok((offsets, problems))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The verifier accepts every program on this kernel, the walker included, and every
+    /// hook attaches.
+    #[test]
+    #[ignore = "needs root (loads eBPF programs): `cargo xtask test` runs it"]
+    fn programs_load_and_attach() {
+        super::super::require_root();
+        match NetProbe::attach(&NetConfig::default()) {
+            Ok((probe, problems)) => {
+                assert!(problems.is_empty(), "{problems:?}");
+                assert!(probe.has_walker());
+                assert!(
+                    probe.attached().contains(&"iter/tcp"),
+                    "{:?}",
+                    probe.attached()
+                );
+            }
+            Err(e) => panic!("{}", super::super::error_chain(&e)),
+        }
+    }
 }

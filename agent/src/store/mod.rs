@@ -217,7 +217,6 @@ pub struct Store {
     /// ...and its per-second snapshots (the tick pushes them).
     pub net: Windows<net::NetTotals>,
     /// The connections open now, which the edges' `open` gauges follow (not snapshotted).
-    pub net_open: net::OpenConns,
     /// The walks over the TCP sockets that sample live connections.
     pub net_walk: NetWalk,
     /// Query timings, cumulative (the query reader adds to it), and its snapshots.
@@ -244,7 +243,6 @@ impl Store {
             syscalls: Windows::new(WINDOW_GRANULARITY, WINDOW_RETENTION),
             net_live: net::NetTotals::default(),
             net: Windows::new(WINDOW_GRANULARITY, WINDOW_RETENTION),
-            net_open: net::OpenConns::default(),
             net_walk: NetWalk::default(),
             db_live: db::DbTotals::default(),
             db: Windows::new(WINDOW_GRANULARITY, WINDOW_RETENTION),

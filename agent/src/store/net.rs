@@ -1,18 +1,16 @@
 //! Connection edges: who talks to whom, how fast and how well.
 //!
 //! An edge is (direction, service, peer, destination): "checkout.service -> 10.0.0.5:5432"
-//! outbound, or "10.0.0.9 -> 10.0.0.2:443 (nginx.service)" inbound. The reader of the kernel's
-//! connection events adds to the edges' cumulative counters; the tick takes a snapshot each
-//! second so windows are differences (see `window.rs`). Edge counters sit behind `Arc` so a
+//! outbound, or "10.0.0.9 -> 10.0.0.2:443 (nginx.service)" inbound. The collector adds what
+//! the kernel counted on its own (finer) edges to the edges' cumulative counters; the tick
+//! takes a snapshot each second so windows are differences (see `window.rs`). Edge counters sit behind `Arc` so a
 //! snapshot shares every edge that did not change since the previous one.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
-
-use agent_common::net::MAX_TRACKED_CONNS;
 
 use serde::{Deserialize, Serialize};
 
@@ -136,11 +134,12 @@ pub struct EdgeCounters {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub retransmits: u64,
-    /// Connections given up as closed by reconciliation: the agent never heard of their end
-    /// (see [`OpenConns`]). Not in `closes`, and no lifetime.
+    /// Connections ended without their close being seen (their socket carried a new
+    /// connection, or walks over the sockets stopped finding it). Not in `closes`, and no
+    /// lifetime.
     pub reconciled: u64,
-    /// Connections open now, counted by [`OpenConns`]: a gauge, not a counter (windows carry
-    /// the latest).
+    /// Connections open now (handshakes the kernel counted, less the ends it saw and the
+    /// reconciled ones): a gauge, not a counter (windows carry the latest).
     pub open: u64,
     /// The processes seen on this edge (pid, comm), most recent first, at most
     /// `MAX_PROCESSES`: not a counter, windows carry the latest.
@@ -232,65 +231,15 @@ impl EdgeCounters {
     }
 }
 
-/// One connection: the socket's kernel address and when it was established. A socket holds
-/// one connection at a time, and its address is reused only once it is freed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ConnId {
-    pub sock: u64,
-    pub start_ns: u64,
-}
-
-/// One observation of a connection, decoded from a kernel event and named.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ConnUpdate {
-    Connected {
-        conn: ConnId,
-        connect_ns: u64,
-        rtt_ns: u64,
-    },
-    Failed {
-        reason: FailureReason,
-    },
-    Accepted {
-        conn: ConnId,
-        rtt_ns: u64,
-    },
-    Closed {
-        conn: ConnId,
-        lifetime_ns: u64,
-        rtt_ns: u64,
-    },
-    Sampled {
-        rtt_ns: u64,
-    },
-    Retransmitted,
-}
-
-/// What an event carries besides its update: bytes and retransmits since the connection's
-/// previous event.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Traffic {
-    pub sent: u64,
-    pub received: u64,
-    pub retransmits: u64,
-}
-
 /// Everything the network probe counts, cumulative since the agent started.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NetTotals {
     pub edges: BTreeMap<EdgeKey, Arc<EdgeCounters>>,
     /// Updates that went to an `other` edge because `max_edges` was reached.
     pub overflowed: u64,
-    /// Events the reader received.
-    pub events: u64,
-    /// Events dropped in userspace (undecodable, or an ignored network).
+    /// Connection events (handshakes, closes, failures) on edges to ignored networks
+    /// (`net.ignore_cidrs`), not counted on any edge.
     pub ignored: u64,
-    /// Connections not held in the open-connection table because it was full (not in the
-    /// `open` gauge).
-    pub open_overflowed: u64,
-    /// Closes of connections the agent never saw open (their connect or accept event was
-    /// lost): not counted as closes on any edge.
-    pub closes_unmatched: u64,
     pub kernel: crate::probes::net::NetKernelCounters,
 }
 
@@ -305,191 +254,34 @@ impl NetTotals {
         }
     }
 
-    /// Applies one update to its edge, within `max_edges` distinct edges; connections that
-    /// open and close are entered in and taken out of `open`.
-    pub fn apply(
-        &mut self,
-        open: &mut OpenConns,
-        mut key: EdgeKey,
-        update: &ConnUpdate,
-        traffic: Traffic,
-        max_edges: usize,
-    ) {
-        if !self.edges.contains_key(&key) && self.edges.len() >= max_edges {
+    /// Adds `delta` (counters; its `open` is ignored) to edge `key`, within `max_edges`
+    /// distinct edges: past that, to its direction's `other`. Returns the edge it counted on.
+    pub fn add(&mut self, key: &EdgeKey, delta: &EdgeCounters, max_edges: usize) -> EdgeKey {
+        let key = if self.edges.contains_key(key) || self.edges.len() < max_edges {
+            key.clone()
+        } else {
             self.overflowed += 1;
-            key = EdgeKey::other(key.direction);
-        }
+            EdgeKey::other(key.direction)
+        };
         let e = Arc::make_mut(self.edges.entry(key.clone()).or_default());
-        e.bytes_sent = e.bytes_sent.saturating_add(traffic.sent);
-        e.bytes_received = e.bytes_received.saturating_add(traffic.received);
-        e.retransmits += traffic.retransmits;
-        let rtt = |e: &mut EdgeCounters, ns: u64| {
-            if ns > 0 {
-                e.rtt.record(ns);
-            }
-        };
-        match *update {
-            ConnUpdate::Connected {
-                conn,
-                connect_ns,
-                rtt_ns,
-            } => {
-                e.connects += 1;
-                e.connect_time.record(connect_ns);
-                rtt(e, rtt_ns);
-                open.open(self, conn, key);
-            }
-            ConnUpdate::Failed { reason, .. } => e.failures[reason.index()] += 1,
-            ConnUpdate::Accepted { conn, rtt_ns } => {
-                e.connects += 1;
-                rtt(e, rtt_ns);
-                open.open(self, conn, key);
-            }
-            ConnUpdate::Closed {
-                conn,
-                lifetime_ns,
-                rtt_ns,
-            } => {
-                rtt(e, rtt_ns);
-                // A close counts on the edge its connection was opened on, and only if the
-                // agent saw it open (its connect or accept may have been lost): so connects -
-                // closes - reconciled is what is open.
-                if !open.close(self, conn, lifetime_ns) {
-                    self.closes_unmatched += 1;
-                }
-            }
-            ConnUpdate::Sampled { rtt_ns } => rtt(e, rtt_ns),
-            ConnUpdate::Retransmitted => {}
-        }
+        let open = e.open;
+        e.add(delta);
+        e.open = open;
+        key
     }
 
-    /// Counts a connection's open or end on the edge `key` (where its open was counted).
-    fn edge_conn(&mut self, key: &EdgeKey, what: Lifecycle) {
-        let Some(e) = self.edges.get_mut(key) else {
-            return;
-        };
-        let e = Arc::make_mut(e);
-        match what {
-            Lifecycle::Opened => e.open += 1,
-            Lifecycle::Closed { lifetime_ns } => {
-                e.open = e.open.saturating_sub(1);
-                e.closes += 1;
-                e.lifetime_ns = e.lifetime_ns.saturating_add(lifetime_ns);
-            }
-            Lifecycle::Reconciled => {
-                e.open = e.open.saturating_sub(1);
-                e.reconciled += 1;
-            }
-        }
-    }
-}
-
-/// A step in a connection's life, as counted on its edge.
-enum Lifecycle {
-    Opened,
-    Closed {
-        lifetime_ns: u64,
-    },
-    /// Given up as closed: its close never reached us.
-    Reconciled,
-}
-
-/// Connections held open at most: the kernel tracks at most `MAX_TRACKED_CONNS` at once,
-/// and only lost closes not yet reconciled can add to that.
-pub const MAX_OPEN_CONNS: usize = 2 * MAX_TRACKED_CONNS as usize;
-
-/// Reconciliation passes in a row that must miss a connection in the kernel's table before
-/// it is given up: its close may still be on its way through the ring buffer at the first.
-pub const RECONCILE_MISSES: u8 = 2;
-
-/// The connections open now, by socket, each with the edge its open was counted on. The
-/// `open` gauge of the edges follows it, so it does not drift when a close is never heard
-/// of (the kernel skipped the program run that would have seen it, or the ring buffer was
-/// full): a socket that carries a new connection ends its old one, and `reconcile` ends
-/// what the kernel's own table of tracked connections no longer holds.
-#[derive(Debug, Default)]
-pub struct OpenConns {
-    by_sock: HashMap<u64, OpenConn>,
-}
-
-#[derive(Debug)]
-struct OpenConn {
-    start_ns: u64,
-    key: EdgeKey,
-    /// Reconciliation passes in a row that did not find it in the kernel's table.
-    unseen: u8,
-}
-
-impl OpenConns {
-    pub fn len(&self) -> usize {
-        self.by_sock.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_sock.is_empty()
-    }
-
-    fn open(&mut self, totals: &mut NetTotals, conn: ConnId, key: EdgeKey) {
-        if let Some(old) = self.by_sock.get(&conn.sock) {
-            if old.start_ns == conn.start_ns {
-                return;
-            }
-            // The socket was freed and reused: its previous connection ended unheard of.
-            if let Some(old) = self.by_sock.remove(&conn.sock) {
-                totals.edge_conn(&old.key, Lifecycle::Reconciled);
-            }
-        }
-        if self.by_sock.len() >= MAX_OPEN_CONNS {
-            totals.open_overflowed += 1;
+    /// Moves an `open` contribution: `old` connections leave the gauge of edge `from`, `new`
+    /// join that of `to` (the same edge, or the one its service is now named after).
+    pub fn move_open(&mut self, from: Option<&EdgeKey>, old: u64, to: &EdgeKey, new: u64) {
+        if from == Some(to) && old == new {
             return;
         }
-        totals.edge_conn(&key, Lifecycle::Opened);
-        self.by_sock.insert(
-            conn.sock,
-            OpenConn {
-                start_ns: conn.start_ns,
-                key,
-                unseen: 0,
-            },
-        );
-    }
-
-    /// Ends `conn` if it is open; returns whether it was.
-    fn close(&mut self, totals: &mut NetTotals, conn: ConnId, lifetime_ns: u64) -> bool {
-        let open = self
-            .by_sock
-            .get(&conn.sock)
-            .is_some_and(|c| c.start_ns == conn.start_ns);
-        if !open {
-            return false;
+        if let Some(e) = from.and_then(|k| self.edges.get_mut(k)) {
+            let e = Arc::make_mut(e);
+            e.open = e.open.saturating_sub(old);
         }
-        if let Some(c) = self.by_sock.remove(&conn.sock) {
-            totals.edge_conn(&c.key, Lifecycle::Closed { lifetime_ns });
-        }
-        true
-    }
-
-    /// One pass against the kernel's table (socket -> start of the connection it tracks):
-    /// a connection missing from it `RECONCILE_MISSES` passes in a row is given up as
-    /// closed, counted as reconciled on its edge. Returns how many were.
-    pub fn reconcile(&mut self, totals: &mut NetTotals, kernel: &HashMap<u64, u64>) -> u64 {
-        let mut gone = Vec::new();
-        for (sock, c) in &mut self.by_sock {
-            if kernel.get(sock) == Some(&c.start_ns) {
-                c.unseen = 0;
-            } else {
-                c.unseen = c.unseen.saturating_add(1);
-                if c.unseen >= RECONCILE_MISSES {
-                    gone.push(*sock);
-                }
-            }
-        }
-        for sock in &gone {
-            if let Some(c) = self.by_sock.remove(sock) {
-                totals.edge_conn(&c.key, Lifecycle::Reconciled);
-            }
-        }
-        gone.len() as u64
+        let e = Arc::make_mut(self.edges.entry(to.clone()).or_default());
+        e.open += new;
     }
 }
 
@@ -572,15 +364,10 @@ impl Cumulative for NetTotals {
         Self {
             edges,
             overflowed: self.overflowed.saturating_sub(earlier.overflowed),
-            events: self.events.saturating_sub(earlier.events),
             ignored: self.ignored.saturating_sub(earlier.ignored),
-            open_overflowed: self.open_overflowed.saturating_sub(earlier.open_overflowed),
-            closes_unmatched: self
-                .closes_unmatched
-                .saturating_sub(earlier.closes_unmatched),
             kernel: crate::probes::net::NetKernelCounters {
-                events: k.events.saturating_sub(ek.events),
-                drops: k.drops.saturating_sub(ek.drops),
+                edges_full: k.edges_full.saturating_sub(ek.edges_full),
+                reused: k.reused.saturating_sub(ek.reused),
                 retransmits: k.retransmits.saturating_sub(ek.retransmits),
                 resets_sent: k.resets_sent.saturating_sub(ek.resets_sent),
                 resets_received: k.resets_received.saturating_sub(ek.resets_received),
@@ -595,26 +382,6 @@ impl Cumulative for NetTotals {
 mod tests {
     use super::*;
 
-    fn id(sock: u64) -> ConnId {
-        ConnId { sock, start_ns: 1 }
-    }
-
-    fn traffic(sent: u64, received: u64, retransmits: u64) -> Traffic {
-        Traffic {
-            sent,
-            received,
-            retransmits,
-        }
-    }
-
-    fn connected(sock: u64) -> ConnUpdate {
-        ConnUpdate::Connected {
-            conn: id(sock),
-            connect_ns: 1000,
-            rtt_ns: 50_000,
-        }
-    }
-
     fn key(service: &str, port: u16) -> EdgeKey {
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         EdgeKey {
@@ -625,18 +392,31 @@ mod tests {
         }
     }
 
-    #[test]
-    fn updates_fold_into_edges_and_overflow_into_other() {
-        let (mut t, mut open) = (NetTotals::default(), OpenConns::default());
-        let none = Traffic::default();
-        t.apply(&mut open, key("a", 1), &connected(1), traffic(10, 20, 0), 2);
-        t.apply(&mut open, key("a", 1), &connected(2), none, 2);
-        t.apply(&mut open, key("b", 1), &connected(3), none, 2);
-        t.apply(&mut open, key("c", 1), &connected(4), none, 2);
-        let fail = ConnUpdate::Failed {
-            reason: FailureReason::Refused,
+    /// `connects` handshakes with `sent` bytes.
+    fn conns(connects: u64, sent: u64) -> EdgeCounters {
+        let mut d = EdgeCounters {
+            connects,
+            bytes_sent: sent,
+            ..EdgeCounters::default()
         };
-        t.apply(&mut open, key("a", 1), &fail, none, 2);
+        for _ in 0..connects {
+            d.connect_time.record(1000);
+            d.rtt.record(50_000);
+        }
+        d
+    }
+
+    #[test]
+    fn deltas_fold_into_edges_and_overflow_into_other() {
+        let mut t = NetTotals::default();
+        assert_eq!(t.add(&key("a", 1), &conns(1, 30), 2), key("a", 1));
+        t.add(&key("a", 1), &conns(1, 0), 2);
+        t.add(&key("b", 1), &conns(1, 0), 2);
+        let other = EdgeKey::other(Direction::Outbound);
+        assert_eq!(t.add(&key("c", 1), &conns(1, 0), 2), other);
+        let mut fail = EdgeCounters::default();
+        fail.failures[FailureReason::Refused.index()] = 1;
+        t.add(&key("a", 1), &fail, 2);
         assert_eq!(t.edges.len(), 3);
         assert_eq!(t.overflowed, 1);
         let a = &t.edges[&key("a", 1)];
@@ -644,18 +424,20 @@ mod tests {
         assert_eq!(a.failure(FailureReason::Refused), 1);
         assert_eq!(a.bytes(), 30);
         assert_eq!(a.rtt.count, 2);
-        assert_eq!(t.edges[&EdgeKey::other(Direction::Outbound)].connects, 1);
+        assert_eq!(t.edges[&other].connects, 1);
     }
 
     #[test]
     fn deltas_skip_unchanged_edges_and_snapshots_share_them() {
-        let (mut t, mut open) = (NetTotals::default(), OpenConns::default());
-        let none = Traffic::default();
-        t.apply(&mut open, key("a", 1), &connected(1), none, 10);
-        t.apply(&mut open, key("b", 1), &connected(2), none, 10);
+        let mut t = NetTotals::default();
+        t.add(&key("a", 1), &conns(1, 0), 10);
+        t.add(&key("b", 1), &conns(1, 0), 10);
         let snap = t.clone();
-        let retx = ConnUpdate::Retransmitted;
-        t.apply(&mut open, key("b", 1), &retx, traffic(0, 0, 3), 10);
+        let retx = EdgeCounters {
+            retransmits: 3,
+            ..EdgeCounters::default()
+        };
+        t.add(&key("b", 1), &retx, 10);
         assert!(Arc::ptr_eq(
             &snap.edges[&key("a", 1)],
             &t.edges[&key("a", 1)]
@@ -668,7 +450,7 @@ mod tests {
 
     #[test]
     fn destinations_are_summed_over_peers_and_bounded() {
-        let (mut t, mut open) = (NetTotals::default(), OpenConns::default());
+        let mut t = NetTotals::default();
         let dest: SocketAddr = "10.0.0.2:80".parse().unwrap();
         for (i, peer) in ["10.0.0.7", "10.0.0.8"].iter().enumerate() {
             let k = EdgeKey {
@@ -677,22 +459,10 @@ mod tests {
                 peer: Some(peer.parse().unwrap()),
                 destination: Some(dest),
             };
-            let accepted = ConnUpdate::Accepted {
-                conn: id(i as u64),
-                rtt_ns: 0,
-            };
-            let sent = 1000 * (i as u64 + 1);
-            t.apply(&mut open, k, &accepted, traffic(sent, 0, 0), 100);
+            t.add(&k, &conns(1, 1000 * (i as u64 + 1)), 100);
         }
         for port in 1..=3 {
-            let c = connected(10 + u64::from(port));
-            t.apply(
-                &mut open,
-                key("db", port),
-                &c,
-                traffic(port.into(), 0, 0),
-                100,
-            );
+            t.add(&key("db", port), &conns(1, port.into()), 100);
         }
         let (rows, folded) = t.by_destination(2);
         assert_eq!(folded, 2);
@@ -708,14 +478,8 @@ mod tests {
 
     #[test]
     fn processes_are_bounded_most_recent_first_and_not_activity() {
-        let (mut t, mut open) = (NetTotals::default(), OpenConns::default());
-        t.apply(
-            &mut open,
-            key("a", 1),
-            &connected(1),
-            Traffic::default(),
-            10,
-        );
+        let mut t = NetTotals::default();
+        t.add(&key("a", 1), &conns(1, 0), 10);
         for pid in 1..=6 {
             t.note_process(&key("a", 1), pid, &Arc::from(format!("p{pid}").as_str()));
         }
@@ -732,154 +496,35 @@ mod tests {
         assert!(!t.edges.contains_key(&key("zz", 9)));
     }
 
-    fn closed(sock: u64) -> ConnUpdate {
-        ConnUpdate::Closed {
-            conn: id(sock),
-            lifetime_ns: 5,
-            rtt_ns: 0,
-        }
-    }
-
-    /// socket -> start of each connection the kernel tracks.
-    fn kernel(socks: &[u64]) -> HashMap<u64, u64> {
-        socks.iter().map(|&s| (s, 1)).collect()
-    }
-
     #[test]
-    fn a_lost_close_is_reconciled_after_two_passes_and_the_gauge_returns_to_zero() {
-        let (mut t, mut open) = (NetTotals::default(), OpenConns::default());
-        let none = Traffic::default();
-        for sock in 1..=3 {
-            t.apply(&mut open, key("a", 1), &connected(sock), none, 10);
-        }
-        assert_eq!(t.edges[&key("a", 1)].active(), 3);
-        // 1 closes as it should; the close of 2 is lost (the kernel no longer tracks it); 3
-        // stays open.
-        t.apply(&mut open, key("a", 1), &closed(1), none, 10);
-        assert_eq!(open.reconcile(&mut t, &kernel(&[3])), 0, "first miss");
+    fn open_is_a_gauge_that_moves_with_its_edge_and_sums_over_peers() {
+        let mut t = NetTotals::default();
+        t.add(&key("a", 1), &conns(2, 0), 10);
+        t.move_open(None, 0, &key("a", 1), 2);
+        // Deltas never touch the gauge.
+        t.add(&key("a", 1), &conns(1, 0), 10);
         assert_eq!(t.edges[&key("a", 1)].active(), 2);
-        assert_eq!(open.reconcile(&mut t, &kernel(&[3])), 1, "second miss");
-        let a = &t.edges[&key("a", 1)];
-        assert_eq!((a.active(), a.closes, a.reconciled), (1, 1, 1));
-        assert_eq!(a.connects - a.closes - a.reconciled, a.active());
-        // 3 stays open through any number of passes while the kernel tracks it.
-        for _ in 0..5 {
-            assert_eq!(open.reconcile(&mut t, &kernel(&[3])), 0);
-        }
-        assert_eq!(t.edges[&key("a", 1)].active(), 1);
-        assert_eq!(open.len(), 1);
-    }
-
-    #[test]
-    fn a_close_still_in_flight_at_the_first_pass_is_not_reconciled() {
-        let (mut t, mut open) = (NetTotals::default(), OpenConns::default());
-        let none = Traffic::default();
-        t.apply(&mut open, key("a", 1), &connected(1), none, 10);
-        // The kernel already untracked it; its close event is still in the ring buffer.
-        assert_eq!(open.reconcile(&mut t, &kernel(&[])), 0);
-        t.apply(&mut open, key("a", 1), &closed(1), none, 10);
-        assert_eq!(open.reconcile(&mut t, &kernel(&[])), 0);
-        let a = &t.edges[&key("a", 1)];
-        assert_eq!((a.active(), a.closes, a.reconciled), (0, 1, 0));
-        // One pass found it again: the count of misses starts over.
-        t.apply(&mut open, key("a", 1), &connected(2), none, 10);
-        assert_eq!(open.reconcile(&mut t, &kernel(&[])), 0);
-        assert_eq!(open.reconcile(&mut t, &kernel(&[2])), 0);
-        assert_eq!(open.reconcile(&mut t, &kernel(&[])), 0);
-        assert_eq!(t.edges[&key("a", 1)].active(), 1);
-    }
-
-    #[test]
-    fn a_reused_socket_ends_its_previous_connection_and_starts_must_match() {
-        let (mut t, mut open) = (NetTotals::default(), OpenConns::default());
-        let none = Traffic::default();
-        t.apply(&mut open, key("a", 1), &connected(7), none, 10);
-        // The same socket address, a later connection to another edge: the first one's
-        // close was lost.
-        let later = ConnUpdate::Accepted {
-            conn: ConnId {
-                sock: 7,
-                start_ns: 99,
-            },
-            rtt_ns: 0,
-        };
-        t.apply(&mut open, key("b", 2), &later, none, 10);
-        let a = &t.edges[&key("a", 1)];
-        assert_eq!((a.active(), a.reconciled), (0, 1));
-        assert_eq!(t.edges[&key("b", 2)].active(), 1);
-        // A close of the old connection (a stale start) does not end the new one, nor count
-        // as a close (its end was already counted), and the kernel tracking the socket for
-        // another connection does not keep the new one alive.
-        t.apply(&mut open, key("a", 1), &closed(7), none, 10);
-        assert_eq!(t.edges[&key("b", 2)].active(), 1);
-        assert_eq!((t.edges[&key("a", 1)].closes, t.closes_unmatched), (0, 1));
-        assert_eq!(open.reconcile(&mut t, &kernel(&[7])), 0);
-        assert_eq!(open.reconcile(&mut t, &kernel(&[7])), 1);
-        assert_eq!(t.edges[&key("b", 2)].active(), 0);
-    }
-
-    #[test]
-    fn a_close_counts_where_its_connection_opened_and_only_if_it_was_seen_open() {
-        let (mut t, mut open) = (NetTotals::default(), OpenConns::default());
-        // Its connect was lost: a close alone adds bytes, not a close.
-        let sent = traffic(500, 0, 0);
-        t.apply(&mut open, key("a", 1), &closed(1), sent, 10);
-        let a = &t.edges[&key("a", 1)];
-        assert_eq!((a.closes, a.lifetime_ns, a.bytes_sent), (0, 0, 500));
-        assert_eq!(t.closes_unmatched, 1);
-        // Opened on one edge, closed under another key (the service's name changed): the
-        // close is counted on the edge of the open.
-        t.apply(
-            &mut open,
-            key("a", 1),
-            &connected(2),
-            Traffic::default(),
-            10,
-        );
-        t.apply(&mut open, key("b", 1), &closed(2), Traffic::default(), 10);
-        let a = &t.edges[&key("a", 1)];
-        assert_eq!(
-            (a.connects, a.closes, a.lifetime_ns, a.active()),
-            (1, 1, 5, 0)
-        );
-        assert_eq!(t.edges[&key("b", 1)].closes, 0);
-    }
-
-    #[test]
-    fn open_is_a_gauge_in_windows_and_sums_over_peers() {
-        let (mut t, mut open) = (NetTotals::default(), OpenConns::default());
-        let none = Traffic::default();
-        t.apply(&mut open, key("a", 1), &connected(1), none, 10);
-        t.apply(&mut open, key("a", 1), &connected(2), none, 10);
         let snap = t.clone();
-        t.apply(&mut open, key("a", 1), &closed(1), none, 10);
+        let closed = EdgeCounters {
+            closes: 1,
+            lifetime_ns: 5,
+            ..EdgeCounters::default()
+        };
+        t.add(&key("a", 1), &closed, 10);
+        t.move_open(Some(&key("a", 1)), 2, &key("a", 1), 1);
         let d = t.delta_since(&snap);
         let a = &d.edges[&key("a", 1)];
         assert_eq!((a.closes, a.connects, a.open), (1, 0, 1));
-        // Reconciled ends are activity of the window they happen in.
-        let snap = t.clone();
-        open.reconcile(&mut t, &kernel(&[]));
-        assert!(t.delta_since(&snap).edges.is_empty());
-        open.reconcile(&mut t, &kernel(&[]));
-        assert_eq!(t.delta_since(&snap).edges[&key("a", 1)].reconciled, 1);
-        let mut other_peer = key("a", 1);
+        // Renamed: the open connections move to the new name's edge.
+        t.move_open(Some(&key("a", 1)), 1, &key("b", 1), 1);
+        assert_eq!(t.edges[&key("a", 1)].active(), 0);
+        assert_eq!(t.edges[&key("b", 1)].active(), 1);
+        let mut other_peer = key("b", 1);
         other_peer.peer = Some("10.0.0.9".parse().unwrap());
-        t.apply(&mut open, other_peer, &connected(3), none, 10);
-        t.apply(&mut open, key("a", 1), &connected(4), none, 10);
+        t.move_open(None, 0, &other_peer, 2);
         let (rows, _) = t.by_destination(10);
-        assert_eq!(rows[0].counters.open, 2);
-    }
-
-    #[test]
-    fn the_open_table_is_bounded() {
-        let (mut t, mut open) = (NetTotals::default(), OpenConns::default());
-        let none = Traffic::default();
-        for sock in 0..MAX_OPEN_CONNS as u64 + 3 {
-            t.apply(&mut open, key("a", 1), &connected(sock), none, 10);
-        }
-        assert_eq!(open.len(), MAX_OPEN_CONNS);
-        assert_eq!(t.open_overflowed, 3);
-        assert_eq!(t.edges[&key("a", 1)].active(), MAX_OPEN_CONNS as u64);
+        let b = rows.iter().find(|r| r.service == "b").unwrap();
+        assert_eq!(b.counters.open, 3);
     }
 
     #[test]
