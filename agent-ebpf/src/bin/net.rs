@@ -8,8 +8,7 @@
 //! RTT and byte counts are read from the socket itself at those transitions and, for live
 //! connections, once per sample interval by a walk over the kernel's TCP sockets (`iter/tcp`,
 //! run by userspace), or where there is no such iterator from `tcp_rcv_space_adjust`. Each
-//! connection's state lives in a hash keyed by the socket's address (the table of open
-//! connections userspace lists); it remembers what the socket had sent and received when last
+//! connection's state lives in a hash keyed by the socket's address; it remembers what the socket had sent and received when last
 //! counted, so every update adds only the difference.
 //!
 //! The kernel skips a run of a tp_btf program that would start while the same program is

@@ -786,8 +786,8 @@ pub async fn run_event_reader(
                 // Names first: the texts and connections the counts are waiting for.
                 events += drain_ring(fd.get_mut(), &mut tracker, &mut maps);
                 entries.clear();
-                read_stats(&stats, &mut entries);
-                read_stats(&stats_other, &mut entries);
+                read_stats(&stats, "DB_STATS", &mut entries);
+                read_stats(&stats_other, "DB_STATS_OTHER", &mut entries);
                 tracker.fold(&entries, Instant::now(), &mut records);
                 for k in tracker.idle.drain(..) {
                     let map = if k.key == 0 { &mut stats_other } else { &mut stats };
@@ -813,19 +813,14 @@ const READ_CHUNK: u32 = 1024;
 /// lookups (before 5.6) get one lookup per entry.
 fn read_stats(
     map: &aya::maps::HashMap<aya::maps::MapData, DbStatKey, DbStat>,
+    name: &'static str,
     into: &mut Vec<(DbStatKey, DbStat)>,
 ) {
-    use aya::maps::IterableMap as _;
-    use std::os::fd::AsFd as _;
-    match crate::probes::bpf_sys::lookup_batch::<DbStatKey, DbStat>(
-        map.map().fd().as_fd(),
-        READ_CHUNK,
-    ) {
+    match crate::probes::read_hash(map, name, READ_CHUNK) {
         Ok(v) => into.extend(v),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            into.extend(map.iter().filter_map(Result::ok));
+        Err(e) => {
+            debug!(error = %crate::probes::error_chain(&e), "cannot read the kernel's query counts")
         }
-        Err(e) => debug!(error = %e, "cannot read the kernel's query counts"),
     }
 }
 

@@ -330,8 +330,8 @@ fn edge_key(k: &NetEdgeKey, names: &mut Names) -> Option<EdgeKey> {
 }
 
 /// Folds the kernel's edges into the store every `FOLD_INTERVAL`, removes idle ones, and
-/// ends the connections the walks stopped finding, until the maps fail (the probe was
-/// dropped) or the task is aborted.
+/// ends the connections the walks stopped finding, until the task is aborted at shutdown (a
+/// failing read is logged once per streak and tried again next time).
 pub async fn run_collector(
     (mut edges, mut conns): (EdgeTable, ConnTable),
     store: SharedStore,

@@ -43,6 +43,12 @@ pub enum ObjectError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("reading map {name}")]
+    Read {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("map {0} missing from the object")]
     MissingMap(&'static str),
     #[error("program {0} missing from the object")]
@@ -87,6 +93,26 @@ pub(crate) fn missed_runs(
 /// `.map_err(map_err("NAME"))`: a map operation's error, naming the map.
 pub(crate) fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> ObjectError {
     move |source| ObjectError::Map { name, source }
+}
+
+/// Every entry of a hash map: batched, `chunk` entries per syscall (a table of thousands
+/// read one by one would cost two syscalls an entry); kernels without batch lookups (before
+/// 5.6) get one lookup per entry.
+pub(crate) fn read_hash<K: aya::Pod + Default, V: aya::Pod + Default>(
+    map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+    name: &'static str,
+    chunk: u32,
+) -> Result<Vec<(K, V)>, ObjectError> {
+    use aya::maps::IterableMap as _;
+    use std::os::fd::AsFd as _;
+    match bpf_sys::lookup_batch(map.map().fd().as_fd(), chunk) {
+        Ok(v) => Ok(v),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => map
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err(name)),
+        Err(source) => Err(ObjectError::Read { name, source }),
+    }
 }
 
 /// Slot `idx` of a per-CPU counter array, summed over CPUs.

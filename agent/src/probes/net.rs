@@ -7,7 +7,7 @@ use agent_common::net::{
     NET_HAVE_SK_CGROUP, PORT_SLOTS,
 };
 use aya::{
-    maps::{Array, HashMap, IterableMap as _, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{BtfTracePoint, Iter},
     Btf, Ebpf, EbpfError,
 };
@@ -26,10 +26,6 @@ pub enum NetProbeError {
     AyaBtf(#[from] aya::BtfError),
     #[error(transparent)]
     Object(#[from] super::ObjectError),
-    #[error("reading the connection table NET_CONNS")]
-    ReadConns(#[source] std::io::Error),
-    #[error("reading the edge table NET_EDGES")]
-    ReadEdges(#[source] std::io::Error),
     #[error("creating the TCP socket iterator")]
     Walk(#[source] aya::programs::links::LinkError),
     #[error("running the TCP socket iterator")]
@@ -69,16 +65,7 @@ impl ConnTable {
     /// Every tracked connection, by socket. Batched (a few syscalls for the whole table);
     /// kernels without batch lookups get one lookup per entry.
     pub fn read(&self) -> Result<Vec<(u64, NetConn)>, NetProbeError> {
-        use std::os::fd::AsFd as _;
-        match super::bpf_sys::lookup_batch(self.map.map().fd().as_fd(), READ_CHUNK) {
-            Ok(v) => Ok(v),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self
-                .map
-                .iter()
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| super::map_err("NET_CONNS")(e).into()),
-            Err(source) => Err(NetProbeError::ReadConns(source)),
-        }
+        Ok(super::read_hash(&self.map, "NET_CONNS", READ_CHUNK)?)
     }
 
     /// Stops tracking a socket whose end went unseen (it may be gone already).
@@ -105,16 +92,7 @@ const EDGE_CHUNK: u32 = 1024;
 impl EdgeTable {
     /// Every edge, batched; kernels without batch lookups get one lookup per entry.
     pub fn read(&self) -> Result<Vec<(NetEdgeKey, NetEdge)>, NetProbeError> {
-        use std::os::fd::AsFd as _;
-        match super::bpf_sys::lookup_batch(self.map.map().fd().as_fd(), EDGE_CHUNK) {
-            Ok(v) => Ok(v),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self
-                .map
-                .iter()
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| super::map_err("NET_EDGES")(e).into()),
-            Err(source) => Err(NetProbeError::ReadEdges(source)),
-        }
+        Ok(super::read_hash(&self.map, "NET_EDGES", EDGE_CHUNK)?)
     }
 
     /// The `other` edge of a direction ([`agent_common::net::direction`]).
