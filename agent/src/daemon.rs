@@ -13,6 +13,7 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     sync::watch,
 };
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::{
@@ -37,15 +38,6 @@ impl Overrides {
         }
         if let Some(p) = &self.control_socket {
             cfg.control.socket = p.clone();
-        }
-    }
-}
-
-/// Resolves once shutdown has been requested (or its sender is gone).
-pub async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
-    while !*rx.borrow_and_update() {
-        if rx.changed().await.is_err() {
-            return;
         }
     }
 }
@@ -104,7 +96,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
         .max_connections_per_uid
         .min(fds.control_connections);
     let store: SharedStore = Arc::new(RwLock::new(Store::new(source, cfg.syscalls.slow_log_size)));
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // Every task stops when this is cancelled: dependencies point down, so nothing below
+    // the daemon knows how shutdown is decided.
+    let shutdown = CancellationToken::new();
     let (cfg_tx, cfg_rx) = watch::channel(Arc::new(cfg.clone()));
 
     // Servers first: a port or socket conflict is a start-up error, before any probe loads.
@@ -131,7 +125,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
             write_timeout: cfg.metrics.write_timeout,
         },
         http_metrics,
-        shutdown_rx.clone(),
+        shutdown.clone(),
     )
     .await
     .with_context(|| format!("metrics.listen {}", cfg.metrics.listen))?;
@@ -176,7 +170,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
             p.clone(),
             cfg_rx.clone(),
             trace_rx,
-            shutdown_rx.clone(),
+            shutdown.clone(),
         ));
         let ring = p.lock().ok().and_then(|mut p| p.take_ring());
         if let Some(ring) = ring {
@@ -194,7 +188,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
                 store.clone(),
                 cfg_rx.clone(),
                 tx,
-                shutdown_rx.clone(),
+                shutdown.clone(),
             ));
             Some(rx)
         } else {
@@ -226,7 +220,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
         db_probe.clone(),
         cfg_rx.clone(),
         tick_metrics,
-        shutdown_rx.clone(),
+        shutdown.clone(),
     ));
     tasks.spawn(async move {
         if let Err(e) = metrics_server.await {
@@ -241,7 +235,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
             access,
             syscall_trace: syscall_probe.is_some().then(|| Arc::new(trace_tx)),
         },
-        shutdown_rx.clone(),
+        shutdown.clone(),
     ));
     info!("insite-agent running");
 
@@ -255,7 +249,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
         }
     }
 
-    let _ = shutdown_tx.send(true);
+    shutdown.cancel();
     // Servers finish in-flight requests quickly; the slow-call reader only ever waits on the
     // ring buffer, so stop everything now rather than wait on it.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;

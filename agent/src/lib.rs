@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod exporters;
 pub mod limits;
 pub mod logging;
+pub mod names;
 pub mod probes;
 pub mod store;
 pub mod syscall_names;

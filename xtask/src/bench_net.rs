@@ -29,13 +29,10 @@ use anyhow::{anyhow, Context as _, Result};
 
 use crate::bench::{usage, Agent, Bpftrace};
 
-/// Whether the agent's config gets `NET_CONFIG`: the run states the probe explicitly instead of
-/// relying on its default (false only for agents that predate the `[net]` section, which
-/// reject it).
-const NET_SECTION: bool = true;
+/// The run states the network probe explicitly instead of relying on its default.
 const NET_CONFIG: &str = "[net]\nenabled = true\n";
-/// The probe name `insite-agent status` reports for the network family; with `NET_SECTION` the
-/// agent must report it attached before a round starts.
+/// The probe name `insite-agent status` reports for the network family: the agent must report
+/// it attached before a round starts.
 const NET_PROBE: &str = "net";
 
 /// A comparable connection tracer: the SYN_SENT time per socket, and a histogram of connect
@@ -275,8 +272,7 @@ fn measure_with_bpf(
 }
 
 fn with_agent(o: &Opts, extra: &str) -> Result<AgentRun> {
-    let required: &[&str] = if NET_SECTION { &[NET_PROBE] } else { &[] };
-    let mut agent = Agent::start_requiring("auto", extra, required)?;
+    let mut agent = Agent::start_requiring("auto", extra, &[NET_PROBE])?;
     let pid = agent.child.id();
     let before = usage(pid);
     // Kernel run-time statistics while the fd is open (two clock reads per program run: a
@@ -401,9 +397,7 @@ pub fn run(o: Opts) -> Result<()> {
         // Still inside the [syscalls] table the agent's config starts with.
         extra.push_str("enabled = false\n");
     }
-    if NET_SECTION {
-        extra.push_str(NET_CONFIG);
-    }
+    extra.push_str(NET_CONFIG);
     let pinning = if server_cpu == client_cpu {
         format!("client and server on CPU {client_cpu}")
     } else {
@@ -416,13 +410,8 @@ pub fn run(o: Opts) -> Result<()> {
         o.bulk.as_secs_f64()
     );
     println!(
-        "agent config: defaults, syscalls probe {}, {}",
+        "agent config: defaults, syscalls probe {}, with [net] enabled = true",
         if o.no_syscalls_probe { "off" } else { "on" },
-        if NET_SECTION {
-            "with [net] enabled = true"
-        } else {
-            "no [net] section (NET_SECTION = false in xtask/src/bench_net.rs)"
-        }
     );
 
     // SAFETY: sysconf has no preconditions.

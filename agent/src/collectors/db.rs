@@ -25,7 +25,8 @@ use tracing::{debug, info, warn};
 use super::net::Names;
 use crate::{
     config::{Config, DbConfig},
-    probes::{db::DbMaps, syscalls::comm_str},
+    names::comm_str,
+    probes::db::DbMaps,
     store::{
         db::{
             DbTables, LossKey, LossStats, OpKey, OpStats, Outcome, QueryRecord, Role, SlowQuery,

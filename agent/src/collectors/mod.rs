@@ -47,7 +47,7 @@ impl Default for TickMetrics {
 /// How often the tick loop returns free heap memory to the system.
 const TRIM_EVERY: Duration = Duration::from_secs(10);
 
-/// Runs until `shutdown` flips to true. The tick follows `config` (reloads change it).
+/// Runs until `shutdown` is cancelled. The tick follows `config` (reloads change it).
 pub async fn run_ticks(
     store: SharedStore,
     syscalls: Option<Arc<Mutex<SyscallProbe>>>,
@@ -55,7 +55,7 @@ pub async fn run_ticks(
     db: Option<Arc<Mutex<DbProbe>>>,
     mut config: watch::Receiver<Arc<Config>>,
     metrics: TickMetrics,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut tick = config.borrow().agent.tick_interval;
     let mut host_enabled = config.borrow().host.enabled;
@@ -75,7 +75,7 @@ pub async fn run_ticks(
                 }
                 continue;
             }
-            _ = crate::daemon::shutdown_requested(&mut shutdown) => return,
+            _ = shutdown.cancelled() => return,
         }
         let now = Instant::now();
         let sys = match &syscalls {

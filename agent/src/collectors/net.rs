@@ -22,11 +22,8 @@ use super::{
 };
 use crate::{
     config::Config,
-    probes::{
-        cgroup2_root,
-        net::{ConnTable, EdgeTable},
-        syscalls::comm_str,
-    },
+    names::{cgroup2_root, comm_str},
+    probes::net::{ConnTable, EdgeTable},
     store::{
         histogram::Log2Histogram,
         net::{Direction, EdgeCounters, EdgeKey, NetTotals},
@@ -442,7 +439,7 @@ pub async fn run_walker(
     store: SharedStore,
     config: tokio::sync::watch::Receiver<std::sync::Arc<crate::config::Config>>,
     walks: watch::Sender<Walks>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut failing = false;
     let mut last_took = Duration::ZERO;
@@ -451,7 +448,7 @@ pub async fn run_walker(
         let every = walk_interval(config.borrow().net.sample_interval, last_took);
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
-            _ = crate::daemon::shutdown_requested(&mut shutdown) => return,
+            _ = shutdown.cancelled() => return,
         }
         let p = probe.clone();
         gen += 1;

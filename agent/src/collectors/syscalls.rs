@@ -9,8 +9,8 @@ use tracing::{debug, warn};
 
 use super::cgroups::{service_of, CgroupNames};
 use crate::{
-    probes::{cgroup2_root, syscalls::comm_str},
-    store::{SharedStore, SlowCall},
+    names::{cgroup2_root, comm_str},
+    store::{syscalls::SlowCall, SharedStore},
     syscall_names,
 };
 

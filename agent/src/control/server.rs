@@ -270,7 +270,11 @@ impl Drop for Slot {
     }
 }
 
-pub async fn serve(listener: UnixListener, ctx: Context, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: UnixListener,
+    ctx: Context,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     let (max, per_uid) = {
         let c = ctx.config.borrow();
         (c.control.max_connections, c.control.max_connections_per_uid)
@@ -289,7 +293,7 @@ pub async fn serve(listener: UnixListener, ctx: Context, mut shutdown: watch::Re
                     continue;
                 }
             },
-            _ = crate::daemon::shutdown_requested(&mut shutdown) => return,
+            _ = shutdown.cancelled() => return,
         };
         let ctx = ctx.clone();
         let slots = slots.clone();
@@ -552,7 +556,7 @@ mod tests {
     use crate::{config::ConfigSource, store::Store};
     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
-    async fn start(cfg: Config) -> (tempfile::TempDir, PathBuf, watch::Sender<bool>) {
+    async fn start(cfg: Config) -> (tempfile::TempDir, PathBuf, tokio_util::sync::DropGuard) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/ctl.sock");
         let mut cfg = cfg;
@@ -563,7 +567,8 @@ mod tests {
             8,
         )));
         let (_tx, rx) = watch::channel(Arc::new(cfg));
-        let (stx, srx) = watch::channel(false);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let serving = stop.clone();
         let ctx = Context {
             store,
             config: rx,
@@ -572,9 +577,9 @@ mod tests {
         };
         tokio::spawn(async move {
             let _keep = _tx;
-            serve(listener, ctx, srx).await
+            serve(listener, ctx, serving).await
         });
-        (dir, path, stx)
+        (dir, path, stop.drop_guard())
     }
 
     async fn roundtrip(path: &Path, payload: &[u8]) -> Vec<Response> {

@@ -6,7 +6,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::Config,
-    store::{window::WindowDelta, ProbeStatus, SlowCall, Store, SyscallTotals, WINDOW_RETENTION},
+    store::{
+        syscalls::{SlowCall, SyscallTotals},
+        window::WindowDelta,
+        ProbeStatus, Store, WINDOW_RETENTION,
+    },
     syscall_names,
 };
 
@@ -248,7 +252,7 @@ pub fn syscalls(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config::ConfigSource, store::SyscallCounters};
+    use crate::{config::ConfigSource, store::syscalls::SyscallCounters};
     use std::time::Instant;
 
     #[test]

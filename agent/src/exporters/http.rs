@@ -26,10 +26,7 @@ use prometheus_client::{
     metrics::{counter::Counter, gauge::Gauge},
     registry::Registry,
 };
-use tokio::{
-    net::TcpListener,
-    sync::{oneshot, watch},
-};
+use tokio::{net::TcpListener, sync::oneshot};
 use tokio_io_timeout::TimeoutStream;
 use tracing::{debug, info};
 
@@ -142,7 +139,7 @@ pub async fn serve(
     registry: Registry,
     limits: Limits,
     stats: HttpMetrics,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
     let listener = TcpListener::bind(addr).await?;
     info!(addr = %listener.local_addr()?, max_connections = limits.max_connections, "metrics endpoint listening");
@@ -167,7 +164,7 @@ pub async fn serve(
                         continue;
                     }
                 },
-                _ = crate::daemon::shutdown_requested(&mut shutdown) => return Ok(()),
+                _ = shutdown.cancelled() => return Ok(()),
             };
             let id = next_id;
             next_id += 1;

@@ -24,7 +24,8 @@ use crate::{
         db::{top_series, DbTotals, LossKey, OpKey, System},
         histogram::Log2Histogram,
         net::{DestinationSeries, Direction, EdgeCounters, FailureReason, NetTotals},
-        DiskReading, NetDevReading, ProbeState, SharedStore, SyscallCounters,
+        syscalls::SyscallCounters,
+        DiskReading, NetDevReading, ProbeState, SharedStore,
     },
     syscall_names,
 };

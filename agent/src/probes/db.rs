@@ -23,25 +23,6 @@ pub enum DbProbeError {
     Object(#[from] super::ObjectError),
 }
 
-/// Kernel-side counters of the database probe (cumulative, summed over CPUs).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DbKernelCounters {
-    pub events: u64,
-    pub drops: u64,
-    pub inflight_full: u64,
-    pub desync: u64,
-    pub conns: u64,
-    pub storage_failed: u64,
-    pub tls: u64,
-    pub lost_desync: u64,
-    pub stats_full: u64,
-    pub bytes_not_decoded: u64,
-    pub step_cap: u64,
-    pub gave_up: u64,
-    pub texts: u64,
-    pub slow_lost: u64,
-}
-
 /// The maps the collector reads and writes: events, counts, the statement keys it has
 /// named, and the settings it may change.
 pub struct DbMaps {
@@ -172,9 +153,9 @@ impl DbProbe {
         Ok(super::missed_runs(&self._ebpf, attached)?)
     }
 
-    pub fn read_counters(&self) -> Result<DbKernelCounters, DbProbeError> {
+    pub fn read_counters(&self) -> Result<crate::store::db::DbKernelCounters, DbProbeError> {
         let get = |idx| super::percpu_sum(&self.counters, "DB_COUNTERS", idx);
-        Ok(DbKernelCounters {
+        Ok(crate::store::db::DbKernelCounters {
             events: get(counters::EVENTS)?,
             drops: get(counters::DROPS)?,
             inflight_full: get(counters::INFLIGHT_FULL)?,

@@ -14,7 +14,7 @@ use aya::{
 use tracing::{info, warn};
 
 use super::btf::{BtfError, KernelBtf};
-use crate::config::NetConfig;
+use crate::{config::NetConfig, store::net::NetKernelCounters};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetProbeError {
@@ -30,21 +30,6 @@ pub enum NetProbeError {
     Walk(#[source] aya::programs::links::LinkError),
     #[error("running the TCP socket iterator")]
     WalkRead(#[source] std::io::Error),
-}
-
-/// Kernel-side counters of the network probe (cumulative, summed over CPUs).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct NetKernelCounters {
-    /// Connection updates counted in the kernel's `other` edges (its edge table was full).
-    pub edges_full: u64,
-    /// Tracked connections ended because their socket started a new one.
-    pub reused: u64,
-    pub retransmits: u64,
-    pub resets_sent: u64,
-    pub resets_received: u64,
-    pub track_failed: u64,
-    /// Connections ended by the destroy backstop (their end was not seen otherwise).
-    pub ended_at_destroy: u64,
 }
 
 /// The kernel's table of tracked connections (`NET_CONNS`): the open connections.

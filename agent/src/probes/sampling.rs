@@ -59,7 +59,7 @@ pub async fn run(
     probe: Arc<Mutex<SyscallProbe>>,
     mut config: watch::Receiver<Arc<Config>>,
     mut trace: watch::Receiver<Option<Instant>>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: tokio_util::sync::CancellationToken,
 ) {
     // Windows open at cycle_start + k * interval; the first one is the probe's start-up.
     let cycle_start = Instant::now();
@@ -104,7 +104,7 @@ pub async fn run(
             _ = sleep => {}
             changed = config.changed() => if changed.is_err() { return; },
             changed = trace.changed() => if changed.is_err() { return; },
-            _ = crate::daemon::shutdown_requested(&mut shutdown) => return,
+            _ = shutdown.cancelled() => return,
         }
     }
 }

@@ -26,7 +26,10 @@ use tracing::{info, warn};
 
 use crate::{
     config::{AttachMode, SyscallMode, SyscallsConfig},
-    store::{histogram::Log2Histogram, SyscallCounters, SyscallTotals},
+    store::{
+        histogram::Log2Histogram,
+        syscalls::{SyscallCounters, SyscallTotals},
+    },
     syscall_names,
 };
 
@@ -243,7 +246,7 @@ impl SyscallProbe {
         let mut cgroup_ids = Vec::new();
         if !cfg.cgroups.is_empty() {
             flags |= FILTER_CGROUP;
-            let root = super::cgroup2_root();
+            let root = crate::names::cgroup2_root();
             for path in &cfg.cgroups {
                 match cgroup_id(root.as_deref(), path) {
                     Ok(id) => cgroup_ids.push(id),
@@ -512,12 +515,6 @@ fn cgroup_id(root: Option<&std::path::Path>, path: &std::path::Path) -> Result<u
         .map_err(|e| format!("{}: {e}", dir.display()))
 }
 
-/// Decodes a comm (NUL-padded) for display.
-pub fn comm_str(comm: &[u8]) -> String {
-    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
-    String::from_utf8_lossy(&comm[..end]).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -530,6 +527,6 @@ mod tests {
         let long = comm_key("abcdefghijklmnopqrst");
         assert_eq!(&long[..15], b"abcdefghijklmno");
         assert_eq!(long[15], 0);
-        assert_eq!(comm_str(&k), "postgres");
+        assert_eq!(crate::names::comm_str(&k), "postgres");
     }
 }

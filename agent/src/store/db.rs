@@ -7,7 +7,6 @@
 use std::{collections::HashMap, sync::Arc, time::SystemTime};
 
 use super::{histogram::Log2Histogram, window::Cumulative};
-use crate::probes::db::DbKernelCounters;
 
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
@@ -93,6 +92,25 @@ impl Outcome {
     pub fn is_error(self) -> bool {
         matches!(self, Outcome::Error | Outcome::Skipped)
     }
+}
+
+/// Kernel-side counters of the database probe (cumulative, summed over CPUs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DbKernelCounters {
+    pub events: u64,
+    pub drops: u64,
+    pub inflight_full: u64,
+    pub desync: u64,
+    pub conns: u64,
+    pub storage_failed: u64,
+    pub tls: u64,
+    pub lost_desync: u64,
+    pub stats_full: u64,
+    pub bytes_not_decoded: u64,
+    pub step_cap: u64,
+    pub gave_up: u64,
+    pub texts: u64,
+    pub slow_lost: u64,
 }
 
 /// Labels of one metric series.

@@ -5,6 +5,7 @@
 pub mod db;
 pub mod histogram;
 pub mod net;
+pub mod syscalls;
 pub mod window;
 
 use std::{
@@ -15,102 +16,12 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::config::ConfigSource;
-use histogram::Log2Histogram;
-use window::{Cumulative, Windows};
+use syscalls::{SlowCall, SyscallTotals};
+use window::Windows;
 
 /// How long windows may reach back, and how finely.
 pub const WINDOW_RETENTION: Duration = Duration::from_secs(60);
 pub const WINDOW_GRANULARITY: Duration = Duration::from_secs(1);
-
-/// Cumulative counters of one syscall.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SyscallCounters {
-    pub latency: Log2Histogram,
-    pub errors: u64,
-}
-
-impl SyscallCounters {
-    pub fn add(&mut self, other: &Self) {
-        self.latency.add(&other.latency);
-        self.errors += other.errors;
-    }
-}
-
-/// The walks over the kernel's TCP sockets (network probe): how many, how long the last one
-/// took, and the interval they run at now.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct NetWalk {
-    pub walks: u64,
-    pub seconds_total: f64,
-    pub last_seconds: f64,
-    pub interval_seconds: f64,
-}
-
-/// Everything the syscall probe counts, cumulative since the agent started.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct SyscallTotals {
-    /// By syscall number; only syscalls seen at least once.
-    pub by_nr: BTreeMap<u32, SyscallCounters>,
-    /// Slow-call events the kernel wrote / could not write (ring buffer full).
-    pub slow_events: u64,
-    pub slow_drops: u64,
-    /// Calls not timed because their start could not be parked in task storage.
-    pub start_drops: u64,
-    /// How long the hooks have been attached: the time the counts cover. In full mode, the
-    /// agent's whole run; in sampled mode, the sum of its windows.
-    pub observed_ns: u64,
-    /// The configured mode when this was read (`sampled` or `full`); not cumulative.
-    pub mode: Option<crate::config::SyscallMode>,
-    /// Whether the hooks were attached when this was read; not cumulative.
-    pub attached: bool,
-}
-
-impl Cumulative for SyscallTotals {
-    fn delta_since(&self, earlier: &Self) -> Self {
-        let mut by_nr = BTreeMap::new();
-        for (nr, now) in &self.by_nr {
-            let d = match earlier.by_nr.get(nr) {
-                Some(e) => SyscallCounters {
-                    latency: now.latency.delta_since(&e.latency),
-                    errors: now.errors.saturating_sub(e.errors),
-                },
-                None => *now,
-            };
-            if d.latency.count > 0 || d.errors > 0 {
-                by_nr.insert(*nr, d);
-            }
-        }
-        Self {
-            by_nr,
-            slow_events: self.slow_events.saturating_sub(earlier.slow_events),
-            slow_drops: self.slow_drops.saturating_sub(earlier.slow_drops),
-            start_drops: self.start_drops.saturating_sub(earlier.start_drops),
-            observed_ns: self.observed_ns.saturating_sub(earlier.observed_ns),
-            mode: self.mode,
-            attached: self.attached,
-        }
-    }
-}
-
-/// One slow call, as shown by `insite-agent syscalls`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SlowCall {
-    /// Wall-clock time the call returned, ms since the Unix epoch.
-    pub at_unix_ms: u64,
-    pub syscall: String,
-    pub duration_ns: u64,
-    pub ret: i64,
-    pub pid: u32,
-    pub tid: u32,
-    pub comm: String,
-    pub cgroup_id: u64,
-    /// cgroup v2 path, when the id could be resolved.
-    #[serde(default)]
-    pub cgroup: Option<String>,
-    /// systemd unit (`nginx.service`) the cgroup belongs to, if any.
-    #[serde(default)]
-    pub service: Option<String>,
-}
 
 /// State of one probe family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -212,13 +123,12 @@ pub struct Store {
     pub config_source: ConfigSource,
     pub probes: BTreeMap<String, ProbeStatus>,
     pub syscalls: Windows<SyscallTotals>,
-    /// Connection edges, cumulative (the event reader adds to it)...
+    /// Connection edges, cumulative (the network collector adds to it)...
     pub net_live: net::NetTotals,
     /// ...and its per-second snapshots (the tick pushes them).
     pub net: Windows<net::NetTotals>,
-    /// The connections open now, which the edges' `open` gauges follow (not snapshotted).
     /// The walks over the TCP sockets that sample live connections.
-    pub net_walk: NetWalk,
+    pub net_walk: net::NetWalk,
     /// Query timings, cumulative (the query reader adds to it), and its snapshots.
     pub db_live: db::DbTotals,
     pub db: Windows<db::DbTotals>,
@@ -243,7 +153,7 @@ impl Store {
             syscalls: Windows::new(WINDOW_GRANULARITY, WINDOW_RETENTION),
             net_live: net::NetTotals::default(),
             net: Windows::new(WINDOW_GRANULARITY, WINDOW_RETENTION),
-            net_walk: NetWalk::default(),
+            net_walk: net::NetWalk::default(),
             db_live: db::DbTotals::default(),
             db: Windows::new(WINDOW_GRANULARITY, WINDOW_RETENTION),
             db_slow: VecDeque::new(),
@@ -284,33 +194,6 @@ pub type SharedStore = std::sync::Arc<std::sync::RwLock<Store>>;
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn counters(n: u64, ns: u64, errors: u64) -> SyscallCounters {
-        let mut c = SyscallCounters::default();
-        for _ in 0..n {
-            c.latency.record(ns);
-        }
-        c.errors = errors;
-        c
-    }
-
-    #[test]
-    fn totals_delta_drops_idle_syscalls() {
-        let mut a = SyscallTotals::default();
-        a.by_nr.insert(0, counters(5, 100, 1));
-        a.by_nr.insert(1, counters(3, 100, 0));
-        let mut b = a.clone();
-        b.by_nr.insert(0, counters(8, 100, 2));
-        b.by_nr.insert(2, counters(1, 5000, 0));
-        b.slow_events = 4;
-        let d = b.delta_since(&a);
-        assert_eq!(d.by_nr.len(), 2);
-        assert_eq!(d.by_nr[&0].latency.count, 3);
-        assert_eq!(d.by_nr[&0].errors, 1);
-        assert_eq!(d.by_nr[&2].latency.count, 1);
-        assert!(!d.by_nr.contains_key(&1));
-        assert_eq!(d.slow_events, 4);
-    }
 
     #[test]
     fn slow_log_is_bounded() {

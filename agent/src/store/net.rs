@@ -231,6 +231,31 @@ impl EdgeCounters {
     }
 }
 
+/// The walks over the kernel's TCP sockets (network probe): how many, how long the last one
+/// took, and the interval they run at now.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct NetWalk {
+    pub walks: u64,
+    pub seconds_total: f64,
+    pub last_seconds: f64,
+    pub interval_seconds: f64,
+}
+
+/// Kernel-side counters of the network probe (cumulative, summed over CPUs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetKernelCounters {
+    /// Connection updates counted in the kernel's `other` edges (its edge table was full).
+    pub edges_full: u64,
+    /// Tracked connections ended because their socket started a new one.
+    pub reused: u64,
+    pub retransmits: u64,
+    pub resets_sent: u64,
+    pub resets_received: u64,
+    pub track_failed: u64,
+    /// Connections ended by the destroy backstop (their end was not seen otherwise).
+    pub ended_at_destroy: u64,
+}
+
 /// Everything the network probe counts, cumulative since the agent started.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct NetTotals {
@@ -240,7 +265,7 @@ pub struct NetTotals {
     /// Connection events (handshakes, closes, failures) on edges to ignored networks
     /// (`net.ignore_cidrs`), not counted on any edge.
     pub ignored: u64,
-    pub kernel: crate::probes::net::NetKernelCounters,
+    pub kernel: NetKernelCounters,
 }
 
 impl NetTotals {
@@ -365,7 +390,7 @@ impl Cumulative for NetTotals {
             edges,
             overflowed: self.overflowed.saturating_sub(earlier.overflowed),
             ignored: self.ignored.saturating_sub(earlier.ignored),
-            kernel: crate::probes::net::NetKernelCounters {
+            kernel: NetKernelCounters {
                 edges_full: k.edges_full.saturating_sub(ek.edges_full),
                 reused: k.reused.saturating_sub(ek.reused),
                 retransmits: k.retransmits.saturating_sub(ek.retransmits),

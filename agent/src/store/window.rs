@@ -70,10 +70,6 @@ impl<T: Cumulative> Windows<T> {
         }
     }
 
-    pub fn max_window(&self) -> Duration {
-        self.retention
-    }
-
     /// Records the totals as of `at` (one call per tick, `at` non-decreasing).
     pub fn push(&mut self, at: Instant, totals: T) {
         let snap = Snapshot { at, totals };
