@@ -4,8 +4,6 @@
 //! `cargo xtask test` work on a clean clone (CI runs the latter as root).
 
 mod bench;
-mod bench_net;
-mod bench_web;
 mod fuzz;
 mod setup;
 mod util;

@@ -27,7 +27,7 @@ use std::{
 
 use anyhow::{anyhow, Context as _, Result};
 
-use crate::bench::{usage, Agent, Bpftrace};
+use crate::bench::{bpf_run_time, median, spread, uncertainty, usage, Agent, Bpftrace};
 
 /// The run states the network probe explicitly instead of relying on its default.
 const NET_CONFIG: &str = "[net]\nenabled = true\n";
@@ -73,17 +73,6 @@ struct AgentRun {
     /// Time the agent's network programs ran, per connection of the conn loop (from the
     /// kernel's own BPF run-time statistics; NaN where they are unavailable).
     bpf_ns_per_conn: f64,
-}
-
-/// Summed (run time ns, runs) of the loaded programs whose name starts with `prefix`, as the
-/// kernel counts them while run-time statistics are enabled.
-pub(crate) fn bpf_run_time(prefix: &str) -> (u64, u64) {
-    aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with(prefix)))
-        .fold((0, 0), |(t, n), p| {
-            (t + p.run_time().as_nanos() as u64, n + p.run_count())
-        })
 }
 
 struct BtRun {
@@ -359,34 +348,6 @@ fn others_cpu_ticks() -> u64 {
                 .sum::<Option<u64>>()
         })
         .sum()
-}
-
-/// About a 95% interval half-width for the median of `v`: 2 standard errors, with the
-/// standard error of a median taken as 1.25 σ / √n and σ estimated from the median absolute
-/// deviation (× 1.4826), which one disturbed round does not inflate. Rough with few rounds.
-pub(crate) fn uncertainty(v: &[f64]) -> f64 {
-    if v.len() < 3 {
-        return f64::NAN;
-    }
-    let m = median(v.to_vec());
-    let mad = median(v.iter().map(|x| (x - m).abs()).collect());
-    2.0 * 1.25 * 1.4826 * mad / (v.len() as f64).sqrt()
-}
-
-pub(crate) fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-/// (max - min) / median, min, max.
-pub(crate) fn spread(v: &[f64]) -> (f64, f64, f64) {
-    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    ((max - min) / median(v.to_vec()), min, max)
 }
 
 pub fn run(o: Opts) -> Result<()> {

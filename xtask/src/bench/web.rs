@@ -18,10 +18,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::{
-    bench::{usage, Agent},
-    bench_net::{bpf_run_time, median, spread, uncertainty},
-};
+use crate::bench::{bpf_run_time, median, spread, uncertainty, usage, Agent};
 
 #[derive(Clone)]
 pub struct Opts {
