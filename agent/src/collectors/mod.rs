@@ -6,6 +6,7 @@ pub mod db;
 pub mod host;
 pub mod listeners;
 pub mod net;
+pub mod services;
 pub mod syscalls;
 
 use std::{

@@ -22,7 +22,7 @@ use agent_common::{
 use tokio::{io::unix::AsyncFd, sync::watch};
 use tracing::{debug, info, warn};
 
-use super::net::Names;
+use super::services::Names;
 use crate::{
     config::{Config, DbConfig},
     names::comm_str,
