@@ -15,6 +15,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::syscall_names;
 
+mod db;
+mod net;
+mod syscalls;
+
+pub use db::{DbConfig, DbRole, SlowThresholds};
+pub use net::{parse_cidr, NetConfig};
+pub use syscalls::{AttachMode, SyscallMode, SyscallsConfig};
+
 /// Where `insite-agent run` looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/insite-agent/config.toml";
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9820";
@@ -87,137 +95,6 @@ pub struct ControlConfig {
     pub max_connections_per_uid: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AttachMode {
-    /// tp_btf where the kernel allows it, raw tracepoints otherwise.
-    Auto,
-    TpBtf,
-    RawTracepoint,
-}
-
-impl fmt::Display for AttachMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::TpBtf => "tp_btf",
-            Self::RawTracepoint => "raw_tracepoint",
-        })
-    }
-}
-
-/// How the syscall hooks are kept on the host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SyscallMode {
-    /// Hooks attached for `sample_window` of every `sample_interval`: counts are of the calls
-    /// made while attached (`insite_syscall_observed_seconds_total` says how long that was).
-    Sampled,
-    /// Hooks attached all the time: every call is counted (equal to `strace -c`).
-    Full,
-}
-
-impl SyscallMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Sampled => "sampled",
-            Self::Full => "full",
-        }
-    }
-}
-
-impl fmt::Display for SyscallMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SyscallsConfig {
-    pub enabled: bool,
-    pub attach: AttachMode,
-    /// `sampled` (default: a bounded tax on every workload) or `full` (exact counts).
-    pub mode: SyscallMode,
-    /// In sampled mode, the hooks are attached for this long...
-    #[serde(with = "humantime_serde")]
-    pub sample_window: Duration,
-    /// ...at the start of every interval this long.
-    #[serde(with = "humantime_serde")]
-    pub sample_interval: Duration,
-    /// Calls at least this long become slow-call events; "0s" turns events off.
-    #[serde(with = "humantime_serde")]
-    pub slow_threshold: Duration,
-    /// Trace only these processes (by comm, pid or cgroup path; a task matching any is traced).
-    /// All empty: every process.
-    pub comms: Vec<String>,
-    pub pids: Vec<u32>,
-    pub cgroups: Vec<PathBuf>,
-    /// Trace only these syscalls (x86_64 names). Empty: all.
-    pub syscalls: Vec<String>,
-    /// Most syscalls exported with their own label; the rest fold into `syscall="other"`.
-    pub top_n: usize,
-    /// Recent slow calls kept in memory for `insite-agent syscalls`.
-    pub slow_log_size: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct NetConfig {
-    pub enabled: bool,
-    /// Destinations exported with their own series (by traffic); the rest fold into
-    /// `destination="other"`.
-    pub top_n: usize,
-    /// Connection edges (service, direction, peer, destination) kept in memory; new edges
-    /// beyond it are counted under one `other` edge.
-    pub max_edges: usize,
-    /// A live connection's RTT and byte counts are sampled at most this often.
-    #[serde(with = "humantime_serde")]
-    pub sample_interval: Duration,
-    /// Connections to or from these ports are not tracked (in the kernel).
-    pub ignore_ports: Vec<u16>,
-    /// Connections with a remote address in these networks are dropped (e.g. "10.0.0.0/8",
-    /// "::1/128", or a single address).
-    pub ignore_cidrs: Vec<String>,
-}
-
-/// Database and cache queries timed off the wire (PostgreSQL, MySQL/MariaDB, Redis).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DbConfig {
-    pub enabled: bool,
-    /// The ends of a connection followed: `client` (the end that sends requests), `server`,
-    /// or both (default). On a host that runs both ends of its connections, one role halves
-    /// the probe's cost (restart to change).
-    pub roles: Vec<DbRole>,
-    /// Series of `insite_db_*` exported with their own labels (by query count); the rest fold
-    /// into `operation="other"`, `destination="other"`, `service="other"`.
-    pub top_n: usize,
-    /// (system, operation, role, destination, service) keys kept in memory; beyond it new ones
-    /// count under an `other` key.
-    pub max_series: usize,
-    /// Query fingerprints kept in memory (for `insite-agent queries`); beyond it new ones count
-    /// under the fingerprint `other`.
-    pub max_fingerprints: usize,
-    /// Queries at least this slow are logged and kept for `insite-agent queries --slow`.
-    pub slow_threshold: SlowThresholds,
-    /// Slow queries kept in memory.
-    pub slow_log_capacity: usize,
-    /// Log and show the query text as sent. Off: literals are masked (`id = ?`).
-    pub log_raw_text: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SlowThresholds {
-    #[serde(with = "humantime_serde")]
-    pub postgresql: Duration,
-    #[serde(with = "humantime_serde")]
-    pub mysql: Duration,
-    #[serde(with = "humantime_serde")]
-    pub redis: Duration,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HostConfig {
@@ -258,100 +135,6 @@ impl Default for ControlConfig {
             request_timeout: Duration::from_secs(5),
             max_connections: 32,
             max_connections_per_uid: 8,
-        }
-    }
-}
-
-impl Default for SyscallsConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            attach: AttachMode::Auto,
-            mode: SyscallMode::Sampled,
-            sample_window: Duration::from_secs(1),
-            sample_interval: Duration::from_secs(10),
-            slow_threshold: Duration::from_millis(10),
-            comms: Vec::new(),
-            pids: Vec::new(),
-            cgroups: Vec::new(),
-            syscalls: Vec::new(),
-            top_n: 100,
-            slow_log_size: 256,
-        }
-    }
-}
-
-impl Default for NetConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            top_n: 20,
-            max_edges: 1024,
-            sample_interval: Duration::from_secs(1),
-            ignore_ports: Vec::new(),
-            ignore_cidrs: Vec::new(),
-        }
-    }
-}
-
-impl NetConfig {
-    /// The parsed `ignore_cidrs` (validated at load, so unparsable entries never get here).
-    pub fn ignored_networks(&self) -> Vec<ipnet::IpNet> {
-        self.ignore_cidrs
-            .iter()
-            .filter_map(|c| parse_cidr(c).ok())
-            .collect()
-    }
-}
-
-/// A network ("10.0.0.0/8") or a single address ("10.1.2.3", as /32 or /128).
-pub fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
-    s.parse::<ipnet::IpNet>()
-        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-        .map_err(|_| format!("{s:?} is not an address or a network like 10.0.0.0/8"))
-}
-
-/// An end of a database connection, as `db.roles` names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DbRole {
-    Client,
-    Server,
-}
-
-impl DbConfig {
-    /// `db.roles` as the kernel's bits.
-    pub fn role_bits(&self) -> u32 {
-        self.roles.iter().fold(0, |bits, r| {
-            bits | match r {
-                DbRole::Client => agent_common::db::DB_ROLE_CLIENT,
-                DbRole::Server => agent_common::db::DB_ROLE_SERVER,
-            }
-        })
-    }
-}
-
-impl Default for DbConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            roles: vec![DbRole::Client, DbRole::Server],
-            top_n: 50,
-            max_series: 2048,
-            max_fingerprints: 1000,
-            slow_threshold: SlowThresholds::default(),
-            slow_log_capacity: 256,
-            log_raw_text: false,
-        }
-    }
-}
-
-impl Default for SlowThresholds {
-    fn default() -> Self {
-        Self {
-            postgresql: Duration::from_millis(100),
-            mysql: Duration::from_millis(100),
-            redis: Duration::from_millis(10),
         }
     }
 }
@@ -615,128 +398,10 @@ impl Config {
             ));
         }
 
-        let s = &self.syscalls;
-        let max = agent_common::syscalls::MAX_FILTER_ENTRIES as usize;
-        for (key, len) in [
-            ("syscalls.comms", s.comms.len()),
-            ("syscalls.pids", s.pids.len()),
-            ("syscalls.cgroups", s.cgroups.len()),
-        ] {
-            if len > max {
-                return Err(violation(key, format!("at most {max} entries")));
-            }
-        }
-        for comm in &s.comms {
-            if comm.is_empty() || comm.len() >= agent_common::TASK_COMM_LEN {
-                return Err(violation(
-                    "syscalls.comms",
-                    format!(
-                        "{comm:?}: a comm is 1 to 15 bytes (the kernel truncates longer names)"
-                    ),
-                ));
-            }
-        }
-        if s.pids.contains(&0) {
-            return Err(violation("syscalls.pids", "pid 0 is not a process"));
-        }
-        for cg in &s.cgroups {
-            if !cg.is_absolute() {
-                return Err(violation(
-                    "syscalls.cgroups",
-                    format!("{}: must be an absolute cgroup path", cg.display()),
-                ));
-            }
-        }
-        for name in &s.syscalls {
-            if syscall_names::number(name).is_none() {
-                return Err(violation(
-                    "syscalls.syscalls",
-                    format!("{name:?} is not an x86_64 syscall name"),
-                ));
-            }
-        }
-        if s.top_n == 0 || s.top_n > agent_common::syscalls::MAX_SYSCALLS as usize {
-            return Err(violation(
-                "syscalls.top_n",
-                format!(
-                    "must be between 1 and {}",
-                    agent_common::syscalls::MAX_SYSCALLS
-                ),
-            ));
-        }
-        if s.sample_window < Duration::from_millis(100) || s.sample_window > s.sample_interval {
-            return Err(violation(
-                "syscalls.sample_window",
-                "must be at least 100ms and at most syscalls.sample_interval",
-            ));
-        }
-        if s.sample_interval > Duration::from_secs(3600) {
-            return Err(violation("syscalls.sample_interval", "must be at most 1h"));
-        }
-        if s.slow_log_size == 0 || s.slow_log_size > 100_000 {
-            return Err(violation(
-                "syscalls.slow_log_size",
-                "must be between 1 and 100000",
-            ));
-        }
-
-        let n = &self.net;
-        if n.top_n == 0 || n.top_n > 1000 {
-            return Err(violation("net.top_n", "must be between 1 and 1000"));
-        }
-        if n.max_edges < 16 || n.max_edges > 65_536 {
-            return Err(violation("net.max_edges", "must be between 16 and 65536"));
-        }
-        if n.sample_interval < Duration::from_millis(100)
-            || n.sample_interval > Duration::from_secs(60)
-        {
-            return Err(violation(
-                "net.sample_interval",
-                "must be between 100ms and 60s",
-            ));
-        }
-        if n.ignore_ports.contains(&0) {
-            return Err(violation("net.ignore_ports", "port 0 is not a port"));
-        }
-        for c in &n.ignore_cidrs {
-            parse_cidr(c).map_err(|reason| violation("net.ignore_cidrs", reason))?;
-        }
-
-        let d = &self.db;
-        if d.roles.is_empty() {
-            return Err(violation(
-                "db.roles",
-                "name at least one of \"client\" and \"server\" (or set db.enabled = false)",
-            ));
-        }
-        if d.top_n == 0 || d.top_n > 1000 {
-            return Err(violation("db.top_n", "must be between 1 and 1000"));
-        }
-        if d.max_series < 16 || d.max_series > 65_536 {
-            return Err(violation("db.max_series", "must be between 16 and 65536"));
-        }
-        if d.max_fingerprints < 16 || d.max_fingerprints > 100_000 {
-            return Err(violation(
-                "db.max_fingerprints",
-                "must be between 16 and 100000",
-            ));
-        }
-        if d.slow_log_capacity == 0 || d.slow_log_capacity > 100_000 {
-            return Err(violation(
-                "db.slow_log_capacity",
-                "must be between 1 and 100000",
-            ));
-        }
+        self.syscalls.validate()?;
+        self.net.validate()?;
+        self.db.validate()?;
         self.check_budget()?;
-        for (key, t) in [
-            ("db.slow_threshold.postgresql", d.slow_threshold.postgresql),
-            ("db.slow_threshold.mysql", d.slow_threshold.mysql),
-            ("db.slow_threshold.redis", d.slow_threshold.redis),
-        ] {
-            if t.is_zero() || t > Duration::from_secs(3600) {
-                return Err(violation(key, "must be more than 0s and at most 1h"));
-            }
-        }
         Ok(())
     }
 }
@@ -813,7 +478,7 @@ mod tests {
 
     #[test]
     fn shipped_example_is_the_defaults() {
-        let example = include_str!("../../systemd/config.example.toml");
+        let example = include_str!("../../../systemd/config.example.toml");
         assert_eq!(parse(example).unwrap(), Config::default());
     }
 
