@@ -342,6 +342,39 @@ mod tests {
     use super::*;
     use crate::store::histogram::Log2Histogram;
 
+    /// Every family is described once, whichever file of this module writes it: a second
+    /// HELP line for a name makes the whole scrape unparsable.
+    #[test]
+    fn each_family_is_described_once() {
+        let store: SharedStore = Arc::new(std::sync::RwLock::new(crate::store::Store::new(
+            crate::config::ConfigSource::Defaults,
+            4,
+        )));
+        if let Ok(mut st) = store.write() {
+            let now = std::time::Instant::now();
+            st.syscalls.push(now, Default::default());
+            st.net.push(now, Default::default());
+            st.db.push(now, Default::default());
+            st.net_walk.walks = 1;
+        }
+        let n = || Arc::new(AtomicUsize::new(10));
+        let r = registry(store, n(), n(), n(), &TickMetrics::default());
+        let text = render(&r).unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for name in text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# HELP "))
+            .filter_map(|l| l.split(' ').next())
+        {
+            assert!(seen.insert(name.to_string()), "{name} twice in\n{text}");
+        }
+        assert!(
+            seen.contains("insite_syscall_slow_calls_received"),
+            "{text}"
+        );
+        assert!(seen.contains("insite_tcp_kernel_edges_full"), "{text}");
+    }
+
     #[test]
     fn export_buckets_cover_every_observation() {
         let mut h = Log2Histogram::default();

@@ -76,13 +76,6 @@ pub(super) fn encode(
         None,
         [(vec![], st.slow_received as f64)],
     )?;
-    counter(
-        e,
-        "insite_syscall_slow_calls_received",
-        "Slow-call events received by the agent",
-        None,
-        [(vec![], st.slow_received as f64)],
-    )?;
     Ok(())
 }
 
