@@ -23,10 +23,10 @@ use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, Framed};
 use tracing::{debug, info, warn};
 
 use super::{
-    connections::{self, Page},
+    db::{self, Sort},
+    net::{self, Page},
     protocol::{parse_request, Request, Response},
-    queries::{self, Sort},
-    views,
+    status, syscalls,
 };
 use crate::{
     config::{Config, ControlConfig},
@@ -454,7 +454,7 @@ fn trace_syscalls(ctx: &Context, cfg: &Config, duration: &str) -> Result<String,
         .checked_add(left)
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |t| t.as_millis() as u64);
-    let v = views::SyscallTraceView {
+    let v = syscalls::SyscallTraceView {
         mode: cfg.syscalls.mode.as_str().into(),
         seconds_left: left.as_secs_f64(),
         until_unix_ms,
@@ -470,10 +470,11 @@ fn dispatch(ctx: &Context, req: Request) -> Result<String, String> {
     let json = |v: Result<String, serde_json::Error>| v.map_err(|e| format!("internal: {e}"));
     match req {
         Request::TraceSyscalls { duration } => trace_syscalls(ctx, &cfg, &duration),
-        Request::Status {} => json(serde_json::to_string(&views::status(&store, &cfg))),
+        Request::Status {} => json(serde_json::to_string(&status::status(&store, &cfg))),
         Request::Syscalls { window, limit } => {
-            let window = views::parse_window(window.as_deref())?;
-            let v = views::syscalls(&store, &cfg, window, limit.unwrap_or(views::DEFAULT_LIMIT))?;
+            let window = status::parse_window(window.as_deref())?;
+            let v =
+                syscalls::syscalls(&store, &cfg, window, limit.unwrap_or(status::DEFAULT_LIMIT))?;
             json(serde_json::to_string(&v))
         }
         Request::Connections {
@@ -481,7 +482,7 @@ fn dispatch(ctx: &Context, req: Request) -> Result<String, String> {
             limit,
             offset,
         } => {
-            let v = connections::connections(
+            let v = net::connections(
                 &store,
                 net_window(window.as_deref())?,
                 Page::new(offset, limit)?,
@@ -493,7 +494,7 @@ fn dispatch(ctx: &Context, req: Request) -> Result<String, String> {
             limit,
             offset,
         } => {
-            let v = connections::map(
+            let v = net::map(
                 &store,
                 net_window(window.as_deref())?,
                 Page::new(offset, limit)?,
@@ -507,8 +508,8 @@ fn dispatch(ctx: &Context, req: Request) -> Result<String, String> {
             limit,
         } => {
             let window = match window.as_deref() {
-                None => queries::DEFAULT_WINDOW,
-                Some(w) => views::parse_window(Some(w))?,
+                None => db::DEFAULT_WINDOW,
+                Some(w) => status::parse_window(Some(w))?,
             };
             let system =
                 match system.as_deref() {
@@ -518,12 +519,12 @@ fn dispatch(ctx: &Context, req: Request) -> Result<String, String> {
                     })?),
                 };
             let sort = sort.as_deref().map_or(Ok(Sort::default()), Sort::parse)?;
-            let v = queries::queries(
+            let v = db::queries(
                 &store,
                 system,
                 window,
                 sort,
-                limit.unwrap_or(queries::DEFAULT_LIMIT),
+                limit.unwrap_or(db::DEFAULT_LIMIT),
             )?;
             json(serde_json::to_string(&v))
         }
@@ -532,8 +533,8 @@ fn dispatch(ctx: &Context, req: Request) -> Result<String, String> {
 
 fn net_window(w: Option<&str>) -> Result<std::time::Duration, String> {
     match w {
-        None => Ok(connections::DEFAULT_WINDOW),
-        Some(w) => views::parse_window(Some(w)),
+        None => Ok(net::DEFAULT_WINDOW),
+        Some(w) => status::parse_window(Some(w)),
     }
 }
 
