@@ -34,18 +34,21 @@ pub struct LocalStorage<T, const KIND: usize> {
     key: *const i32,
     value: *const T,
     max_entries: *const [i32; 0],
-    map_flags: *const [i32; 1], // BPF_F_NO_PREALLOC, required for local storage
+    // BPF_F_NO_PREALLOC, which local storage requires.
+    map_flags: *const [i32; aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize],
 }
 
 /// Task-local storage (BPF_MAP_TYPE_TASK_STORAGE): per-thread state in the task itself. A
 /// lookup is a pointer chase from the current task, far cheaper on the syscall hot path than
 /// hashing a tid into a hash map, and the kernel frees it with the task.
-pub type TaskStorage<T> = LocalStorage<T, 29>;
+pub type TaskStorage<T> =
+    LocalStorage<T, { aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE as usize }>;
 
 /// Socket-local storage (BPF_MAP_TYPE_SK_STORAGE): state in the socket itself, freed with it,
 /// so a connection that closes without our noticing (unix sockets have no state tracepoint)
 /// leaks nothing.
-pub type SkStorage<T> = LocalStorage<T, 24>;
+pub type SkStorage<T> =
+    LocalStorage<T, { aya_ebpf::bindings::bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize }>;
 
 // SAFETY: a placeholder the loader patches; never dereferenced from Rust.
 unsafe impl<T, const KIND: usize> Sync for LocalStorage<T, KIND> {}
@@ -70,7 +73,7 @@ impl<T, const KIND: usize> LocalStorage<T, KIND> {
 
 /// Storage get flag: create the value (zeroed) if missing.
 #[cfg(target_arch = "bpf")]
-const GET_F_CREATE: u64 = 1;
+const GET_F_CREATE: u64 = aya_ebpf::bindings::BPF_LOCAL_STORAGE_GET_F_CREATE as u64;
 
 impl<T> TaskStorage<T> {
     /// The current task's value, created zeroed on first use; `None` if the kernel could not

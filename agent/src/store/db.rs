@@ -29,16 +29,6 @@ impl System {
         }
     }
 
-    pub fn from_kernel(v: u8) -> Option<Self> {
-        use agent_common::db::system;
-        match v {
-            system::POSTGRESQL => Some(System::Postgresql),
-            system::MYSQL => Some(System::Mysql),
-            system::REDIS => Some(System::Redis),
-            _ => None,
-        }
-    }
-
     pub fn parse(s: &str) -> Option<Self> {
         match s.to_ascii_lowercase().as_str() {
             "postgresql" | "postgres" | "pg" => Some(System::Postgresql),
@@ -65,12 +55,41 @@ impl Role {
             Role::Server => "server",
         }
     }
+}
 
-    pub fn from_kernel(v: u8) -> Option<Self> {
-        match v {
-            agent_common::db::role::CLIENT => Some(Role::Client),
-            agent_common::db::role::SERVER => Some(Role::Server),
-            _ => None,
+/// A code from the kernel this agent does not know (a mismatched kernel object, or garbage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} code {code} from the kernel")]
+pub struct UnknownCode {
+    pub what: &'static str,
+    pub code: u8,
+}
+
+impl TryFrom<u8> for System {
+    type Error = UnknownCode;
+
+    fn try_from(code: u8) -> Result<Self, UnknownCode> {
+        use agent_common::db::system;
+        match code {
+            system::POSTGRESQL => Ok(System::Postgresql),
+            system::MYSQL => Ok(System::Mysql),
+            system::REDIS => Ok(System::Redis),
+            _ => Err(UnknownCode {
+                what: "system",
+                code,
+            }),
+        }
+    }
+}
+
+impl TryFrom<u8> for Role {
+    type Error = UnknownCode;
+
+    fn try_from(code: u8) -> Result<Self, UnknownCode> {
+        match code {
+            agent_common::db::role::CLIENT => Ok(Role::Client),
+            agent_common::db::role::SERVER => Ok(Role::Server),
+            _ => Err(UnknownCode { what: "role", code }),
         }
     }
 }
@@ -478,6 +497,23 @@ pub fn top_series(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_codes_convert_and_unknown_ones_are_named() {
+        use agent_common::db::{role, system};
+        for (code, sys) in [
+            (system::POSTGRESQL, System::Postgresql),
+            (system::MYSQL, System::Mysql),
+            (system::REDIS, System::Redis),
+        ] {
+            assert_eq!(System::try_from(code), Ok(sys));
+        }
+        assert_eq!(Role::try_from(role::CLIENT), Ok(Role::Client));
+        assert_eq!(Role::try_from(role::SERVER), Ok(Role::Server));
+        let e = System::try_from(200).unwrap_err();
+        assert_eq!(e.to_string(), "unknown system code 200 from the kernel");
+        assert!(Role::try_from(0).is_err());
+    }
 
     fn rec(op: &str, fp: &str, ns: u64, outcome: Outcome) -> QueryRecord {
         QueryRecord {

@@ -118,7 +118,7 @@ const MAX_RUN: u32 = 1 << 20;
 /// and the name (`*3\r\n$3\r\nSET\r\n`); a longer name is cut.
 const RESP_KEY_BYTES: u32 = 48;
 /// `BPF_NOEXIST`.
-const NOEXIST: u64 = 1;
+const NOEXIST: u64 = aya_ebpf::bindings::BPF_NOEXIST as u64;
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 const INFLIGHT_MASK: u64 = (DB_INFLIGHT - 1) as u64;

@@ -122,8 +122,10 @@ impl Tracker {
     }
 
     pub(super) fn on_conn(&mut self, ev: &DbConnEvent) {
-        let (Some(_), Some(role)) = (System::from_kernel(ev.system), Role::from_kernel(ev.role))
-        else {
+        let (Some(_), Some(role)) = (
+            System::try_from(ev.system).ok(),
+            Role::try_from(ev.role).ok(),
+        ) else {
             self.undecodable += 1;
             return;
         };
@@ -182,7 +184,7 @@ impl Tracker {
     pub(super) fn on_text(&mut self, ev: &DbTextEvent) {
         let n = (ev.prefix_len as usize).min(ev.prefix.len());
         let prefix = &ev.prefix[..n];
-        let Some(system) = System::from_kernel(ev.system) else {
+        let Some(system) = System::try_from(ev.system).ok() else {
             self.undecodable += 1;
             return;
         };
@@ -239,9 +241,10 @@ impl Tracker {
     }
 
     pub(super) fn on_slow(&mut self, ev: &DbSlowEvent, cfg: &DbConfig) {
-        let (Some(system), Some(role)) =
-            (System::from_kernel(ev.system), Role::from_kernel(ev.role))
-        else {
+        let (Some(system), Some(role)) = (
+            System::try_from(ev.system).ok(),
+            Role::try_from(ev.role).ok(),
+        ) else {
             self.undecodable += 1;
             return;
         };
@@ -296,9 +299,10 @@ impl Tracker {
 
     /// Requests the kernel could not time on a connection: counted under its labels.
     pub(super) fn on_loss(&mut self, ev: &DbLossEvent) {
-        let (Some(system), Some(role)) =
-            (System::from_kernel(ev.system), Role::from_kernel(ev.role))
-        else {
+        let (Some(system), Some(role)) = (
+            System::try_from(ev.system).ok(),
+            Role::try_from(ev.role).ok(),
+        ) else {
             self.undecodable += 1;
             return;
         };
@@ -336,7 +340,7 @@ impl Tracker {
     ) {
         for (k, v) in entries {
             let (Some(system), Some(role)) =
-                (System::from_kernel(k.system), Role::from_kernel(k.role))
+                (System::try_from(k.system).ok(), Role::try_from(k.role).ok())
             else {
                 continue;
             };
