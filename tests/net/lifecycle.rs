@@ -5,14 +5,7 @@ use super::*;
 
 /// Polls the agent until `f` holds on a scrape, or gives up after `secs` and returns the last.
 fn scrape_within(agent: &Agent, secs: u64, f: impl Fn(&Metrics) -> bool) -> Metrics {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let m = agent.scrape();
-        if f(&m) || Instant::now() > deadline {
-            return m;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    Metrics::wait_within(agent, Duration::from_secs(secs), f)
 }
 
 /// The agent's table of tracked connections (the kernel's `NET_CONNS`).

@@ -79,14 +79,7 @@ fn my_comm() -> String {
 
 /// Polls the agent until `f` holds on a scrape, or gives up after 5 s and returns the last one.
 fn scrape_until(agent: &Agent, f: impl Fn(&Metrics) -> bool) -> Metrics {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let m = agent.scrape();
-        if f(&m) || Instant::now() > deadline {
-            return m;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    Metrics::wait_within(agent, Duration::from_secs(5), f)
 }
 
 mod edges;

@@ -461,7 +461,12 @@ impl Metrics {
 
     /// Waits (up to 10 s) until `f` holds for a scrape of `agent`; returns the last scrape.
     pub fn wait_for(agent: &Agent, f: impl Fn(&Metrics) -> bool) -> Metrics {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        Self::wait_within(agent, Duration::from_secs(10), f)
+    }
+
+    /// Waits up to `timeout` until `f` holds for a scrape of `agent`; returns the last scrape.
+    pub fn wait_within(agent: &Agent, timeout: Duration, f: impl Fn(&Metrics) -> bool) -> Metrics {
+        let deadline = Instant::now() + timeout;
         loop {
             let m = agent.scrape();
             if f(&m) || Instant::now() > deadline {

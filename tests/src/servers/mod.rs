@@ -315,6 +315,11 @@ fn run_as(user: &str) -> Result<Owner> {
     if !is_root() {
         return Ok(Owner::current());
     }
+    Ok(Owner(Some(user_ids(user)?)))
+}
+
+/// (uid, gid) of a system user (the benches' servers run as the same users).
+pub fn user_ids(user: &str) -> Result<(u32, u32)> {
     let name = std::ffi::CString::new(user)?;
     // SAFETY: passwd is plain data, all-zero is a valid value.
     let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
@@ -336,8 +341,7 @@ fn run_as(user: &str) -> Result<Owner> {
             "no system user {user:?} (is its server package installed? `cargo xtask setup --tests`)"
         );
     }
-    let (uid, gid) = (pwd.pw_uid, pwd.pw_gid);
-    Ok(Owner(Some((uid, gid))))
+    Ok((pwd.pw_uid, pwd.pw_gid))
 }
 
 fn is_root() -> bool {

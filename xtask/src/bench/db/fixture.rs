@@ -256,7 +256,7 @@ pub(crate) fn start_redis(dir: &TempDir) -> Result<(Server, u16)> {
 }
 
 pub(crate) fn start_postgres(dir: &TempDir) -> Result<(Server, u16, PathBuf)> {
-    let owner = user_ids("postgres")?;
+    let owner = insite_e2e::servers::user_ids("postgres")?;
     let pgdir = dir.subdir("pg", Some(owner))?;
     let data = pgdir.join("data");
     let mut initdb = Command::new(format!("{PG_BIN}/initdb"));
@@ -447,30 +447,6 @@ pub(crate) fn free_port() -> Result<u16> {
         .and_then(|l| l.local_addr())
         .context("finding a free port")?
         .port())
-}
-
-/// (uid, gid) of a system user.
-pub(crate) fn user_ids(user: &str) -> Result<(u32, u32)> {
-    let name = CString::new(user)?;
-    // SAFETY: passwd is plain data; all-zero is a valid value.
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    // SAFETY: valid pointers and length; getpwnam_r fills `pwd` (strings in `buf`) and sets
-    // `found` to `&pwd` or to null.
-    let rc = unsafe {
-        libc::getpwnam_r(
-            name.as_ptr(),
-            &mut pwd,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut found,
-        )
-    };
-    if rc != 0 || found.is_null() {
-        bail!("no system user {user:?} (is postgresql installed? `cargo xtask setup --tests`)");
-    }
-    Ok((pwd.pw_uid, pwd.pw_gid))
 }
 
 // ---------------------------------------------------------------------------------------------

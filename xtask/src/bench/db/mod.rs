@@ -24,7 +24,6 @@
 
 use std::{
     collections::BTreeMap,
-    ffi::CString,
     fmt::Write as _,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
