@@ -296,17 +296,20 @@ for _ in range({N}):
     );
     drop(stopped);
     let d = server.to_string();
+    // Every connection is counted, and every one ended: closed, or (rarely: once in six CI
+    // runs, 2 of 4000) reconciled because no hook saw its end, never both and never neither.
+    let settled = |c: [f64; 4]| c[0] == N && c[1] + c[2] == N && c[3] == 0.0;
     let exact = |m: &Metrics| {
         ["outbound", "inbound"]
             .iter()
-            .all(|dir| conn_counts(m, dir, &d) == [N, N, 0.0, 0.0])
+            .all(|dir| settled(conn_counts(m, dir, &d)))
     };
     let m = scrape_within(&agent, 15, exact);
     for dir in ["outbound", "inbound"] {
-        assert_eq!(
-            conn_counts(&m, dir, &d),
-            [N, N, 0.0, 0.0],
-            "{dir}: (connections, closed, reconciled, active)\n{}",
+        let c = conn_counts(&m, dir, &d);
+        assert!(
+            settled(c),
+            "{dir}: (connections, closed, reconciled, active) = {c:?}\n{}",
             m.0
         );
     }
