@@ -469,10 +469,17 @@ fn settings_replies_and_config_files_stay_within_the_memory_budget() {
     // Large tables are paged: connections and map answer `limit` rows and say how many
     // there are.
     let agent = Agent::start("[syscalls]\nenabled = false\n[db]\nenabled = false\n");
-    for _ in 0..12 {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        drop(l);
+    // Twelve distinct closed ports: held bound together so the kernel cannot hand out one
+    // twice (it did once, and two refusals folded into one edge), then freed before connecting.
+    let listeners: Vec<_> = (0..12)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let ports: Vec<u16> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect();
+    drop(listeners);
+    for port in ports {
         let _ = TcpStream::connect(("127.0.0.1", port));
     }
     let deadline = Instant::now() + Duration::from_secs(10);
