@@ -8,13 +8,17 @@ use crate::{
     config,
     control::{
         client,
-        db::QueriesView,
-        net::{human_bytes, ConnectionsView, MapView},
-        protocol::Request,
-        status::StatusView,
-        syscalls::{SyscallRow, SyscallTraceView, SyscallsView},
+        db::{QueriesRequest, QueriesView, Sort},
+        net::{human_bytes, ConnectionsRequest, ConnectionsView, MapRequest, MapView},
+        protocol::{Request, StatusRequest},
+        status::{StatusView, Window},
+        syscalls::{
+            SyscallRow, SyscallTraceView, SyscallsRequest, SyscallsView, TraceDuration,
+            TraceSyscallsRequest,
+        },
     },
     daemon, logging,
+    store::db::System,
     untrusted::Printable,
 };
 
@@ -160,9 +164,12 @@ pub fn main() -> ExitCode {
         Command::Status {
             json,
             control_socket,
-        } => client_cmd(&control_socket, &Request::Status {}, json, |v| {
-            serde_json::from_value::<StatusView>(v).map(|s| print_status(&s))
-        }),
+        } => client_cmd(
+            &control_socket,
+            &Request::of(&StatusRequest {}),
+            json,
+            |v| serde_json::from_value::<StatusView>(v).map(|s| print_status(&s)),
+        ),
         Command::Syscalls {
             window,
             limit,
@@ -176,10 +183,10 @@ pub fn main() -> ExitCode {
             };
             client_cmd(
                 &control_socket,
-                &Request::Syscalls {
-                    window: Some(window),
+                &Request::of(&SyscallsRequest {
+                    window: Some(Window::try_from(window).map_err(anyhow::Error::msg)?),
                     limit: Some(limit),
-                },
+                }),
                 json,
                 |v| serde_json::from_value::<SyscallsView>(v).map(|s| print_syscalls(&s)),
             )
@@ -190,16 +197,18 @@ pub fn main() -> ExitCode {
             offset,
             json,
             control_socket,
-        } => client_cmd(
-            &control_socket,
-            &Request::Connections {
-                window: Some(window),
-                limit: Some(limit),
-                offset: Some(offset),
-            },
-            json,
-            |v| serde_json::from_value::<ConnectionsView>(v).map(|c| print_connections(&c)),
-        ),
+        } => (|| {
+            client_cmd(
+                &control_socket,
+                &Request::of(&ConnectionsRequest {
+                    window: Some(Window::try_from(window).map_err(anyhow::Error::msg)?),
+                    limit: Some(limit),
+                    offset: Some(offset),
+                }),
+                json,
+                |v| serde_json::from_value::<ConnectionsView>(v).map(|c| print_connections(&c)),
+            )
+        })(),
         Command::Queries {
             system,
             window,
@@ -207,17 +216,25 @@ pub fn main() -> ExitCode {
             limit,
             json,
             control_socket,
-        } => client_cmd(
-            &control_socket,
-            &Request::Queries {
-                window: Some(window),
-                system,
-                sort: Some(sort),
-                limit: Some(limit),
-            },
-            json,
-            |v| serde_json::from_value::<QueriesView>(v).map(|q| print_queries(&q)),
-        ),
+        } => (|| {
+            let system = match system.as_deref() {
+                None | Some("") | Some("all") => None,
+                Some(s) => Some(System::parse(s).ok_or_else(|| {
+                    anyhow::anyhow!("system {s:?}: must be postgresql, mysql or redis")
+                })?),
+            };
+            client_cmd(
+                &control_socket,
+                &Request::of(&QueriesRequest {
+                    window: Some(Window::try_from(window).map_err(anyhow::Error::msg)?),
+                    system,
+                    sort: Some(Sort::parse(&sort).map_err(anyhow::Error::msg)?),
+                    limit: Some(limit),
+                }),
+                json,
+                |v| serde_json::from_value::<QueriesView>(v).map(|q| print_queries(&q)),
+            )
+        })(),
         Command::Map {
             window,
             limit,
@@ -225,24 +242,26 @@ pub fn main() -> ExitCode {
             json,
             dot,
             control_socket,
-        } => client_cmd(
-            &control_socket,
-            &Request::Map {
-                window: Some(window),
-                limit: Some(limit),
-                offset: Some(offset),
-            },
-            json,
-            |v| {
-                serde_json::from_value::<MapView>(v).map(|m| {
-                    if dot {
-                        print!("{}", m.to_dot());
-                    } else {
-                        print_map(&m);
-                    }
-                })
-            },
-        ),
+        } => (|| {
+            client_cmd(
+                &control_socket,
+                &Request::of(&MapRequest {
+                    window: Some(Window::try_from(window).map_err(anyhow::Error::msg)?),
+                    limit: Some(limit),
+                    offset: Some(offset),
+                }),
+                json,
+                |v| {
+                    serde_json::from_value::<MapView>(v).map(|m| {
+                        if dot {
+                            print!("{}", m.to_dot());
+                        } else {
+                            print_map(&m);
+                        }
+                    })
+                },
+            )
+        })(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -269,9 +288,9 @@ fn report_error(e: &anyhow::Error) {
 fn trace_syscalls(socket: &std::path::Path, duration: &str) -> anyhow::Result<String> {
     let data = client::request(
         socket,
-        &Request::TraceSyscalls {
-            duration: duration.to_string(),
-        },
+        &Request::of(&TraceSyscallsRequest {
+            duration: TraceDuration::try_from(duration.to_string()).map_err(anyhow::Error::msg)?,
+        }),
         CLIENT_TIMEOUT,
     )?;
     let t: SyscallTraceView = serde_json::from_value(data)?;

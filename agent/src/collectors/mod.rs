@@ -1,5 +1,6 @@
 //! Collectors: every tick, read the kernel maps and procfs and fold what they say into the
-//! store. Slow-call and connection events arrive on their own tasks, as they happen.
+//! store, one family after another (`TickSource`). Events from the rings arrive on each
+//! family's own tasks, as they happen.
 
 pub mod cgroups;
 pub mod db;
@@ -10,7 +11,7 @@ pub mod services;
 pub mod syscalls;
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -20,8 +21,7 @@ use tracing::warn;
 
 use crate::{
     config::Config,
-    probes::{db::DbProbe, net::NetProbe, syscalls::SyscallProbe},
-    store::SharedStore,
+    store::{SharedStore, Store},
 };
 
 /// Self-metrics the tick loop updates.
@@ -48,28 +48,65 @@ impl Default for TickMetrics {
 /// How often the tick loop returns free heap memory to the system.
 const TRIM_EVERY: Duration = Duration::from_secs(10);
 
+/// Writes one family's tick reading into the store, under its write lock (no I/O in it).
+pub type Fold = Box<dyn FnOnce(&mut Store) + Send>;
+
+/// Runs the kernel skipped, per program of a family.
+pub type MissedRuns = Vec<(&'static str, u64)>;
+
+/// What one family read at a tick: its fold, and what failed on the way (the fold may still
+/// carry the rest).
+#[derive(Default)]
+pub struct Reading {
+    pub fold: Option<Fold>,
+    pub error: Option<String>,
+}
+
+impl Reading {
+    pub fn fold(f: impl FnOnce(&mut Store) + Send + 'static) -> Self {
+        Self {
+            fold: Some(Box::new(f)),
+            error: None,
+        }
+    }
+
+    pub fn with_error(mut self, error: Option<String>) -> Self {
+        self.error = error;
+        self
+    }
+}
+
+/// What the tick loop asks of every family.
+pub trait TickSource: Send + Sync {
+    /// The family's name, as in `status` and every metric's `probe` label.
+    fn name(&self) -> &'static str;
+    /// Reads the family's kernel maps (or procfs) outside the store's lock.
+    fn read(&self, now: Instant) -> Reading;
+    /// The kernel's skipped runs of the family's programs, when it has any attached.
+    fn missed_runs(&self) -> Option<Result<MissedRuns, String>> {
+        None
+    }
+}
+
 /// Runs until `shutdown` is cancelled. The tick follows `config` (reloads change it).
 pub async fn run_ticks(
     store: SharedStore,
-    syscalls: Option<Arc<Mutex<SyscallProbe>>>,
-    net: Option<Arc<Mutex<NetProbe>>>,
-    db: Option<Arc<Mutex<DbProbe>>>,
+    families: Vec<Arc<dyn TickSource>>,
     mut config: watch::Receiver<Arc<Config>>,
     metrics: TickMetrics,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut tick = config.borrow().agent.tick_interval;
-    let mut host_enabled = config.borrow().host.enabled;
     let mut interval = new_interval(tick);
-    let mut host = host::HostCollector::new();
     let mut last_trim = Instant::now();
+    let mut folds: Vec<Fold> = Vec::with_capacity(families.len());
+    let mut missed: Vec<(&'static str, MissedRuns)> = Vec::with_capacity(families.len());
     loop {
         tokio::select! {
             _ = interval.tick() => {}
             changed = config.changed() => {
                 if changed.is_err() { return; }
                 let cfg = config.borrow_and_update().clone();
-                host_enabled = cfg.host.enabled;
                 if cfg.agent.tick_interval != tick {
                     tick = cfg.agent.tick_interval;
                     interval = new_interval(tick);
@@ -79,78 +116,28 @@ pub async fn run_ticks(
             _ = shutdown.cancelled() => return,
         }
         let now = Instant::now();
-        let sys = match &syscalls {
-            Some(p) => match p.lock() {
-                Ok(mut p) => match p.read() {
-                    Ok(t) => Some(t),
-                    Err(e) => {
-                        metrics.collect_errors.inc();
-                        warn!(error = %crate::probes::error_chain(&e), "reading syscall maps");
-                        None
-                    }
-                },
-                Err(_) => None,
-            },
-            None => None,
-        };
-        let net_counters = match &net {
-            Some(p) => match p.lock().map(|p| p.read_counters()) {
-                Ok(Ok(c)) => Some(c),
-                Ok(Err(e)) => {
-                    metrics.collect_errors.inc();
-                    warn!(error = %crate::probes::error_chain(&e), "reading network probe counters");
-                    None
-                }
-                Err(_) => None,
-            },
-            None => None,
-        };
-        let db_counters = match &db {
-            Some(p) => match p.lock().map(|p| p.read_counters()) {
-                Ok(Ok(c)) => Some(c),
-                Ok(Err(e)) => {
-                    metrics.collect_errors.inc();
-                    warn!(error = %crate::probes::error_chain(&e), "reading database probe counters");
-                    None
-                }
-                Err(_) => None,
-            },
-            None => None,
-        };
-        let missed = missed_runs(&syscalls, &net, &db, &metrics);
-        let host_sample = if host_enabled {
-            match host.sample() {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    metrics.collect_errors.inc();
-                    warn!(error = %crate::probes::error_chain(&e), "reading host signals");
-                    None
-                }
+        for f in &families {
+            let reading = f.read(now);
+            if let Some(e) = reading.error {
+                metrics.collect_errors.inc();
+                warn!(family = f.name(), error = %e, "tick: reading the family's counts");
             }
-        } else {
-            None
-        };
+            folds.extend(reading.fold);
+            match f.missed_runs() {
+                Some(Ok(runs)) => missed.push((f.name(), runs)),
+                Some(Err(e)) => {
+                    metrics.collect_errors.inc();
+                    warn!(family = f.name(), error = %e, "tick: reading programs' missed runs");
+                }
+                None => {}
+            }
+        }
         let took = now.elapsed();
         if let Ok(mut st) = store.write() {
-            if let Some(t) = sys {
-                st.syscalls.push(now, t);
+            for fold in folds.drain(..) {
+                fold(&mut st);
             }
-            if net.is_some() {
-                if let Some(c) = net_counters {
-                    st.net_live.kernel = c;
-                }
-                // Cheap: edges are shared with the previous snapshot unless they changed.
-                let snap = st.net_live.clone();
-                st.net.push(now, snap);
-            }
-            if db.is_some() {
-                if let Some(c) = db_counters {
-                    st.db_live.kernel = c;
-                }
-                let snap = st.db_live.clone();
-                st.db.push(now, snap);
-            }
-            for (probe, runs) in missed {
+            for (probe, runs) in missed.drain(..) {
                 if let Some(p) = st.probes.get_mut(probe) {
                     p.missed_runs = runs
                         .into_iter()
@@ -158,10 +145,11 @@ pub async fn run_ticks(
                         .collect();
                 }
             }
-            st.host = host_sample;
             st.ticks += 1;
             st.last_tick = took;
         }
+        folds.clear();
+        missed.clear();
         metrics.ticks.inc();
         metrics.tick_duration.observe(took.as_secs_f64());
         // Hand memory freed since (snapshots aged out, scrapes, replies) back to the system
@@ -171,43 +159,6 @@ pub async fn run_ticks(
             last_trim = Instant::now();
         }
     }
-}
-
-type MissedRuns = Vec<(&'static str, u64)>;
-
-/// The kernel's skipped runs of every attached program, by probe family.
-fn missed_runs(
-    syscalls: &Option<Arc<Mutex<SyscallProbe>>>,
-    net: &Option<Arc<Mutex<NetProbe>>>,
-    db: &Option<Arc<Mutex<DbProbe>>>,
-    metrics: &TickMetrics,
-) -> Vec<(&'static str, MissedRuns)> {
-    fn read<P, E: std::error::Error + 'static>(
-        probe: &Option<Arc<Mutex<P>>>,
-        f: impl FnOnce(&P) -> Result<MissedRuns, E>,
-        metrics: &TickMetrics,
-    ) -> Option<MissedRuns> {
-        let p = probe.as_ref()?.lock().ok()?;
-        match f(&p) {
-            Ok(v) => Some(v),
-            Err(e) => {
-                metrics.collect_errors.inc();
-                warn!(error = %crate::probes::error_chain(&e), "reading programs' missed runs");
-                None
-            }
-        }
-    }
-    let mut out = Vec::new();
-    if let Some(v) = read(syscalls, SyscallProbe::missed_runs, metrics) {
-        out.push(("syscalls", v));
-    }
-    if let Some(v) = read(net, NetProbe::missed_runs, metrics) {
-        out.push(("net", v));
-    }
-    if let Some(v) = read(db, DbProbe::missed_runs, metrics) {
-        out.push(("db", v));
-    }
-    out
 }
 
 /// A ring-buffer record as the `#[repr(C)]` event type the kernel wrote (agent-common), or

@@ -52,8 +52,7 @@ pub fn request(
     })?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    let mut line = serde_json::to_string(req).map_err(|e| ClientError::BadReply(e.to_string()))?;
-    line.push('\n');
+    let line = req.to_line();
     // A refused client may find the connection closed before it writes: the agent's reply
     // (why it was refused) is still there to read, and says more than EPIPE.
     let written = (&stream).write_all(line.as_bytes());

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::{protocol::Command, status::Window};
 use crate::store::{
     db::{Role, SlowQuery, System},
     ProbeState, Store,
@@ -13,6 +14,40 @@ use crate::store::{
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
 pub const DEFAULT_LIMIT: usize = 20;
 const MAX_LIMIT: usize = 1000;
+
+/// `queries`: the top fingerprints over `window` (default 60 s) of one `system` (all when
+/// absent or `all`), ordered by `sort`, and the recent slow queries.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueriesRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Window>,
+    #[serde(
+        default,
+        deserialize_with = "system_filter",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub system: Option<System>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sort: Option<Sort>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+impl Command for QueriesRequest {
+    const NAME: &'static str = "queries";
+}
+
+/// A system by any of its names (`postgres`, `mariadb`, ...); `all` or empty for every one.
+fn system_filter<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<System>, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    match s.as_deref() {
+        None | Some("") | Some("all") => Ok(None),
+        Some(s) => System::parse(s).map(Some).ok_or_else(|| {
+            serde::de::Error::custom(format!("system {s:?}: must be postgresql, mysql or redis"))
+        }),
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]

@@ -5,6 +5,7 @@ use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
+use super::{protocol::Command, status::Window};
 use crate::store::{
     net::{Direction, EdgeCounters, EdgeKey, FailureReason},
     ProbeState, Store,
@@ -103,6 +104,39 @@ fn row(k: &EdgeKey, d: &EdgeCounters, active: u64) -> EdgeRow {
 /// Rows a page holds when the request names no limit, and at most.
 pub const DEFAULT_LIMIT: usize = 1000;
 pub const MAX_LIMIT: usize = 10_000;
+
+/// `connections`: edges over `window` (default 60 s), busiest first, `limit` of them
+/// (default 1000, at most 10,000) from `offset`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionsRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Window>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<usize>,
+}
+
+impl Command for ConnectionsRequest {
+    const NAME: &'static str = "connections";
+}
+
+/// `map`: the dependency map of the busiest edges, paged as `connections`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MapRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Window>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<usize>,
+}
+
+impl Command for MapRequest {
+    const NAME: &'static str = "map";
+}
 
 /// Which rows of a table a request wants: `limit` rows from `offset` (busiest first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

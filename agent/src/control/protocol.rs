@@ -1,63 +1,69 @@
 //! Wire format of the control socket.
 //!
-//! One JSON object per line each way. A request names its command in `cmd`:
-//! `{"cmd":"status"}`, `{"cmd":"syscalls","window":"10s","limit":10}`,
-//! `{"cmd":"connections","window":"60s"}`, `{"cmd":"map"}`. The reply is
+//! One JSON object per line each way. A request names its command in `cmd`, and its other
+//! keys are the command's arguments: `{"cmd":"status"}`,
+//! `{"cmd":"syscalls","window":"10s","limit":10}`, `{"cmd":"connections","window":"60s"}`,
+//! `{"cmd":"map"}`. Each family declares its commands and their typed arguments next to its
+//! views (`control::syscalls`, `net`, `db`). The reply is
 //! `{"ok":true,"data":{...}}` or `{"ok":false,"error":"..."}`. Lines are capped in size; a
 //! connection may send several requests.
 
-use serde::{Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::{Map, Value};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
-    Status {},
-    Syscalls {
-        /// humantime duration, 1s..=60s; default 10s.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        window: Option<String>,
-        /// Rows per table; default 10.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        limit: Option<usize>,
-    },
-    /// Connection edges over a window (default 60s), busiest first: `limit` edges (default
-    /// 1000, at most 10000) from `offset`.
-    Connections {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        window: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        limit: Option<usize>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        offset: Option<usize>,
-    },
-    /// The dependency map over a window (default 60s), of the busiest `limit` edges from
-    /// `offset` (as `connections`).
-    Map {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        window: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        limit: Option<usize>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        offset: Option<usize>,
-    },
-    /// Attaches the syscall hooks for `duration` (humantime, up to 1h): every call is counted
-    /// until it ends, also in sampled mode.
-    TraceSyscalls {
-        duration: String,
-    },
-    /// Top query fingerprints over a window (default 60s) and recent slow queries.
-    Queries {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        window: Option<String>,
-        /// postgresql, mysql or redis; all when absent.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        system: Option<String>,
-        /// p99, count or total (default).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        sort: Option<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        limit: Option<usize>,
-    },
+/// A request line: `cmd` names the command; every other key is one of its arguments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub cmd: String,
+    pub args: Map<String, Value>,
+}
+
+/// A command's arguments, typed: serde parses and checks every value (windows, limits,
+/// names) and refuses keys the command does not know.
+pub trait Command: Serialize + DeserializeOwned {
+    /// The command's name on the wire (`cmd`).
+    const NAME: &'static str;
+}
+
+/// `status`: the agent, its probes and its event streams.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusRequest {}
+
+impl Command for StatusRequest {
+    const NAME: &'static str = "status";
+}
+
+impl Request {
+    /// The request for a typed command.
+    pub fn of<C: Command>(command: &C) -> Self {
+        let args = match serde_json::to_value(command) {
+            Ok(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        Self {
+            cmd: C::NAME.to_string(),
+            args,
+        }
+    }
+
+    /// The command's typed arguments; the error is what the client is told.
+    pub fn args<C: Command>(self) -> Result<C, String> {
+        serde_json::from_value(Value::Object(self.args))
+            .map_err(|e| format!("bad request: {}: {e}", C::NAME))
+    }
+
+    /// One line of JSON, newline included.
+    pub fn to_line(&self) -> String {
+        let mut m = Map::with_capacity(self.args.len() + 1);
+        m.insert("cmd".into(), Value::String(self.cmd.clone()));
+        for (k, v) in &self.args {
+            m.insert(k.clone(), v.clone());
+        }
+        let mut s = Value::Object(m).to_string();
+        s.push('\n');
+        s
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,7 +119,15 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
             "empty request: send one JSON object per line, e.g. {\"cmd\":\"status\"}".into(),
         );
     }
-    serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("bad request: {e}"))?;
+    let Value::Object(mut args) = v else {
+        return Err("bad request: a request is a JSON object, e.g. {\"cmd\":\"status\"}".into());
+    };
+    match args.remove("cmd") {
+        Some(Value::String(cmd)) => Ok(Request { cmd, args }),
+        Some(_) => Err("bad request: `cmd` must be a string".into()),
+        None => Err("bad request: missing `cmd`, e.g. {\"cmd\":\"status\"}".into()),
+    }
 }
 
 #[cfg(test)]
@@ -122,14 +136,14 @@ mod tests {
 
     #[test]
     fn parses_commands() {
-        assert_eq!(parse_request(r#"{"cmd":"status"}"#), Ok(Request::Status {}));
-        assert_eq!(
-            parse_request(r#" {"cmd":"syscalls","window":"10s"} "#),
-            Ok(Request::Syscalls {
-                window: Some("10s".into()),
-                limit: None
-            })
-        );
+        let r = parse_request(r#"{"cmd":"status"}"#).unwrap();
+        assert_eq!(r.cmd, "status");
+        assert_eq!(r.args::<StatusRequest>(), Ok(StatusRequest {}));
+        let r = parse_request(r#" {"cmd":"syscalls","window":"10s"} "#).unwrap();
+        assert_eq!(r.cmd, "syscalls");
+        assert_eq!(r.args["window"], "10s");
+        let extra = parse_request(r#"{"cmd":"status","extra":1}"#).unwrap();
+        assert!(extra.args::<StatusRequest>().unwrap_err().contains("extra"));
     }
 
     #[test]
@@ -141,10 +155,8 @@ mod tests {
             "{",
             "[]",
             "null",
-            r#"{"cmd":"reboot"}"#,
-            r#"{"cmd":"status","extra":1}"#,
-            r#"{"cmd":"syscalls","window":5}"#,
-            r#"{"cmd":"syscalls","limit":-1}"#,
+            r#"{"cmd":5}"#,
+            r#"{"command":"status"}"#,
             "\u{0}\u{1}\u{2}",
         ] {
             let err = parse_request(bad).unwrap_err();
@@ -167,31 +179,9 @@ mod tests {
 
     #[test]
     fn requests_round_trip() {
-        for r in [
-            Request::Status {},
-            Request::Syscalls {
-                window: Some("60s".into()),
-                limit: Some(5),
-            },
-            Request::Connections {
-                window: Some("30s".into()),
-                limit: Some(10),
-                offset: Some(20),
-            },
-            Request::Map {
-                window: None,
-                limit: None,
-                offset: None,
-            },
-            Request::Queries {
-                window: Some("60s".into()),
-                system: Some("redis".into()),
-                sort: Some("p99".into()),
-                limit: Some(5),
-            },
-        ] {
-            let s = serde_json::to_string(&r).unwrap();
-            assert_eq!(parse_request(&s), Ok(r));
-        }
+        let r = Request::of(&StatusRequest {});
+        let line = r.to_line();
+        assert_eq!(line, "{\"cmd\":\"status\"}\n");
+        assert_eq!(parse_request(&line), Ok(r));
     }
 }

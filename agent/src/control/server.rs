@@ -8,8 +8,6 @@
 
 use std::{
     collections::HashMap,
-    os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
-    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -20,18 +18,15 @@ use tokio::{
     sync::{watch, Semaphore},
 };
 use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, Framed};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
+pub use super::socket::{bind, remove_socket, Access, ControlError, SocketFile};
 use super::{
-    db::{self, Sort},
-    net::{self, Page},
-    protocol::{parse_request, Request, Response},
-    status, syscalls,
+    protocol::{parse_request, Command as _, Request, Response, StatusRequest},
+    socket::privileged,
+    status, Views,
 };
-use crate::{
-    config::{Config, ControlConfig},
-    store::{db::System, SharedStore},
-};
+use crate::{config::Config, store::SharedStore};
 
 /// Bytes of replies being written at once, over every connection: replies wait for room
 /// (within the reply timeout) rather than pile up in memory behind slow readers.
@@ -41,169 +36,14 @@ const KIB: usize = 1024;
 /// A reply at least this large is followed by returning free heap memory to the system.
 const TRIM_AFTER_BYTES: usize = 1 << 20;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    #[error("control.group: no group named {0:?} on this host")]
-    NoSuchGroup(String),
-    #[error("control socket {path}: another agent is already listening there")]
-    InUse { path: PathBuf },
-    #[error(
-        "control socket {path}: something that is not a socket is there ({kind}); refusing to replace it (choose another path, or remove it yourself)"
-    )]
-    NotASocket { path: PathBuf, kind: &'static str },
-    #[error(
-        "control socket {path}: its directory {dir} may be written by other users and is not sticky; use a directory only root can write to (e.g. /run/insite-agent)"
-    )]
-    UnsafeDirectory { path: PathBuf, dir: PathBuf },
-    #[error("control socket {path}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// Who may talk to the socket, besides root and the agent's own uid.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Access {
-    pub uids: Vec<u32>,
-    pub gids: Vec<u32>,
-}
-
-impl Access {
-    pub fn allows(&self, uid: u32, gid: u32) -> bool {
-        privileged(uid) || self.uids.contains(&uid) || self.gids.contains(&gid)
-    }
-}
-
-/// Root and the agent's own uid: they may use the slots kept back from everyone else.
-fn privileged(uid: u32) -> bool {
-    uid == 0 || uid == nix::unistd::geteuid().as_raw()
-}
-
-/// The socket file we created (device and inode), so that shutdown removes that one and no
-/// other.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SocketFile {
-    dev: u64,
-    ino: u64,
-}
-
-/// Binds the socket with its mode and group. Replaces a stale socket file, refuses to steal a
-/// live one, and never removes anything that is not a socket.
-pub fn bind(cfg: &ControlConfig) -> Result<(UnixListener, Access, SocketFile), ControlError> {
-    let path = cfg.socket.as_path();
-    let io = |source| ControlError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut access = Access {
-        uids: cfg.allowed_uids.clone(),
-        gids: cfg.allowed_gids.clone(),
-    };
-    let group = match &cfg.group {
-        Some(name) => {
-            let g = nix::unistd::Group::from_name(name)
-                .ok()
-                .flatten()
-                .ok_or_else(|| ControlError::NoSuchGroup(name.clone()))?;
-            access.gids.push(g.gid.as_raw());
-            Some(g.gid)
-        }
-        None => None,
-    };
-    if let Some(dir) = path.parent() {
-        if !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
-        }
-        // Anyone who may rename files in the directory could swap the socket for a link
-        // between our bind and our chown.
-        let meta = std::fs::metadata(dir).map_err(io)?;
-        let mode = meta.mode();
-        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
-            return Err(ControlError::UnsafeDirectory {
-                path: path.to_path_buf(),
-                dir: dir.to_path_buf(),
-            });
-        }
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(ControlError::InUse {
-                    path: path.to_path_buf(),
-                });
-            }
-            info!(path = %path.display(), "removing a stale control socket (nothing answers there)");
-            std::fs::remove_file(path).map_err(io)?;
-        }
-        Ok(meta) => {
-            return Err(ControlError::NotASocket {
-                path: path.to_path_buf(),
-                kind: file_kind(&meta.file_type()),
-            })
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
-    }
-    let mode = if group.is_some() { 0o660 } else { 0o600 };
-    // The mode is set as the socket is created (umask), not by a later chmod through the path.
-    // The mask is the process's: two binds at once (tests run in parallel) would each restore
-    // the other's mask, so they take turns.
-    static UMASK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let turn = UMASK
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    // SAFETY: umask only swaps the process's file creation mask; nothing else creates files
-    // while the agent starts.
-    let old = unsafe { libc::umask(0o777 & !mode) };
-    let bound = UnixListener::bind(path);
-    // SAFETY: as above, restoring the mask.
-    unsafe { libc::umask(old) };
-    drop(turn);
-    let listener = bound.map_err(io)?;
-    let meta = std::fs::symlink_metadata(path).map_err(io)?;
-    if let Some(gid) = group {
-        // lchown: the path is ours and a socket (just checked); a link put there meanwhile is
-        // changed itself, never followed.
-        std::os::unix::fs::lchown(path, None, Some(gid.as_raw())).map_err(io)?;
-    }
-    info!(path = %path.display(), mode = format!("{mode:o}"), "control socket listening");
-    Ok((
-        listener,
-        access,
-        SocketFile {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        },
-    ))
-}
-
-fn file_kind(t: &std::fs::FileType) -> &'static str {
-    if t.is_file() {
-        "a regular file"
-    } else if t.is_dir() {
-        "a directory"
-    } else if t.is_symlink() {
-        "a symbolic link"
-    } else if t.is_fifo() {
-        "a fifo"
-    } else if t.is_block_device() || t.is_char_device() {
-        "a device"
-    } else {
-        "a special file"
-    }
-}
-
 /// What a connection handler needs.
 #[derive(Clone)]
 pub struct Context {
     pub store: SharedStore,
     pub config: watch::Receiver<Arc<Config>>,
     pub access: Access,
-    /// Trace requests for the syscall sampler; None when the syscall probe is not attached.
-    pub syscall_trace: Option<Arc<crate::probes::sampling::TraceUntil>>,
+    /// Every family's commands, whether or not it is attached (a detached family says why).
+    pub families: Vec<Arc<dyn Views>>,
 }
 
 /// Connection slots: at most `max` in all, at most `per_uid` for each unprivileged uid, and
@@ -431,122 +271,34 @@ fn line_codec(max: usize) -> AnyDelimiterCodec {
 }
 
 /// Runs one request; `Ok` is the reply's `data` as JSON text.
-/// Attaches the syscall hooks for `duration` (sampled mode; full mode has them attached).
-fn trace_syscalls(ctx: &Context, cfg: &Config, duration: &str) -> Result<String, String> {
-    use crate::probes::sampling::MAX_TRACE;
-    let d = humantime::parse_duration(duration)
-        .map_err(|e| format!("duration {duration:?}: {e} (e.g. \"30s\")"))?;
-    if d.is_zero() || d > MAX_TRACE {
-        return Err(format!(
-            "duration {duration:?}: must be more than 0s and at most {}",
-            humantime::format_duration(MAX_TRACE)
-        ));
-    }
-    let Some(trace) = &ctx.syscall_trace else {
-        return Err("the syscall probe is not attached: nothing to trace".into());
-    };
-    let until = std::time::Instant::now() + d;
-    // A longer trace already running is kept.
-    trace.send_modify(|t| *t = Some(t.map_or(until, |t| t.max(until))));
-    let until = (*trace.borrow()).unwrap_or(until);
-    let left = until.saturating_duration_since(std::time::Instant::now());
-    let until_unix_ms = std::time::SystemTime::now()
-        .checked_add(left)
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |t| t.as_millis() as u64);
-    let v = syscalls::SyscallTraceView {
-        mode: cfg.syscalls.mode.as_str().into(),
-        seconds_left: left.as_secs_f64(),
-        until_unix_ms,
-    };
-    serde_json::to_string(&v).map_err(|e| format!("internal: {e}"))
-}
-
 fn dispatch(ctx: &Context, req: Request) -> Result<String, String> {
     let cfg = ctx.config.borrow().clone();
     let Ok(store) = ctx.store.read() else {
         return Err("internal: store unavailable".into());
     };
-    let json = |v: Result<String, serde_json::Error>| v.map_err(|e| format!("internal: {e}"));
-    match req {
-        Request::TraceSyscalls { duration } => trace_syscalls(ctx, &cfg, &duration),
-        Request::Status {} => json(serde_json::to_string(&status::status(&store, &cfg))),
-        Request::Syscalls { window, limit } => {
-            let window = status::parse_window(window.as_deref())?;
-            let v =
-                syscalls::syscalls(&store, &cfg, window, limit.unwrap_or(status::DEFAULT_LIMIT))?;
-            json(serde_json::to_string(&v))
-        }
-        Request::Connections {
-            window,
-            limit,
-            offset,
-        } => {
-            let v = net::connections(
-                &store,
-                net_window(window.as_deref())?,
-                Page::new(offset, limit)?,
-            )?;
-            json(serde_json::to_string(&v))
-        }
-        Request::Map {
-            window,
-            limit,
-            offset,
-        } => {
-            let v = net::map(
-                &store,
-                net_window(window.as_deref())?,
-                Page::new(offset, limit)?,
-            )?;
-            json(serde_json::to_string(&v))
-        }
-        Request::Queries {
-            window,
-            system,
-            sort,
-            limit,
-        } => {
-            let window = match window.as_deref() {
-                None => db::DEFAULT_WINDOW,
-                Some(w) => status::parse_window(Some(w))?,
-            };
-            let system =
-                match system.as_deref() {
-                    None | Some("") | Some("all") => None,
-                    Some(s) => Some(System::parse(s).ok_or_else(|| {
-                        format!("system {s:?}: must be postgresql, mysql or redis")
-                    })?),
-                };
-            let sort = sort.as_deref().map_or(Ok(Sort::default()), Sort::parse)?;
-            let v = db::queries(
-                &store,
-                system,
-                window,
-                sort,
-                limit.unwrap_or(db::DEFAULT_LIMIT),
-            )?;
-            json(serde_json::to_string(&v))
-        }
+    if req.cmd == StatusRequest::NAME {
+        req.args::<StatusRequest>()?;
+        return super::reply(&status::status(&store, &cfg));
     }
-}
-
-fn net_window(w: Option<&str>) -> Result<std::time::Duration, String> {
-    match w {
-        None => Ok(net::DEFAULT_WINDOW),
-        Some(w) => status::parse_window(Some(w)),
-    }
-}
-
-/// Removes the socket file at shutdown if it is still the one we bound (the same inode): never
-/// another agent's socket, nor a file someone put there since.
-pub fn remove_socket(path: &Path, ours: SocketFile) {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        let same = meta.dev() == ours.dev && meta.ino() == ours.ino;
-        if meta.file_type().is_socket() && same {
-            if let Err(e) = std::fs::remove_file(path) {
-                warn!(path = %path.display(), error = %crate::probes::error_chain(&e), "could not remove control socket");
-            }
+    match ctx
+        .families
+        .iter()
+        .find(|f| f.commands().contains(&req.cmd.as_str()))
+    {
+        Some(f) => f.answer(req, &store, &cfg),
+        None => {
+            let known: Vec<&str> = std::iter::once(StatusRequest::NAME)
+                .chain(
+                    ctx.families
+                        .iter()
+                        .flat_map(|f| f.commands().iter().copied()),
+                )
+                .collect();
+            Err(format!(
+                "bad request: unknown command {:?} (known: {})",
+                req.cmd.chars().take(64).collect::<String>(),
+                known.join(", ")
+            ))
         }
     }
 }
@@ -554,7 +306,14 @@ pub fn remove_socket(path: &Path, ours: SocketFile) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config::ConfigSource, store::Store};
+    use crate::{
+        config::{ConfigSource, ControlConfig},
+        store::Store,
+    };
+    use std::{
+        os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+        path::{Path, PathBuf},
+    };
     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
     async fn start(cfg: Config) -> (tempfile::TempDir, PathBuf, tokio_util::sync::DropGuard) {
@@ -574,13 +333,28 @@ mod tests {
             store,
             config: rx,
             access,
-            syscall_trace: None,
+            families: vec![Arc::new(OneCommand)],
         };
         tokio::spawn(async move {
             let _keep = _tx;
             serve(listener, ctx, serving).await
         });
         (dir, path, stop.drop_guard())
+    }
+
+    /// A family with one command (`syscalls`, its real typed arguments): the server's part
+    /// is finding the family and handing it the request.
+    struct OneCommand;
+
+    impl Views for OneCommand {
+        fn commands(&self) -> &'static [&'static str] {
+            &["syscalls"]
+        }
+
+        fn answer(&self, req: Request, _st: &Store, _cfg: &Config) -> Result<String, String> {
+            let r: crate::control::syscalls::SyscallsRequest = req.args()?;
+            super::super::reply(&r)
+        }
     }
 
     async fn roundtrip(path: &Path, payload: &[u8]) -> Vec<Response> {
@@ -617,6 +391,17 @@ mod tests {
         assert!(!replies[2].ok);
         assert!(replies[2].error.as_ref().unwrap().contains("window"));
         assert!(replies[3].ok);
+        let replies = roundtrip(
+            &path,
+            b"{\"cmd\":\"syscalls\",\"window\":\"5s\"}\n{\"cmd\":\"nope\"}\n",
+        )
+        .await;
+        assert_eq!(replies[0].data, Some(serde_json::json!({"window": "5s"})));
+        let e = replies[1].error.as_deref().unwrap();
+        assert!(
+            e.contains("unknown command \"nope\" (known: status, syscalls)"),
+            "{e}"
+        );
     }
 
     #[tokio::test]

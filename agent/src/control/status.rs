@@ -7,8 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     config::Config,
-    store::{syscalls::SyscallTotals, window::WindowDelta, ProbeStatus, Store, WINDOW_RETENTION},
+    store::{ProbeStatus, Store, WINDOW_RETENTION},
 };
+
+pub use crate::store::streams::{rate, EventRates};
 
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(10);
 pub const DEFAULT_LIMIT: usize = 10;
@@ -34,24 +36,6 @@ pub struct StatusView {
     pub syscall_sampling: String,
 }
 
-/// Events of one stream, and how many were lost, over the last 10 s.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EventRates {
-    pub stream: String,
-    pub total: u64,
-    pub per_second: f64,
-    pub dropped_total: u64,
-    pub dropped_per_second: f64,
-}
-
-pub(crate) fn rate(n: u64, span: Duration) -> f64 {
-    if span.is_zero() {
-        0.0
-    } else {
-        n as f64 / span.as_secs_f64()
-    }
-}
-
 fn syscall_sampling(cfg: &Config, attached: Option<bool>) -> String {
     let s = &cfg.syscalls;
     let mode = match s.mode {
@@ -70,34 +54,7 @@ fn syscall_sampling(cfg: &Config, attached: Option<bool>) -> String {
 }
 
 pub fn status(store: &Store, cfg: &Config) -> StatusView {
-    let w: Option<WindowDelta<SyscallTotals>> = store.syscalls.over(DEFAULT_WINDOW);
     let latest = store.syscalls.latest();
-    let mut events = Vec::new();
-    if let Some(l) = latest {
-        let (ev, dr, span) = w.as_ref().map_or((0, 0, Duration::ZERO), |w| {
-            (w.delta.slow_events, w.delta.slow_drops, w.span)
-        });
-        events.push(EventRates {
-            stream: "syscall_slow".into(),
-            total: l.totals.slow_events,
-            per_second: rate(ev, span),
-            dropped_total: l.totals.slow_drops,
-            dropped_per_second: rate(dr, span),
-        });
-    }
-    if let Some(l) = store.db.latest() {
-        let w = store.db.over(DEFAULT_WINDOW);
-        let (ev, dr, span) = w.as_ref().map_or((0, 0, Duration::ZERO), |w| {
-            (w.delta.kernel.events, w.delta.kernel.drops, w.span)
-        });
-        events.push(EventRates {
-            stream: "db_events".into(),
-            total: l.totals.kernel.events,
-            per_second: rate(ev, span),
-            dropped_total: l.totals.kernel.drops,
-            dropped_per_second: rate(dr, span),
-        });
-    }
     StatusView {
         version: env!("CARGO_PKG_VERSION").to_string(),
         pid: std::process::id(),
@@ -113,8 +70,34 @@ pub fn status(store: &Store, cfg: &Config) -> StatusView {
         ticks: store.ticks,
         last_tick_ms: store.last_tick.as_secs_f64() * 1e3,
         probes: store.probes.values().cloned().collect(),
-        events,
+        events: store.streams.rates(DEFAULT_WINDOW),
         syscall_sampling: syscall_sampling(cfg, latest.map(|l| l.totals.attached)),
+    }
+}
+
+/// A window a view reports on, written as a duration ("10s", "1m"): from 1 s up to what the
+/// store keeps. Checked as the request is parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Window(pub Duration);
+
+impl TryFrom<String> for Window {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        parse_window(Some(&s)).map(Window)
+    }
+}
+
+impl From<Window> for String {
+    fn from(w: Window) -> String {
+        humantime::format_duration(w.0).to_string()
+    }
+}
+
+impl Window {
+    /// The window asked for, or the view's default.
+    pub fn or(w: Option<Window>, default: Duration) -> Duration {
+        w.map_or(default, |w| w.0)
     }
 }
 
@@ -146,5 +129,15 @@ mod tests {
         assert!(parse_window(Some("500ms")).is_err());
         assert!(parse_window(Some("2m")).is_err());
         assert!(parse_window(Some("soon")).is_err());
+        let w: Window = serde_json::from_str("\"1m\"").unwrap();
+        assert_eq!(w.0, Duration::from_secs(60));
+        assert_eq!(serde_json::to_string(&w).unwrap(), "\"1m\"");
+        let e = serde_json::from_str::<Window>("\"2h\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("window \"2h\": must be between 1s and 60s"),
+            "{e}"
+        );
     }
 }

@@ -4,12 +4,68 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::status::{rate, MAX_LIMIT};
+use super::{
+    protocol::Command,
+    status::{rate, Window, MAX_LIMIT},
+};
 use crate::{
     config::Config,
     store::{syscalls::SlowCall, Store},
     syscall_names,
 };
+
+/// `syscalls`: the top syscalls over `window` (default 10 s), `limit` rows a table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyscallsRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<Window>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+impl Command for SyscallsRequest {
+    const NAME: &'static str = "syscalls";
+}
+
+/// `trace_syscalls`: the syscall hooks attached for `duration` (up to an hour), every call
+/// counted until it ends, also in sampled mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TraceSyscallsRequest {
+    pub duration: TraceDuration,
+}
+
+impl Command for TraceSyscallsRequest {
+    const NAME: &'static str = "trace_syscalls";
+}
+
+/// How long a trace runs: more than 0 s and at most `MAX_TRACE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TraceDuration(pub Duration);
+
+impl TryFrom<String> for TraceDuration {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        use crate::probes::sampling::MAX_TRACE;
+        let d = humantime::parse_duration(s.trim())
+            .map_err(|e| format!("duration {s:?}: {e} (e.g. \"30s\")"))?;
+        if d.is_zero() || d > MAX_TRACE {
+            return Err(format!(
+                "duration {s:?}: must be more than 0s and at most {}",
+                humantime::format_duration(MAX_TRACE)
+            ));
+        }
+        Ok(Self(d))
+    }
+}
+
+impl From<TraceDuration> for String {
+    fn from(d: TraceDuration) -> String {
+        humantime::format_duration(d.0).to_string()
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SyscallRow {
@@ -50,6 +106,28 @@ pub struct SyscallsView {
     pub by_p99: Vec<SyscallRow>,
     /// Most recent first.
     pub slow_calls: Vec<SlowCall>,
+}
+
+/// Extends the running trace to `d` from now (a longer one running is kept) and says until
+/// when it runs.
+pub fn trace(
+    trace: &crate::probes::sampling::TraceUntil,
+    cfg: &Config,
+    d: Duration,
+) -> SyscallTraceView {
+    let until = std::time::Instant::now() + d;
+    trace.send_modify(|t| *t = Some(t.map_or(until, |t| t.max(until))));
+    let until = (*trace.borrow()).unwrap_or(until);
+    let left = until.saturating_duration_since(std::time::Instant::now());
+    let until_unix_ms = std::time::SystemTime::now()
+        .checked_add(left)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |t| t.as_millis() as u64);
+    SyscallTraceView {
+        mode: cfg.syscalls.mode.as_str().into(),
+        seconds_left: left.as_secs_f64(),
+        until_unix_ms,
+    }
 }
 
 pub fn syscalls(

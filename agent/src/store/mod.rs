@@ -5,6 +5,7 @@
 pub mod db;
 pub mod histogram;
 pub mod net;
+pub mod streams;
 pub mod syscalls;
 pub mod window;
 
@@ -139,6 +140,8 @@ pub struct Store {
     /// Slow calls received from the kernel (userspace side of the ring buffer).
     pub slow_received: u64,
     pub host: Option<HostSample>,
+    /// Every family's ring buffers: what they carried and lost.
+    pub streams: streams::Streams,
     pub ticks: u64,
     pub last_tick: Duration,
 }
@@ -161,6 +164,7 @@ impl Store {
             slow_capacity,
             slow_received: 0,
             host: None,
+            streams: streams::Streams::default(),
             ticks: 0,
             last_tick: Duration::ZERO,
         }

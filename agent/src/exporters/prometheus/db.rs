@@ -3,21 +3,15 @@
 
 use super::*;
 
-/// The database families; its ring's counts go to `rings`.
-pub(super) fn encode(
+/// The database families.
+pub fn encode(
     e: &mut DescriptorEncoder<'_>,
     st: &Store,
-    top_n: usize,
-    rings: &mut Rings,
+    cfg: &Config,
 ) -> Result<(), std::fmt::Error> {
+    let top_n = cfg.db.top_n;
     if let Some(latest) = st.db.latest() {
         let t = &latest.totals;
-        rings
-            .events
-            .push((l("ring", "db_events"), t.kernel.events as f64));
-        rings
-            .drops
-            .push((l("ring", "db_events"), t.kernel.drops as f64));
         queries(e, t, top_n)?;
     }
     Ok(())

@@ -2,7 +2,19 @@
 
 use super::*;
 
-pub(super) fn encode(e: &mut DescriptorEncoder<'_>, h: &HostSample) -> Result<(), std::fmt::Error> {
+/// The host families, once the first sample is in.
+pub fn encode(
+    e: &mut DescriptorEncoder<'_>,
+    st: &Store,
+    _cfg: &Config,
+) -> Result<(), std::fmt::Error> {
+    match &st.host {
+        Some(h) => sample(e, h),
+        None => Ok(()),
+    }
+}
+
+fn sample(e: &mut DescriptorEncoder<'_>, h: &HostSample) -> Result<(), std::fmt::Error> {
     counter(
         e,
         "insite_host_cpu",

@@ -5,10 +5,7 @@
 //! read lock and no work happens between scrapes. Agent self-metrics that are plain counters
 //! live in the registry as ordinary prometheus-client metrics.
 
-use std::sync::{
-    atomic::{AtomicUsize, Ordering},
-    Arc,
-};
+use std::sync::Arc;
 
 use prometheus_client::{
     collector::Collector,
@@ -22,9 +19,15 @@ mod host;
 mod net;
 mod syscalls;
 
+pub use db::encode as encode_db;
+pub use host::encode as encode_host;
+pub use net::encode as encode_net;
+pub use syscalls::encode as encode_syscalls;
+
 use super::labels::{l, LabelValue, Labels};
 use crate::{
     collectors::TickMetrics,
+    config::Config,
     store::{
         db::{top_series, DbTotals, LossKey, OpKey, System},
         histogram::Log2Histogram,
@@ -44,14 +47,10 @@ pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 const EXPORT_MIN_POW: usize = 10;
 const EXPORT_MAX_POW: usize = 36;
 
-/// Builds the registry: store-backed families plus the tick self-metrics.
-pub fn registry(
-    store: SharedStore,
-    top_n: Arc<AtomicUsize>,
-    net_top_n: Arc<AtomicUsize>,
-    db_top_n: Arc<AtomicUsize>,
-    tick: &TickMetrics,
-) -> Registry {
+/// Builds the registry with what belongs to no family: the agent's own metrics, its
+/// probes' states and every family's rings. Each family then registers its own collector
+/// (see `families`).
+pub fn registry(store: SharedStore, tick: &TickMetrics) -> Registry {
     let mut r = Registry::default();
     r.register(
         "insite_agent_ticks",
@@ -69,21 +68,43 @@ pub fn registry(
         "Collector reads that failed (kernel maps or procfs)",
         tick.collect_errors.clone(),
     );
-    r.register_collector(Box::new(StoreCollector {
-        store,
-        top_n,
-        net_top_n,
-        db_top_n,
-    }));
+    r.register_collector(Box::new(AgentCollector { store }));
     r
 }
 
+/// The config a family's collector reads its bounds from at scrape time (reloads change it).
+pub type ConfigRx = tokio::sync::watch::Receiver<Arc<Config>>;
+
+/// One family's metrics, rendered from the store at scrape time with the bounds of the
+/// running config. Each family registers one with its own `encode`.
+pub struct FamilyCollector {
+    pub store: SharedStore,
+    pub config: ConfigRx,
+    pub encode: EncodeFamily,
+}
+
+pub type EncodeFamily =
+    fn(&mut DescriptorEncoder<'_>, &Store, &Config) -> Result<(), std::fmt::Error>;
+
+impl std::fmt::Debug for FamilyCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FamilyCollector").finish_non_exhaustive()
+    }
+}
+
+impl Collector for FamilyCollector {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let cfg = self.config.borrow().clone();
+        let Ok(st) = self.store.read() else {
+            return Ok(());
+        };
+        (self.encode)(&mut enc, &st, &cfg)
+    }
+}
+
 #[derive(Debug)]
-struct StoreCollector {
+struct AgentCollector {
     store: SharedStore,
-    top_n: Arc<AtomicUsize>,
-    net_top_n: Arc<AtomicUsize>,
-    db_top_n: Arc<AtomicUsize>,
 }
 
 fn counter<'a>(
@@ -154,14 +175,7 @@ pub fn export_buckets(h: &Log2Histogram) -> Vec<(f64, u64)> {
     out
 }
 
-/// Rows of the ring-buffer families, which every probe with a ring adds to.
-#[derive(Default)]
-pub(super) struct Rings {
-    pub events: Vec<(Labels, f64)>,
-    pub drops: Vec<(Labels, f64)>,
-}
-
-impl Collector for StoreCollector {
+impl Collector for AgentCollector {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let Ok(st) = self.store.read() else {
             return Ok(());
@@ -254,29 +268,22 @@ impl Collector for StoreCollector {
             }),
         )?;
 
-        // One family per name: rings of every probe are rows of the same two counters.
-        let mut rings = Rings::default();
-        syscalls::encode(e, &st, self.top_n.load(Ordering::Relaxed), &mut rings)?;
-        net::encode(e, &st, self.net_top_n.load(Ordering::Relaxed))?;
-        db::encode(e, &st, self.db_top_n.load(Ordering::Relaxed), &mut rings)?;
+        // One family per name: the rings of every family are rows of the same two counters.
+        let rings: Vec<_> = st.streams.totals().collect();
         counter(
             e,
             "insite_ringbuf_events",
             "Events written to a kernel ring buffer",
             None,
-            rings.events,
+            rings.iter().map(|(r, t)| (l("ring", *r), t.events as f64)),
         )?;
         counter(
             e,
             "insite_ringbuf_drops",
             "Events lost because a kernel ring buffer was full",
             None,
-            rings.drops,
+            rings.iter().map(|(r, t)| (l("ring", *r), t.drops as f64)),
         )?;
-
-        if let Some(h) = &st.host {
-            host::encode(e, h)?;
-        }
         Ok(())
     }
 }
@@ -356,9 +363,19 @@ mod tests {
             st.net.push(now, Default::default());
             st.db.push(now, Default::default());
             st.net_walk.walks = 1;
+            st.host = Some(HostSample::default());
+            st.streams.record(now, "a_ring", Default::default());
         }
-        let n = || Arc::new(AtomicUsize::new(10));
-        let r = registry(store, n(), n(), n(), &TickMetrics::default());
+        let (_tx, config) = tokio::sync::watch::channel(Arc::new(Config::default()));
+        let mut r = registry(store.clone(), &TickMetrics::default());
+        let families: [EncodeFamily; 4] = [encode_syscalls, encode_net, encode_db, encode_host];
+        for encode in families {
+            r.register_collector(Box::new(FamilyCollector {
+                store: store.clone(),
+                config: config.clone(),
+                encode,
+            }));
+        }
         let text = render(&r).unwrap();
         let mut seen = std::collections::BTreeSet::new();
         for name in text
@@ -373,6 +390,11 @@ mod tests {
             "{text}"
         );
         assert!(seen.contains("insite_tcp_kernel_edges_full"), "{text}");
+        assert!(seen.contains("insite_host_cpu_seconds"), "{text}");
+        assert!(
+            text.contains("insite_ringbuf_events_total{ring=\"a_ring\"} 0.0"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -4,11 +4,12 @@
 use super::*;
 
 /// The network families.
-pub(super) fn encode(
+pub fn encode(
     e: &mut DescriptorEncoder<'_>,
     st: &Store,
-    top_n: usize,
+    cfg: &Config,
 ) -> Result<(), std::fmt::Error> {
+    let top_n = cfg.net.top_n;
     if let Some(latest) = st.net.latest() {
         let t = &latest.totals;
         edges(e, t, top_n)?;

@@ -3,13 +3,13 @@
 
 use super::*;
 
-/// The syscall families; its ring's counts go to `rings`.
-pub(super) fn encode(
+/// The syscall families.
+pub fn encode(
     e: &mut DescriptorEncoder<'_>,
     st: &Store,
-    top_n: usize,
-    rings: &mut Rings,
+    cfg: &Config,
 ) -> Result<(), std::fmt::Error> {
+    let top_n = cfg.syscalls.top_n;
     if let Some(latest) = st.syscalls.latest() {
         let t = &latest.totals;
         let (rows, folded) = top_n_syscalls(&t.by_nr, top_n);
@@ -55,12 +55,6 @@ pub(super) fn encode(
             None,
             [(vec![], folded as f64)],
         )?;
-        rings
-            .events
-            .push((l("ring", "syscall_slow"), t.slow_events as f64));
-        rings
-            .drops
-            .push((l("ring", "syscall_slow"), t.slow_drops as f64));
         counter(
             e,
             "insite_syscall_untimed",
