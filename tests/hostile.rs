@@ -584,13 +584,20 @@ fn errors_name_their_cause_once_and_where() {
     .unwrap();
     let out = run_refused(&cfg);
     let err = String::from_utf8_lossy(&out.stderr);
-    let line = err.lines().last().unwrap_or_default();
+    // The error line, wherever the log thread's lines landed around it.
+    let error_line = |err: &str| {
+        err.lines()
+            .find(|l| l.starts_with("insite-agent: "))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let line = error_line(&err);
     assert_eq!(line.matches("Address already in use").count(), 1, "{err}");
     // A control socket path whose directory cannot be made.
     std::fs::write(&cfg, config_text(0, Path::new("/proc/nope/s.sock"), "", "")).unwrap();
     let out = run_refused(&cfg);
     let err = String::from_utf8_lossy(&out.stderr);
-    let last = err.lines().last().unwrap_or_default().to_string();
+    let last = error_line(&err);
     let cause = last.rsplit(": ").next().unwrap_or_default().to_string();
     assert!(!cause.is_empty());
     assert_eq!(last.matches(&cause).count(), 1, "{err}");

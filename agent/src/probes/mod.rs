@@ -190,16 +190,15 @@ fn raise_memlock() {
 }
 
 /// An error with every cause in its chain (`failed to create map X: Operation not
-/// permitted`), for status and logs: aya's outer errors alone rarely say why.
+/// permitted`), for status and logs: aya's outer errors alone rarely say why. Every error type
+/// of the agent names only its own step and leaves its cause to `source()`, so the chain is
+/// joined as it is, without de-duplication (`tests/hostile.rs` checks a cause shows once).
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        let msg = c.to_string();
-        if !s.contains(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
+        s.push_str(": ");
+        s.push_str(&c.to_string());
         cur = c.source();
     }
     s
@@ -231,5 +230,14 @@ mod tests {
         );
         let plain = std::io::Error::other("plain");
         assert_eq!(error_chain(&plain), "plain");
+        // Three levels, each named once.
+        #[derive(Debug, thiserror::Error)]
+        #[error("loading the object")]
+        struct Top(#[source] Outer);
+        let e = Top(Outer(std::io::Error::from_raw_os_error(libc::EPERM)));
+        assert_eq!(
+            error_chain(&e),
+            "loading the object: failed to create map `X`: Operation not permitted (os error 1)"
+        );
     }
 }
