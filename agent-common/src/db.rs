@@ -124,15 +124,10 @@ pub const DB_HAVE_UNIX: u32 = 1;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DbOffsets {
     pub flags: u32,
-    pub skc_family: u32,
     /// `sock.sk_type` (u16).
     pub sk_type: u32,
-    pub skc_daddr: u32,
-    pub skc_rcv_saddr: u32,
-    pub skc_dport: u32,
-    pub skc_num: u32,
-    pub skc_v6_daddr: u32,
-    pub skc_v6_rcv_saddr: u32,
+    /// The family and the two ends, as the network probe reads them too.
+    pub sock: crate::sock::SockOffsets,
     /// `unix_sock.addr` (struct unix_address *).
     pub unix_addr: u32,
     /// `unix_sock.peer` (struct sock *).

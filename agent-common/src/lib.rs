@@ -7,6 +7,7 @@
 
 pub mod db;
 pub mod net;
+pub mod sock;
 pub mod syscalls;
 
 /// Length of `task_struct::comm` (including the trailing NUL).

@@ -79,13 +79,8 @@ pub struct NetOffsets {
     /// NET_HAVE_SK_CGROUP when the socket-cgroup chain below was found.
     pub flags: u32,
     pub sk_err: u32,
-    pub skc_family: u32,
-    pub skc_daddr: u32,
-    pub skc_rcv_saddr: u32,
-    pub skc_dport: u32,
-    pub skc_num: u32,
-    pub skc_v6_daddr: u32,
-    pub skc_v6_rcv_saddr: u32,
+    /// The family and the two ends, as the database probe reads them too.
+    pub sock: crate::sock::SockOffsets,
     pub tp_srtt_us: u32,
     pub tp_bytes_acked: u32,
     pub tp_bytes_received: u32,

@@ -38,6 +38,7 @@ use agent_common::{
         NetOffsets, NetTuple as Tuple, FAILURE_REASONS, MAX_TRACKED_CONNS, NET_EDGES_DEFAULT,
         NET_HAVE_SK_CGROUP, PORT_SLOTS,
     },
+    sock::SockOffsets,
     HIST_BUCKETS, TASK_COMM_LEN,
 };
 use agent_ebpf::util::{self, atomic_add, load, now_ns};
@@ -72,13 +73,7 @@ static NET_CONFIG: Array<NetConfig> = Array::with_max_entries(1, 0);
 static NET_OFFSETS: NetOffsets = NetOffsets {
     flags: 0,
     sk_err: 0,
-    skc_family: 0,
-    skc_daddr: 0,
-    skc_rcv_saddr: 0,
-    skc_dport: 0,
-    skc_num: 0,
-    skc_v6_daddr: 0,
-    skc_v6_rcv_saddr: 0,
+    sock: SockOffsets::ZERO,
     tp_srtt_us: 0,
     tp_bytes_acked: 0,
     tp_bytes_received: 0,
@@ -568,17 +563,17 @@ fn read_tuple(sk: *const u8) -> Tuple {
     let mut t = Tuple {
         saddr: [0; 16],
         daddr: [0; 16],
-        sport: load(sk, o.skc_num),
-        dport: u16::from_be(load::<u16>(sk, o.skc_dport)),
-        family: load(sk, o.skc_family),
+        sport: load(sk, o.sock.skc_num),
+        dport: u16::from_be(load::<u16>(sk, o.sock.skc_dport)),
+        family: load(sk, o.sock.skc_family),
         _pad: 0,
     };
     if t.family == AF_INET {
-        t.saddr[..4].copy_from_slice(&load::<u32>(sk, o.skc_rcv_saddr).to_ne_bytes());
-        t.daddr[..4].copy_from_slice(&load::<u32>(sk, o.skc_daddr).to_ne_bytes());
+        t.saddr[..4].copy_from_slice(&load::<u32>(sk, o.sock.skc_rcv_saddr).to_ne_bytes());
+        t.daddr[..4].copy_from_slice(&load::<u32>(sk, o.sock.skc_daddr).to_ne_bytes());
     } else if t.family == AF_INET6 {
-        t.saddr = load_in6(sk, o.skc_v6_rcv_saddr);
-        t.daddr = load_in6(sk, o.skc_v6_daddr);
+        t.saddr = load_in6(sk, o.sock.skc_v6_rcv_saddr);
+        t.daddr = load_in6(sk, o.sock.skc_v6_daddr);
     }
     t
 }

@@ -180,14 +180,8 @@ fn resolve_offsets(btf: &KernelBtf) -> Result<(DbOffsets, Vec<String>), BtfError
     let sock = |path: &str| btf.field("sock", path).map(|f| f.offset);
     let mut offsets = DbOffsets {
         flags: 0,
-        skc_family: sock("__sk_common.skc_family")?,
         sk_type: sock("sk_type")?,
-        skc_daddr: sock("__sk_common.skc_daddr")?,
-        skc_rcv_saddr: sock("__sk_common.skc_rcv_saddr")?,
-        skc_dport: sock("__sk_common.skc_dport")?,
-        skc_num: sock("__sk_common.skc_num")?,
-        skc_v6_daddr: sock("__sk_common.skc_v6_daddr")?,
-        skc_v6_rcv_saddr: sock("__sk_common.skc_v6_rcv_saddr")?,
+        sock: super::sock_offsets(btf)?,
         ..DbOffsets::default()
     };
     let mut problems = Vec::new();

@@ -189,6 +189,17 @@ fn raise_memlock() {
     }
 }
 
+/// The `sock_common` offsets every socket probe reads, from the kernel's BTF.
+pub(crate) fn sock_offsets(
+    btf: &btf::KernelBtf,
+) -> Result<agent_common::sock::SockOffsets, btf::BtfError> {
+    let mut o = [0u32; 7];
+    for (slot, path) in o.iter_mut().zip(agent_common::sock::SockOffsets::PATHS) {
+        *slot = btf.field("sock", path)?.offset;
+    }
+    Ok(agent_common::sock::SockOffsets::from_array(o))
+}
+
 /// An error with every cause in its chain (`failed to create map X: Operation not
 /// permitted`), for status and logs: aya's outer errors alone rarely say why. Every error type
 /// of the agent names only its own step and leaves its cause to `source()`, so the chain is

@@ -186,7 +186,7 @@ pub(crate) fn on_io(sk: *const u8, ret: i32, send: bool) -> Option<u32> {
         return None;
     }
     let off = offsets();
-    let family: u16 = load(sk, off.skc_family);
+    let family: u16 = load(sk, off.sock.skc_family);
     if family != AF_INET && family != AF_INET6 && family != AF_UNIX {
         return None;
     }
@@ -439,17 +439,17 @@ pub(crate) fn conn_event(sk: *const u8, c: &mut Conn, family: u16, off: &DbOffse
         dest = mix(dest, uaddr);
     } else {
         let port = if client {
-            u16::from_be(load::<u16>(sk, off.skc_dport))
+            u16::from_be(load::<u16>(sk, off.sock.skc_dport))
         } else {
-            load::<u16>(sk, off.skc_num)
+            load::<u16>(sk, off.sock.skc_num)
         };
         if family == AF_INET {
             let a: u32 = load(
                 sk,
                 if client {
-                    off.skc_daddr
+                    off.sock.skc_daddr
                 } else {
-                    off.skc_rcv_saddr
+                    off.sock.skc_rcv_saddr
                 },
             );
             dest = mix(dest, a as u64);
@@ -457,9 +457,9 @@ pub(crate) fn conn_event(sk: *const u8, c: &mut Conn, family: u16, off: &DbOffse
             let a: [u64; 2] = load(
                 sk,
                 if client {
-                    off.skc_v6_daddr
+                    off.sock.skc_v6_daddr
                 } else {
-                    off.skc_v6_rcv_saddr
+                    off.sock.skc_v6_rcv_saddr
                 },
             );
             dest = mix(mix(dest, a[0]), a[1]);
@@ -495,17 +495,17 @@ pub(crate) fn conn_event(sk: *const u8, c: &mut Conn, family: u16, off: &DbOffse
         (*p).dest = dest;
         (*p).path = [0; DB_PATH_LEN];
         if family == AF_INET {
-            let d: [u8; 4] = load(sk, off.skc_daddr);
-            let s: [u8; 4] = load(sk, off.skc_rcv_saddr);
+            let d: [u8; 4] = load(sk, off.sock.skc_daddr);
+            let s: [u8; 4] = load(sk, off.sock.skc_rcv_saddr);
             (*p).daddr = [d[0], d[1], d[2], d[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
             (*p).saddr = [s[0], s[1], s[2], s[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         } else if family == AF_INET6 {
-            (*p).daddr = load(sk, off.skc_v6_daddr);
-            (*p).saddr = load(sk, off.skc_v6_rcv_saddr);
+            (*p).daddr = load(sk, off.sock.skc_v6_daddr);
+            (*p).saddr = load(sk, off.sock.skc_v6_rcv_saddr);
         }
         if family != AF_UNIX {
-            (*p).dport = u16::from_be(load::<u16>(sk, off.skc_dport));
-            (*p).sport = load::<u16>(sk, off.skc_num);
+            (*p).dport = u16::from_be(load::<u16>(sk, off.sock.skc_dport));
+            (*p).sport = load::<u16>(sk, off.sock.skc_num);
         }
         if uaddr != 0 {
             let mut alen = 0i32;

@@ -375,14 +375,8 @@ static DB_SETTINGS: Array<DbSettings> = Array::with_max_entries(1, 0);
 #[unsafe(no_mangle)]
 static DB_OFFSETS: DbOffsets = DbOffsets {
     flags: 0,
-    skc_family: 0,
     sk_type: 0,
-    skc_daddr: 0,
-    skc_rcv_saddr: 0,
-    skc_dport: 0,
-    skc_num: 0,
-    skc_v6_daddr: 0,
-    skc_v6_rcv_saddr: 0,
+    sock: agent_common::sock::SockOffsets::ZERO,
     unix_addr: 0,
     unix_peer: 0,
     unix_address_name: 0,
