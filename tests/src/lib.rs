@@ -1,5 +1,6 @@
-//! Harness for the end-to-end tests: start the real `insite-agent` binary with a private config,
-//! port and socket; scrape it, talk to its control socket, signal it, stop it.
+//! Harness for the end-to-end tests and the benches (`cargo xtask bench`): start the real
+//! `insite-agent` binary with a private config, port and socket; scrape it, talk to its
+//! control socket, signal it, stop it.
 //!
 //! These tests load eBPF programs into the running kernel, so they need root. They run one at
 //! a time (`cargo xtask test` passes --test-threads=1): each agent hooks every syscall on the
@@ -75,7 +76,13 @@ pub struct Launch<'a> {
     pub stderr: Stderr,
     /// Soft RLIMIT_NOFILE to start with (the hard limit stays), e.g. systemd's 1024.
     pub nofile_soft: Option<u64>,
+    /// Probe families that must report `attached` before the agent counts as started; any
+    /// other state they report is an error.
+    pub probes: &'a [&'a str],
 }
+
+/// The start of `Agent::check_running`'s error: a measurement taken without the agent is void.
+pub const EXITED_DURING_RUN: &str = "insite-agent exited during the measurement";
 
 pub struct Agent {
     pub child: Child,
@@ -122,19 +129,47 @@ impl Agent {
 
     /// Starts an agent as `how` says and waits until its control socket answers.
     pub fn launch(how: Launch<'_>) -> Self {
+        Self::try_launch(how).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Like `launch`, with an error instead of a panic (for the benches). A metrics port taken
+    /// between finding it free and the agent's bind is tried again with another.
+    pub fn try_launch(how: Launch<'_>) -> Result<Self> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("the agent loads eBPF programs and needs root");
+        }
+        if !agent_bin().exists() {
+            bail!(
+                "{} is missing: build it first (cargo build --release -p insite-agent)",
+                agent_bin().display()
+            );
+        }
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::try_launch_once(how) {
+                Ok(a) => return Ok(a),
+                Err(e) if format!("{e:#}").contains("Address already in use") => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow::anyhow!("insite-agent did not start")))
+    }
+
+    fn try_launch_once(how: Launch<'_>) -> Result<Self> {
         use std::os::unix::process::CommandExt as _;
-        require_root();
         let Launch {
             extra,
             control_extra,
             uid,
             stderr,
             nofile_soft,
+            probes,
         } = how;
         let guard = ONE_AGENT_AT_A_TIME
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = tempfile::tempdir().context("tempdir")?;
         let socket = dir.path().join("ctl.sock");
         let port = free_port();
         let config_path = dir.path().join("config.toml");
@@ -142,15 +177,17 @@ impl Agent {
             &config_path,
             config_text(port, &socket, control_extra, extra),
         )
-        .expect("write config");
+        .context("writing the agent's config")?;
         let log_path = dir.path().join("agent.log");
         let log = match stderr {
-            Stderr::LogFile => Stdio::from(std::fs::File::create(&log_path).expect("log file")),
+            Stderr::LogFile => {
+                Stdio::from(std::fs::File::create(&log_path).context("creating the log file")?)
+            }
             Stderr::DevFull => Stdio::from(
                 std::fs::OpenOptions::new()
                     .write(true)
                     .open("/dev/full")
-                    .expect("/dev/full"),
+                    .context("/dev/full")?,
             ),
             // Replaced by a closed fd 2 in pre_exec below.
             Stderr::Closed => Stdio::null(),
@@ -158,7 +195,7 @@ impl Agent {
         let mut cmd = match uid {
             Some(uid) => {
                 let bin = world_executable_copy(dir.path());
-                std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid)).expect("chown");
+                std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid)).context("chown")?;
                 let mut c = Command::new(bin);
                 c.uid(uid).gid(uid);
                 c
@@ -191,7 +228,7 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("spawn insite-agent");
+            .context("spawning insite-agent")?;
         let mut agent = Self {
             child,
             dir,
@@ -201,27 +238,87 @@ impl Agent {
             log_path,
             _guard: guard,
         };
-        agent.wait_ready();
-        agent
+        agent.wait_ready(probes)?;
+        Ok(agent)
     }
 
-    fn wait_ready(&mut self) {
+    /// Until the control socket answers after two ticks, and every probe in `probes` is
+    /// attached.
+    fn wait_ready(&mut self, probes: &[&str]) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("agent exited early ({status}):\n{}", self.log());
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "agent exited early ({status}):
+{}",
+                    self.log()
+                );
             }
             if let Ok(v) = self.request(r#"{"cmd":"status"}"#) {
-                if v["ok"] == true && v["data"]["ticks"].as_u64().unwrap_or(0) >= 2 {
-                    return;
+                let data = &v["data"];
+                let state = |name: &str| {
+                    data["probes"]
+                        .as_array()
+                        .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+                        .map(|p| p["state"].as_str().unwrap_or_default().to_string())
+                };
+                if let Some((p, s)) = probes
+                    .iter()
+                    .filter_map(|p| state(p).map(|s| (p, s)))
+                    .find(|(_, s)| s != "attached")
+                {
+                    let config = std::fs::read_to_string(&self.config_path).unwrap_or_default();
+                    bail!(
+                        "the agent's {p} probe is {s}: {data}
+config:
+{config}
+log:
+{}",
+                        self.log()
+                    );
+                }
+                let attached = probes.iter().all(|p| state(p).is_some());
+                if v["ok"] == true && data["ticks"].as_u64().unwrap_or(0) >= 2 && attached {
+                    return Ok(());
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "agent not ready after 30s:\n{}",
+            if Instant::now() > deadline {
+                bail!(
+                    "agent not ready after 30s:
+{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// An error with the agent's log if it has exited.
+    pub fn check_running(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "{EXITED_DURING_RUN} ({status}); log:
+{}",
                 self.log()
             );
-            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within 15 s; never panics.
+    pub fn stop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 
@@ -273,42 +370,7 @@ impl Agent {
 
     /// GET /metrics; `openmetrics` sets the Accept header Prometheus sends.
     pub fn scrape_with(&self, openmetrics: bool) -> Result<(String, String)> {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.set_write_timeout(Some(Duration::from_secs(10)))?;
-        let accept = if openmetrics {
-            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
-        } else {
-            "*/*"
-        };
-        write!(
-            s,
-            "GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut raw = String::new();
-        s.read_to_string(&mut raw)?;
-        let (head, body) = raw.split_once("\r\n\r\n").context("no HTTP header end")?;
-        if !head.starts_with("HTTP/1.1 200") {
-            bail!("scrape failed: {head}");
-        }
-        let ctype = head
-            .lines()
-            .find_map(|l| {
-                l.to_ascii_lowercase()
-                    .strip_prefix("content-type:")
-                    .map(|v| v.trim().to_string())
-            })
-            .unwrap_or_default();
-        let body = if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            dechunk(body)
-        } else {
-            body.to_string()
-        };
-        Ok((ctype, body))
+        scrape(self.port, openmetrics)
     }
 
     pub fn scrape(&self) -> Metrics {
@@ -362,6 +424,47 @@ impl Drop for Agent {
             let _ = self.child.wait();
         }
     }
+}
+
+/// GET /metrics of the agent on 127.0.0.1:`port`: (content type, body). `openmetrics` sets
+/// the Accept header Prometheus sends.
+pub fn scrape(port: u16, openmetrics: bool) -> Result<(String, String)> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let accept = if openmetrics {
+        "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+    } else {
+        "*/*"
+    };
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").context("no HTTP header end")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("scrape failed: {head}");
+    }
+    let ctype = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type:")
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((ctype, body))
 }
 
 fn dechunk(body: &str) -> String {
@@ -457,6 +560,35 @@ impl Metrics {
             .filter(|(n, l, _)| n == name && has_labels(l, labels))
             .map(|(_, _, v)| v)
             .sum()
+    }
+
+    /// Whether any sample is named `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.0
+            .lines()
+            .filter_map(parse_sample)
+            .any(|(n, _, _)| n == name)
+    }
+
+    /// Sums of the samples `name` matching `labels`, by the value of their label `by`.
+    pub fn by_label(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        by: &str,
+    ) -> std::collections::BTreeMap<String, f64> {
+        let mut m = std::collections::BTreeMap::new();
+        for (_, l, v) in self
+            .0
+            .lines()
+            .filter_map(parse_sample)
+            .filter(|(n, l, _)| n == name && has_labels(l, labels))
+        {
+            if let Some((_, value)) = l.iter().find(|(k, _)| k == by) {
+                *m.entry(value.clone()).or_insert(0.0) += v;
+            }
+        }
+        m
     }
 
     /// Waits (up to 10 s) until `f` holds for a scrape of `agent`; returns the last scrape.

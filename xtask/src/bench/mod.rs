@@ -2,15 +2,12 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
 use clap::Subcommand;
-
-use crate::util::agent_bin;
 
 mod db;
 mod harness;
@@ -20,7 +17,7 @@ mod stats;
 mod syscalls;
 mod web;
 
-pub(crate) use harness::{bpf_run_time, usage, Agent, Bpftrace, EXITED_DURING_RUN};
+pub(crate) use harness::{bpf_run_time, start_agent, usage, Agent, Bpftrace, EXITED_DURING_RUN};
 pub(crate) use stats::{ci95, mean, median, sd, spread, uncertainty};
 use syscalls::syscalls;
 

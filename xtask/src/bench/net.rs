@@ -27,7 +27,7 @@ use std::{
 
 use anyhow::{anyhow, Context as _, Result};
 
-use crate::bench::{bpf_run_time, median, spread, uncertainty, usage, Agent, Bpftrace};
+use crate::bench::{bpf_run_time, median, spread, start_agent, uncertainty, usage, Bpftrace};
 
 /// The run states the network probe explicitly instead of relying on its default.
 const NET_CONFIG: &str = "[net]\nenabled = true\n";
@@ -261,7 +261,7 @@ fn measure_with_bpf(
 }
 
 fn with_agent(o: &Opts, extra: &str) -> Result<AgentRun> {
-    let mut agent = Agent::start_requiring("auto", extra, &[NET_PROBE])?;
+    let mut agent = start_agent("auto", extra, &[NET_PROBE])?;
     let pid = agent.child.id();
     let before = usage(pid);
     // Kernel run-time statistics while the fd is open (two clock reads per program run: a

@@ -172,7 +172,7 @@ pub fn run(o: Opts) -> Result<()> {
     {
         let mut om = false;
         threads.push(repeat(&stop, &work, move || {
-            let _ = scrape(port, om);
+            let _ = insite_e2e::scrape(port, om);
             om = !om;
             std::thread::sleep(Duration::from_secs(1));
         }));
@@ -309,38 +309,11 @@ pub fn run(o: Opts) -> Result<()> {
     Ok(())
 }
 
-/// One GET /metrics, read to the end (OpenMetrics asked for, or not).
-fn scrape(port: u16, openmetrics: bool) -> std::io::Result<usize> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let accept = if openmetrics {
-        "application/openmetrics-text;version=1.0.0"
-    } else {
-        "*/*"
-    };
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut body = Vec::new();
-    s.read_to_end(&mut body)?;
-    Ok(body.len())
-}
-
 /// The agent's heap in use (`insite_agent_heap_bytes{kind="in_use"}`), in bytes.
 fn scrape_heap(port: u16) -> Option<u64> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    body.lines()
-        .find(|l| l.starts_with("insite_agent_heap_bytes{kind=\"in_use\"}"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
+    let (_, body) = insite_e2e::scrape(port, false).ok()?;
+    insite_e2e::Metrics(body)
+        .value("insite_agent_heap_bytes", &[("kind", "in_use")])
         .map(|v| v as u64)
 }
 

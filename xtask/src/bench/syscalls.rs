@@ -42,7 +42,7 @@ pub(crate) fn with_agent(
     calls: u64,
     rounds: u32,
 ) -> Result<(f64, f64, u64)> {
-    let mut agent = Agent::start(attach, extra)?;
+    let mut agent = start_agent(attach, extra, &[])?;
     let pid = agent.child.id();
     let before = usage(pid);
     let t = Instant::now();
@@ -107,7 +107,7 @@ pub(crate) fn syscalls(calls: u64, rounds: u32) -> Result<()> {
     let span = Duration::from_secs(20);
     let base_mean = getppid_mean(span / 2);
     let sampled_mean = {
-        let mut agent = Agent::start("tp_btf", "")?;
+        let mut agent = start_agent("tp_btf", "", &[])?;
         let ns = getppid_mean(span);
         agent.check_running()?;
         agent.stop();

@@ -18,7 +18,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::bench::{bpf_run_time, median, spread, uncertainty, usage, Agent};
+use crate::bench::{bpf_run_time, median, spread, start_agent, uncertainty, usage};
 
 #[derive(Clone)]
 pub struct Opts {
@@ -173,7 +173,7 @@ fn run_one(o: &Opts, port: u16, extra: Option<&str>) -> Result<Run> {
             bpf_ns: [f64::NAN; 3],
         });
     };
-    let mut agent = Agent::start("auto", extra)?;
+    let mut agent = start_agent("auto", extra, &[])?;
     let pid = agent.child.id();
     let before = usage(pid);
     let stats = if o.bpf_stats {

@@ -1,10 +1,11 @@
 //! `cargo xtask bench db`: what the agent's database probe costs real database traffic, and
 //! whether it counts every query, in one run.
 //!
-//! The bench starts its own redis-server (127.0.0.1, a free port, no persistence) and its own
-//! PostgreSQL 15 cluster (initdb into a temporary directory as the `postgres` user, ssl and
-//! fsync off, a private unix socket directory, `pgbench -i`), both removed at the end, also
-//! when the bench fails (drop guards). Workloads, from the tools' own clients:
+//! The bench starts the end-to-end tests' servers (`insite_e2e::servers`): a redis-server
+//! (127.0.0.1, a free port, no persistence) and a PostgreSQL 15 cluster (copied from the
+//! tests' template, ssl and fsync off, a private unix socket directory), then `pgbench -i`;
+//! both are removed at the end, also when the bench fails (drop guards). The agent is started
+//! by the tests' launcher too. Workloads, from the tools' own clients:
 //! - `redis-benchmark -t set,get -c 20` over TCP, without and with pipelining (`-P 16`);
 //! - `pgbench -S` (select-only) `-c 4 -j 2 -T <secs>` over the unix socket, in the simple and
 //!   the prepared query mode (and the extended one with `--pg-extended`).
@@ -25,18 +26,21 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
-    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{bail, Context as _, Result};
+
+use insite_e2e::{
+    servers::{Postgres, Redis, Via},
+    Metrics,
+};
 
 use crate::{
-    bench::{ci95, mean, sd, usage},
+    bench::{ci95, mean, sd, usage, Agent},
     util::agent_bin,
 };
 
@@ -53,7 +57,6 @@ use report::*;
 use tools::*;
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-const REDIS_SERVER: &str = "/usr/bin/redis-server";
 const REDIS_CLI: &str = "/usr/bin/redis-cli";
 const REDIS_BENCHMARK: &str = "/usr/bin/redis-benchmark";
 
@@ -162,7 +165,7 @@ impl Workload {
                 } else {
                     " (no pipelining)".to_string()
                 },
-                fx.redis_port
+                fx.redis.port
             ),
             Kind::Pg { mode } => format!(
                 "pgbench -S -c {PG_CLIENTS} -j {PG_THREADS} -T {secs} -M {mode} over {}; \
@@ -343,12 +346,12 @@ pub fn run(o: Opts) -> Result<()> {
         "servers: redis-server (pid {}) on 127.0.0.1:{} (--save '' --appendonly no), \
          PostgreSQL 15 (pid {}; pgbench -i -s {}, ssl/fsync off) on {} and 127.0.0.1:{}; \
          temp dir {}",
-        fx.redis.child.id(),
-        fx.redis_port,
-        fx.pg.child.id(),
+        fx.redis.pid(),
+        fx.redis.port,
+        fx.pg.pid(),
         o.scale,
         fx.pg_destination(),
-        fx.pg_port,
+        fx.pg.port,
         fx.dir.0.display()
     );
     println!(

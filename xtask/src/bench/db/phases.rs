@@ -6,7 +6,7 @@ pub(crate) fn run_with_agent(
     fx: &Fixture,
     w: &Workload,
     secs: u32,
-    agent: &mut BenchAgent,
+    agent: &mut Agent,
     bpf_stats: bool,
     roles: Roles,
 ) -> Result<AgentRun> {
@@ -16,7 +16,7 @@ pub(crate) fn run_with_agent(
         Kind::Redis { .. } => Some(fx.redis_commandstats()?),
         Kind::Pg { .. } => None,
     };
-    let m0 = settled(agent.port, &dest)?;
+    let m0 = settled(agent, &dest)?;
     let pid = agent.pid();
     let bpf0 = bpf_stats.then(|| bpf_run_time(pid)).flatten();
     let u0 = usage(pid);
@@ -28,7 +28,7 @@ pub(crate) fn run_with_agent(
     let bpf_ns = bpf0.zip(bpf1).map(|(a, b)| b.saturating_sub(a));
     agent.check_running()?;
     let run = run?;
-    let m1 = settled(agent.port, &dest)?;
+    let m1 = settled(agent, &dest)?;
     let redis_after = match w.kind {
         Kind::Redis { .. } => Some(fx.redis_commandstats()?),
         Kind::Pg { .. } => None,
@@ -132,7 +132,8 @@ pub(crate) fn agent_phase(
     o: &Opts,
     round: usize,
 ) -> Result<Vec<AgentRun>> {
-    let mut agent = BenchAgent::start(&fx.dir.0, round, o.keep_probes, o.roles)?;
+    let _ = round;
+    let mut agent = start_db_agent(o.keep_probes, o.roles)?;
     // Run-time statistics while the fd is open.
     let stats = if o.bpf_stats {
         Some(

@@ -63,7 +63,7 @@ pub(crate) fn run_workload(
     let (mut cmd, timeout) = match w.kind {
         Kind::Redis { pipeline } => {
             let mut cmd = Command::new(REDIS_BENCHMARK);
-            cmd.args(["-h", "127.0.0.1", "-p", &fx.redis_port.to_string()])
+            cmd.args(["-h", "127.0.0.1", "-p", &fx.redis.port.to_string()])
                 .args(["-t", "set,get", "-n", &w.redis_n.to_string()])
                 .args(["-c", &REDIS_CLIENTS.to_string()]);
             if pipeline > 1 {
