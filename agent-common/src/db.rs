@@ -75,6 +75,56 @@ pub mod kind {
     pub const LOSS: u8 = 4;
 }
 
+/// A request's [`outcome`] code, named.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Error,
+    Null,
+    Skipped,
+    Untimed,
+}
+
+impl TryFrom<u8> for Outcome {
+    /// The code, unknown.
+    type Error = u8;
+
+    fn try_from(code: u8) -> Result<Self, u8> {
+        match code {
+            outcome::OK => Ok(Self::Ok),
+            outcome::ERROR => Ok(Self::Error),
+            outcome::NULL => Ok(Self::Null),
+            outcome::SKIPPED => Ok(Self::Skipped),
+            outcome::UNTIMED => Ok(Self::Untimed),
+            _ => Err(code),
+        }
+    }
+}
+
+/// An event's [`kind`] byte, named.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Conn,
+    Text,
+    Slow,
+    Loss,
+}
+
+impl TryFrom<u8> for EventKind {
+    /// The byte, unknown.
+    type Error = u8;
+
+    fn try_from(code: u8) -> Result<Self, u8> {
+        match code {
+            kind::CONN => Ok(Self::Conn),
+            kind::TEXT => Ok(Self::Text),
+            kind::SLOW => Ok(Self::Slow),
+            kind::LOSS => Ok(Self::Loss),
+            _ => Err(code),
+        }
+    }
+}
+
 /// Indices into the per-CPU `DB_COUNTERS` array.
 pub mod counters {
     /// Events written to the ring buffer.

@@ -14,7 +14,8 @@ use std::{
 
 use agent_common::{
     db::{
-        kind, outcome, DbConnEvent, DbLossEvent, DbSettings, DbSlowEvent, DbStat, DbStatKey,
+        DbConnEvent, DbLossEvent, DbSettings, DbSlowEvent, DbStat, DbStatKey, EventKind,
+        Outcome as KernelOutcome,
         DbTextEvent, DB_DRAIN_INTERVAL_MS, DB_KNOWN_ENTRIES,
     },
     HIST_BUCKETS,

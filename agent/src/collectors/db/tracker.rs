@@ -100,24 +100,19 @@ impl Tracker {
 
     /// Feeds one ring-buffer record.
     pub fn feed(&mut self, bytes: &[u8], cfg: &DbConfig) {
-        match bytes.first().copied() {
-            Some(kind::CONN) => match crate::collectors::decode_event::<DbConnEvent>(bytes) {
-                Some(ev) => self.on_conn(&ev),
-                None => self.undecodable += 1,
-            },
-            Some(kind::TEXT) => match crate::collectors::decode_event::<DbTextEvent>(bytes) {
-                Some(ev) => self.on_text(&ev),
-                None => self.undecodable += 1,
-            },
-            Some(kind::SLOW) => match crate::collectors::decode_event::<DbSlowEvent>(bytes) {
-                Some(ev) => self.on_slow(&ev, cfg),
-                None => self.undecodable += 1,
-            },
-            Some(kind::LOSS) => match crate::collectors::decode_event::<DbLossEvent>(bytes) {
-                Some(ev) => self.on_loss(&ev),
-                None => self.undecodable += 1,
-            },
-            _ => self.undecodable += 1,
+        use crate::collectors::decode_event;
+        let Some(Ok(kind)) = bytes.first().copied().map(EventKind::try_from) else {
+            self.undecodable += 1;
+            return;
+        };
+        let decoded = match kind {
+            EventKind::Conn => decode_event::<DbConnEvent>(bytes).map(|ev| self.on_conn(&ev)),
+            EventKind::Text => decode_event::<DbTextEvent>(bytes).map(|ev| self.on_text(&ev)),
+            EventKind::Slow => decode_event::<DbSlowEvent>(bytes).map(|ev| self.on_slow(&ev, cfg)),
+            EventKind::Loss => decode_event::<DbLossEvent>(bytes).map(|ev| self.on_loss(&ev)),
+        };
+        if decoded.is_none() {
+            self.undecodable += 1;
         }
     }
 
@@ -367,7 +362,7 @@ impl Tracker {
                 }
             }
             let mut stats = OpStats::default();
-            if k.outcome == outcome::UNTIMED {
+            if KernelOutcome::try_from(k.outcome) == Ok(KernelOutcome::Untimed) {
                 stats.untimed = count;
             } else {
                 let mut h = Log2Histogram {
@@ -423,12 +418,14 @@ impl Tracker {
 }
 
 pub(super) fn outcome_of(o: u8, info: &QueryInfo) -> Outcome {
-    match o {
-        outcome::ERROR => Outcome::Error,
-        outcome::SKIPPED => Outcome::Skipped,
-        outcome::NULL if info.read => Outcome::Miss,
-        outcome::NULL => Outcome::Null,
-        _ => Outcome::Ok,
+    match KernelOutcome::try_from(o) {
+        Ok(KernelOutcome::Error) => Outcome::Error,
+        Ok(KernelOutcome::Skipped) => Outcome::Skipped,
+        Ok(KernelOutcome::Null) if info.read => Outcome::Miss,
+        Ok(KernelOutcome::Null) => Outcome::Null,
+        // Untimed requests have no outcome; one kernel object and one agent are built
+        // together, so an unknown code cannot arrive: it would count as answered.
+        Ok(KernelOutcome::Ok | KernelOutcome::Untimed) | Err(_) => Outcome::Ok,
     }
 }
 

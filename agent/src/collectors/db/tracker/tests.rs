@@ -1,6 +1,8 @@
 //! The tracker against kernel events built byte for byte: naming, folding, losses.
 
 use super::*;
+use agent_common::db::{kind, outcome};
+
 fn as_bytes<T>(v: &T) -> &[u8] {
     // SAFETY: plain repr(C) values without padding, viewed as their bytes.
     unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
@@ -295,4 +297,31 @@ fn loss_events_count_under_the_connections_labels() {
         (36, 3, 1, 700)
     );
     assert_eq!(l.requests(), 40);
+}
+
+#[test]
+fn kernel_codes_convert_by_name_and_unknown_ones_are_refused() {
+    for (code, k) in [
+        (kind::CONN, EventKind::Conn),
+        (kind::TEXT, EventKind::Text),
+        (kind::SLOW, EventKind::Slow),
+        (kind::LOSS, EventKind::Loss),
+    ] {
+        assert_eq!(EventKind::try_from(code), Ok(k));
+    }
+    assert_eq!(EventKind::try_from(0), Err(0));
+    for (code, o) in [
+        (outcome::OK, KernelOutcome::Ok),
+        (outcome::ERROR, KernelOutcome::Error),
+        (outcome::NULL, KernelOutcome::Null),
+        (outcome::SKIPPED, KernelOutcome::Skipped),
+        (outcome::UNTIMED, KernelOutcome::Untimed),
+    ] {
+        assert_eq!(KernelOutcome::try_from(code), Ok(o));
+    }
+    assert_eq!(KernelOutcome::try_from(200), Err(200));
+    // An unknown event kind is counted as undecodable, not guessed.
+    let mut t = Tracker::new(false);
+    t.feed(&[9, 0, 0, 0], &DbConfig::default());
+    assert_eq!(t.undecodable, 1);
 }
