@@ -106,55 +106,47 @@ impl ListenerOwners {
     }
 }
 
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const TCP_LISTEN: u32 = 10;
-const NLMSG_HDR: usize = 16;
-/// `struct inet_diag_req_v2`: family, protocol, ext, pad, states, then a 48-byte sockid.
-const REQ_LEN: usize = 56;
-/// Offsets in `struct inet_diag_msg`: the sockid (source port first) and the inode.
-const MSG_SPORT: usize = 4;
-const MSG_INODE: usize = 68;
-const MSG_LEN: usize = 72;
-
-/// (local port, inode) of every TCP socket in LISTEN of `family`, from a NETLINK_SOCK_DIAG dump.
+/// (local port, inode) of every TCP socket in LISTEN of `family`, from a NETLINK_SOCK_DIAG dump
+/// (netlink-packet-sock-diag builds the request and decodes the replies).
 fn listening_sockets(family: u8) -> std::io::Result<Vec<(u16, u64)>> {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-    // SAFETY: plain socket(2); the fd is owned (and closed) by OwnedFd.
-    let fd = unsafe {
-        let raw = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        );
-        if raw < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        OwnedFd::from_raw_fd(raw)
+    use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NLM_F_DUMP, NLM_F_REQUEST};
+    use netlink_packet_sock_diag::{
+        constants::{AF_INET6, IPPROTO_TCP},
+        inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+        SockDiagMessage,
     };
-    let mut req = [0u8; NLMSG_HDR + REQ_LEN];
-    req[0..4].copy_from_slice(&((NLMSG_HDR + REQ_LEN) as u32).to_ne_bytes());
-    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
-    req[6..8].copy_from_slice(&flags.to_ne_bytes());
-    req[8..12].copy_from_slice(&1u32.to_ne_bytes()); // sequence
-    req[NLMSG_HDR] = family;
-    req[NLMSG_HDR + 1] = libc::IPPROTO_TCP as u8;
-    req[NLMSG_HDR + 4..NLMSG_HDR + 8].copy_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
-    // SAFETY: sending a valid buffer on our socket (the kernel is the default destination).
-    if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
+
+    let socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = 1;
+    let socket_id = if family == AF_INET6 {
+        SocketId::new_v6()
+    } else {
+        SocketId::new_v4()
+    };
+    let mut req = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::LISTEN,
+            socket_id,
+        })
+        .into(),
+    );
+    req.finalize();
+    let mut buf = vec![0u8; req.buffer_len()];
+    req.serialize(&mut buf);
+    socket.send(&buf, 0)?;
     let mut out = Vec::new();
     let mut buf = vec![0u8; 32 * 1024];
     loop {
-        // SAFETY: receiving into a buffer we own, of the length given.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let Some(data) = buf.get(..n as usize) else {
+        let n = socket.recv(&mut &mut buf[..], 0)?;
+        let Some(data) = buf.get(..n) else {
             return Ok(out);
         };
         if data.is_empty() || parse_dump(data, &mut out)? || out.len() > MAX_LISTENERS {
@@ -165,38 +157,26 @@ fn listening_sockets(family: u8) -> std::io::Result<Vec<(u16, u64)>> {
 
 /// Adds the (port, inode) pairs of one datagram of a dump; true once the dump is done.
 fn parse_dump(mut data: &[u8], out: &mut Vec<(u16, u64)>) -> std::io::Result<bool> {
-    let u32_at = |b: &[u8], i: usize| -> Option<u32> {
-        Some(u32::from_ne_bytes(b.get(i..i + 4)?.try_into().ok()?))
-    };
-    while data.len() >= NLMSG_HDR {
-        let (Some(len), Some(kind)) = (
-            u32_at(data, 0),
-            data.get(4..6).map(|b| u16::from_ne_bytes([b[0], b[1]])),
-        ) else {
+    use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+    use netlink_packet_sock_diag::SockDiagMessage;
+    while !data.is_empty() {
+        let Ok(msg) = NetlinkMessage::<SockDiagMessage>::deserialize(data) else {
             break;
         };
-        let len = len as usize;
-        if len < NLMSG_HDR || len > data.len() {
-            break;
-        }
-        match kind {
-            NLMSG_DONE => return Ok(true),
-            NLMSG_ERROR => {
-                let errno = u32_at(data, NLMSG_HDR).map_or(0, |e| (e as i32).unsigned_abs());
-                return Err(std::io::Error::from_raw_os_error(errno as i32));
-            }
-            SOCK_DIAG_BY_FAMILY if len >= NLMSG_HDR + MSG_LEN => {
-                let msg = &data[NLMSG_HDR..len];
-                let port = u16::from_be_bytes([msg[MSG_SPORT], msg[MSG_SPORT + 1]]);
-                if let Some(inode) = u32_at(msg, MSG_INODE) {
-                    out.push((port, u64::from(inode)));
-                }
+        let len = msg.header.length as usize;
+        match msg.payload {
+            NetlinkPayload::Done(_) => return Ok(true),
+            NetlinkPayload::Error(e) => return Err(e.to_io()),
+            NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                out.push((r.header.socket_id.source_port, u64::from(r.header.inode)));
             }
             _ => {}
         }
+        if len == 0 {
+            break;
+        }
         // Messages are 4-byte aligned.
-        let next = (len + 3) & !3;
-        data = data.get(next..).unwrap_or_default();
+        data = data.get((len + 3) & !3..).unwrap_or_default();
     }
     Ok(false)
 }
@@ -255,8 +235,28 @@ mod tests {
         // A header claiming more than is there ends the datagram.
         let mut msg = [0u8; 40];
         msg[0..4].copy_from_slice(&1000u32.to_ne_bytes());
-        msg[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+        msg[4..6].copy_from_slice(&20u16.to_ne_bytes()); // SOCK_DIAG_BY_FAMILY
         assert!(!parse_dump(&msg, &mut out).unwrap());
         assert!(out.is_empty());
+        // A zero-length header cannot loop.
+        assert!(!parse_dump(&[0u8; 32], &mut out).unwrap());
+        // Pseudo-random datagrams, most with a plausible header, never panic the decoder.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for round in 0..20_000u32 {
+            let len = 16 + (round as usize % 200);
+            let mut d: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            if round % 2 == 0 {
+                d[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+                d[4..6].copy_from_slice(&20u16.to_ne_bytes());
+            }
+            let _ = parse_dump(&d, &mut out);
+        }
     }
 }
