@@ -255,6 +255,12 @@ fn reload(
         &mut new.metrics.listen,
     );
     families::keep(&mut changed, "control", &old.control, &mut new.control);
+    families::keep(
+        &mut changed,
+        "agent.kernel_log",
+        &old.agent.kernel_log,
+        &mut new.agent.kernel_log,
+    );
     for f in families {
         changed.extend(f.keep_restart_keys(&old, &mut new));
     }

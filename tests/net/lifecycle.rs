@@ -363,3 +363,43 @@ fn a_live_connection_is_sampled_without_a_hook_on_every_receive() {
     assert!(!attach.contains("tcp_rcv_space_adjust"), "{status}");
     drop((c, server_side));
 }
+
+/// `agent.kernel_log`: off by default, and then nothing comes from the kernel programs; at
+/// `debug` the network programs say which process's connect failed and why (ECONNREFUSED).
+#[test]
+fn the_kernel_log_speaks_only_when_asked() {
+    let want = format!(
+        "kernel: net: connect from pid {} failed: errno {}",
+        std::process::id(),
+        libc::ECONNREFUSED
+    );
+    for (level, expect) in [("off", false), ("debug", true)] {
+        let agent = Agent::start(&format!(
+            "[agent]\nkernel_log = \"{level}\"\n[syscalls]\nenabled = false\n[db]\nenabled = false\n"
+        ));
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+        // The failure is counted once the fold has run; the log line comes before it.
+        scrape_within(&agent, 10, |m| {
+            m.sum(
+                "insite_tcp_connect_failures_total",
+                &[("reason", "refused")],
+            ) >= 1.0
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while expect && !agent.log().contains(&want) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let log = agent.log();
+        assert_eq!(log.contains(&want), expect, "kernel_log = {level}:\n{log}");
+        assert_eq!(
+            log.contains("kernel: "),
+            expect,
+            "kernel_log = {level}:\n{log}"
+        );
+    }
+}

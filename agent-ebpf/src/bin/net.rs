@@ -52,6 +52,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
     programs::BtfTracePointContext,
 };
+use aya_log_ebpf::{debug, warn};
 
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
@@ -148,6 +149,10 @@ pub fn isa_net_destroy(ctx: BtfTracePointContext) -> i32 {
     // A connect whose SYN was acknowledged did complete, unseen: as on a missed ESTABLISHED
     // in `on_state`, neither a connect nor a failure is counted for it.
     bump(counters::ENDED_AT_DESTROY);
+    debug!(
+        &(),
+        "net: connection of pid {} ended at destroy (its close went unseen)", c.pid
+    );
     untrack(sk);
     0
 }
@@ -242,7 +247,13 @@ fn tracked(sk: *const u8) -> Option<&'static mut Conn> {
 
 #[inline(always)]
 fn untrack(sk: *const u8) {
-    let _ = NET_CONNS.remove(sk as u64);
+    // A failed remove leaves an entry the walks reconcile later; say why it failed.
+    if let Err(e) = NET_CONNS.remove(sk as u64) {
+        warn!(
+            &(),
+            "net: removing a tracked connection failed: error {}", e
+        );
+    }
 }
 
 // Only TCP reaches SYN_SENT and SYN_RECV (SCTP shares the tracepoint but has neither state), so
@@ -360,6 +371,7 @@ fn handshake(sk: *const u8, e: *mut NetEdge) {
 /// An outbound connect failed with socket error `err`.
 #[inline(always)]
 fn failed(c: &Conn, err: i32) {
+    debug!(&(), "net: connect from pid {} failed: errno {}", c.pid, err);
     let Some(e) = edge(c) else { return };
     let i = failure_index(err);
     if i < FAILURE_REASONS {
@@ -431,6 +443,10 @@ fn start(sk: *const u8, dir: u8, process_context: bool) -> Option<Conn> {
     // destroy both skipped). End it on its edge, then track the new one in its place.
     let Some(old) = tracked(sk) else {
         bump(counters::TRACK_FAILED);
+        warn!(
+            &(),
+            "net: a connection went untracked: the connection table is full"
+        );
         return None;
     };
     if old.state == ESTABLISHED {
@@ -500,6 +516,10 @@ fn edge(c: &Conn) -> Option<*mut NetEdge> {
         return Some(e);
     }
     bump(counters::EDGES_FULL);
+    warn!(
+        &(),
+        "net: the edge table is full: counting on the other edge"
+    );
     NET_EDGES_OTHER.get_ptr_mut(c.direction as u32)
 }
 

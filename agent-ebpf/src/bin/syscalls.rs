@@ -175,7 +175,13 @@ fn on_switch() {
                 (*parked).start_ns = start;
                 (*parked).nr = (*slot).nr;
             }
-            None => bump(counters::START_DROPS),
+            None => {
+                bump(counters::START_DROPS);
+                aya_log_ebpf::warn!(
+                    &(),
+                    "syscalls: no task storage for a call that blocked: untimed"
+                );
+            }
         }
     }
 }

@@ -12,6 +12,28 @@ pub struct AgentConfig {
     /// Memory the bounded tables may take at worst (see `budget`); settings whose worst case
     /// exceeds it are refused. Keep it below the unit's MemoryMax.
     pub memory_budget_mib: u64,
+    /// The probes' own diagnostics from the kernel (aya-log): rare events such as a full
+    /// table, or at `debug` every failed connect. Off by default; set at start.
+    pub kernel_log: KernelLog,
+}
+
+/// How much the kernel programs log (`agent.kernel_log`), most severe first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KernelLog {
+    #[default]
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+impl KernelLog {
+    /// The value of the programs' `AYA_LOG_LEVEL` (aya-log's levels: error 1 .. debug 4).
+    pub fn level(self) -> u8 {
+        self as u8
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,6 +82,7 @@ impl Default for AgentConfig {
         Self {
             tick_interval: Duration::from_millis(250),
             memory_budget_mib: 224,
+            kernel_log: KernelLog::Off,
         }
     }
 }

@@ -21,7 +21,7 @@ mod host;
 mod net;
 mod syscalls;
 
-pub use agent::{AgentConfig, ControlConfig, MetricsConfig};
+pub use agent::{AgentConfig, ControlConfig, KernelLog, MetricsConfig};
 pub use db::{DbConfig, DbRole, SlowThresholds};
 pub use host::HostConfig;
 pub use net::{parse_cidr, NetConfig};
@@ -395,6 +395,7 @@ mod tests {
             r#"
 [agent]
 tick_interval = "100ms"
+kernel_log = "warn"
 [metrics]
 listen = "0.0.0.0:9999"
 [control]
@@ -423,6 +424,7 @@ enabled = false
         )
         .unwrap();
         assert_eq!(cfg.agent.tick_interval, Duration::from_millis(100));
+        assert_eq!(cfg.agent.kernel_log, KernelLog::Warn);
         assert_eq!(cfg.metrics.listen.port(), 9999);
         assert_eq!(cfg.control.group.as_deref(), Some("adm"));
         assert_eq!(cfg.syscalls.attach, AttachMode::RawTracepoint);
@@ -467,6 +469,7 @@ enabled = false
             ("[syscalls]\nenabled = \"yes\"\n", "syscalls.enabled", 2),
             ("[syscalls]\nattach = \"kprobe\"\n", "syscalls.attach", 2),
             ("[syscalls]\nmode = \"some\"\n", "syscalls.mode", 2),
+            ("[agent]\nkernel_log = \"verbose\"\n", "agent.kernel_log", 2),
             ("[db]\nroles = [\"primary\"]\n", "db.roles", 2),
             (
                 "[syscalls]\nsample_window = \"20s\"\n",

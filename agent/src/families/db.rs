@@ -88,13 +88,17 @@ impl Family for Db {
     }
 
     fn attach(&self, cfg: &Config) -> Result<Attached, String> {
-        let (p, problems) = DbProbe::attach(cfg.db.role_bits()).map_err(|e| error_chain(&e))?;
+        let (p, problems) = DbProbe::attach(cfg.db.role_bits(), cfg.agent.kernel_log)
+            .map_err(|e| error_chain(&e))?;
         let how = format!("tp_btf: {}", p.attached().join(", "));
         self.probe.set(p);
         Ok(Attached { how, problems })
     }
 
     fn spawn(&self, ctx: &Spawn, tasks: &mut JoinSet<()>) {
+        if let Some(log) = self.probe.with(|p| p.take_log()).flatten() {
+            tasks.spawn(crate::probes::kernel_log::run(log));
+        }
         if let Some(maps) = self.probe.with(|p| p.take_maps()).flatten() {
             tasks.spawn(collectors::db::run_event_reader(
                 maps,

@@ -80,7 +80,8 @@ impl Family for Net {
     }
 
     fn attach(&self, cfg: &Config) -> Result<Attached, String> {
-        let (p, problems) = NetProbe::attach(&cfg.net).map_err(|e| error_chain(&e))?;
+        let (p, problems) =
+            NetProbe::attach(&cfg.net, cfg.agent.kernel_log).map_err(|e| error_chain(&e))?;
         let how = format!("tp_btf: {}", p.attached().join(", "));
         self.probe.set(p);
         Ok(Attached { how, problems })
@@ -90,6 +91,9 @@ impl Family for Net {
         let Some(p) = self.probe.get() else {
             return;
         };
+        if let Some(log) = self.probe.with(|p| p.take_log()).flatten() {
+            tasks.spawn(crate::probes::kernel_log::run(log));
+        }
         // Walks over the TCP sockets sample live connections and find the ones whose end
         // went unseen; without the iterator the receive-path hook samples.
         let walks = if self.probe.with(|p| p.has_walker()) == Some(true) {

@@ -97,7 +97,8 @@ impl Family for Syscalls {
     }
 
     fn attach(&self, cfg: &Config) -> Result<Attached, String> {
-        let (p, problems) = SyscallProbe::attach(&cfg.syscalls).map_err(|e| error_chain(&e))?;
+        let (p, problems) = SyscallProbe::attach(&cfg.syscalls, cfg.agent.kernel_log)
+            .map_err(|e| error_chain(&e))?;
         let how = p.mode().to_string();
         self.probe.set(p);
         Ok(Attached { how, problems })
@@ -107,6 +108,9 @@ impl Family for Syscalls {
         let Some(p) = self.probe.get() else {
             return;
         };
+        if let Some(log) = self.probe.with(|p| p.take_log()).flatten() {
+            tasks.spawn(crate::probes::kernel_log::run(log));
+        }
         let (trace_tx, trace_rx) = watch::channel(None);
         if let Ok(mut t) = self.trace.lock() {
             *t = Some(trace_tx);

@@ -43,6 +43,7 @@ pub struct DbProbe {
     // Holds the walkers' slots for as long as the probe lives.
     _walkers: Option<ProgramArray<MapData>>,
     attached: Vec<&'static str>,
+    log: Option<super::kernel_log::Logger>,
 }
 
 impl std::fmt::Debug for DbProbe {
@@ -71,14 +72,19 @@ const PROGRAMS: [(&str, &str); 2] = [
 
 impl DbProbe {
     /// Loads and attaches the probe, following the ends in `roles` (`DB_ROLE_*` bits).
-    pub fn attach(roles: u32) -> Result<(Self, Vec<String>), DbProbeError> {
+    pub fn attach(
+        roles: u32,
+        kernel_log: crate::config::KernelLog,
+    ) -> Result<(Self, Vec<String>), DbProbeError> {
         let kbtf = KernelBtf::from_sys_fs()?;
         let (mut offsets, problems) = resolve_offsets(&kbtf)?;
         offsets.roles = roles;
-        let mut ebpf = aya::EbpfLoader::new()
+        let mut ebpf = super::kernel_log::loader(kernel_log)
             .override_global("DB_OFFSETS", &offsets, true)
             .load(super::DB_OBJECT)?;
+        let log = super::kernel_log::init(&mut ebpf, "db", kernel_log);
         let mut probe = Self {
+            log,
             counters: super::take_map(&mut ebpf, "DB_COUNTERS", PerCpuArray::try_from)?,
             maps: Some(DbMaps {
                 ring: super::take_map(&mut ebpf, "DB_EVENTS", RingBuf::try_from)?,
@@ -135,6 +141,11 @@ impl DbProbe {
     }
 
     /// The maps of the collector task (once).
+    /// The kernel log, for its reader task (once; `None` when `agent.kernel_log` is off).
+    pub fn take_log(&mut self) -> Option<super::kernel_log::Logger> {
+        self.log.take()
+    }
+
     pub fn take_maps(&mut self) -> Option<DbMaps> {
         self.maps.take()
     }
@@ -211,6 +222,7 @@ fn resolve_offsets(btf: &KernelBtf) -> Result<(DbOffsets, Vec<String>), BtfError
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::KernelLog;
 
     #[test]
     fn offsets_resolve_on_this_kernel() {
@@ -225,15 +237,23 @@ mod tests {
         assert_eq!(o.flags & DB_HAVE_UNIX, DB_HAVE_UNIX);
     }
 
-    /// The verifier accepts both programs on this kernel.
+    /// The verifier accepts both programs on this kernel, with the kernel log off (its sites
+    /// removed as dead code) and at its most verbose.
     #[test]
     #[ignore = "needs root (loads eBPF programs): `cargo xtask test` runs it"]
     fn programs_load_and_attach() {
         super::super::require_root();
-        match DbProbe::attach(0) {
-            Ok((probe, problems)) => {
+        for level in [KernelLog::Off, KernelLog::Debug] {
+            load_and_attach(level);
+        }
+    }
+
+    fn load_and_attach(level: KernelLog) {
+        match DbProbe::attach(0, level) {
+            Ok((mut probe, problems)) => {
                 assert!(problems.is_empty(), "{problems:?}");
                 assert_eq!(probe.attached().len(), 2);
+                assert_eq!(probe.take_log().is_some(), level != KernelLog::Off);
                 for p in aya::programs::loaded_programs().flatten() {
                     if p.name_as_str().is_some_and(|n| n.starts_with("isa_db")) {
                         eprintln!(

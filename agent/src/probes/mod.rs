@@ -7,6 +7,7 @@
 pub mod bpf_sys;
 pub mod btf;
 pub mod db;
+pub mod kernel_log;
 pub mod net;
 pub mod privileges;
 pub mod sampling;

@@ -108,6 +108,7 @@ pub struct NetProbe {
     /// Whether live connections are sampled by walking the TCP sockets (`walk`); if not, the
     /// receive-path hook does it.
     walker: bool,
+    log: Option<super::kernel_log::Logger>,
 }
 
 /// The iterator program that samples live connections, and its target.
@@ -154,16 +155,21 @@ const PROGRAMS: [(&str, &str, bool); 6] = [
 impl NetProbe {
     /// Resolves the kernel struct offsets, loads the object, configures it and attaches the
     /// tracepoints. Returns the probe and any non-fatal problems.
-    pub fn attach(cfg: &NetConfig) -> Result<(Self, Vec<String>), NetProbeError> {
+    pub fn attach(
+        cfg: &NetConfig,
+        kernel_log: crate::config::KernelLog,
+    ) -> Result<(Self, Vec<String>), NetProbeError> {
         let kbtf = KernelBtf::from_sys_fs()?;
         let (offsets, mut problems) = resolve_offsets(&kbtf)?;
         // Offsets go in as a read-only global: the verifier then knows them, and every field
         // read in the programs is a checked, inlined load.
-        let mut ebpf = aya::EbpfLoader::new()
+        let mut ebpf = super::kernel_log::loader(kernel_log)
             .override_global("NET_OFFSETS", &offsets, true)
             .map_max_entries("NET_EDGES", kernel_edges(cfg.max_edges))
             .load(super::NET_OBJECT)?;
+        let log = super::kernel_log::init(&mut ebpf, "net", kernel_log);
         let mut probe = Self {
+            log,
             config: super::take_map(&mut ebpf, "NET_CONFIG", Array::try_from)?,
             ignore_ports: super::take_map(&mut ebpf, "NET_IGNORE_PORTS", Array::try_from)?,
             counters: super::take_map(&mut ebpf, "NET_COUNTERS", PerCpuArray::try_from)?,
@@ -285,6 +291,11 @@ impl NetProbe {
     }
 
     /// The kernel's edge and connection tables, for the collector (once).
+    /// The kernel log, for its reader task (once; `None` when `agent.kernel_log` is off).
+    pub fn take_log(&mut self) -> Option<super::kernel_log::Logger> {
+        self.log.take()
+    }
+
     pub fn take_tables(&mut self) -> Option<(EdgeTable, ConnTable)> {
         self.tables.take()
     }
@@ -371,6 +382,7 @@ fn resolve_offsets(btf: &KernelBtf) -> Result<(NetOffsets, Vec<String>), BtfErro
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::KernelLog;
 
     /// The verifier accepts every program on this kernel, the walker included, and every
     /// hook attaches.
@@ -378,9 +390,17 @@ mod tests {
     #[ignore = "needs root (loads eBPF programs): `cargo xtask test` runs it"]
     fn programs_load_and_attach() {
         super::super::require_root();
-        match NetProbe::attach(&NetConfig::default()) {
-            Ok((probe, problems)) => {
+        // With the kernel log off (its sites removed as dead code) and at its most verbose.
+        for level in [KernelLog::Off, KernelLog::Debug] {
+            load_and_attach(level);
+        }
+    }
+
+    fn load_and_attach(level: KernelLog) {
+        match NetProbe::attach(&NetConfig::default(), level) {
+            Ok((mut probe, problems)) => {
                 assert!(problems.is_empty(), "{problems:?}");
+                assert_eq!(probe.take_log().is_some(), level != KernelLog::Off);
                 assert!(probe.has_walker());
                 assert!(
                     probe.attached().contains(&"iter/tcp"),

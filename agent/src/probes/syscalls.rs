@@ -72,6 +72,7 @@ pub struct SyscallProbe {
     filter_cgroups: HashMap<MapData, u64, u8>,
     filter_nrs: Array<MapData, u8>,
     ring: Option<RingBuf<MapData>>,
+    log: Option<super::kernel_log::Logger>,
     seen_bitmap: Array<MapData, [u64; SEEN_WORDS]>,
     /// Syscalls with a non-zero count so far, and reads done (see `read`).
     seen: BTreeSet<u32>,
@@ -91,13 +92,18 @@ impl std::fmt::Debug for SyscallProbe {
 impl SyscallProbe {
     /// Loads the object and attaches sys_enter/sys_exit with the configured method (`auto`:
     /// tp_btf, then raw tracepoints). Returns the probe and any non-fatal problems.
-    pub fn attach(cfg: &SyscallsConfig) -> Result<(Self, Vec<String>), SyscallProbeError> {
+    pub fn attach(
+        cfg: &SyscallsConfig,
+        kernel_log: crate::config::KernelLog,
+    ) -> Result<(Self, Vec<String>), SyscallProbeError> {
         // SYSCALL_START is task-local storage, a map type aya has no wrapper for: the kernel
         // creates it all the same, and userspace never touches it.
-        let mut ebpf = aya::EbpfLoader::new()
+        let mut ebpf = super::kernel_log::loader(kernel_log)
             .allow_unsupported_maps()
             .load(super::SYSCALLS_OBJECT)?;
+        let log = super::kernel_log::init(&mut ebpf, "syscalls", kernel_log);
         let mut probe = Self {
+            log,
             stats: super::take_map(&mut ebpf, "SYSCALL_STATS", PerCpuArray::try_from)?,
             counters: super::take_map(&mut ebpf, "COUNTERS", PerCpuArray::try_from)?,
             config: super::take_map(&mut ebpf, "SYSCALL_CONFIG", Array::try_from)?,
@@ -221,6 +227,11 @@ impl SyscallProbe {
     }
 
     /// The ring buffer of slow-call events, for the reader task (once).
+    /// The kernel log, for its reader task (once; `None` when `agent.kernel_log` is off).
+    pub fn take_log(&mut self) -> Option<super::kernel_log::Logger> {
+        self.log.take()
+    }
+
     pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
         self.ring.take()
     }
@@ -528,5 +539,33 @@ mod tests {
         assert_eq!(&long[..15], b"abcdefghijklmno");
         assert_eq!(long[15], 0);
         assert_eq!(crate::names::comm_str(&k), "postgres");
+    }
+
+    /// The verifier accepts the three programs on this kernel, with the kernel log off (its
+    /// site removed as dead code) and at its most verbose, and the hooks attach.
+    #[test]
+    #[ignore = "needs root (loads eBPF programs): `cargo xtask test` runs it"]
+    fn programs_load_and_attach() {
+        super::super::require_root();
+        for level in [
+            crate::config::KernelLog::Off,
+            crate::config::KernelLog::Debug,
+        ] {
+            let cfg = SyscallsConfig {
+                mode: crate::config::SyscallMode::Full,
+                ..SyscallsConfig::default()
+            };
+            match SyscallProbe::attach(&cfg, level) {
+                Ok((mut probe, problems)) => {
+                    assert!(problems.is_empty(), "{problems:?}");
+                    assert!(probe.attached());
+                    assert_eq!(
+                        probe.take_log().is_some(),
+                        level != crate::config::KernelLog::Off
+                    );
+                }
+                Err(e) => panic!("{}", super::super::error_chain(&e)),
+            }
+        }
     }
 }

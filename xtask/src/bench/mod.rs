@@ -52,6 +52,10 @@ pub enum Which {
         /// Pin the client and the server to different CPUs (default: both to the last one).
         #[arg(long)]
         split_cpus: bool,
+        /// The agent's `agent.kernel_log` (default off): what the programs' log sites cost
+        /// when they are kept.
+        #[arg(long, value_enum, default_value = "off")]
+        kernel_log: net::KernelLog,
     },
     /// nginx serving a 1 KiB page under wrk over loopback: requests per second without the
     /// agent, with its default config, and with each probe family alone, interleaved over
@@ -143,12 +147,14 @@ pub fn run(which: Which) -> Result<()> {
             bulk_secs,
             no_syscalls_probe,
             split_cpus,
+            kernel_log,
         } => net::run(net::Opts {
             rounds,
             conn: Duration::from_secs_f64(conn_secs),
             bulk: Duration::from_secs_f64(bulk_secs),
             no_syscalls_probe,
             split_cpus,
+            kernel_log,
         }),
         Which::Db {
             rounds,

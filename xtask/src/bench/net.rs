@@ -54,6 +54,29 @@ pub struct Opts {
     pub bulk: Duration,
     pub no_syscalls_probe: bool,
     pub split_cpus: bool,
+    pub kernel_log: KernelLog,
+}
+
+/// The agent's `agent.kernel_log` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum KernelLog {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+impl KernelLog {
+    fn as_str(self) -> &'static str {
+        match self {
+            KernelLog::Off => "off",
+            KernelLog::Error => "error",
+            KernelLog::Warn => "warn",
+            KernelLog::Info => "info",
+            KernelLog::Debug => "debug",
+        }
+    }
 }
 
 struct Sample {
@@ -358,6 +381,10 @@ pub fn run(o: Opts) -> Result<()> {
         // Still inside the [syscalls] table the agent's config starts with.
         extra.push_str("enabled = false\n");
     }
+    extra.push_str(&format!(
+        "[agent]\nkernel_log = \"{}\"\n",
+        o.kernel_log.as_str()
+    ));
     extra.push_str(NET_CONFIG);
     let pinning = if server_cpu == client_cpu {
         format!("client and server on CPU {client_cpu}")
@@ -371,8 +398,9 @@ pub fn run(o: Opts) -> Result<()> {
         o.bulk.as_secs_f64()
     );
     println!(
-        "agent config: defaults, syscalls probe {}, with [net] enabled = true",
+        "agent config: defaults, syscalls probe {}, kernel_log {}, with [net] enabled = true",
         if o.no_syscalls_probe { "off" } else { "on" },
+        o.kernel_log.as_str(),
     );
 
     // SAFETY: sysconf has no preconditions.

@@ -354,6 +354,10 @@ pub(crate) fn recognise(sk: *const u8, ret: u32, send: bool, family: u16, off: &
     }
     let Some(conn) = DB_CONNS.get_or_insert(sk) else {
         bump(counters::STORAGE_FAILED);
+        aya_log_ebpf::warn!(
+            &(),
+            "db: no socket storage for a recognised connection: not followed"
+        );
         return Seen::Handled;
     };
     bump(counters::CONNS);

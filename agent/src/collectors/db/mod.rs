@@ -14,9 +14,8 @@ use std::{
 
 use agent_common::{
     db::{
-        DbConnEvent, DbLossEvent, DbSettings, DbSlowEvent, DbStat, DbStatKey, EventKind,
-        Outcome as KernelOutcome,
-        DbTextEvent, DB_DRAIN_INTERVAL_MS, DB_KNOWN_ENTRIES,
+        DbConnEvent, DbLossEvent, DbSettings, DbSlowEvent, DbStat, DbStatKey, DbTextEvent,
+        EventKind, Outcome as KernelOutcome, DB_DRAIN_INTERVAL_MS, DB_KNOWN_ENTRIES,
     },
     HIST_BUCKETS,
 };
