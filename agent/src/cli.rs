@@ -245,11 +245,11 @@ pub fn main() -> ExitCode {
         } => (|| {
             client_cmd(
                 &control_socket,
-                &Request::of(&MapRequest {
+                &Request::of(&MapRequest(ConnectionsRequest {
                     window: Some(Window::try_from(window).map_err(anyhow::Error::msg)?),
                     limit: Some(limit),
                     offset: Some(offset),
-                }),
+                })),
                 json,
                 |v| {
                     serde_json::from_value::<MapView>(v).map(|m| {

@@ -74,6 +74,23 @@ impl Reading {
         self.error = error;
         self
     }
+
+    /// The reading of a family's kernel read `read` (`None`: not attached, nothing to do):
+    /// `fold` runs with what was read, or with `None` when the read failed (the error is
+    /// reported).
+    pub fn of<T: Send + 'static, E: std::error::Error + 'static>(
+        read: Option<Result<T, E>>,
+        fold: impl FnOnce(&mut Store, Option<T>) + Send + 'static,
+    ) -> Self {
+        match read {
+            None => Self::default(),
+            Some(Ok(t)) => Self::fold(move |st| fold(st, Some(t))),
+            Some(Err(e)) => {
+                let error = crate::probes::error_chain(&e);
+                Self::fold(move |st| fold(st, None)).with_error(Some(error))
+            }
+        }
+    }
 }
 
 /// What the tick loop asks of every family.

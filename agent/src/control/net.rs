@@ -122,17 +122,10 @@ impl Command for ConnectionsRequest {
     const NAME: &'static str = "connections";
 }
 
-/// `map`: the dependency map of the busiest edges, paged as `connections`.
+/// `map`: the dependency map of the busiest edges, with the arguments of `connections`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MapRequest {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub window: Option<Window>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub limit: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub offset: Option<usize>,
-}
+#[serde(transparent)]
+pub struct MapRequest(pub ConnectionsRequest);
 
 impl Command for MapRequest {
     const NAME: &'static str = "map";

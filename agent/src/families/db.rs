@@ -35,27 +35,22 @@ impl TickSource for Db {
     }
 
     fn read(&self, now: Instant) -> Reading {
-        let Some(counters) = self.probe.with(|p| p.read_counters()) else {
-            return Reading::default();
-        };
-        let (counters, error) = match counters {
-            Ok(c) => (Some(c), None),
-            Err(e) => (None, Some(error_chain(&e))),
-        };
-        Reading::fold(move |st| {
-            if let Some(c) = counters {
-                st.db_live.kernel = c;
-            }
-            let k = &st.db_live.kernel;
-            let ring = RingTotals {
-                events: k.events,
-                drops: k.drops,
-            };
-            st.streams.record(now, EVENTS_RING, ring);
-            let snap = st.db_live.clone();
-            st.db.push(now, snap);
-        })
-        .with_error(error)
+        Reading::of(
+            self.probe.with(|p| p.read_counters()),
+            move |st, counters| {
+                if let Some(c) = counters {
+                    st.db_live.kernel = c;
+                }
+                let k = &st.db_live.kernel;
+                let ring = RingTotals {
+                    events: k.events,
+                    drops: k.drops,
+                };
+                st.streams.record(now, EVENTS_RING, ring);
+                let snap = st.db_live.clone();
+                st.db.push(now, snap);
+            },
+        )
     }
 
     fn missed_runs(&self) -> Option<Result<MissedRuns, String>> {

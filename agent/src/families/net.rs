@@ -33,22 +33,17 @@ impl TickSource for Net {
     }
 
     fn read(&self, now: Instant) -> Reading {
-        let Some(counters) = self.probe.with(|p| p.read_counters()) else {
-            return Reading::default();
-        };
-        let (counters, error) = match counters {
-            Ok(c) => (Some(c), None),
-            Err(e) => (None, Some(error_chain(&e))),
-        };
-        Reading::fold(move |st| {
-            if let Some(c) = counters {
-                st.net_live.kernel = c;
-            }
-            // Cheap: edges are shared with the previous snapshot unless they changed.
-            let snap = st.net_live.clone();
-            st.net.push(now, snap);
-        })
-        .with_error(error)
+        Reading::of(
+            self.probe.with(|p| p.read_counters()),
+            move |st, counters| {
+                if let Some(c) = counters {
+                    st.net_live.kernel = c;
+                }
+                // Cheap: edges are shared with the previous snapshot unless they changed.
+                let snap = st.net_live.clone();
+                st.net.push(now, snap);
+            },
+        )
     }
 
     fn missed_runs(&self) -> Option<Result<MissedRuns, String>> {
@@ -64,7 +59,7 @@ impl Views for Net {
 
     fn answer(&self, req: Request, st: &Store, _cfg: &Config) -> Result<String, String> {
         if req.cmd == MapRequest::NAME {
-            let r: MapRequest = req.args()?;
+            let MapRequest(r) = req.args()?;
             let window = Window::or(r.window, DEFAULT_WINDOW);
             return reply(&map(st, window, Page::new(r.offset, r.limit)?)?);
         }

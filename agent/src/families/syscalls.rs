@@ -38,18 +38,16 @@ impl TickSource for Syscalls {
     }
 
     fn read(&self, now: Instant) -> Reading {
-        match self.probe.with(|p| p.read()) {
-            None => Reading::default(),
-            Some(Ok(t)) => Reading::fold(move |st| {
-                let ring = RingTotals {
-                    events: t.slow_events,
-                    drops: t.slow_drops,
-                };
-                st.streams.record(now, SLOW_RING, ring);
-                st.syscalls.push(now, t);
-            }),
-            Some(Err(e)) => Reading::default().with_error(Some(error_chain(&e))),
-        }
+        // A failed read pushes nothing: the windows keep their last snapshot.
+        Reading::of(self.probe.with(|p| p.read()), move |st, totals| {
+            let Some(t) = totals else { return };
+            let ring = RingTotals {
+                events: t.slow_events,
+                drops: t.slow_drops,
+            };
+            st.streams.record(now, SLOW_RING, ring);
+            st.syscalls.push(now, t);
+        })
     }
 
     fn missed_runs(&self) -> Option<Result<MissedRuns, String>> {
