@@ -5,23 +5,11 @@ use agent_common::db::{counters, DbOffsets, DbSettings, DbStat, DbStatKey, DB_HA
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::BtfTracePoint,
-    Btf, Ebpf, EbpfError,
+    Btf, Ebpf,
 };
 use tracing::{info, warn};
 
 use super::btf::{BtfError, KernelBtf};
-
-#[derive(Debug, thiserror::Error)]
-pub enum DbProbeError {
-    #[error("loading the database object")]
-    Load(#[from] EbpfError),
-    #[error("kernel BTF")]
-    Btf(#[from] BtfError),
-    #[error("kernel BTF for tp_btf")]
-    AyaBtf(#[from] aya::BtfError),
-    #[error(transparent)]
-    Object(#[from] super::ObjectError),
-}
 
 /// The maps the collector reads and writes: events, counts, the statement keys it has
 /// named, and the settings it may change.
@@ -75,13 +63,17 @@ impl DbProbe {
     pub fn attach(
         roles: u32,
         kernel_log: crate::config::KernelLog,
-    ) -> Result<(Self, Vec<String>), DbProbeError> {
+    ) -> Result<(Self, Vec<String>), super::ProbeError> {
         let kbtf = KernelBtf::from_sys_fs()?;
         let (mut offsets, problems) = resolve_offsets(&kbtf)?;
         offsets.roles = roles;
         let mut ebpf = super::kernel_log::loader(kernel_log)
             .override_global("DB_OFFSETS", &offsets, true)
-            .load(super::DB_OBJECT)?;
+            .load(super::DB_OBJECT)
+            .map_err(|source| super::ProbeError::Load {
+                object: "database",
+                source,
+            })?;
         let log = super::kernel_log::init(&mut ebpf, "db", kernel_log);
         let mut probe = Self {
             log,
@@ -101,14 +93,14 @@ impl DbProbe {
         let mut walkers: ProgramArray<MapData> =
             super::take_map(&mut probe._ebpf, "DB_WALKERS", ProgramArray::try_from)?;
         for (idx, prog) in WALKERS.iter().enumerate() {
-            let wrap = |source| super::ObjectError::Program {
+            let wrap = |source| super::ProbeError::Program {
                 what: (*prog).to_string(),
                 source,
             };
             let p: &mut BtfTracePoint = probe
                 ._ebpf
                 .program_mut(prog)
-                .ok_or(super::ObjectError::MissingProgram(prog))?
+                .ok_or(super::ProbeError::MissingProgram(prog))?
                 .try_into()
                 .map_err(wrap)?;
             p.load("sock_send_length", &btf).map_err(wrap)?;
@@ -119,14 +111,14 @@ impl DbProbe {
         }
         probe._walkers = Some(walkers);
         for (prog, tp) in PROGRAMS {
-            let wrap = |source| super::ObjectError::Program {
+            let wrap = |source| super::ProbeError::Program {
                 what: format!("{prog} ({tp})"),
                 source,
             };
             let p: &mut BtfTracePoint = probe
                 ._ebpf
                 .program_mut(prog)
-                .ok_or(super::ObjectError::MissingProgram(prog))?
+                .ok_or(super::ProbeError::MissingProgram(prog))?
                 .try_into()
                 .map_err(wrap)?;
             p.load(tp, &btf).map_err(wrap)?;
@@ -156,15 +148,15 @@ impl DbProbe {
 
     /// Runs the kernel skipped, per attached program (the walkers are tail-called: a skipped
     /// run of their caller is where their misses show).
-    pub fn missed_runs(&self) -> Result<Vec<(&'static str, u64)>, DbProbeError> {
+    pub fn missed_runs(&self) -> Result<Vec<(&'static str, u64)>, super::ProbeError> {
         let attached = PROGRAMS
             .iter()
             .filter(|(_, tp)| self.attached.contains(tp))
             .map(|(p, _)| *p);
-        Ok(super::missed_runs(&self._ebpf, attached)?)
+        super::missed_runs(&self._ebpf, attached)
     }
 
-    pub fn read_counters(&self) -> Result<crate::store::db::DbKernelCounters, DbProbeError> {
+    pub fn read_counters(&self) -> Result<crate::store::db::DbKernelCounters, super::ProbeError> {
         let get = |idx| super::percpu_sum(&self.counters, "DB_COUNTERS", idx);
         Ok(crate::store::db::DbKernelCounters {
             events: get(counters::EVENTS)?,

@@ -29,9 +29,27 @@ pub(crate) static NET_OBJECT: &[u8] =
 pub(crate) static DB_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/insite-db"));
 
-/// What can go wrong with a loaded object's maps and programs, in any family.
+/// What can go wrong in a family's kernel side: loading its object, reading the kernel's BTF,
+/// its maps and programs, attaching. The one error type of the probes layer; each variant
+/// names its own step and leaves the cause to `source()`.
 #[derive(Debug, thiserror::Error)]
-pub enum ObjectError {
+pub enum ProbeError {
+    #[error("loading the {object} object")]
+    Load {
+        object: &'static str,
+        #[source]
+        source: aya::EbpfError,
+    },
+    #[error("kernel BTF")]
+    Btf(#[from] btf::BtfError),
+    #[error("kernel BTF for tp_btf")]
+    AyaBtf(#[from] aya::BtfError),
+    #[error("could not attach with any method: {0}")]
+    NoAttach(String),
+    #[error("creating the TCP socket iterator")]
+    Walk(#[source] aya::programs::links::LinkError),
+    #[error("running the TCP socket iterator")]
+    WalkRead(#[source] std::io::Error),
     #[error("{what}")]
     Program {
         what: String,
@@ -68,20 +86,18 @@ pub enum ObjectError {
 pub(crate) fn missed_runs(
     ebpf: &aya::Ebpf,
     programs: impl IntoIterator<Item = &'static str>,
-) -> Result<Vec<(&'static str, u64)>, ObjectError> {
+) -> Result<Vec<(&'static str, u64)>, ProbeError> {
     use std::os::fd::AsFd as _;
     programs
         .into_iter()
         .map(|name| {
-            let p = ebpf
-                .program(name)
-                .ok_or(ObjectError::MissingProgram(name))?;
-            let fd = p.fd().map_err(|source| ObjectError::Program {
+            let p = ebpf.program(name).ok_or(ProbeError::MissingProgram(name))?;
+            let fd = p.fd().map_err(|source| ProbeError::Program {
                 what: name.to_string(),
                 source,
             })?;
             let n = bpf_sys::recursion_misses(fd.as_fd()).map_err(|source| {
-                ObjectError::ProgramInfo {
+                ProbeError::ProgramInfo {
                     program: name,
                     source,
                 }
@@ -92,8 +108,8 @@ pub(crate) fn missed_runs(
 }
 
 /// `.map_err(map_err("NAME"))`: a map operation's error, naming the map.
-pub(crate) fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> ObjectError {
-    move |source| ObjectError::Map { name, source }
+pub(crate) fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> ProbeError {
+    move |source| ProbeError::Map { name, source }
 }
 
 /// Every entry of a hash map: batched, `chunk` entries per syscall (a table of thousands
@@ -103,7 +119,7 @@ pub(crate) fn read_hash<K: aya::Pod + Default, V: aya::Pod + Default>(
     map: &aya::maps::HashMap<aya::maps::MapData, K, V>,
     name: &'static str,
     chunk: u32,
-) -> Result<Vec<(K, V)>, ObjectError> {
+) -> Result<Vec<(K, V)>, ProbeError> {
     use aya::maps::IterableMap as _;
     use std::os::fd::AsFd as _;
     match bpf_sys::lookup_batch(map.map().fd().as_fd(), chunk) {
@@ -112,7 +128,7 @@ pub(crate) fn read_hash<K: aya::Pod + Default, V: aya::Pod + Default>(
             .iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(map_err(name)),
-        Err(source) => Err(ObjectError::Read { name, source }),
+        Err(source) => Err(ProbeError::Read { name, source }),
     }
 }
 
@@ -121,7 +137,7 @@ pub(crate) fn percpu_sum(
     map: &aya::maps::PerCpuArray<aya::maps::MapData, u64>,
     name: &'static str,
     idx: u32,
-) -> Result<u64, ObjectError> {
+) -> Result<u64, ProbeError> {
     Ok(map.get(&idx, 0).map_err(map_err(name))?.iter().sum())
 }
 
@@ -130,8 +146,8 @@ pub(crate) fn take_map<T>(
     ebpf: &mut aya::Ebpf,
     name: &'static str,
     conv: impl FnOnce(aya::maps::Map) -> Result<T, aya::maps::MapError>,
-) -> Result<T, ObjectError> {
-    let map = ebpf.take_map(name).ok_or(ObjectError::MissingMap(name))?;
+) -> Result<T, ProbeError> {
+    let map = ebpf.take_map(name).ok_or(ProbeError::MissingMap(name))?;
     conv(map).map_err(map_err(name))
 }
 

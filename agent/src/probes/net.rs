@@ -9,28 +9,12 @@ use agent_common::net::{
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{BtfTracePoint, Iter},
-    Btf, Ebpf, EbpfError,
+    Btf, Ebpf,
 };
 use tracing::{info, warn};
 
 use super::btf::{BtfError, KernelBtf};
 use crate::{config::NetConfig, store::net::NetKernelCounters};
-
-#[derive(Debug, thiserror::Error)]
-pub enum NetProbeError {
-    #[error("loading the network object")]
-    Load(#[from] EbpfError),
-    #[error("kernel BTF")]
-    Btf(#[from] BtfError),
-    #[error("kernel BTF for tp_btf")]
-    AyaBtf(#[from] aya::BtfError),
-    #[error(transparent)]
-    Object(#[from] super::ObjectError),
-    #[error("creating the TCP socket iterator")]
-    Walk(#[source] aya::programs::links::LinkError),
-    #[error("running the TCP socket iterator")]
-    WalkRead(#[source] std::io::Error),
-}
 
 /// The kernel's table of tracked connections (`NET_CONNS`): the open connections.
 pub struct ConnTable {
@@ -49,8 +33,8 @@ const READ_CHUNK: u32 = 4096;
 impl ConnTable {
     /// Every tracked connection, by socket. Batched (a few syscalls for the whole table);
     /// kernels without batch lookups get one lookup per entry.
-    pub fn read(&self) -> Result<Vec<(u64, NetConn)>, NetProbeError> {
-        Ok(super::read_hash(&self.map, "NET_CONNS", READ_CHUNK)?)
+    pub fn read(&self) -> Result<Vec<(u64, NetConn)>, super::ProbeError> {
+        super::read_hash(&self.map, "NET_CONNS", READ_CHUNK)
     }
 
     /// Stops tracking a socket whose end went unseen (it may be gone already).
@@ -76,15 +60,15 @@ const EDGE_CHUNK: u32 = 1024;
 
 impl EdgeTable {
     /// Every edge, batched; kernels without batch lookups get one lookup per entry.
-    pub fn read(&self) -> Result<Vec<(NetEdgeKey, NetEdge)>, NetProbeError> {
-        Ok(super::read_hash(&self.map, "NET_EDGES", EDGE_CHUNK)?)
+    pub fn read(&self) -> Result<Vec<(NetEdgeKey, NetEdge)>, super::ProbeError> {
+        super::read_hash(&self.map, "NET_EDGES", EDGE_CHUNK)
     }
 
     /// The `other` edge of a direction ([`agent_common::net::direction`]).
-    pub fn other(&self, direction: u8) -> Result<NetEdge, NetProbeError> {
+    pub fn other(&self, direction: u8) -> Result<NetEdge, super::ProbeError> {
         self.other
             .get(&u32::from(direction), 0)
-            .map_err(|e| super::map_err("NET_EDGES_OTHER")(e).into())
+            .map_err(|e| super::map_err("NET_EDGES_OTHER")(e))
     }
 
     /// Forgets an idle edge (a connection that opens on it afterwards starts it afresh).
@@ -116,17 +100,17 @@ const WALKER: (&str, &str) = ("isa_net_walk", "tcp");
 /// The receive-path hook it replaces (the fallback).
 const RECEIVE_HOOK: &str = "isa_net_sample";
 
-fn walker_error(source: aya::programs::ProgramError) -> super::ObjectError {
-    super::ObjectError::Program {
+fn walker_error(source: aya::programs::ProgramError) -> super::ProbeError {
+    super::ProbeError::Program {
         what: format!("{} (iter/{})", WALKER.0, WALKER.1),
         source,
     }
 }
 
 /// The walker program of the loaded object.
-fn walker_program(ebpf: &mut Ebpf) -> Result<&mut Iter, super::ObjectError> {
+fn walker_program(ebpf: &mut Ebpf) -> Result<&mut Iter, super::ProbeError> {
     ebpf.program_mut(WALKER.0)
-        .ok_or(super::ObjectError::MissingProgram(WALKER.0))?
+        .ok_or(super::ProbeError::MissingProgram(WALKER.0))?
         .try_into()
         .map_err(walker_error)
 }
@@ -158,7 +142,7 @@ impl NetProbe {
     pub fn attach(
         cfg: &NetConfig,
         kernel_log: crate::config::KernelLog,
-    ) -> Result<(Self, Vec<String>), NetProbeError> {
+    ) -> Result<(Self, Vec<String>), super::ProbeError> {
         let kbtf = KernelBtf::from_sys_fs()?;
         let (offsets, mut problems) = resolve_offsets(&kbtf)?;
         // Offsets go in as a read-only global: the verifier then knows them, and every field
@@ -166,7 +150,11 @@ impl NetProbe {
         let mut ebpf = super::kernel_log::loader(kernel_log)
             .override_global("NET_OFFSETS", &offsets, true)
             .map_max_entries("NET_EDGES", kernel_edges(cfg.max_edges))
-            .load(super::NET_OBJECT)?;
+            .load(super::NET_OBJECT)
+            .map_err(|source| super::ProbeError::Load {
+                object: "network",
+                source,
+            })?;
         let log = super::kernel_log::init(&mut ebpf, "net", kernel_log);
         let mut probe = Self {
             log,
@@ -212,15 +200,15 @@ impl NetProbe {
             if prog == RECEIVE_HOOK && probe.walker {
                 continue;
             }
-            let res = (|| -> Result<(), NetProbeError> {
-                let wrap = |source| super::ObjectError::Program {
+            let res = (|| -> Result<(), super::ProbeError> {
+                let wrap = |source| super::ProbeError::Program {
                     what: format!("{prog} ({tp})"),
                     source,
                 };
                 let p: &mut BtfTracePoint = probe
                     ._ebpf
                     .program_mut(prog)
-                    .ok_or(super::ObjectError::MissingProgram(prog))?
+                    .ok_or(super::ProbeError::MissingProgram(prog))?
                     .try_into()
                     .map_err(wrap)?;
                 p.load(tp, &btf).map_err(wrap)?;
@@ -249,7 +237,7 @@ impl NetProbe {
     /// Samples every tracked live connection: runs the iterator over the kernel's TCP sockets,
     /// which adds what each did since to its edge and stamps it with walk number `gen`. Takes
     /// a few hundred ns per socket on the host, in the agent's own time.
-    pub fn walk(&mut self, gen: u64) -> Result<(), NetProbeError> {
+    pub fn walk(&mut self, gen: u64) -> Result<(), super::ProbeError> {
         use std::io::Read as _;
         self.kernel_config.walk_gen = gen;
         self.config
@@ -258,16 +246,16 @@ impl NetProbe {
         let p = walker_program(&mut self._ebpf)?;
         let id = p.attach().map_err(walker_error)?;
         let link = p.take_link(id).map_err(walker_error)?;
-        let mut file = link.into_file().map_err(NetProbeError::Walk)?;
+        let mut file = link.into_file().map_err(super::ProbeError::Walk)?;
         // The program writes nothing to the sequence file: reading it to the end runs it.
         let mut sink = Vec::new();
         file.read_to_end(&mut sink)
-            .map_err(NetProbeError::WalkRead)?;
+            .map_err(super::ProbeError::WalkRead)?;
         Ok(())
     }
 
     /// Pushes the sample interval and the ignored ports into the kernel.
-    pub fn apply_config(&mut self, cfg: &NetConfig) -> Result<(), NetProbeError> {
+    pub fn apply_config(&mut self, cfg: &NetConfig) -> Result<(), super::ProbeError> {
         let wanted: BTreeSet<u16> = cfg.ignore_ports.iter().copied().collect();
         for &port in self.ignored.difference(&wanted) {
             self.ignore_ports
@@ -306,14 +294,11 @@ impl NetProbe {
     }
 
     /// Runs the kernel skipped, per attached program.
-    pub fn missed_runs(&self) -> Result<Vec<(&'static str, u64)>, NetProbeError> {
-        Ok(super::missed_runs(
-            &self._ebpf,
-            self.attached.iter().map(|(p, _)| *p),
-        )?)
+    pub fn missed_runs(&self) -> Result<Vec<(&'static str, u64)>, super::ProbeError> {
+        super::missed_runs(&self._ebpf, self.attached.iter().map(|(p, _)| *p))
     }
 
-    pub fn read_counters(&self) -> Result<NetKernelCounters, NetProbeError> {
+    pub fn read_counters(&self) -> Result<NetKernelCounters, super::ProbeError> {
         let get = |idx| super::percpu_sum(&self.counters, "NET_COUNTERS", idx);
         Ok(NetKernelCounters {
             edges_full: get(counters::EDGES_FULL)?,

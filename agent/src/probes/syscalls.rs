@@ -20,7 +20,7 @@ use aya::{
         raw_trace_point::RawTracePointLink, tp_btf::BtfTracePointLink, BtfTracePoint, ProgramError,
         RawTracePoint,
     },
-    Btf, Ebpf, EbpfError,
+    Btf, Ebpf,
 };
 use tracing::{info, warn};
 
@@ -32,16 +32,6 @@ use crate::{
     },
     syscall_names,
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum SyscallProbeError {
-    #[error("loading the syscall object")]
-    Load(#[from] EbpfError),
-    #[error(transparent)]
-    Object(#[from] super::ObjectError),
-    #[error("could not attach with any method: {0}")]
-    NoAttach(String),
-}
 
 /// One attached hook; dropping it detaches it.
 enum Hook {
@@ -95,12 +85,16 @@ impl SyscallProbe {
     pub fn attach(
         cfg: &SyscallsConfig,
         kernel_log: crate::config::KernelLog,
-    ) -> Result<(Self, Vec<String>), SyscallProbeError> {
+    ) -> Result<(Self, Vec<String>), super::ProbeError> {
         // SYSCALL_START is task-local storage, a map type aya has no wrapper for: the kernel
         // creates it all the same, and userspace never touches it.
         let mut ebpf = super::kernel_log::loader(kernel_log)
             .allow_unsupported_maps()
-            .load(super::SYSCALLS_OBJECT)?;
+            .load(super::SYSCALLS_OBJECT)
+            .map_err(|source| super::ProbeError::Load {
+                object: "syscall",
+                source,
+            })?;
         let log = super::kernel_log::init(&mut ebpf, "syscalls", kernel_log);
         let mut probe = Self {
             log,
@@ -158,7 +152,7 @@ impl SyscallProbe {
             }
         }
         let Some(mode) = mode else {
-            return Err(SyscallProbeError::NoAttach(errors.join("; ")));
+            return Err(super::ProbeError::NoAttach(errors.join("; ")));
         };
         info!(method = %mode, "syscall probe attached");
         probe.mode = mode;
@@ -179,7 +173,7 @@ impl SyscallProbe {
 
     /// Attaches or detaches the hooks (a sampling window opens or closes). Programs stay
     /// loaded, so this is a few bpf() calls, not a verification.
-    pub fn set_attached(&mut self, on: bool) -> Result<(), SyscallProbeError> {
+    pub fn set_attached(&mut self, on: bool) -> Result<(), super::ProbeError> {
         if on == self.attached() {
             return Ok(());
         }
@@ -188,7 +182,7 @@ impl SyscallProbe {
             // were missed: the kernel must not time them against now.
             self.set_window_start()?;
             self.hooks =
-                link_set(&mut self.ebpf, self.mode).map_err(SyscallProbeError::NoAttach)?;
+                link_set(&mut self.ebpf, self.mode).map_err(super::ProbeError::NoAttach)?;
             self.attached_since = Some(Instant::now());
         } else {
             // sys_enter first, so no start is recorded that its exit hook cannot see.
@@ -212,7 +206,7 @@ impl SyscallProbe {
         self.observed + self.attached_since.map_or(Duration::ZERO, |t| t.elapsed())
     }
 
-    fn set_window_start(&mut self) -> Result<(), SyscallProbeError> {
+    fn set_window_start(&mut self) -> Result<(), super::ProbeError> {
         self.kcfg.window_start_ns = monotonic_ns();
         self.config
             .set(0, self.kcfg, 0)
@@ -221,9 +215,9 @@ impl SyscallProbe {
     }
 
     /// Runs the kernel skipped, per attached program.
-    pub fn missed_runs(&self) -> Result<Vec<(&'static str, u64)>, SyscallProbeError> {
+    pub fn missed_runs(&self) -> Result<Vec<(&'static str, u64)>, super::ProbeError> {
         let names = programs(self.mode).map(|(p, _)| p);
-        Ok(super::missed_runs(&self.ebpf, names)?)
+        super::missed_runs(&self.ebpf, names)
     }
 
     /// The ring buffer of slow-call events, for the reader task (once).
@@ -238,7 +232,7 @@ impl SyscallProbe {
 
     /// Pushes threshold and filters into the kernel. Returns non-fatal problems (e.g. a
     /// configured cgroup that does not exist: nothing in it can be traced until it does).
-    pub fn apply_config(&mut self, cfg: &SyscallsConfig) -> Result<Vec<String>, SyscallProbeError> {
+    pub fn apply_config(&mut self, cfg: &SyscallsConfig) -> Result<Vec<String>, super::ProbeError> {
         self.sampling = cfg.mode;
         let mut problems = Vec::new();
         let mut flags = 0u32;
@@ -310,7 +304,7 @@ impl SyscallProbe {
     /// `SYSCALL_SEEN` are read; every `FULL_SWEEP_EVERY` reads all slots are swept, in case a
     /// racing bit was lost (see the kernel side). Counts are cumulative, so a late slot loses
     /// nothing.
-    pub fn read(&mut self) -> Result<SyscallTotals, SyscallProbeError> {
+    pub fn read(&mut self) -> Result<SyscallTotals, super::ProbeError> {
         let sweep = self.reads.is_multiple_of(FULL_SWEEP_EVERY);
         self.reads += 1;
         if let Ok(words) = self.seen_bitmap.get(&0, 0) {
@@ -342,7 +336,7 @@ impl SyscallProbe {
                 self.seen.insert(nr);
             }
         }
-        let counter = |idx: u32| -> Result<u64, SyscallProbeError> {
+        let counter = |idx: u32| -> Result<u64, super::ProbeError> {
             let v = self
                 .counters
                 .get(&idx, 0)
@@ -399,14 +393,14 @@ fn monotonic_ns() -> u64 {
 fn link_set(ebpf: &mut Ebpf, mode: AttachMode) -> Result<Vec<Hook>, String> {
     let mut hooks = Vec::with_capacity(3);
     for (prog, tp) in programs(mode) {
-        let wrap = |source| super::ObjectError::Program {
+        let wrap = |source| super::ProbeError::Program {
             what: format!("{prog} ({tp})"),
             source,
         };
-        let hook = (|| -> Result<Hook, SyscallProbeError> {
+        let hook = (|| -> Result<Hook, super::ProbeError> {
             let p = ebpf
                 .program_mut(prog)
-                .ok_or_else(|| SyscallProbeError::NoAttach(format!("program {prog} missing")))?;
+                .ok_or_else(|| super::ProbeError::NoAttach(format!("program {prog} missing")))?;
             Ok(match mode {
                 AttachMode::TpBtf => {
                     let p: &mut BtfTracePoint = p.try_into().map_err(wrap)?;
@@ -437,23 +431,23 @@ fn link_set(ebpf: &mut Ebpf, mode: AttachMode) -> Result<Vec<Hook>, String> {
 /// Loads and attaches sched_switch, sys_exit and sys_enter with one method, or nothing.
 fn attach_set(ebpf: &mut Ebpf, mode: AttachMode) -> Result<Vec<Hook>, String> {
     let progs = programs(mode);
-    let result = (|| -> Result<Vec<Hook>, SyscallProbeError> {
+    let result = (|| -> Result<Vec<Hook>, super::ProbeError> {
         let btf = if mode == AttachMode::TpBtf {
             Some(
                 Btf::from_sys_fs()
-                    .map_err(|e| SyscallProbeError::NoAttach(format!("kernel BTF: {e}")))?,
+                    .map_err(|e| super::ProbeError::NoAttach(format!("kernel BTF: {e}")))?,
             )
         } else {
             None
         };
         for (prog, tp) in progs {
-            let wrap = |source| super::ObjectError::Program {
+            let wrap = |source| super::ProbeError::Program {
                 what: format!("{prog} ({tp})"),
                 source,
             };
             let p = ebpf
                 .program_mut(prog)
-                .ok_or_else(|| SyscallProbeError::NoAttach(format!("program {prog} missing")))?;
+                .ok_or_else(|| super::ProbeError::NoAttach(format!("program {prog} missing")))?;
             match &btf {
                 Some(btf) => {
                     let p: &mut BtfTracePoint = p.try_into().map_err(wrap)?;
@@ -465,7 +459,7 @@ fn attach_set(ebpf: &mut Ebpf, mode: AttachMode) -> Result<Vec<Hook>, String> {
                 }
             }
         }
-        link_set(ebpf, mode).map_err(SyscallProbeError::NoAttach)
+        link_set(ebpf, mode).map_err(super::ProbeError::NoAttach)
     })();
     let e = match result {
         Ok(hooks) => return Ok(hooks),
@@ -494,7 +488,7 @@ fn replace_keys<K: aya::Pod + Ord>(
     map: &mut HashMap<MapData, K, u8>,
     wanted: &[K],
     name: &'static str,
-) -> Result<(), SyscallProbeError> {
+) -> Result<(), super::ProbeError> {
     let existing: Vec<K> = map.keys().filter_map(Result::ok).collect();
     for k in existing {
         if !wanted.contains(&k) {
