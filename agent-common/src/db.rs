@@ -67,6 +67,23 @@ pub mod outcome {
     pub const UNTIMED: u8 = 4;
 }
 
+/// The protocol walkers: each its own program, tail-called through `DB_WALKERS` at its index.
+pub mod walker {
+    pub const PG: u32 = 0;
+    pub const MYSQL: u32 = 1;
+    pub const RESP_REQ: u32 = 2;
+    pub const RESP_RESP: u32 = 3;
+    /// Slots of `DB_WALKERS`.
+    pub const COUNT: u32 = 4;
+    /// The walker programs' names, by index.
+    pub const PROGRAMS: [&str; COUNT as usize] = [
+        "isa_db_walk_pg",
+        "isa_db_walk_mysql",
+        "isa_db_walk_resp_req",
+        "isa_db_walk_resp_resp",
+    ];
+}
+
 /// Event kinds: the first byte of every event.
 pub mod kind {
     pub const CONN: u8 = 1;

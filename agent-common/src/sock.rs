@@ -1,5 +1,12 @@
 //! What every socket probe reads of a `struct sock`: its family and its two ends.
 
+/// Address families as `skc_family` holds them (and as the probes' events carry them).
+pub mod af {
+    pub const UNIX: u16 = 1;
+    pub const INET: u16 = 2;
+    pub const INET6: u16 = 10;
+}
+
 /// Byte offsets of the `struct sock_common` fields both the network and the database probes
 /// read (from the start of `struct sock`), resolved by userspace from the running kernel's
 /// BTF. Part of each probe's offsets.

@@ -38,7 +38,10 @@ use agent_common::{
         NetOffsets, NetTuple as Tuple, FAILURE_REASONS, MAX_TRACKED_CONNS, NET_EDGES_DEFAULT,
         NET_HAVE_SK_CGROUP, PORT_SLOTS,
     },
-    sock::SockOffsets,
+    sock::{
+        af::{INET as AF_INET, INET6 as AF_INET6},
+        SockOffsets,
+    },
     HIST_BUCKETS, TASK_COMM_LEN,
 };
 use agent_ebpf::util::{self, atomic_add, load, now_ns};
@@ -61,8 +64,6 @@ const TCP_TIME_WAIT: i32 = 6;
 const TCP_CLOSE: i32 = 7;
 const TCP_LISTEN: i32 = 10;
 const TCP_NEW_SYN_RECV: i32 = 12;
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
 
 #[map]
 static NET_CONFIG: Array<NetConfig> = Array::with_max_entries(1, 0);

@@ -46,12 +46,8 @@ impl std::fmt::Debug for DbProbe {
 /// times nothing.
 /// The protocol walkers, by their index in `DB_WALKERS`: loaded (for the tracepoint prototype
 /// they share with the entry programs) and tail-called, never attached.
-const WALKERS: [&str; 4] = [
-    "isa_db_walk_pg",
-    "isa_db_walk_mysql",
-    "isa_db_walk_resp_req",
-    "isa_db_walk_resp_resp",
-];
+const WALKERS: [&str; agent_common::db::walker::COUNT as usize] =
+    agent_common::db::walker::PROGRAMS;
 
 const PROGRAMS: [(&str, &str); 2] = [
     ("isa_db_recv", "sock_recv_length"),

@@ -53,6 +53,9 @@ use mysql::*;
 use pg::*;
 use resp::*;
 
+use agent_common::db::walker::{
+    MYSQL as WALK_MYSQL, PG as WALK_PG, RESP_REQ as WALK_RESP_REQ, RESP_RESP as WALK_RESP_RESP,
+};
 use agent_common::{
     db::{
         counters, kind, outcome, role, system, DbConnEvent, DbLossEvent, DbOffsets, DbSettings,
@@ -60,7 +63,9 @@ use agent_common::{
         DB_KNOWN_ENTRIES, DB_MAX_STEPS, DB_PATH_LEN, DB_PREFIX_LEN, DB_RINGBUF_BYTES,
         DB_ROLE_CLIENT, DB_ROLE_SERVER, DB_STATS_ENTRIES, DB_STATS_OTHER_ENTRIES,
     },
-    log2_bucket, HIST_BUCKETS,
+    log2_bucket,
+    sock::af::{INET as AF_INET, INET6 as AF_INET6, UNIX as AF_UNIX},
+    HIST_BUCKETS,
 };
 use agent_ebpf::{
     util::{self, atomic_add, load, now_ns},
@@ -77,9 +82,6 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 
-const AF_UNIX: u16 = 1;
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
 const SOCK_STREAM: u16 = 1;
 const MSG_PEEK: i32 = 2;
 
@@ -104,11 +106,6 @@ const SCRATCH_MASK: u32 = (SCRATCH - 1) as u32;
 /// its last message (ReadyForQuery), which completes what is in flight: nothing is lost.
 const PG_RESP_MAX_MSGS: u32 = 96;
 
-/// Walker programs in `DB_WALKERS`.
-const WALK_PG: u32 = 0;
-const WALK_MYSQL: u32 = 1;
-const WALK_RESP_REQ: u32 = 2;
-const WALK_RESP_RESP: u32 = 3;
 /// PostgreSQL Sync groups in flight per connection (a power of two).
 const PG_SYNCS: usize = 16;
 const WAKEUP_EVERY: u32 = 64;
@@ -343,7 +340,8 @@ static DB_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 /// The protocol walkers, each its own program (see `WALK_*`), loaded for the same tracepoint
 /// prototype as the entry programs so that they can be tail-called.
 #[map]
-static DB_WALKERS: ProgramArray = ProgramArray::with_max_entries(4, 0);
+static DB_WALKERS: ProgramArray =
+    ProgramArray::with_max_entries(agent_common::db::walker::COUNT, 0);
 
 #[map]
 static DB_EVENTS: RingBuf = RingBuf::with_byte_size(DB_RINGBUF_BYTES, 0);

@@ -39,9 +39,10 @@ use crate::{
     wire::{mysql, pg, resp, sql},
 };
 
-const AF_UNIX: u8 = 1;
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
+// The connection event carries the family in a byte.
+const AF_UNIX: u8 = agent_common::sock::af::UNIX as u8;
+const AF_INET: u8 = agent_common::sock::af::INET as u8;
+const AF_INET6: u8 = agent_common::sock::af::INET6 as u8;
 
 /// Connections remembered (by socket and recognition time); the least recently used go first.
 pub const MAX_CONNS: usize = 16_384;

@@ -9,7 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::net::{conn_state, direction, NetEdge, NetEdgeKey, FAILURE_REASONS};
+use agent_common::{
+    net::{conn_state, direction, NetEdge, NetEdgeKey, FAILURE_REASONS},
+    sock::af::{INET as AF_INET, INET6 as AF_INET6},
+};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
@@ -22,9 +25,6 @@ use crate::{
         SharedStore,
     },
 };
-
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
 
 /// How often the kernel's edge table is folded into the store.
 pub const FOLD_INTERVAL: Duration = Duration::from_millis(250);
