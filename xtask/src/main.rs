@@ -36,11 +36,15 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, build, lint and run every test, including the eBPF end-to-end tests (as root).
+    /// Set up, build, lint and run every test, including the eBPF end-to-end tests (as root;
+    /// through sudo -E otherwise, or, without sudo, only the tests that need no root).
     Test {
         /// Skip fmt and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// Run only what needs no root (lint, unit tests, fuzz) and say what was skipped.
+        #[arg(long)]
+        no_root: bool,
     },
     /// Benchmarks (not tests): `cargo xtask bench syscalls`, `cargo xtask bench net`,
     /// `cargo xtask bench db`, `cargo xtask bench web`, `cargo xtask bench soak --minutes N`.
@@ -81,10 +85,12 @@ fn main() -> Result<()> {
             cmd.arg("run").args(&args);
             util::exec(cmd)
         }
-        Cmd::Test { no_lint } => {
-            util::ensure_root()?;
+        Cmd::Test { no_lint, no_root } => {
+            if !no_root && (util::is_root() || util::have("sudo")) {
+                util::ensure_root()?;
+            }
             setup::run(setup::Want { tests: true })?;
-            test(!no_lint)
+            test(!no_lint, util::is_root() && !no_root)
         }
         Cmd::Bench { which } => {
             util::ensure_root()?;
@@ -106,7 +112,8 @@ fn build() -> Result<()> {
     util::cargo(&["build", "--release", "-p", "insite-agent"])
 }
 
-fn test(lint: bool) -> Result<()> {
+/// `root`: run the tests that load eBPF programs too; without it, they are skipped and counted.
+fn test(lint: bool, root: bool) -> Result<()> {
     if lint {
         util::cargo(&["fmt", "--all", "--", "--check"])?;
         util::cargo(&[
@@ -138,7 +145,7 @@ fn test(lint: bool) -> Result<()> {
     build()?;
     // Unit tests in parallel; end-to-end tests one at a time (each starts a real agent that
     // attaches to every syscall on the host).
-    util::cargo(&[
+    let unit = [
         "test",
         "--release",
         "--workspace",
@@ -146,22 +153,38 @@ fn test(lint: bool) -> Result<()> {
         "insite-e2e",
         "--exclude",
         "agent-ebpf",
-        "--",
-        // The unit tests that load eBPF programs are ignored by a plain `cargo test` (they
-        // need root); here we are root.
-        "--include-ignored",
-    ])?;
+    ];
+    // The unit tests that load eBPF programs are ignored by a plain `cargo test` (they need
+    // root): as root they run, without it they show as ignored.
+    let mut args = unit.to_vec();
+    if root {
+        args.extend(["--", "--include-ignored"]);
+    }
+    util::cargo(&args)?;
     // Every wire decoder under cargo-fuzz, briefly (the decoders alone, in target/fuzz).
     fuzz::run(None, 15)?;
+    let e2e = ["test", "--release", "-p", "insite-e2e"];
+    if !root {
+        let count = |args: &[&str]| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            util::output(
+                std::process::Command::new(cargo)
+                    .args(args)
+                    .current_dir(util::workspace_root()),
+            )
+            .map_or(0, |out| out.lines().filter(|l| l.ends_with(": test")).count())
+        };
+        let ignored = count(&[&unit[..], &["--", "--list", "--ignored"]].concat());
+        let end_to_end = count(&[&e2e[..], &["--", "--list"]].concat());
+        eprintln!(
+            "xtask: skipped without root: {ignored} unit tests that load eBPF programs and \
+             {end_to_end} end-to-end tests (they load eBPF programs); run `cargo xtask test` as \
+             root to include them"
+        );
+        return Ok(());
+    }
     std::env::set_var("INSITE_AGENT_BIN", util::agent_bin());
-    util::cargo(&[
-        "test",
-        "--release",
-        "-p",
-        "insite-e2e",
-        "--",
-        "--test-threads=1",
-    ])
+    util::cargo(&[&e2e[..], &["--", "--test-threads=1"]].concat())
 }
 
 fn install(destdir: &std::path::Path) -> Result<()> {
