@@ -172,7 +172,9 @@ fn test(lint: bool, root: bool) -> Result<()> {
                     .args(args)
                     .current_dir(util::workspace_root()),
             )
-            .map_or(0, |out| out.lines().filter(|l| l.ends_with(": test")).count())
+            .map_or(0, |out| {
+                out.lines().filter(|l| l.ends_with(": test")).count()
+            })
         };
         let ignored = count(&[&unit[..], &["--", "--list", "--ignored"]].concat());
         let end_to_end = count(&[&e2e[..], &["--", "--list"]].concat());
