@@ -7,6 +7,7 @@
 
 pub mod db;
 pub mod net;
+pub mod ratelimit;
 pub mod sock;
 pub mod syscalls;
 
