@@ -404,6 +404,32 @@ mod tests {
         );
     }
 
+    /// Text a client controls comes back in error replies (an unknown command's name, a bad
+    /// window or system): escaped, one line, bounded, and never read as reply structure.
+    #[tokio::test]
+    async fn client_text_in_error_replies_is_escaped_and_bounded() {
+        let (_d, path, _s) = start(Config::default()).await;
+        let evil = r#"a\"b\\c\n}{\"ok\":true"#;
+        let long = "x".repeat(10_000);
+        let payload = format!(
+            "{{\"cmd\":\"{evil}\"}}\n{{\"cmd\":\"syscalls\",\"window\":\"{evil}\"}}\n{{\"cmd\":\"{long}\"}}\n"
+        );
+        let replies = roundtrip(&path, payload.as_bytes()).await;
+        assert_eq!(replies.len(), 3, "{replies:?}");
+        for r in &replies {
+            assert!(!r.ok);
+            assert!(r.data.is_none());
+        }
+        // The name as sent (quote, backslash, newline and all), quoted in the message.
+        let e0 = replies[0].error.as_deref().unwrap();
+        assert!(e0.contains(r#""a\"b\\c\n}{\"ok\":true""#), "{e0}");
+        let e1 = replies[1].error.as_deref().unwrap();
+        assert!(e1.contains("window") && e1.contains(r#"\"ok\""#), "{e1}");
+        // A long name is cut at 64 characters.
+        let e2 = replies[2].error.as_deref().unwrap();
+        assert!(e2.len() < 300, "{e2}");
+    }
+
     #[tokio::test]
     async fn oversized_request_is_refused_and_server_survives() {
         let mut cfg = Config::default();
