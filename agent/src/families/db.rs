@@ -54,8 +54,7 @@ impl TickSource for Db {
     }
 
     fn missed_runs(&self) -> Option<Result<MissedRuns, String>> {
-        self.probe
-            .with(|p| p.missed_runs().map_err(|e| error_chain(&e)))
+        self.probe.missed_runs(DbProbe::missed_runs)
     }
 }
 

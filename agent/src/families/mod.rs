@@ -162,6 +162,14 @@ impl<P> Slot<P> {
         Some(f(&mut p))
     }
 
+    /// The probe's skipped runs, for `TickSource::missed_runs` (`None` when not attached).
+    pub fn missed_runs(
+        &self,
+        f: impl FnOnce(&P) -> Result<crate::collectors::MissedRuns, crate::probes::ProbeError>,
+    ) -> Option<Result<crate::collectors::MissedRuns, String>> {
+        self.with(|p| f(p).map_err(|e| crate::probes::error_chain(&e)))
+    }
+
     pub fn take(&self) -> Option<Arc<Mutex<P>>> {
         self.0.lock().ok()?.take()
     }

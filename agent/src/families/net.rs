@@ -47,8 +47,7 @@ impl TickSource for Net {
     }
 
     fn missed_runs(&self) -> Option<Result<MissedRuns, String>> {
-        self.probe
-            .with(|p| p.missed_runs().map_err(|e| error_chain(&e)))
+        self.probe.missed_runs(NetProbe::missed_runs)
     }
 }
 

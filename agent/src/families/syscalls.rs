@@ -51,8 +51,7 @@ impl TickSource for Syscalls {
     }
 
     fn missed_runs(&self) -> Option<Result<MissedRuns, String>> {
-        self.probe
-            .with(|p| p.missed_runs().map_err(|e| error_chain(&e)))
+        self.probe.missed_runs(SyscallProbe::missed_runs)
     }
 }
 

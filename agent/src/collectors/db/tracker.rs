@@ -117,10 +117,7 @@ impl Tracker {
     }
 
     pub(super) fn on_conn(&mut self, ev: &DbConnEvent) {
-        let (Some(_), Some(role)) = (
-            System::try_from(ev.system).ok(),
-            Role::try_from(ev.role).ok(),
-        ) else {
+        let Some((_, role)) = system_role(ev.system, ev.role) else {
             self.undecodable += 1;
             return;
         };
@@ -236,10 +233,7 @@ impl Tracker {
     }
 
     pub(super) fn on_slow(&mut self, ev: &DbSlowEvent, cfg: &DbConfig) {
-        let (Some(system), Some(role)) = (
-            System::try_from(ev.system).ok(),
-            Role::try_from(ev.role).ok(),
-        ) else {
+        let Some((system, role)) = system_role(ev.system, ev.role) else {
             self.undecodable += 1;
             return;
         };
@@ -294,10 +288,7 @@ impl Tracker {
 
     /// Requests the kernel could not time on a connection: counted under its labels.
     pub(super) fn on_loss(&mut self, ev: &DbLossEvent) {
-        let (Some(system), Some(role)) = (
-            System::try_from(ev.system).ok(),
-            Role::try_from(ev.role).ok(),
-        ) else {
+        let Some((system, role)) = system_role(ev.system, ev.role) else {
             self.undecodable += 1;
             return;
         };
@@ -334,9 +325,7 @@ impl Tracker {
         out: &mut Vec<QueryRecord>,
     ) {
         for (k, v) in entries {
-            let (Some(system), Some(role)) =
-                (System::try_from(k.system).ok(), Role::try_from(k.role).ok())
-            else {
+            let Some((system, role)) = system_role(k.system, k.role) else {
                 continue;
             };
             let f = self.folded.entry(*k).or_insert_with(|| Folded::new(now));
@@ -415,6 +404,11 @@ impl Tracker {
             });
         }
     }
+}
+
+/// The kernel's system and role codes, both known, or `None`.
+fn system_role(system: u8, role: u8) -> Option<(System, Role)> {
+    Some((System::try_from(system).ok()?, Role::try_from(role).ok()?))
 }
 
 pub(super) fn outcome_of(o: u8, info: &QueryInfo) -> Outcome {

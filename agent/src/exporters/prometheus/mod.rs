@@ -114,11 +114,7 @@ fn counter<'a>(
     unit: Option<&Unit>,
     rows: impl IntoIterator<Item = (Labels, f64)>,
 ) -> Result<(), std::fmt::Error> {
-    let mut m = enc.encode_descriptor(name, help, unit, MetricType::Counter)?;
-    for (labels, v) in rows {
-        ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
-    }
-    Ok(())
+    scalars(enc, name, help, unit, MetricType::Counter, rows)
 }
 
 fn gauge<'a>(
@@ -128,9 +124,27 @@ fn gauge<'a>(
     unit: Option<&Unit>,
     rows: impl IntoIterator<Item = (Labels, f64)>,
 ) -> Result<(), std::fmt::Error> {
-    let mut m = enc.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+    scalars(enc, name, help, unit, MetricType::Gauge, rows)
+}
+
+/// A family of counters or gauges, one sample per row.
+fn scalars<'a>(
+    enc: &mut DescriptorEncoder<'a>,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    kind: MetricType,
+    rows: impl IntoIterator<Item = (Labels, f64)>,
+) -> Result<(), std::fmt::Error> {
+    let counter = matches!(kind, MetricType::Counter);
+    let mut m = enc.encode_descriptor(name, help, unit, kind)?;
     for (labels, v) in rows {
-        ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
+        let e = m.encode_family(&labels)?;
+        if counter {
+            ConstCounter::new(v).encode(e)?;
+        } else {
+            ConstGauge::new(v).encode(e)?;
+        }
     }
     Ok(())
 }
