@@ -177,6 +177,21 @@ pub mod util {
         unsafe { atomic_xadd::<T, T, { AtomicOrdering::Relaxed }>(p, v) };
     }
 
+    /// Stores `new` at `p` if it holds `old` (BPF cmpxchg, a full barrier); returns whether it
+    /// did.
+    ///
+    /// # Safety
+    /// `p` points into a map value.
+    #[inline(always)]
+    pub unsafe fn atomic_cas(p: *mut u64, old: u64, new: u64) -> bool {
+        use core::intrinsics::{atomic_cxchg, AtomicOrdering};
+        // SAFETY: the caller's.
+        unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, old, new)
+                .1
+        }
+    }
+
     #[inline(always)]
     pub fn now_ns() -> u64 {
         // SAFETY: no preconditions.
