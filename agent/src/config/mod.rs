@@ -19,12 +19,14 @@ mod agent;
 mod db;
 mod host;
 mod net;
+pub mod ratelimit;
 mod syscalls;
 
 pub use agent::{AgentConfig, ControlConfig, KernelLog, MetricsConfig};
 pub use db::{DbConfig, DbRole, SlowThresholds};
 pub use host::HostConfig;
 pub use net::{parse_cidr, NetConfig};
+pub use ratelimit::RatelimitConfig;
 pub use syscalls::{AttachMode, SyscallMode, SyscallsConfig};
 
 /// Where `insite-agent run` looks for its config when `--config` is not given.
@@ -45,6 +47,7 @@ pub struct Config {
     pub net: NetConfig,
     pub db: DbConfig,
     pub host: HostConfig,
+    pub ratelimit: RatelimitConfig,
 }
 
 /// Where the running config came from (shown by `status`).
@@ -303,6 +306,7 @@ impl Config {
         self.syscalls.validate()?;
         self.net.validate()?;
         self.db.validate()?;
+        self.ratelimit.validate()?;
         self.check_budget()?;
         Ok(())
     }

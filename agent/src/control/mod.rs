@@ -7,6 +7,7 @@ pub mod client;
 pub mod db;
 pub mod net;
 pub mod protocol;
+pub mod ratelimit;
 pub mod server;
 pub mod socket;
 pub mod status;

@@ -16,6 +16,9 @@ use serde_json::{Map, Value};
 pub struct Request {
     pub cmd: String,
     pub args: Map<String, Value>,
+    /// Whether the client is root or the agent's own user (set by the server from the peer's
+    /// credentials, never from the request): only they may change what the agent enforces.
+    pub privileged: bool,
 }
 
 /// A command's arguments, typed: serde parses and checks every value (windows, limits,
@@ -44,6 +47,7 @@ impl Request {
         Self {
             cmd: C::NAME.to_string(),
             args,
+            privileged: false,
         }
     }
 
@@ -124,7 +128,11 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         return Err("bad request: a request is a JSON object, e.g. {\"cmd\":\"status\"}".into());
     };
     match args.remove("cmd") {
-        Some(Value::String(cmd)) => Ok(Request { cmd, args }),
+        Some(Value::String(cmd)) => Ok(Request {
+            cmd,
+            args,
+            privileged: false,
+        }),
         Some(_) => Err("bad request: `cmd` must be a string".into()),
         None => Err("bad request: missing `cmd`, e.g. {\"cmd\":\"status\"}".into()),
     }

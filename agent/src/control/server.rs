@@ -174,7 +174,7 @@ async fn admit(stream: UnixStream, ctx: Context, slots: Arc<Slots>, budget: Arc<
     };
     debug!(uid = cred.uid(), pid = ?cred.pid(), "control client connected");
     let stream = framed.into_inner();
-    handle(stream, ctx, budget).await;
+    handle(stream, ctx, budget, privileged(cred.uid())).await;
     drop(slot);
 }
 
@@ -191,7 +191,7 @@ async fn send_line(
     }
 }
 
-async fn handle(stream: UnixStream, ctx: Context, budget: Arc<Semaphore>) {
+async fn handle(stream: UnixStream, ctx: Context, budget: Arc<Semaphore>, privileged: bool) {
     let (max_bytes, timeout) = {
         let c = ctx.config.borrow();
         (c.control.max_request_bytes, c.control.request_timeout)
@@ -224,7 +224,10 @@ async fn handle(stream: UnixStream, ctx: Context, budget: Arc<Semaphore>) {
         // request, and the connection goes on.
         let reply = match std::str::from_utf8(&line) {
             Ok(text) => match parse_request(text) {
-                Ok(req) => match dispatch(&ctx, req) {
+                Ok(mut req) => match dispatch(&ctx, {
+                    req.privileged = privileged;
+                    req
+                }) {
                     Ok(data) => Response::ok_line(&data),
                     Err(e) => Response::error(e).to_line(),
                 },

@@ -10,6 +10,7 @@
 pub mod db;
 pub mod host;
 pub mod net;
+pub mod ratelimit;
 pub mod syscalls;
 
 use std::sync::{Arc, Mutex};
@@ -34,6 +35,7 @@ pub fn all() -> Vec<Arc<dyn Family>> {
         Arc::new(net::Net::default()),
         Arc::new(db::Db::default()),
         Arc::new(host::Host::default()),
+        Arc::new(ratelimit::Ratelimit::default()),
     ]
 }
 
@@ -191,7 +193,7 @@ mod tests {
                 assert!(cmds.insert(*c), "{c} twice");
             }
         }
-        assert_eq!(names.len(), 4);
+        assert_eq!(names.len(), 5);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod db;
 pub mod kernel_log;
 pub mod net;
 pub mod privileges;
+pub mod ratelimit;
 pub mod sampling;
 pub mod syscalls;
 
@@ -28,6 +29,10 @@ pub(crate) static NET_OBJECT: &[u8] =
 /// The object of the database and cache family.
 pub(crate) static DB_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/insite-db"));
+
+/// The object of the rate-limit family.
+pub(crate) static RATELIMIT_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/insite-ratelimit"));
 
 /// What can go wrong in a family's kernel side: loading its object, reading the kernel's BTF,
 /// its maps and programs, attaching. The one error type of the probes layer; each variant

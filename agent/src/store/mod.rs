@@ -6,6 +6,7 @@ pub mod db;
 pub mod histogram;
 pub mod host;
 pub mod net;
+pub mod ratelimit;
 pub mod streams;
 pub mod syscalls;
 pub mod window;
@@ -72,6 +73,9 @@ pub struct Store {
     /// Slow calls received from the kernel (userspace side of the ring buffer).
     pub slow_received: u64,
     pub host: Option<HostSample>,
+    /// Rate-limit rules and their counts (the family's task writes it).
+    pub ratelimit: Option<ratelimit::RatelimitView>,
+    pub ratelimit_top: ratelimit::TopView,
     /// Every family's ring buffers: what they carried and lost.
     pub streams: streams::Streams,
     pub ticks: u64,
@@ -96,6 +100,8 @@ impl Store {
             slow_capacity,
             slow_received: 0,
             host: None,
+            ratelimit: None,
+            ratelimit_top: Default::default(),
             streams: streams::Streams::default(),
             ticks: 0,
             last_tick: Duration::ZERO,

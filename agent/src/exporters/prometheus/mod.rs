@@ -17,11 +17,13 @@ use prometheus_client::{
 mod db;
 mod host;
 mod net;
+mod ratelimit;
 mod syscalls;
 
 pub use db::encode as encode_db;
 pub use host::encode as encode_host;
 pub use net::encode as encode_net;
+pub use ratelimit::encode as encode_ratelimit;
 pub use syscalls::encode as encode_syscalls;
 
 use super::labels::{l, LabelValue, Labels};
