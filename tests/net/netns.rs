@@ -3,90 +3,7 @@
 
 use super::*;
 
-/// A network namespace with a veth pair to the host, deleted (with the pair) when dropped.
-struct Netns {
-    name: String,
-    host_if: String,
-    ns_if: String,
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl Netns {
-    /// Host side 10.231.<n>.1/24, namespace side 10.231.<n>.2/24.
-    fn new(n: u8) -> Self {
-        let id = std::process::id() % 100_000;
-        let me = Self {
-            name: format!("isa-e2e-{id}-{n}"),
-            host_if: format!("isa{id}h{n}"),
-            ns_if: format!("isa{id}n{n}"),
-        };
-        ip(&["netns", "add", &me.name]);
-        ip(&[
-            "link",
-            "add",
-            &me.host_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &me.ns_if,
-        ]);
-        ip(&["link", "set", &me.ns_if, "netns", &me.name]);
-        ip(&[
-            "addr",
-            "add",
-            &format!("10.231.{n}.1/24"),
-            "dev",
-            &me.host_if,
-        ]);
-        ip(&["link", "set", &me.host_if, "up"]);
-        me.exec(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("10.231.{n}.2/24"),
-            "dev",
-            &me.ns_if,
-        ]);
-        me.exec(&["ip", "link", "set", &me.ns_if, "up"]);
-        me.exec(&["ip", "link", "set", "lo", "up"]);
-        me
-    }
-
-    fn exec(&self, args: &[&str]) {
-        let mut full = vec!["netns", "exec", &self.name];
-        full.extend_from_slice(args);
-        ip(&full);
-    }
-
-    /// Starts `python3 -c script` inside the namespace; returns the child.
-    fn spawn_python(&self, script: &str) -> std::process::Child {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name, "python3", "-u", "-c", script])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn in netns")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host_if])
-            .status();
-    }
-}
+use insite_e2e::netns::{ip, Netns};
 
 /// Waits for a line on the child's stdout (the server saying it listens).
 fn wait_line(child: &mut std::process::Child) -> String {
@@ -117,8 +34,8 @@ while True:
 
 #[test]
 fn connects_across_a_veth_pair_are_attributed_to_the_peer() {
-    let ns = Netns::new(1);
-    let mut server = ns.spawn_python(NS_SERVER);
+    let ns = Netns::new(1).expect("network namespace");
+    let mut server = ns.spawn_python(NS_SERVER).expect("python3");
     assert!(wait_line(&mut server).contains("listening"));
     let agent = Agent::start(NET_ONLY);
     for _ in 0..5 {
@@ -243,8 +160,8 @@ fn a_connect_that_waits_for_a_syn_retry_lands_in_its_bucket() {
 
 #[test]
 fn retransmits_rise_while_the_path_drops_packets() {
-    let ns = Netns::new(2);
-    let mut server = ns.spawn_python(NS_SERVER);
+    let ns = Netns::new(2).expect("network namespace");
+    let mut server = ns.spawn_python(NS_SERVER).expect("python3");
     assert!(wait_line(&mut server).contains("listening"));
     let agent = Agent::start(NET_ONLY);
     let before = agent.scrape();
@@ -262,13 +179,14 @@ fn retransmits_rise_while_the_path_drops_packets() {
         "lladdr",
         "02:00:00:00:00:01",
         "dev",
-        &ns.host_if,
+        ns.host_if(),
         "nud",
         "permanent",
-    ]);
+    ])
+    .expect("neighbour entry");
     s.write_all(&[b'x'; 1000]).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    ip(&["neigh", "del", peer, "dev", &ns.host_if]);
+    ip(&["neigh", "del", peer, "dev", ns.host_if()]).expect("neighbour entry");
     s.write_all(b"after").unwrap();
     drop(s);
     let dest = "10.231.2.2:8080";
@@ -292,4 +210,75 @@ fn retransmits_rise_while_the_path_drops_packets() {
         "retransmits on the edge: {on_edge}\n{}",
         m.0
     );
+}
+
+/// The shared harness itself, without an agent: threads that joined the namespace flood a
+/// host-side UDP port from two of its addresses and connect to a host-side listener, and the
+/// host's counters see each source; the rest of the process stays in the host's namespace.
+#[test]
+fn namespace_threads_send_from_each_of_its_addresses() {
+    use insite_e2e::netns::{tcp_connects, udp_flood, TcpAcceptCounter, UdpCounter};
+    use std::net::{IpAddr, Ipv4Addr, UdpSocket};
+
+    insite_e2e::require_root();
+    let ns = Netns::new(3).expect("network namespace");
+    ns.add_ns_addr("10.231.3.3/24").expect("second address");
+    assert!(ns.host_ifindex().expect("ifindex") > 0);
+    let second = Ipv4Addr::new(10, 231, 3, 3);
+    // Only the threads that join it are in the namespace.
+    assert!(UdpSocket::bind((ns.ns_addr(), 0)).is_err());
+    let mut rx = UdpCounter::bind(SocketAddr::from((ns.host_addr(), 0))).expect("udp counter");
+    let mut server =
+        TcpAcceptCounter::bind(SocketAddr::from((ns.host_addr(), 0))).expect("accept counter");
+    let (to, tcp_to) = (rx.local_addr(), server.local_addr());
+
+    let dur = Duration::from_millis(400);
+    let floods: Vec<_> = [ns.ns_addr(), second]
+        .into_iter()
+        .map(|src| {
+            let h = ns.run(move || udp_flood(SocketAddr::from((src, 0)), to, 5_000, dur, 64));
+            (src, h)
+        })
+        .collect();
+    let connects = ns.run(move || {
+        tcp_connects(
+            IpAddr::from(second),
+            tcp_to,
+            100,
+            dur,
+            Duration::from_millis(200),
+        )
+    });
+    let mut sent_by = Vec::new();
+    for (src, h) in floods {
+        let sent = h
+            .join()
+            .expect("flood thread")
+            .expect("setns")
+            .expect("flood");
+        assert!((1_900..=2_000).contains(&sent), "{src} sent {sent}");
+        sent_by.push((IpAddr::from(src), sent));
+    }
+    let (attempted, ok) = connects
+        .join()
+        .expect("connect thread")
+        .expect("setns")
+        .expect("connects");
+    assert!((35..=40).contains(&attempted), "attempted {attempted}");
+    assert_eq!(ok, attempted);
+
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while server.count() < ok && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    rx.stop().expect("udp counter");
+    server.stop().expect("accept counter");
+    assert_eq!(server.count(), ok);
+    assert_eq!(rx.drops().expect("drops"), 0);
+    let by = rx.by_source();
+    for (src, sent) in &sent_by {
+        assert_eq!(by.get(src), Some(sent), "{by:?}");
+    }
+    assert_eq!(rx.count(), sent_by.iter().map(|(_, s)| s).sum::<u64>());
 }

@@ -18,6 +18,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 mod metrics;
+pub mod netns;
 pub mod servers;
 pub mod wire_clients;
 

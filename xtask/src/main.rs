@@ -47,7 +47,8 @@ enum Cmd {
         no_root: bool,
     },
     /// Benchmarks (not tests): `cargo xtask bench syscalls`, `cargo xtask bench net`,
-    /// `cargo xtask bench db`, `cargo xtask bench web`, `cargo xtask bench soak --minutes N`.
+    /// `cargo xtask bench db`, `cargo xtask bench web`, `cargo xtask bench ratelimit`,
+    /// `cargo xtask bench soak --minutes N`.
     Bench {
         #[command(subcommand)]
         which: bench::Which,

@@ -126,6 +126,18 @@ pub fn run(want: Want) -> Result<()> {
     Ok(())
 }
 
+/// Installs the Debian package of each (tool, package) whose tool is not on PATH: for what
+/// only one bench uses (`bench ratelimit`'s iptables), installed only when that bench runs.
+pub fn tools(tools: &[(&str, &str)]) -> Result<()> {
+    let mut apt = Apt::default();
+    for &(tool, package) in tools {
+        if !have(tool) {
+            apt.install(&[package])?;
+        }
+    }
+    Ok(())
+}
+
 /// Whether a Debian package is installed (false where there is no dpkg).
 fn deb_installed(package: &str) -> bool {
     output(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))

@@ -12,6 +12,7 @@ use clap::Subcommand;
 mod db;
 mod harness;
 mod net;
+mod ratelimit;
 mod soak;
 mod stats;
 mod syscalls;
@@ -111,6 +112,36 @@ pub enum Which {
         #[arg(long, value_enum, default_value = "both")]
         roles: db::Roles,
     },
+    /// A UDP flood from a network namespace over a veth pair to a host port, at a fixed
+    /// offered rate: what is admitted and what the sender achieves with no rule, with an
+    /// iptables hashlimit rule and with the agent's rate-limit rule of the same limit per
+    /// source, interleaved over rounds (installs iptables if missing).
+    Ratelimit {
+        /// Offered rate of the flood, datagrams per second.
+        #[arg(long, default_value_t = 200_000)]
+        pps: u64,
+        /// Seconds of each flood.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// The limit per source, packets per second, for hashlimit and the agent alike.
+        #[arg(long, default_value_t = 10_000)]
+        limit: u64,
+        /// The burst (packets) for both.
+        #[arg(long, default_value_t = 100)]
+        burst: u64,
+        /// Rounds of [no rule, hashlimit, agent].
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
+        /// UDP payload bytes.
+        #[arg(long, default_value_t = 64)]
+        payload: usize,
+        /// Only the first two phases (no agent).
+        #[arg(long)]
+        skip_agent: bool,
+        /// Keep the agent's other probe families on (default: only the ratelimit probe).
+        #[arg(long)]
+        keep_probes: bool,
+    },
     /// The agent with every probe on under a mixed workload (syscalls, connections, Redis,
     /// PostgreSQL and MariaDB, scrapes every second, CLI calls) for a while: RSS and open fds
     /// sampled, and whether they stay flat after the warm-up.
@@ -174,6 +205,25 @@ pub fn run(which: Which) -> Result<()> {
             pg_extended,
             keep_probes,
             bpf_stats,
+        }),
+        Which::Ratelimit {
+            pps,
+            seconds,
+            limit,
+            burst,
+            rounds,
+            payload,
+            skip_agent,
+            keep_probes,
+        } => ratelimit::run(ratelimit::Opts {
+            pps,
+            seconds,
+            limit,
+            burst,
+            rounds,
+            payload,
+            skip_agent,
+            keep_probes,
         }),
         Which::Soak {
             minutes,
