@@ -297,8 +297,10 @@ fn send_dropped(e: &io::Error) -> bool {
 
 /// Sends `payload`-byte UDP datagrams from `from` (port 0: any) to `to` at `pps` for `dur`,
 /// paced by absolute deadlines; returns how many the kernel took. A datagram the socket or
-/// device queue had no room for counts as not sent, not as an error. One thread sustains
-/// about 300k pps on a 2-CPU VM; above what it can do, it sends as fast as it can.
+/// device queue had no room for counts as not sent, not as an error. Above what the thread
+/// can do it sends as fast as it can: across a veth on the 2-CPU dev VM that is 150k to 300k
+/// pps (veth runs the receive path on the sending CPU, so it depends on what the host does
+/// with the packets).
 pub fn udp_flood(
     from: SocketAddr,
     to: SocketAddr,
@@ -602,9 +604,9 @@ struct UdpCounts {
 }
 
 /// A UDP socket whose thread counts the datagrams that reach it, in all and per source
-/// address, until stopped. The socket has an 8 MiB receive buffer and the thread takes up
-/// to 64 datagrams per system call, so that in a measurement the receiver is not what drops;
-/// `drops()` says whether it did.
+/// address, until stopped. The socket asks for an 8 MiB receive buffer (root gets it past
+/// net.core.rmem_max) and the thread takes up to 64 datagrams per system call, so that in a
+/// measurement the receiver is not what drops; `drops()` says whether it did.
 pub struct UdpCounter {
     addr: SocketAddr,
     counts: Arc<UdpCounts>,
