@@ -128,7 +128,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
     let socket_path = cfg.control.socket.clone();
 
     let missing = privileges::missing_for_ebpf();
-    let want_ebpf = families.iter().any(|f| f.needs_ebpf() && f.enabled(&cfg));
+    let want_ebpf = families
+        .iter()
+        .any(|f| f.needs_ebpf(&cfg) && f.enabled(&cfg));
     if want_ebpf && !missing.is_empty() {
         error!(
             missing = %missing.join(", "),
@@ -202,9 +204,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
         f.detach();
     }
     control::server::remove_socket(&socket_path, socket_file);
+    let last = cfg_tx.borrow().clone();
     let ebpf_families: Vec<&str> = families
         .iter()
-        .filter(|f| f.needs_ebpf())
+        .filter(|f| f.needs_ebpf(&last))
         .map(|f| f.name())
         .collect();
     let failed_for_privileges = store.read().ok().is_some_and(|st| {

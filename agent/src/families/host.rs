@@ -63,7 +63,7 @@ impl Family for Host {
         cfg.host.enabled
     }
 
-    fn needs_ebpf(&self) -> bool {
+    fn needs_ebpf(&self, _cfg: &Config) -> bool {
         false
     }
 

@@ -43,8 +43,8 @@ pub fn all() -> Vec<Arc<dyn Family>> {
 pub trait Family: TickSource + Views {
     /// Whether the config turns it on.
     fn enabled(&self, cfg: &Config) -> bool;
-    /// Whether it loads eBPF programs (and so needs the privileges for them).
-    fn needs_ebpf(&self) -> bool {
+    /// Whether it loads eBPF programs under `cfg` (and so needs the privileges for them).
+    fn needs_ebpf(&self, _cfg: &Config) -> bool {
         true
     }
     /// Loads and attaches what it reads from: kernel programs and maps, or procfs.

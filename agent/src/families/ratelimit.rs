@@ -565,6 +565,12 @@ impl Family for Ratelimit {
         cfg.ratelimit.enabled
     }
 
+    /// Only with rules: with none it loads nothing, so it needs no privileges (and an
+    /// unprivileged agent without rules has not failed at it).
+    fn needs_ebpf(&self, cfg: &Config) -> bool {
+        !cfg.ratelimit.rules.is_empty()
+    }
+
     fn attach(&self, cfg: &Config) -> Result<Attached, String> {
         let mut rules = self
             .0
