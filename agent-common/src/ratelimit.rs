@@ -87,19 +87,27 @@ pub const LAST_NS: usize = 1;
 /// Each interval of time is credited once: a CPU claims `(last, now]` by swapping `now` into
 /// [`LAST_NS`], and only the winner adds its tokens. A CPU that read an older clock than the one
 /// stored claims nothing (no wrap to an enormous elapsed time); a CPU that loses the race leaves
-/// its part of the interval to the next refill, so no time is lost.
+/// its part of the interval to the next refill, so no time is lost. An admission that could
+/// not pass even after the refill writes nothing at all.
 #[inline(always)]
 pub fn take_bucket<C: Cells>(c: &C, limit: &Limit, now_ns: u64, cost: u64) -> bool {
+    let want = if cost > MAX_COST { MAX_COST } else { cost } * NANO;
     let last = c.load(LAST_NS);
-    if now_ns > last && c.cas(LAST_NS, last, now_ns) {
-        let elapsed = now_ns - last;
-        let elapsed = if elapsed > limit.horizon_ns {
-            limit.horizon_ns
-        } else {
-            elapsed
-        };
-        // elapsed x rate <= horizon x rate < capacity + rate < 2^63: no overflow.
-        let earned = elapsed * limit.rate;
+    let elapsed = now_ns.saturating_sub(last);
+    let elapsed = if elapsed > limit.horizon_ns {
+        limit.horizon_ns
+    } else {
+        elapsed
+    };
+    // elapsed x rate <= horizon x rate < capacity + rate < 2^63: no overflow.
+    let earned = elapsed * limit.rate;
+    // Not enough even with the refill: refused without a write. The interval stays
+    // unclaimed and is credited whole by a later refill, and a flood that is refused costs
+    // only loads, not a cache line bounced between CPUs per packet.
+    if c.load(TOKENS).saturating_add(earned) < want {
+        return false;
+    }
+    if earned > 0 && c.cas(LAST_NS, last, now_ns) {
         let cap = limit.capacity();
         let mut i = 0;
         while i < CAS_TRIES {
@@ -112,7 +120,6 @@ pub fn take_bucket<C: Cells>(c: &C, limit: &Limit, now_ns: u64, cost: u64) -> bo
             i += 1;
         }
     }
-    let want = if cost > MAX_COST { MAX_COST } else { cost } * NANO;
     let mut i = 0;
     while i < CAS_TRIES {
         let have = c.load(TOKENS);
@@ -370,6 +377,9 @@ pub struct Settings {
     /// New per-source entries a second, across all rules: spoofed floods cannot churn the LRU
     /// faster than this.
     pub new_sources: Limit,
+    /// Entries in the class trie (allowlist and classes): with none, the programs skip the
+    /// trie lookup, the dearest step of a packet on a rule's port.
+    pub prefixes: u64,
 }
 
 /// What a rule counted (`RL_COUNTERS`, per CPU, indexed by slot; slot [`MAX_RULES`] holds
@@ -420,7 +430,7 @@ const _: () = assert!(core::mem::size_of::<EgressKey>() == 16);
 const _: () = assert!(core::mem::size_of::<RuleSet>() == 16);
 const _: () = assert!(core::mem::size_of::<SourceKey>() == 24);
 const _: () = assert!(core::mem::size_of::<SourceState>() == 32);
-const _: () = assert!(core::mem::size_of::<Settings>() == 24);
+const _: () = assert!(core::mem::size_of::<Settings>() == 32);
 const _: () = assert!(core::mem::size_of::<RuleName>() == 64);
 const _: () = assert!(core::mem::size_of::<Counters>() == 64);
 const _: () = assert!(MAX_RULES <= u16::MAX as u32);
@@ -613,7 +623,8 @@ mod tests {
         let limit = Limit::new(10, 5);
         let b = Plain::default();
         assert!(!take_bucket(&b, &limit, SEC, 6));
-        assert_eq!(b.load(TOKENS), 5 * NANO);
+        // Refused even after a refill: nothing written, the time stays unclaimed.
+        assert_eq!((b.load(TOKENS), b.load(LAST_NS)), (0, 0));
         assert!(take_bucket(&b, &limit, SEC, 5));
         refund_bucket(&b, &limit, 3);
         assert_eq!(b.load(TOKENS), 3 * NANO);

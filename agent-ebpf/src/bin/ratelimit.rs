@@ -28,12 +28,12 @@ use agent_ebpf::util::{atomic_add, atomic_cas, now_ns};
 use aya_ebpf::{
     bindings::{xdp_action, BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_set_retval},
-    macros::{cgroup_sock_addr, map, xdp},
+    macros::{cgroup_sock_addr, classifier, map, xdp},
     maps::{
         lpm_trie::{Key as LpmKey, LpmTrie},
         Array, HashMap, LruHashMap, PerCpuArray,
     },
-    programs::{SockAddrContext, XdpContext},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 #[map]
@@ -91,20 +91,44 @@ fn words(state: *mut SourceState) -> Words {
     Words(unsafe { core::ptr::addr_of_mut!((*state).words) }.cast())
 }
 
-/// Adds `v` to counter `i` of rule `slot` (or of the globals, slot `MAX_RULES`).
-#[inline(always)]
-fn add(slot: u32, i: usize, v: u64) {
-    if let Some(c) = RL_COUNTERS.get_ptr_mut(slot) {
-        if i < 8 {
-            // SAFETY: per-CPU slot; programs do not preempt each other on one CPU.
-            unsafe { (*c).n[i] += v };
-        }
-    }
-}
-
+/// Counts one under global counter `i` (slot `MAX_RULES`).
 #[inline(always)]
 fn add_global(i: usize) {
-    add(MAX_RULES, i, 1);
+    RuleCounters::of(MAX_RULES).one(i);
+}
+
+/// A rule's counters on this CPU, looked up once per admission.
+struct RuleCounters(*mut Counters);
+
+impl RuleCounters {
+    #[inline(always)]
+    fn of(slot: u32) -> Self {
+        Self(
+            RL_COUNTERS
+                .get_ptr_mut(slot)
+                .unwrap_or(core::ptr::null_mut()),
+        )
+    }
+
+    #[inline(always)]
+    fn add(&self, i: usize, v: u64) {
+        if !self.0.is_null() && i < 8 {
+            // SAFETY: per-CPU slot; programs do not preempt each other on one CPU.
+            unsafe { (*self.0).n[i] += v };
+        }
+    }
+
+    #[inline(always)]
+    fn one(&self, i: usize) {
+        self.add(i, 1);
+    }
+
+    /// Counts one admission under `count` and its bytes under `bytes_at`.
+    #[inline(always)]
+    fn count(&self, count: usize, bytes_at: usize, bytes: u64) {
+        self.one(count);
+        self.add(bytes_at, bytes);
+    }
 }
 
 #[inline(always)]
@@ -156,6 +180,7 @@ fn source_state(key: &SourceKey, now: u64) -> Option<*mut SourceState> {
 #[inline(always)]
 fn admit(slot: u32, r: &RuleConfig, addr: &Addr, cost: u64, bytes: u64) -> bool {
     let now = now_ns();
+    let counters = RuleCounters::of(slot);
     let mut source: *mut SourceState = core::ptr::null_mut();
     if r.flags & flag::PER_SOURCE != 0 {
         let key = SourceKey {
@@ -167,47 +192,44 @@ fn admit(slot: u32, r: &RuleConfig, addr: &Addr, cost: u64, bytes: u64) -> bool 
             Some(s) => source = s,
             None => {
                 if r.flags & flag::FAIL_CLOSED != 0 {
-                    add(slot, rule::DROPPED_NEW_SOURCE, 1);
-                    add(slot, rule::DROPPED_BYTES, bytes);
+                    counters.count(rule::DROPPED_NEW_SOURCE, rule::DROPPED_BYTES, bytes);
                     return false;
                 }
-                add(slot, rule::PASSED_NEW_SOURCE, 1);
-                add(slot, rule::PASSED_BYTES, bytes);
+                counters.count(rule::PASSED_NEW_SOURCE, rule::PASSED_BYTES, bytes);
                 return true;
             }
         }
         if !take(source, &r.per_source, r, now, cost) {
             // SAFETY: a map value.
             unsafe { atomic_add(core::ptr::addr_of_mut!((*source).dropped), 1) };
-            add(slot, rule::DROPPED_SOURCE, 1);
-            add(slot, rule::DROPPED_BYTES, bytes);
+            counters.count(rule::DROPPED_SOURCE, rule::DROPPED_BYTES, bytes);
             return false;
         }
-        add(slot, rule::PASSED_SOURCE, 1);
     }
     if r.flags & flag::AGGREGATE != 0 {
-        let Some(agg) = RL_AGGREGATES.get_ptr_mut(slot) else {
-            return true;
-        };
-        if !take(agg, &r.aggregate, r, now, cost) {
-            if !source.is_null() {
-                // The source keeps what the aggregate refused: a source is not charged for
-                // traffic that did not pass.
-                refund(source, &r.per_source, r, now, cost);
-                // SAFETY: a map value.
-                unsafe { atomic_add(core::ptr::addr_of_mut!((*source).dropped), 1) };
+        if let Some(agg) = RL_AGGREGATES.get_ptr_mut(slot) {
+            if !take(agg, &r.aggregate, r, now, cost) {
+                if !source.is_null() {
+                    // The source keeps what the aggregate refused: a source is not charged
+                    // for traffic that did not pass.
+                    refund(source, &r.per_source, r, now, cost);
+                    // SAFETY: a map value.
+                    unsafe { atomic_add(core::ptr::addr_of_mut!((*source).dropped), 1) };
+                    counters.one(rule::PASSED_SOURCE);
+                }
+                counters.count(rule::DROPPED_AGGREGATE, rule::DROPPED_BYTES, bytes);
+                return false;
             }
-            add(slot, rule::DROPPED_AGGREGATE, 1);
-            add(slot, rule::DROPPED_BYTES, bytes);
-            return false;
+            counters.one(rule::PASSED_AGGREGATE);
         }
-        add(slot, rule::PASSED_AGGREGATE, 1);
     }
     if !source.is_null() {
         // SAFETY: a map value.
         unsafe { atomic_add(core::ptr::addr_of_mut!((*source).passed), 1) };
+        counters.count(rule::PASSED_SOURCE, rule::PASSED_BYTES, bytes);
+    } else {
+        counters.add(rule::PASSED_BYTES, bytes);
     }
-    add(slot, rule::PASSED_BYTES, bytes);
     true
 }
 
@@ -223,9 +245,14 @@ struct Packet {
 /// passes.
 #[inline(always)]
 fn judge(set: &RuleSet, p: &Packet) -> bool {
-    let bits = match RL_CLASSES.get(LpmKey::new(128, p.addr)) {
-        Some(b) => *b,
-        None => 0,
+    let classes = RL_SETTINGS.get(0).is_some_and(|s| s.prefixes != 0);
+    let bits = if classes {
+        match RL_CLASSES.get(LpmKey::new(128, p.addr)) {
+            Some(b) => *b,
+            None => 0,
+        }
+    } else {
+        0
     };
     if bits & ALLOW_BIT != 0 {
         add_global(global::ALLOWED);
@@ -267,8 +294,48 @@ fn rule_set<K>(map: &HashMap<K, RuleSet>, key: &K) -> Option<RuleSet> {
     map.get_ptr(key).map(|p| unsafe { *p })
 }
 
+/// A frame from its Ethernet header on, as XDP and TC (whose ingress programs see the MAC
+/// header too) hand it over.
+trait Frame {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// The frame's length, the cost of a `bytes` rule.
+    fn bytes(&self) -> u64;
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+    #[inline(always)]
+    fn bytes(&self) -> u64 {
+        (XdpContext::data_end(self) - XdpContext::data(self)) as u64
+    }
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+    #[inline(always)]
+    fn bytes(&self) -> u64 {
+        // The whole frame, paged parts included (the linear part may hold only headers).
+        u64::from(self.len())
+    }
+}
+
 #[inline(always)]
-fn at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
+fn at<T, F: Frame>(ctx: &F, off: usize) -> Option<*const T> {
     let start = ctx.data();
     if start + off + core::mem::size_of::<T>() > ctx.data_end() {
         return None;
@@ -277,14 +344,14 @@ fn at<T>(ctx: &XdpContext, off: usize) -> Option<*const T> {
 }
 
 #[inline(always)]
-fn byte(ctx: &XdpContext, off: usize) -> Option<u8> {
+fn byte<F: Frame>(ctx: &F, off: usize) -> Option<u8> {
     // SAFETY: bounds checked by `at`.
-    at::<u8>(ctx, off).map(|p| unsafe { *p })
+    at::<u8, F>(ctx, off).map(|p| unsafe { *p })
 }
 
 #[inline(always)]
-fn be16(ctx: &XdpContext, off: usize) -> Option<u16> {
-    let p = at::<[u8; 2]>(ctx, off)?;
+fn be16<F: Frame>(ctx: &F, off: usize) -> Option<u16> {
+    let p = at::<[u8; 2], F>(ctx, off)?;
     // SAFETY: bounds checked by `at`.
     Some(u16::from_be_bytes(unsafe { *p }))
 }
@@ -301,9 +368,25 @@ pub fn insite_ratelimit(ctx: XdpContext) -> u32 {
     }
 }
 
+/// The same rules at TC ingress (clsact, or TCX links on 6.6+), where XDP cannot attach or
+/// costs more (generic XDP on virtual links).
+#[classifier]
+pub fn insite_ratelimit_tc(ctx: TcContext) -> i32 {
+    const TC_ACT_OK: i32 = 0;
+    const TC_ACT_SHOT: i32 = 2;
+    match ingress(&ctx) {
+        Some(false) => TC_ACT_SHOT,
+        Some(true) => TC_ACT_OK,
+        None => {
+            add_global(global::UNPARSED);
+            TC_ACT_OK
+        }
+    }
+}
+
 /// `None`: the headers did not parse (passed and counted).
 #[inline(always)]
-fn ingress(ctx: &XdpContext) -> Option<bool> {
+fn ingress<F: Frame>(ctx: &F) -> Option<bool> {
     let mut l3 = ETH_HLEN;
     let mut ethertype = be16(ctx, 12)?;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
@@ -322,13 +405,13 @@ fn ingress(ctx: &XdpContext) -> Option<bool> {
                 return Some(true);
             }
             let protocol = byte(ctx, l3 + 9)?;
-            let src = at::<[u8; 4]>(ctx, l3 + 12)?;
+            let src = at::<[u8; 4], F>(ctx, l3 + 12)?;
             // SAFETY: bounds checked by `at`.
             (protocol, v4_mapped(unsafe { *src }), l3 + ihl)
         }
         ETH_P_IPV6 => {
             let protocol = byte(ctx, l3 + 6)?;
-            let src = at::<Addr>(ctx, l3 + 8)?;
+            let src = at::<Addr, F>(ctx, l3 + 8)?;
             // SAFETY: bounds checked by `at`.
             (protocol, unsafe { *src }, l3 + 40)
         }
@@ -356,7 +439,7 @@ fn ingress(ctx: &XdpContext) -> Option<bool> {
     };
     let p = Packet {
         addr,
-        bytes: (ctx.data_end() - ctx.data()) as u64,
+        bytes: ctx.bytes(),
         opens,
     };
     Some(judge(&set, &p))

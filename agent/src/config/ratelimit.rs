@@ -12,7 +12,8 @@ pub struct RatelimitConfig {
     pub enabled: bool,
     /// Links the ingress rules attach to; absent: every non-loopback link that is up.
     pub interfaces: Option<Vec<String>>,
-    /// How ingress rules attach: XDP in the driver where it can, else XDP in generic mode.
+    /// How ingress rules attach: `auto` (on a NIC: XDP in the driver, else generic XDP, else
+    /// TC; on a virtual link: TC, else generic XDP), `native`, `generic` or `tc`.
     pub attach: XdpAttach,
     /// Sources that bypass every rule.
     pub allow: Vec<String>,
@@ -60,6 +61,8 @@ pub enum XdpAttach {
     Auto,
     Native,
     Generic,
+    /// TC ingress (a TCX link on 6.6+).
+    Tc,
 }
 
 /// A rule, as in the config and in `limits set` files.

@@ -13,7 +13,7 @@ use std::{
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use super::{Attached, Family, Slot, Spawn};
+use super::{keep, Attached, Family, Slot, Spawn};
 use crate::{
     collectors::{Reading, TickSource},
     config::{
@@ -34,7 +34,7 @@ use crate::{
         ratelimit::{
             cgroup_id,
             compile::{compile, Compiled, Slots},
-            default_interfaces, RatelimitProbe,
+            default_interfaces, IngressLink, RatelimitProbe,
         },
     },
     store::{
@@ -579,7 +579,7 @@ impl Family for Ratelimit {
             .map_err(|_| "internal: rules unavailable".to_string())?;
         rules.config = cfg.ratelimit.clone();
         let problems = self.0.sync(&mut rules)?;
-        let how = describe(&rules, self.0.probe.get().is_some());
+        let how = describe(&rules, self.0.probe.with(|p| p.ingress_links()));
         Ok(Attached { how, problems })
     }
 
@@ -589,6 +589,30 @@ impl Family for Ratelimit {
 
     fn metrics(&self) -> EncodeFamily {
         encode_ratelimit
+    }
+
+    fn keep_restart_keys(&self, running: &Config, new: &mut Config) -> Vec<&'static str> {
+        let (r, n) = (&running.ratelimit, &mut new.ratelimit);
+        let mut changed = Vec::new();
+        keep(
+            &mut changed,
+            "ratelimit.enabled",
+            &r.enabled,
+            &mut n.enabled,
+        );
+        keep(
+            &mut changed,
+            "ratelimit.pin_dir",
+            &r.pin_dir,
+            &mut n.pin_dir,
+        );
+        keep(
+            &mut changed,
+            "ratelimit.max_sources",
+            &r.max_sources,
+            &mut n.max_sources,
+        );
+        changed
     }
 
     fn reload(&self, cfg: &Config, _store: &SharedStore) {
@@ -608,14 +632,18 @@ impl Family for Ratelimit {
     }
 }
 
-fn describe(rules: &Rules, loaded: bool) -> String {
-    if !loaded {
+fn describe(rules: &Rules, links: Option<Vec<IngressLink>>) -> String {
+    let Some(links) = links else {
         return "idle: no rules (nothing loaded)".into();
-    }
+    };
     let n = rules.compiled.rules.len();
     let mut parts = vec![format!("{n} rules")];
-    if !rules.interfaces.is_empty() {
-        parts.push(format!("XDP on {}", rules.interfaces.join(", ")));
+    if !links.is_empty() {
+        let on: Vec<String> = links
+            .iter()
+            .map(|l| format!("{} ({})", l.interface, l.mode))
+            .collect();
+        parts.push(format!("ingress on {}", on.join(", ")));
     }
     if rules.compiled.has_egress() {
         parts.push("cgroup connect hooks".into());

@@ -26,8 +26,9 @@ use aya::{
     },
     programs::{
         links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachType},
         xdp::XdpLink,
-        CgroupAttachMode, CgroupSockAddr, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -42,6 +43,7 @@ use crate::config::ratelimit::XdpAttach;
 pub const LAYOUT: &str = "v1";
 
 const XDP_PROGRAM: &str = "insite_ratelimit";
+const TC_PROGRAM: &str = "insite_ratelimit_tc";
 const CONNECT_PROGRAMS: [&str; 2] = ["insite_ratelimit_connect4", "insite_ratelimit_connect6"];
 
 /// Every pinned map: name, type, key and value size, entries (`None`: set at load).
@@ -208,6 +210,12 @@ impl RatelimitProbe {
             .try_into()
             .map_err(program_err(XDP_PROGRAM))?;
         xdp.load().map_err(program_err(XDP_PROGRAM))?;
+        let tc: &mut SchedClassifier = ebpf
+            .program_mut(TC_PROGRAM)
+            .ok_or(ProbeError::MissingProgram(TC_PROGRAM))?
+            .try_into()
+            .map_err(program_err(TC_PROGRAM))?;
+        tc.load().map_err(program_err(TC_PROGRAM))?;
         let mut me = Self {
             ebpf,
             maps,
@@ -289,9 +297,9 @@ impl RatelimitProbe {
             if self.xdp.contains_key(i) {
                 continue;
             }
-            match self.attach_xdp(i, mode) {
+            match self.attach_one(i, mode) {
                 Ok(v) => {
-                    info!(interface = %i, mode = v.1.mode, adopted = v.1.adopted, "rate limits attached (XDP)");
+                    info!(interface = %i, mode = v.1.mode, adopted = v.1.adopted, "rate limits attached");
                     self.xdp.insert(i.clone(), v);
                 }
                 Err(e) => problems.push(format!("{i}: {}", super::error_chain(&e))),
@@ -300,72 +308,155 @@ impl RatelimitProbe {
         problems
     }
 
-    fn attach_xdp(
+    /// Attaches to one interface in the first way `mode` allows that works. A link a previous
+    /// agent pinned for a way the mode allows gets the new program in place, without a gap; a
+    /// pinned link of another way goes once the new one is in.
+    fn attach_one(
         &mut self,
         interface: &str,
         mode: XdpAttach,
     ) -> Result<(Pinned, IngressLink), ProbeError> {
-        let path = self.dir.join("links").join(format!("xdp-{interface}"));
-        let prog: &mut Xdp = self
-            .ebpf
+        let links = self.dir.join("links");
+        let xdp_pin = links.join(format!("xdp-{interface}"));
+        let tc_pin = links.join(format!("tc-{interface}"));
+        let tries: &[Way] = match mode {
+            // A NIC's driver runs XDP before it allocates a socket buffer: the cheapest place
+            // to drop. A virtual link (veth, bridge, tun) hands over socket buffers already,
+            // which native XDP copies into XDP frames and generic XDP linearises; TC takes
+            // them as they are (measured with `cargo xtask bench ratelimit --attach`).
+            XdpAttach::Auto if is_virtual(interface) => &[Way::Tc, Way::Xdp(XdpMode::Skb)],
+            XdpAttach::Auto => &[Way::Xdp(XdpMode::Driver), Way::Xdp(XdpMode::Skb), Way::Tc],
+            XdpAttach::Native => &[Way::Xdp(XdpMode::Driver)],
+            XdpAttach::Generic => &[Way::Xdp(XdpMode::Skb)],
+            XdpAttach::Tc => &[Way::Tc],
+        };
+        if tries.iter().any(|w| matches!(w, Way::Xdp(_))) {
+            if let Some(l) = self.adopt(interface, &xdp_pin, false)? {
+                let _ = std::fs::remove_file(&tc_pin);
+                return Ok(l);
+            }
+        }
+        if tries.contains(&Way::Tc) {
+            if let Some(l) = self.adopt(interface, &tc_pin, true)? {
+                let _ = std::fs::remove_file(&xdp_pin);
+                return Ok(l);
+            }
+        }
+        let mut errors = Vec::new();
+        for &way in tries {
+            let got = match way {
+                Way::Xdp(m) => self.new_xdp(interface, m, &xdp_pin),
+                Way::Tc => self.new_tc(interface, &tc_pin),
+            };
+            match got {
+                Ok(l) => {
+                    // A pinned link of the other way (the mode changed) goes now.
+                    let other = if way == Way::Tc { &xdp_pin } else { &tc_pin };
+                    let _ = std::fs::remove_file(other);
+                    return Ok(l);
+                }
+                Err(e) => errors.push(format!("{}: {}", way.name(), super::error_chain(&e))),
+            }
+        }
+        Err(ProbeError::NoAttach(format!(
+            "{interface}: {}",
+            errors.join("; ")
+        )))
+    }
+
+    /// Swaps this agent's program into a link a previous agent pinned at `path`.
+    fn adopt(
+        &mut self,
+        interface: &str,
+        path: &Path,
+        tc: bool,
+    ) -> Result<Option<(Pinned, IngressLink)>, ProbeError> {
+        let Ok(pinned) = PinnedLink::from_pin(path) else {
+            return Ok(None);
+        };
+        let fd = FdLink::from(pinned);
+        let what = format!("{} on {interface}", if tc { "TC" } else { "XDP" });
+        let swapped = if tc {
+            let Ok(link) = SchedClassifierLink::try_from(fd) else {
+                let _ = std::fs::remove_file(path);
+                return Ok(None);
+            };
+            let prog = self.tc_program()?;
+            let id = prog
+                .attach_to_link(link)
+                .map_err(program_err(what.clone()))?;
+            FdLink::try_from(prog.take_link(id).map_err(program_err(what.clone()))?)
+        } else {
+            let Ok(link) = XdpLink::try_from(fd) else {
+                let _ = std::fs::remove_file(path);
+                return Ok(None);
+            };
+            let prog = self.xdp_program()?;
+            let id = prog
+                .attach_to_link(link)
+                .map_err(program_err(what.clone()))?;
+            FdLink::try_from(prog.take_link(id).map_err(program_err(what.clone()))?)
+        };
+        let fd = swapped.map_err(|e| ProbeError::NoAttach(format!("{what}: {e}")))?;
+        let mode = if tc { "tc (adopted)" } else { "xdp (adopted)" };
+        Ok(Some(pinned_link(path, fd, interface, mode, true)))
+    }
+
+    fn new_xdp(
+        &mut self,
+        interface: &str,
+        mode: XdpMode,
+        path: &Path,
+    ) -> Result<(Pinned, IngressLink), ProbeError> {
+        let what = format!("XDP on {interface}");
+        let prog = self.xdp_program()?;
+        let id = prog
+            .attach(interface, mode)
+            .map_err(program_err(what.clone()))?;
+        let link = prog.take_link(id).map_err(program_err(what.clone()))?;
+        let fd = FdLink::try_from(link)
+            .map_err(|e| ProbeError::NoAttach(format!("{what}: no bpf_link: {e}")))?;
+        let name = if mode == XdpMode::Driver {
+            "xdp-native"
+        } else {
+            "xdp-generic"
+        };
+        pin_new(path, fd, interface, name)
+    }
+
+    fn new_tc(
+        &mut self,
+        interface: &str,
+        path: &Path,
+    ) -> Result<(Pinned, IngressLink), ProbeError> {
+        let what = format!("TC on {interface}");
+        // TCX links (6.6+) need no qdisc; older kernels attach under clsact (EEXIST is fine).
+        let _ = aya::programs::tc::qdisc_add_clsact(interface);
+        let prog = self.tc_program()?;
+        let id = prog
+            .attach(interface, TcAttachType::Ingress)
+            .map_err(program_err(what.clone()))?;
+        let link = prog.take_link(id).map_err(program_err(what.clone()))?;
+        let fd = FdLink::try_from(link).map_err(|e| {
+            ProbeError::NoAttach(format!("{what}: no bpf_link (TCX needs Linux 6.6): {e}"))
+        })?;
+        pin_new(path, fd, interface, "tc")
+    }
+
+    fn xdp_program(&mut self) -> Result<&mut Xdp, ProbeError> {
+        self.ebpf
             .program_mut(XDP_PROGRAM)
             .ok_or(ProbeError::MissingProgram(XDP_PROGRAM))?
             .try_into()
-            .map_err(program_err(XDP_PROGRAM))?;
-        let what = format!("XDP on {interface}");
-        // A link a previous agent pinned: swap the program in, without a gap.
-        if let Ok(pinned) = PinnedLink::from_pin(&path) {
-            let fd: FdLink = pinned.into();
-            if let Ok(link) = XdpLink::try_from(fd) {
-                let id = prog
-                    .attach_to_link(link)
-                    .map_err(program_err(what.clone()))?;
-                let link = prog.take_link(id).map_err(program_err(what.clone()))?;
-                let fd = FdLink::try_from(link)
-                    .map_err(|e| ProbeError::NoAttach(format!("{what}: {e}")))?;
-                return Ok((
-                    Pinned { path, _link: fd },
-                    IngressLink {
-                        interface: interface.to_string(),
-                        mode: "adopted",
-                        adopted: true,
-                    },
-                ));
-            }
-            let _ = std::fs::remove_file(&path);
-        }
-        let tries: &[(XdpMode, &'static str)] = match mode {
-            XdpAttach::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
-            XdpAttach::Native => &[(XdpMode::Driver, "native")],
-            XdpAttach::Generic => &[(XdpMode::Skb, "generic")],
-        };
-        let mut last = None;
-        for &(flags, name) in tries {
-            match prog.attach(interface, flags) {
-                Ok(id) => {
-                    let link = prog.take_link(id).map_err(program_err(what.clone()))?;
-                    let fd = FdLink::try_from(link)
-                        .map_err(|e| ProbeError::NoAttach(format!("{what}: no bpf_link: {e}")))?;
-                    let pinned = fd
-                        .pin(&path)
-                        .map_err(|e| ProbeError::NoAttach(format!("{what}: pinning: {e}")))?;
-                    let fd: FdLink = pinned.into();
-                    return Ok((
-                        Pinned { path, _link: fd },
-                        IngressLink {
-                            interface: interface.to_string(),
-                            mode: name,
-                            adopted: false,
-                        },
-                    ));
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(match last {
-            Some(source) => ProbeError::Program { what, source },
-            None => ProbeError::NoAttach(what),
-        })
+            .map_err(program_err(XDP_PROGRAM))
+    }
+
+    fn tc_program(&mut self) -> Result<&mut SchedClassifier, ProbeError> {
+        self.ebpf
+            .program_mut(TC_PROGRAM)
+            .ok_or(ProbeError::MissingProgram(TC_PROGRAM))?
+            .try_into()
+            .map_err(program_err(TC_PROGRAM))
     }
 
     pub fn ingress_links(&self) -> Vec<IngressLink> {
@@ -427,12 +518,6 @@ impl RatelimitProbe {
         cgroup_ids: &BTreeMap<String, u64>,
     ) -> Result<(), ProbeError> {
         let m = &mut self.maps;
-        let settings = Settings {
-            new_sources: agent_common::ratelimit::Limit::new(new_sources.0, new_sources.1),
-        };
-        m.settings
-            .set(0, settings, 0)
-            .map_err(map_err("RL_SETTINGS"))?;
         for r in &c.rules {
             if self.written_generations.get(&r.slot) != Some(&r.config.generation) {
                 m.aggregates
@@ -456,6 +541,15 @@ impl RatelimitProbe {
                 .insert(&LpmKey::new(*len, *addr), bits, 0)
                 .map_err(map_err("RL_CLASSES"))?;
         }
+        // After the trie is filled (the programs consult it once this says it has entries),
+        // before stale entries go.
+        let settings = Settings {
+            new_sources: agent_common::ratelimit::Limit::new(new_sources.0, new_sources.1),
+            prefixes: c.prefixes.len() as u64,
+        };
+        m.settings
+            .set(0, settings, 0)
+            .map_err(map_err("RL_SETTINGS"))?;
         for (k, v) in &c.ports {
             m.ports.insert(k, v, 0).map_err(map_err("RL_PORTS"))?;
         }
@@ -530,6 +624,65 @@ impl RatelimitProbe {
             }
         }
     }
+}
+
+/// A link without a device behind it (`/sys/class/net/IF/device`): veth, bridge, tun, bond.
+fn is_virtual(interface: &str) -> bool {
+    !Path::new("/sys/class/net")
+        .join(interface)
+        .join("device")
+        .exists()
+}
+
+/// One way to attach on ingress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Way {
+    Xdp(XdpMode),
+    Tc,
+}
+
+impl Way {
+    fn name(self) -> &'static str {
+        match self {
+            Way::Xdp(XdpMode::Driver) => "xdp-native",
+            Way::Xdp(_) => "xdp-generic",
+            Way::Tc => "tc",
+        }
+    }
+}
+
+fn pinned_link(
+    path: &Path,
+    fd: FdLink,
+    interface: &str,
+    mode: &'static str,
+    adopted: bool,
+) -> (Pinned, IngressLink) {
+    (
+        Pinned {
+            path: path.to_path_buf(),
+            _link: fd,
+        },
+        IngressLink {
+            interface: interface.to_string(),
+            mode,
+            adopted,
+        },
+    )
+}
+
+/// Pins a new link (replacing a stale pin file) and keeps it.
+fn pin_new(
+    path: &Path,
+    fd: FdLink,
+    interface: &str,
+    mode: &'static str,
+) -> Result<(Pinned, IngressLink), ProbeError> {
+    let _ = std::fs::remove_file(path);
+    let pinned = fd
+        .pin(path)
+        .map_err(|e| ProbeError::NoAttach(format!("{interface}: pinning the link: {e}")))?;
+    Ok(pinned_link(path, pinned.into(), interface, mode, false))
 }
 
 fn scaled(l: &agent_common::ratelimit::Limit, f: f64) -> agent_common::ratelimit::Limit {
