@@ -2,15 +2,28 @@
 //! from a network namespace, cgroup connect hooks for a test cgroup. Every test needs root.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::unix::fs::PermissionsExt as _,
     path::PathBuf,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use insite_e2e::{
     netns::{tcp_connects, udp_flood, Netns, TcpAcceptCounter, UdpCounter},
-    require_root, Agent, Launch, Metrics,
+    require_root, run_as_nobody, world_executable_copy, Agent, Launch, Metrics,
 };
+
+/// Polls `f` for up to 15 s.
+fn poll<T>(f: impl Fn() -> Option<T>) -> T {
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(t) = f() {
+            return t;
+        }
+        assert!(Instant::now() < until, "condition not met within 15 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
 
 const ONLY: &str = "[syscalls]\nenabled = false\n[net]\nenabled = false\n[db]\nenabled = false\n";
 
@@ -33,6 +46,10 @@ impl Drop for Pins {
 }
 
 fn start(ns: &Netns, pins: &Pins, rules: &str) -> Agent {
+    start_with(ns, pins, rules, "")
+}
+
+fn start_with(ns: &Netns, pins: &Pins, rules: &str, control_extra: &str) -> Agent {
     let extra = format!(
         "{ONLY}[ratelimit]\ninterfaces = [\"{}\"]\npin_dir = \"{}\"\n{rules}",
         ns.host_if(),
@@ -40,6 +57,7 @@ fn start(ns: &Netns, pins: &Pins, rules: &str) -> Agent {
     );
     Agent::try_launch(Launch {
         extra: &extra,
+        control_extra,
         probes: &["ratelimit"],
         ..Default::default()
     })
@@ -83,14 +101,19 @@ fn a_udp_flood_at_10x_is_admitted_at_the_limit() {
     require_root();
     let ns = Netns::new(41).expect("netns");
     let pins = Pins::new("udp10");
+    // XDP in the driver (veth has it); the other tests take `auto`, which is TC on veth.
     let agent = start(
         &ns,
         &pins,
-        "[[ratelimit.rules]]\nname = \"udp\"\nprotocol = \"udp\"\nports = [9000]\nper_source = { rate = 2000, burst = 100 }\n",
+        "attach = \"native\"\n[[ratelimit.rules]]\nname = \"udp\"\nprotocol = \"udp\"\nports = [9000]\nper_source = { rate = 2000, burst = 100 }\n",
     );
     let got = flood(&ns, ns.ns_addr(), 9000, 20_000, 10, 16);
     let want = 2000 * 10 + 100;
     eprintln!("10x: admitted {got} of {want}");
+    assert_eq!(
+        agent.data(r#"{"cmd":"limits"}"#)["interfaces"][0]["mode"],
+        "xdp-native"
+    );
     assert!(within(got, want, 5), "admitted {got}, want {want} +-5%");
     agent.wait_ticks(2);
     let m = agent.scrape();
@@ -101,6 +124,14 @@ fn a_udp_flood_at_10x_is_admitted_at_the_limit() {
         "passed {passed} vs received {got}"
     );
     assert!(dropped > (got * 5) as f64, "dropped {dropped}");
+    // The flooding source tops the drops of the last read of the per-source table.
+    let top = poll(|| {
+        let v = agent.data(r#"{"cmd":"limits_top"}"#);
+        let first = v["sources"][0].clone();
+        (first["source"] == ns.ns_addr().to_string()).then_some(first)
+    });
+    assert_eq!(top["rule"], "udp");
+    assert!(top["dropped"].as_u64().unwrap_or(0) > 10_000, "{top}");
 }
 
 #[test]
@@ -108,10 +139,10 @@ fn a_udp_flood_at_100x_from_both_cpus_is_admitted_at_the_limit() {
     require_root();
     let ns = Netns::new(42).expect("netns");
     let pins = Pins::new("udp100");
-    let _agent = start(
+    let agent = start(
         &ns,
         &pins,
-        "[[ratelimit.rules]]\nname = \"udp\"\nprotocol = \"udp\"\nports = [9000]\nper_source = { rate = 1000, burst = 50 }\n",
+        "attach = \"generic\"\n[[ratelimit.rules]]\nname = \"udp\"\nprotocol = \"udp\"\nports = [9000]\nper_source = { rate = 1000, burst = 50 }\n",
     );
     // One source, two sending threads, one on each CPU: the kernel runs the program on both,
     // and the bucket they share admits the rate once.
@@ -134,6 +165,10 @@ fn a_udp_flood_at_100x_from_both_cpus_is_admitted_at_the_limit() {
     let got = rx.count();
     let want = 1000 * 10 + 50;
     eprintln!("100x over two CPUs: sent {sent}, admitted {got} of {want}");
+    assert_eq!(
+        agent.data(r#"{"cmd":"limits"}"#)["interfaces"][0]["mode"],
+        "xdp-generic"
+    );
     assert!(sent >= 80_000 * 10 / 2, "the senders managed only {sent}");
     assert!(within(got, want, 5), "admitted {got}, want {want} +-5%");
 }
@@ -490,4 +525,248 @@ fn enforcement_survives_a_killed_agent_and_the_next_one_adopts_it() {
         dropped(&before),
         dropped(&after)
     );
+}
+
+#[test]
+fn tc_ingress_enforces_the_same_rules() {
+    require_root();
+    let ns = Netns::new(53).expect("netns");
+    let pins = Pins::new("tc");
+    let agent = start(
+        &ns,
+        &pins,
+        "attach = \"tc\"\n[[ratelimit.rules]]\nname = \"udp\"\nprotocol = \"udp\"\nports = [9000]\nper_source = { rate = 1000, burst = 50 }\n",
+    );
+    let v = agent.data(r#"{"cmd":"limits"}"#);
+    assert_eq!(v["interfaces"][0]["mode"], "tc", "{v}");
+    assert!(agent.probe("ratelimit")["attach"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("(tc)"));
+    let got = flood(&ns, ns.ns_addr(), 9000, 10_000, 5, 16);
+    eprintln!("tc: admitted {got} of 5050");
+    assert!(within(got, 5050, 5), "admitted {got}");
+    assert!(pins
+        .0
+        .join("v1/links")
+        .join(format!("tc-{}", ns.host_if()))
+        .exists());
+}
+
+#[test]
+fn the_new_source_budget_fails_open_or_closed_per_rule() {
+    require_root();
+    let ns = Netns::new(54).expect("netns");
+    let hosts: Vec<u8> = (10..16).collect();
+    for h in &hosts {
+        ns.add_ns_addr(&format!("10.231.54.{h}/24"))
+            .expect("address");
+    }
+    let pins = Pins::new("budget");
+    let agent = start(
+        &ns,
+        &pins,
+        "new_sources = { rate = 1, burst = 3 }\n[[ratelimit.rules]]\nname = \"closed\"\nprotocol = \"udp\"\nports = [9000]\nfail = \"closed\"\nper_source = { rate = 100000 }\n[[ratelimit.rules]]\nname = \"open\"\nprotocol = \"udp\"\nports = [9001]\nper_source = { rate = 100000 }\n",
+    );
+    let srcs: Vec<(u8, u64)> = hosts.iter().map(|&h| (h, 50)).collect();
+    // Six new sources at once with room for three (and one more a second): the rest are
+    // dropped under the fail-closed rule...
+    let closed = floods(&ns, 9000, &srcs, 1);
+    // ...and pass unlimited under the fail-open one (the budget is spent by now).
+    let open = floods(&ns, 9001, &srcs, 1);
+    eprintln!("new sources: closed {closed:?}, open {open:?}");
+    let starved = closed.iter().filter(|&&n| n == 0).count();
+    assert!(starved >= 2, "closed: {closed:?}");
+    assert!(open.iter().all(|&n| n >= 45), "open: {open:?}");
+    agent.wait_ticks(2);
+    let m = agent.scrape();
+    assert!(counter(&m, "insite_ratelimit_dropped_total", "closed", "new_source") >= 90.0);
+    assert!(counter(&m, "insite_ratelimit_passed_total", "open", "new_source") >= 90.0);
+    assert!(m.value_or_zero("insite_ratelimit_sources_total", &[("event", "refused")]) >= 4.0);
+}
+
+#[test]
+fn ipv6_sources_and_classes_are_limited() {
+    require_root();
+    let ns = Netns::new(55).expect("netns");
+    insite_e2e::netns::ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:231:55::1/64",
+        "dev",
+        ns.host_if(),
+        "nodad",
+    ])
+    .expect("host v6");
+    ns.exec(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd00:231:55::2/64",
+        "dev",
+        ns.ns_if(),
+        "nodad",
+    ])
+    .expect("ns v6");
+    ns.exec(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd00:231:55::3/64",
+        "dev",
+        ns.ns_if(),
+        "nodad",
+    ])
+    .expect("ns v6");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let class = dir.path().join("v6.cidr");
+    std::fs::write(&class, "fd00:231:55::2/128\n").expect("class file");
+    let pins = Pins::new("v6");
+    let _agent = start(
+        &ns,
+        &pins,
+        &format!(
+            "classes = {{ six = \"{}\" }}\n[[ratelimit.rules]]\nname = \"v6\"\nprotocol = \"udp\"\nports = [9000]\nsources = [\"six\"]\nper_source = {{ rate = 500, burst = 20 }}\n",
+            class.display()
+        ),
+    );
+    let host: IpAddr = "fd00:231:55::1".parse::<Ipv6Addr>().expect("addr").into();
+    let rx = UdpCounter::bind(SocketAddr::new(host, 9000)).expect("bind");
+    let to = SocketAddr::new(host, 9000);
+    let hs: Vec<_> = ["fd00:231:55::2", "fd00:231:55::3"]
+        .into_iter()
+        .map(|a| {
+            let from = SocketAddr::new(a.parse::<Ipv6Addr>().expect("addr").into(), 0);
+            ns.run(move || udp_flood(from, to, 5000, Duration::from_secs(4), 16))
+        })
+        .collect();
+    for h in hs {
+        h.join().expect("thread").expect("netns").expect("flood");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let by = rx.by_source();
+    let got = |a: &str| *by.get(&a.parse::<IpAddr>().expect("addr")).unwrap_or(&0);
+    let (limited, free) = (got("fd00:231:55::2"), got("fd00:231:55::3"));
+    eprintln!("v6: in the class {limited}, outside it {free}");
+    assert!(within(limited, 2020, 5), "in the class: {limited}");
+    assert!(free >= 19_000, "outside the class: {free}");
+}
+
+#[test]
+fn load_adaptation_scales_a_rule_under_cpu_pressure_and_back() {
+    require_root();
+    let ns = Netns::new(56).expect("netns");
+    let pins = Pins::new("adaptive");
+    let agent = start(
+        &ns,
+        &pins,
+        "[[ratelimit.rules]]\nname = \"calm\"\nprotocol = \"udp\"\nports = [9000]\nper_source = { rate = 400, burst = 10 }\nadaptive = { pressure = \"cpu\", above = 0.3, factor = 0.25, below = 0.2 }\n",
+    );
+    let scale = || {
+        agent
+            .scrape()
+            .value("insite_ratelimit_scale", &[("rule", "calm")])
+    };
+    assert_eq!(scale(), Some(1.0));
+    // More runnable threads than CPUs: tasks wait for a CPU, which PSI counts as pressure.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hogs: Vec<_> = (0..6)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            })
+        })
+        .collect();
+    let until = Instant::now() + Duration::from_secs(60);
+    while scale() != Some(0.25) {
+        assert!(Instant::now() < until, "never scaled down: {}", agent.log());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The kernel enforces the scaled rate: 100/s.
+    let m = agent.scrape();
+    assert_eq!(
+        m.value(
+            "insite_ratelimit_rate",
+            &[("rule", "calm"), ("level", "source")]
+        ),
+        Some(100.0)
+    );
+    let scaled = flood(&ns, ns.ns_addr(), 9000, 2000, 3, 16);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in hogs {
+        let _ = h.join();
+    }
+    let until = Instant::now() + Duration::from_secs(90);
+    while scale() != Some(1.0) {
+        assert!(Instant::now() < until, "never scaled back: {}", agent.log());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let back = flood(&ns, ns.ns_addr(), 9000, 2000, 3, 16);
+    eprintln!("adaptive: scaled {scaled} in 3 s, back {back}");
+    assert!(within(scaled, 310, 10), "scaled down: {scaled}");
+    assert!(within(back, 1210, 10), "back up: {back}");
+    let m = agent.scrape();
+    assert!(m.value_or_zero("insite_ratelimit_adaptations_total", &[]) >= 2.0);
+    assert!(agent
+        .log()
+        .contains("rate limit scaled down under pressure"));
+}
+
+#[test]
+fn only_a_privileged_client_may_change_the_rules() {
+    require_root();
+    let ns = Netns::new(57).expect("netns");
+    let pins = Pins::new("privileged");
+    let agent = start_with(
+        &ns,
+        &pins,
+        "[[ratelimit.rules]]\nname = \"keep\"\nprotocol = \"udp\"\nports = [9000]\nper_source = { rate = 100 }\n",
+        "group = \"nogroup\"\n",
+    );
+    let bin = world_executable_copy(agent.dir.path());
+    std::fs::set_permissions(agent.dir.path(), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let file = agent.dir.path().join("more.toml");
+    std::fs::write(
+        &file,
+        "[[rules]]\nname = \"more\"\nper_source = { rate = 5 }\n",
+    )
+    .expect("file");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let sock = agent.socket.to_str().unwrap_or_default().to_string();
+    let f = file.to_str().unwrap_or_default().to_string();
+    for args in [
+        vec!["limits", "set", f.as_str()],
+        vec!["limits", "del", "keep"],
+        vec!["limits", "flush"],
+    ] {
+        let mut a = args.clone();
+        a.extend(["--control-socket", sock.as_str()]);
+        let out = run_as_nobody(&bin, &a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("permission denied"),
+            "{args:?}: {err}"
+        );
+    }
+    // Reading is fine, and nothing changed.
+    let out = run_as_nobody(&bin, &["limits", "--json", "--control-socket", &sock]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["rules"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["state"], "enforcing");
+    assert!(within(flood(&ns, ns.ns_addr(), 9000, 1000, 2, 16), 300, 10));
+    // Root flushes: programs detached, pins gone, traffic unlimited.
+    let out = agent.cli(&["limits", "flush"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(agent.data(r#"{"cmd":"limits"}"#)["state"], "flushed");
+    assert!(!pins.0.join("v1").exists());
+    assert_eq!(flood(&ns, ns.ns_addr(), 9000, 1000, 2, 16), 2000);
 }

@@ -141,6 +141,9 @@ pub enum Which {
         /// Keep the agent's other probe families on (default: only the ratelimit probe).
         #[arg(long)]
         keep_probes: bool,
+        /// How the agent's rule attaches: auto, native or generic (XDP), or tc.
+        #[arg(long, value_enum, default_value_t = ratelimit::Attach::Auto)]
+        attach: ratelimit::Attach,
     },
     /// The agent with every probe on under a mixed workload (syscalls, connections, Redis,
     /// PostgreSQL and MariaDB, scrapes every second, CLI calls) for a while: RSS and open fds
@@ -215,6 +218,7 @@ pub fn run(which: Which) -> Result<()> {
             payload,
             skip_agent,
             keep_probes,
+            attach,
         } => ratelimit::run(ratelimit::Opts {
             pps,
             seconds,
@@ -224,6 +228,7 @@ pub fn run(which: Which) -> Result<()> {
             payload,
             skip_agent,
             keep_probes,
+            attach,
         }),
         Which::Soak {
             minutes,

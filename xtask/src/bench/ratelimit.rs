@@ -44,7 +44,7 @@ use insite_e2e::{
     Metrics,
 };
 
-use crate::bench::{mean, sd, start_agent, usage, Agent};
+use crate::bench::{bpf_run_time, mean, sd, start_agent, usage, Agent};
 
 /// The host-side UDP port the flood goes to.
 const PORT: u16 = 9000;
@@ -68,6 +68,28 @@ pub struct Opts {
     pub payload: usize,
     pub skip_agent: bool,
     pub keep_probes: bool,
+    /// The agent's `ratelimit.attach`.
+    pub attach: Attach,
+}
+
+/// The agent's `ratelimit.attach` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Attach {
+    Auto,
+    Native,
+    Generic,
+    Tc,
+}
+
+impl Attach {
+    fn as_str(self) -> &'static str {
+        match self {
+            Attach::Auto => "auto",
+            Attach::Native => "native",
+            Attach::Generic => "generic",
+            Attach::Tc => "tc",
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -103,6 +125,8 @@ struct AgentCounts {
     passed: f64,
     dropped: f64,
     cpu_pct: f64,
+    /// The kernel's run time of the rule's program per packet it saw (bpf_stats).
+    bpf_ns: f64,
 }
 
 impl Sample {
@@ -258,10 +282,11 @@ fn agent_config(o: &Opts, host_if: &str) -> String {
         "enabled = false\n[net]\nenabled = false\n[db]\nenabled = false\n"
     };
     format!(
-        "{others}[ratelimit]\ninterfaces = [\"{host_if}\"]\npin_dir = \"{}\"\n\
+        "{others}[ratelimit]\ninterfaces = [\"{host_if}\"]\npin_dir = \"{}\"\nattach = \"{}\"\n\
          [[ratelimit.rules]]\nname = \"{RULE}\"\ndirection = \"ingress\"\nprotocol = \"udp\"\n\
          ports = [{PORT}]\nunit = \"packets\"\nper_source = {{ rate = {}, burst = {} }}\n",
         pin_dir(),
+        o.attach.as_str(),
         o.limit,
         o.burst
     )
@@ -355,12 +380,17 @@ fn with_agent(ns: &Netns, o: &Opts, first: bool) -> Result<Sample> {
     }
     let pid = agent.child.id();
     let measured = (|| {
+        // The kernel's own run-time statistics, on for the measurement only.
+        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+        let bpf_before = bpf_run_time("insite_ratelimi");
         let before = rule_counts(&agent)?;
         let cpu_before = usage(pid);
         let t = Instant::now();
         let mut s = flood(ns, o)?;
         let wall = t.elapsed().as_secs_f64();
         let cpu_after = usage(pid);
+        let bpf_after = bpf_run_time("insite_ratelimi");
+        drop(stats);
         wait_ticks(&agent, 2)?;
         let after = rule_counts(&agent)?;
         // SAFETY: sysconf has no preconditions.
@@ -375,6 +405,8 @@ fn with_agent(ns: &Netns, o: &Opts, first: bool) -> Result<Sample> {
             passed: after.0 - before.0,
             dropped: after.1 - before.1,
             cpu_pct,
+            bpf_ns: bpf_after.0.saturating_sub(bpf_before.0) as f64
+                / bpf_after.1.saturating_sub(bpf_before.1).max(1) as f64,
         });
         Ok(s)
     })();
@@ -500,7 +532,7 @@ pub fn run(o: Opts) -> Result<()> {
 
     println!();
     println!(
-        "  {:>5} {:<10} {:>10} {:>10} {:>8} {:>9} {:>9} {:>11} {:>11} {:>9}",
+        "  {:>5} {:<10} {:>10} {:>10} {:>8} {:>9} {:>9} {:>11} {:>11} {:>9} {:>10}",
         "round",
         "phase",
         "sent/s",
@@ -510,7 +542,8 @@ pub fn run(o: Opts) -> Result<()> {
         "rcv drops",
         "agent pass",
         "agent drop",
-        "agent cpu"
+        "agent cpu",
+        "BPF ns/pkt"
     );
     for (r, row) in samples.iter().enumerate() {
         for (&p, s) in phases.iter().zip(row) {
@@ -522,17 +555,18 @@ pub fn run(o: Opts) -> Result<()> {
                     format!("{:+.2}%", tidy(s.bucket_error_pct(o.limit, o.burst), 2)),
                 )
             };
-            let (pass, drop, cpu) = match &s.agent {
+            let (pass, drop, cpu, ns) = match &s.agent {
                 Some(a) => (
                     format!("{:.0}", a.passed),
                     format!("{:.0}", a.dropped),
                     format!("{:.1}%", a.cpu_pct),
+                    format!("{:.0}", a.bpf_ns),
                 ),
-                None => ("-".into(), "-".into(), "-".into()),
+                None => ("-".into(), "-".into(), "-".into(), "-".into()),
             };
             println!(
                 "  {:>5} {:<10} {:>10.0} {:>10.0} {error:>8} {bucket:>9} {:>9} {pass:>11} {drop:>11} \
-                 {cpu:>9}",
+                 {cpu:>9} {ns:>10}",
                 r + 1,
                 p.name(),
                 s.sender_pps(),
