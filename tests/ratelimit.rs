@@ -174,42 +174,47 @@ fn a_udp_flood_at_100x_from_both_cpus_is_admitted_at_the_limit() {
 }
 
 #[test]
-fn new_connections_are_limited_per_source() {
+fn new_connections_are_limited_per_source_at_10x_and_100x() {
     require_root();
     let ns = Netns::new(43).expect("netns");
     let pins = Pins::new("conn");
     let _agent = start(
         &ns,
         &pins,
-        "[[ratelimit.rules]]\nname = \"syn\"\nprotocol = \"tcp\"\nports = [9100]\nunit = \"connections\"\nper_source = { rate = 50, burst = 5 }\n",
+        "[[ratelimit.rules]]\nname = \"syn\"\nprotocol = \"tcp\"\nports = [9100, 9101]\nunit = \"connections\"\nper_source = { rate = 20, burst = 5 }\n",
     );
-    let mut acc = TcpAcceptCounter::bind(sa(ns.host_addr(), 9100)).expect("listen");
-    let to = sa(ns.host_addr(), 9100);
-    let from = IpAddr::V4(ns.ns_addr());
-    let (attempted, ok) = ns
-        .run(move || {
-            tcp_connects(
-                from,
-                to,
-                500,
-                Duration::from_secs(10),
-                Duration::from_millis(200),
-            )
-        })
-        .join()
-        .expect("thread")
-        .expect("netns")
-        .expect("connects");
-    std::thread::sleep(Duration::from_millis(300));
-    let accepted = acc.count();
-    let _ = acc.stop();
-    let want = 50 * 10 + 5;
-    eprintln!("connections at 10x: attempted {attempted}, established {ok}, accepted {accepted} of {want}");
-    assert!(attempted >= 4500, "attempted only {attempted}");
-    assert!(
-        within(accepted, want, 5),
-        "accepted {accepted}, want {want} +-5%"
-    );
+    // Each factor on its own port: the source's bucket is per rule, so the second run starts
+    // with a full burst, as the first did.
+    for (factor, port) in [(10u64, 9100u16), (100, 9101)] {
+        let mut acc = TcpAcceptCounter::bind(sa(ns.host_addr(), port)).expect("listen");
+        let to = sa(ns.host_addr(), port);
+        let from = IpAddr::V4(ns.ns_addr());
+        let per_sec = 20 * factor;
+        let (attempted, ok) = ns
+            .run(move || {
+                tcp_connects(
+                    from,
+                    to,
+                    per_sec,
+                    Duration::from_secs(10),
+                    Duration::from_millis(200),
+                )
+            })
+            .join()
+            .expect("thread")
+            .expect("netns")
+            .expect("connects");
+        std::thread::sleep(Duration::from_millis(300));
+        let accepted = acc.count();
+        let _ = acc.stop();
+        let want = 20 * 10 + 5;
+        eprintln!("connections at {factor}x: attempted {attempted}, established {ok}, accepted {accepted} of {want}");
+        assert!(attempted >= per_sec * 9, "attempted only {attempted}");
+        assert!(
+            within(accepted, want, 5),
+            "{factor}x: accepted {accepted}, want {want} +-5%"
+        );
+    }
 }
 
 #[test]
@@ -425,7 +430,7 @@ fn invalid_rules_are_refused_by_name_and_field_and_the_running_ones_stay() {
 }
 
 #[test]
-fn connects_from_a_limited_service_get_eperm_and_other_cgroups_do_not() {
+fn connects_from_a_limited_service_get_eperm_or_econnrefused_and_other_cgroups_do_not() {
     require_root();
     let Some(root) = insite_e2e::cgroup2_root() else {
         panic!("no cgroup2 hierarchy");
@@ -445,9 +450,9 @@ fn connects_from_a_limited_service_get_eperm_and_other_cgroups_do_not() {
     let port = acc.local_addr().port();
     // 100 connects in about a second from inside the cgroup, then from outside it.
     let script = format!(
-        "import socket,time,errno\nok=perm=other=0\nfor i in range(100):\n    s=socket.socket()\n    try:\n        s.connect(('127.0.0.1',{port})); ok+=1\n    except OSError as e:\n        if e.errno==errno.EPERM: perm+=1\n        else: other+=1\n    s.close(); time.sleep(0.01)\nprint(ok,perm,other)\n"
+        "import socket,time,errno\nok=perm=refused=other=0\nfor i in range(100):\n    s=socket.socket()\n    try:\n        s.connect(('127.0.0.1',{port})); ok+=1\n    except OSError as e:\n        if e.errno==errno.EPERM: perm+=1\n        elif e.errno==errno.ECONNREFUSED: refused+=1\n        else: other+=1\n    s.close(); time.sleep(0.01)\nprint(ok,perm,refused,other)\n"
     );
-    let run = |inside: bool| -> (u64, u64, u64) {
+    let run = |inside: bool| -> (u64, u64, u64, u64) {
         let cmd = if inside {
             format!(
                 "echo $$ > {}/cgroup.procs && exec python3 -c \"$0\"",
@@ -467,16 +472,27 @@ fn connects_from_a_limited_service_get_eperm_and_other_cgroups_do_not() {
             .collect();
         assert_eq!(
             v.len(),
-            3,
+            4,
             "{text} {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        (v[0], v[1], v[2])
+        (v[0], v[1], v[2], v[3])
     };
     let inside = run(true);
     let outside = run(false);
+    // The same rule answering ECONNREFUSED instead, changed live.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("out.toml");
+    std::fs::write(
+        &file,
+        format!("[[rules]]\nname = \"out\"\ndirection = \"egress\"\nservice = \"{name}\"\nprotocol = \"tcp\"\nunit = \"connections\"\nrefuse_with = \"econnrefused\"\nper_source = {{ rate = 10, burst = 5 }}\n"),
+    )
+    .expect("rules file");
+    let out = agent.cli(&["limits", "set", file.to_str().unwrap_or_default()]);
+    assert!(out.status.success(), "{out:?}");
+    let refused = run(true);
     let _ = acc.stop();
-    eprintln!("egress: inside (ok, eperm, other) {inside:?}, outside {outside:?}");
+    eprintln!("egress: inside (ok, eperm, econnrefused, other) {inside:?}, outside {outside:?}, refusing {refused:?}");
     let v = agent.data(r#"{"cmd":"limits"}"#);
     assert_eq!(v["egress_hooked"], true, "{}", agent.probe("ratelimit"));
     // About 1.1 s of connects at 10/s with a burst of 5: 15 or so pass.
@@ -486,7 +502,13 @@ fn connects_from_a_limited_service_get_eperm_and_other_cgroups_do_not() {
         100,
         "every refusal is EPERM: {inside:?}"
     );
-    assert_eq!(outside, (100, 0, 0));
+    assert_eq!(outside, (100, 0, 0, 0));
+    assert!((8..=22).contains(&refused.0), "{refused:?}");
+    assert_eq!(
+        refused.0 + refused.2,
+        100,
+        "every refusal is ECONNREFUSED: {refused:?}"
+    );
 }
 
 #[test]
