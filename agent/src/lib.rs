@@ -15,6 +15,7 @@ pub mod families;
 pub mod limits;
 pub mod logging;
 pub mod names;
+pub mod outbox;
 pub mod probes;
 pub mod store;
 pub mod syscall_names;
