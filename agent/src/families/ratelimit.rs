@@ -170,7 +170,7 @@ impl Inner {
         Ok(problems)
     }
 
-    fn change(&self, req: Request, st: &Store) -> Result<String, String> {
+    fn change(&self, req: Request) -> Result<String, String> {
         if !req.privileged {
             return Err(format!(
                 "permission denied: {} changes what the kernel enforces; only root or the agent's own user may",
@@ -184,25 +184,15 @@ impl Inner {
         let mut changed = Vec::new();
         if req.cmd == LimitsFlushRequest::NAME {
             req.args::<LimitsFlushRequest>()?;
-            if let Some(p) = self.probe.take() {
-                match std::sync::Arc::try_unwrap(p) {
-                    Ok(m) => {
-                        if let Ok(p) = m.into_inner() {
-                            p.flush();
-                        }
-                    }
-                    Err(p) => {
-                        // A reader holds it: the pins go now, the links when it lets go.
-                        drop(p);
-                        let _ = std::fs::remove_dir_all(
-                            rules.config.pin_dir.join(crate::probes::ratelimit::LAYOUT),
-                        );
-                    }
+            // Our links go with the probe (a tick's reader may hold it a moment longer); the
+            // pins, the kernel's other references, go here.
+            drop(self.probe.take());
+            let dir = rules.config.pin_dir.join(crate::probes::ratelimit::LAYOUT);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(format!("limits flush: removing {}: {e}", dir.display()));
                 }
             }
-            let _ = std::fs::remove_dir_all(
-                rules.config.pin_dir.join(crate::probes::ratelimit::LAYOUT),
-            );
             rules.flushed = true;
             rules.set.clear();
             rules.deleted.clear();
@@ -269,7 +259,6 @@ impl Inner {
         for n in &changed {
             info!(rule = %crate::untrusted::LogField(n), "rate-limit rule changed live");
         }
-        let _ = st;
         reply(&LimitsChanged {
             changed,
             rules: specs.len(),
@@ -555,7 +544,7 @@ impl Views for Ratelimit {
                 top.sources.truncate(r.limit.unwrap_or(20).min(TOP_KEPT));
                 reply(&top)
             }
-            _ => self.0.change(req, st),
+            _ => self.0.change(req),
         }
     }
 }

@@ -613,17 +613,6 @@ impl RatelimitProbe {
     pub fn sources(&self) -> Result<Vec<(SourceKey, SourceState)>, ProbeError> {
         super::read_hash(&self.maps.sources, "RL_SOURCES", 4096)
     }
-
-    /// Detaches everything and removes the pins: nothing is enforced afterwards.
-    pub fn flush(self) {
-        let dir = self.dir.clone();
-        drop(self);
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                warn!(path = %dir.display(), error = %e, "could not remove the rate-limit pins");
-            }
-        }
-    }
 }
 
 /// A link without a device behind it (`/sys/class/net/IF/device`): veth, bridge, tun, bond.
