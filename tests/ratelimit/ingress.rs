@@ -359,3 +359,51 @@ fn ipv6_sources_and_classes_are_limited() {
     assert!(within(limited, 2020, 5), "in the class: {limited}");
     assert!(free >= 19_000, "outside the class: {free}");
 }
+
+#[test]
+fn an_interface_named_with_quotes_and_backslashes_is_escaped_where_it_is_written() {
+    require_root();
+    // Linux allows quotes and backslashes in a link's name (not '/', ':' or whitespace).
+    let host = format!("q\"{}\\x", std::process::id() % 10_000);
+    let peer = format!("qp{}", std::process::id() % 10_000);
+    insite_e2e::netns::ip(&["link", "add", &host, "type", "veth", "peer", "name", &peer])
+        .expect("a veth with a quote in its name");
+    struct Gone(String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = insite_e2e::netns::ip(&["link", "del", &self.0]);
+        }
+    }
+    let _gone = Gone(host.clone());
+    let pins = Pins::new("quoted");
+    let toml_name = host.replace('\\', "\\\\").replace('"', "\\\"");
+    let extra = format!(
+        "{ONLY}[ratelimit]\ninterfaces = [\"{toml_name}\"]\npin_dir = \"{}\"\n[[ratelimit.rules]]\nname = \"q\"\nprotocol = \"udp\"\nports = [9000]\nper_source = {{ rate = 10 }}\n",
+        pins.0.display()
+    );
+    let agent = Agent::try_launch(Launch {
+        extra: &extra,
+        probes: &["ratelimit"],
+        ..Default::default()
+    })
+    .expect("agent starts");
+    // JSON carries the name exactly.
+    let v = agent.data(r#"{"cmd":"limits"}"#);
+    assert_eq!(v["interfaces"][0]["interface"], host.as_str(), "{v}");
+    // The log quotes it as one field, escapes included.
+    let log = agent.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("rate limits attached"))
+        .unwrap_or_default();
+    let escaped = format!("interface={:?}", host);
+    assert!(line.contains(&escaped), "{escaped} not in {line}");
+    // The CLI's table shows the backslash escaped, on one line.
+    let out = agent.cli(&["limits"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = text
+        .lines()
+        .find(|l| l.contains("ingress on"))
+        .unwrap_or_default();
+    assert!(row.contains("\\\\x"), "{text}");
+}

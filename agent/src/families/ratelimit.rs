@@ -469,10 +469,10 @@ fn adapt(rules: &mut Rules, pressure: &[(&'static str, f64)]) -> bool {
         let scaled = rules.scales.contains_key(&r.name);
         if !scaled && now > a.above {
             rules.scales.insert(r.name.clone(), a.factor);
-            info!(rule = %r.name, pressure = resource, share = now, factor = a.factor, "rate limit scaled down under pressure");
+            info!(rule = %crate::untrusted::LogField(&r.name), pressure = resource, share = now, factor = a.factor, "rate limit scaled down under pressure");
         } else if scaled && now < a.below() {
             rules.scales.remove(&r.name);
-            info!(rule = %r.name, pressure = resource, share = now, "rate limit back to its configured rate");
+            info!(rule = %crate::untrusted::LogField(&r.name), pressure = resource, share = now, "rate limit back to its configured rate");
         } else {
             continue;
         }

@@ -290,7 +290,7 @@ impl RatelimitProbe {
         for i in gone {
             if let Some((p, _)) = self.xdp.remove(&i) {
                 let _ = std::fs::remove_file(&p.path);
-                info!(interface = %i, "rate limits detached from the interface");
+                info!(interface = %crate::untrusted::LogField(&i), "rate limits detached from the interface");
             }
         }
         for i in interfaces {
@@ -299,7 +299,7 @@ impl RatelimitProbe {
             }
             match self.attach_one(i, mode) {
                 Ok(v) => {
-                    info!(interface = %i, mode = v.1.mode, adopted = v.1.adopted, "rate limits attached");
+                    info!(interface = %crate::untrusted::LogField(i), mode = v.1.mode, adopted = v.1.adopted, "rate limits attached");
                     self.xdp.insert(i.clone(), v);
                 }
                 Err(e) => problems.push(format!("{i}: {}", super::error_chain(&e))),
