@@ -35,12 +35,15 @@ fn sample(e: &mut DescriptorEncoder<'_>, h: &HostSample) -> Result<(), std::fmt:
         "Memory by kind (/proc/meminfo)",
         Some(&Unit::Bytes),
         [
-            (l("kind", "total"), h.memory_total_bytes as f64),
-            (l("kind", "available"), h.memory_available_bytes as f64),
-            (l("kind", "free"), h.memory_free_bytes as f64),
-            (l("kind", "cached"), h.memory_cached_bytes as f64),
-            (l("kind", "swap_total"), h.swap_total_bytes as f64),
-            (l("kind", "swap_free"), h.swap_free_bytes as f64),
+            (l("kind".into(), "total"), h.memory_total_bytes as f64),
+            (
+                l("kind".into(), "available"),
+                h.memory_available_bytes as f64,
+            ),
+            (l("kind".into(), "free"), h.memory_free_bytes as f64),
+            (l("kind".into(), "cached"), h.memory_cached_bytes as f64),
+            (l("kind".into(), "swap_total"), h.swap_total_bytes as f64),
+            (l("kind".into(), "swap_free"), h.swap_free_bytes as f64),
         ],
     )?;
     gauge(
@@ -61,7 +64,10 @@ fn sample(e: &mut DescriptorEncoder<'_>, h: &HostSample) -> Result<(), std::fmt:
         Some(&Unit::Seconds),
         h.pressure.iter().map(|p| {
             (
-                vec![("resource", p.resource.into()), ("kind", p.kind.into())],
+                vec![
+                    ("resource".into(), p.resource.into()),
+                    ("kind".into(), p.kind.into()),
+                ],
                 p.stall_seconds_total,
             )
         }),
@@ -73,7 +79,10 @@ fn sample(e: &mut DescriptorEncoder<'_>, h: &HostSample) -> Result<(), std::fmt:
         Some(&Unit::Other("ratio".into())),
         h.pressure.iter().map(|p| {
             (
-                vec![("resource", p.resource.into()), ("kind", p.kind.into())],
+                vec![
+                    ("resource".into(), p.resource.into()),
+                    ("kind".into(), p.kind.into()),
+                ],
                 p.avg10 / 100.0,
             )
         }),

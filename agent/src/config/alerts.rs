@@ -1,0 +1,99 @@
+//! `[alerts]`: Prometheus alerting-rule files the agent evaluates on its own window, where
+//! the notifications go, and where the alerts' state and the upstream outbox live.
+
+use std::collections::BTreeMap;
+
+use super::*;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlertsConfig {
+    pub enabled: bool,
+    /// Rule files, in Prometheus' own format; each entry may be a glob. A glob that matches
+    /// nothing is no error (the shipped rules may not be installed); a named file that is
+    /// missing or wrong is.
+    pub rule_files: Vec<String>,
+    /// Prometheus Alertmanagers (`http://host:port`, an optional path prefix); every
+    /// notification goes to each of them, as Prometheus sends it.
+    pub alertmanagers: Vec<String>,
+    /// Where the alerts' state and the upstream outbox are kept across restarts.
+    pub state_dir: PathBuf,
+    /// Series the rule window keeps at most (only those the rules read are kept at all).
+    pub max_series: usize,
+    /// A firing alert is sent again this often while it fires (Alertmanager forgets alerts
+    /// it has not heard of for its `resolve_timeout`).
+    #[serde(with = "humantime_serde")]
+    pub resend_delay: Duration,
+    /// The outbox's bound: notifications kept while the upstream is down (oldest dropped
+    /// first, counted).
+    pub outbox_max_records: u64,
+    pub outbox_max_bytes: u64,
+    /// The address Alertmanager's `generatorURL` points at; absent: the metrics endpoint.
+    pub external_url: Option<String>,
+    /// Agent-side extras per alert name (what promtool would refuse in a rule file).
+    pub rule: BTreeMap<String, RuleExtras>,
+}
+
+/// `[alerts.rule.<alertname>]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuleExtras {}
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/insite-agent";
+pub const DEFAULT_RULE_FILES: &str = "/etc/insite-agent/rules/*.yml";
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            rule_files: vec![DEFAULT_RULE_FILES.into()],
+            alertmanagers: Vec::new(),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            max_series: 4096,
+            resend_delay: Duration::from_secs(60),
+            outbox_max_records: 100_000,
+            outbox_max_bytes: 64 << 20,
+            external_url: None,
+            rule: BTreeMap::new(),
+        }
+    }
+}
+
+impl AlertsConfig {
+    pub fn validate(&self) -> Result<(), Violation> {
+        let v = |key: &str, reason: String| Violation {
+            key: format!("alerts.{key}"),
+            reason,
+        };
+        for (i, am) in self.alertmanagers.iter().enumerate() {
+            crate::upstream::http::Endpoint::parse(am)
+                .map_err(|e| v(&format!("alertmanagers[{i}]"), e.to_string()))?;
+        }
+        if let Some(u) = &self.external_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                return Err(v(
+                    "external_url",
+                    "must start with http:// or https://".into(),
+                ));
+            }
+        }
+        if !(1..=1_000_000).contains(&self.max_series) {
+            return Err(v("max_series", "must be between 1 and 1000000".into()));
+        }
+        if self.resend_delay < Duration::from_secs(1) {
+            return Err(v("resend_delay", "must be at least 1s".into()));
+        }
+        if self.outbox_max_records == 0 || self.outbox_max_bytes < 4096 {
+            return Err(v(
+                "outbox_max_records",
+                "the outbox needs room for at least one record and 4096 bytes".into(),
+            ));
+        }
+        for (i, f) in self.rule_files.iter().enumerate() {
+            if f.is_empty() {
+                return Err(v(&format!("rule_files[{i}]"), "is empty".into()));
+            }
+        }
+        Ok(())
+    }
+}

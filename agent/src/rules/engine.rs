@@ -1,0 +1,191 @@
+//! The rule engine: every tick, one scrape of the agent's own exposition goes into the window,
+//! each group whose interval is up is evaluated, and its rules' alerts move through their
+//! lifecycle. What is due upstream comes out; sending it is the caller's (through the outbox).
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    alerting::{Alert, RuleState, State, Transition},
+    files::RuleSet,
+    promql::{Sample, Value},
+    tsdb::{Bounds, Ingested, Tsdb},
+};
+
+/// Transitions kept for `alerts history`.
+pub const HISTORY: usize = 1000;
+
+/// What one tick produced.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub ingested: Ingested,
+    /// Rules evaluated this tick.
+    pub evaluated: usize,
+    pub elapsed: Duration,
+    pub transitions: Vec<Transition>,
+    /// Notifications due, each with the time Alertmanager may consider it valid until.
+    pub due: Vec<Due>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Due {
+    pub alert: Alert,
+    pub ends_at_ms: i64,
+    pub first: bool,
+}
+
+/// What survives a restart: every rule's alerts and the history.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Persisted {
+    pub rules: BTreeMap<String, RuleState>,
+    pub history: VecDeque<Transition>,
+}
+
+#[derive(Debug)]
+pub struct Engine {
+    set: RuleSet,
+    tsdb: Tsdb,
+    /// By rule key (file, group, position, name), in the set's order.
+    state: Persisted,
+    next_eval: Vec<i64>,
+    resend_ms: i64,
+}
+
+/// A rule's key: where it is, so two rules of one name (a warning and a critical) stay apart.
+pub fn rule_key(file: &std::path::Path, group: &str, index: usize, name: &str) -> String {
+    format!("{}\t{group}\t{index}\t{name}", file.display())
+}
+
+impl Engine {
+    pub fn new(bounds: Bounds, resend: Duration) -> Self {
+        Self {
+            set: RuleSet::empty(),
+            tsdb: Tsdb::new(bounds),
+            state: Persisted::default(),
+            next_eval: Vec::new(),
+            resend_ms: resend.as_millis() as i64,
+        }
+    }
+
+    pub fn set_resend(&mut self, resend: Duration) {
+        self.resend_ms = resend.as_millis() as i64;
+    }
+
+    /// Swaps in a new rule set. Alerts of rules that are still there (same file, group,
+    /// position and name) keep their state; the rest are dropped.
+    pub fn load(&mut self, set: RuleSet) {
+        self.tsdb.set_needs(&set.needs());
+        let mut kept = BTreeMap::new();
+        for (file, group, i, rule) in keys(&set) {
+            let k = rule_key(file, group, i, &rule);
+            kept.insert(k.clone(), self.state.rules.remove(&k).unwrap_or_default());
+        }
+        self.state.rules = kept;
+        self.next_eval = vec![i64::MIN; set.groups.len()];
+        self.set = set;
+    }
+
+    /// Puts back what was persisted (after `load`, at start).
+    pub fn restore(&mut self, p: Persisted) {
+        for (k, s) in p.rules {
+            if let Some(slot) = self.state.rules.get_mut(&k) {
+                *slot = s;
+            }
+        }
+        self.state.history = p.history;
+    }
+
+    pub fn persisted(&self) -> &Persisted {
+        &self.state
+    }
+
+    pub fn rules(&self) -> &RuleSet {
+        &self.set
+    }
+
+    pub fn tsdb(&self) -> &Tsdb {
+        &self.tsdb
+    }
+
+    pub fn tick(&mut self, at_ms: i64, exposition: &str) -> Outcome {
+        let started = Instant::now();
+        let mut out = Outcome {
+            ingested: self.tsdb.ingest(at_ms, exposition),
+            ..Default::default()
+        };
+        for (gi, g) in self.set.groups.iter().enumerate() {
+            let Some(next) = self.next_eval.get_mut(gi) else {
+                continue;
+            };
+            if at_ms < *next {
+                continue;
+            }
+            let interval_ms = g.interval.map_or(0, |d| d.as_millis() as i64);
+            *next = if interval_ms > 0 {
+                at_ms + interval_ms
+            } else {
+                at_ms
+            };
+            let valid_ms = 4 * self.resend_ms.max(interval_ms);
+            for (i, rule) in g.rules.iter().enumerate() {
+                let key = rule_key(&g.file, &g.name, i, &rule.name);
+                let Some(st) = self.state.rules.get_mut(&key) else {
+                    continue;
+                };
+                let result = match rule.expr.eval(&self.tsdb, at_ms) {
+                    Value::Vector(v) => v,
+                    // As Prometheus: a scalar is one series without labels.
+                    Value::Scalar(v) => vec![Sample {
+                        labels: Default::default(),
+                        value: v,
+                    }],
+                };
+                out.evaluated += 1;
+                out.transitions.extend(st.step(rule, at_ms, &result));
+                for a in st.due(at_ms, self.resend_ms) {
+                    let first = a.state == State::Firing
+                        && a.last_sent_ms == Some(at_ms)
+                        && a.fired_at_ms == Some(at_ms);
+                    out.due.push(Due {
+                        ends_at_ms: a.resolved_at_ms.unwrap_or(at_ms + valid_ms),
+                        first,
+                        alert: a,
+                    });
+                }
+            }
+        }
+        for t in &out.transitions {
+            if self.state.history.len() >= HISTORY {
+                self.state.history.pop_front();
+            }
+            self.state.history.push_back(t.clone());
+        }
+        out.elapsed = started.elapsed();
+        out
+    }
+
+    /// Every alert that is pending, firing or recently resolved, with its rule's key.
+    pub fn alerts(&self) -> impl Iterator<Item = (&str, &Alert)> {
+        self.state
+            .rules
+            .iter()
+            .flat_map(|(k, s)| s.alerts.values().map(move |a| (k.as_str(), a)))
+    }
+
+    pub fn history(&self) -> &VecDeque<Transition> {
+        &self.state.history
+    }
+}
+
+fn keys(set: &RuleSet) -> impl Iterator<Item = (&std::path::Path, &str, usize, String)> {
+    set.groups.iter().flat_map(|g| {
+        g.rules
+            .iter()
+            .enumerate()
+            .map(move |(i, r)| (g.file.as_path(), g.name.as_str(), i, r.name.clone()))
+    })
+}

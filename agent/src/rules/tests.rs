@@ -1,0 +1,235 @@
+//! Rule files, alert lifecycle and the engine's schedule, on real rule text and real
+//! exposition text.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use super::{
+    alerting::{RuleState, State},
+    engine::Engine,
+    files::{duration, parse, AlertRule, RuleSet},
+    promql::{Labels, Sample},
+    tsdb::Bounds,
+};
+
+fn rule(yaml_rule: &str) -> AlertRule {
+    let text = format!("groups:\n  - name: g\n    rules:\n{yaml_rule}");
+    let groups = parse(Path::new("t.yml"), &text).unwrap();
+    AlertRule::clone(&groups[0].rules[0])
+}
+
+fn sample(pairs: &[(&str, &str)], value: f64) -> Sample {
+    Sample {
+        labels: Labels(
+            pairs
+                .iter()
+                .map(|(k, v)| (Arc::from(*k), Arc::from(*v)))
+                .collect(),
+        ),
+        value,
+    }
+}
+
+fn refused(yaml: &str) -> String {
+    parse(Path::new("f.yml"), yaml).unwrap_err().to_string()
+}
+
+#[test]
+fn rule_files_parse_as_prometheus_writes_them() {
+    let g = parse(
+        Path::new("r.yml"),
+        "groups:\n  - name: a\n    interval: 1s\n    rules:\n      - alert: High\n        expr: |\n          insite_agent_ticks_total > 5\n        for: 1m30s\n        keep_firing_for: 10s\n        labels:\n          severity: page\n        annotations:\n          summary: 'at {{ $value }}'\n",
+    )
+    .unwrap();
+    assert_eq!(g[0].interval, Some(Duration::from_secs(1)));
+    let r = &g[0].rules[0];
+    assert_eq!(
+        (r.for_, r.keep_firing_for),
+        (Duration::from_secs(90), Duration::from_secs(10))
+    );
+    assert_eq!(r.name, "High");
+    assert!(parse(Path::new("e.yml"), "").unwrap().is_empty());
+}
+
+#[test]
+fn bad_rule_files_name_file_group_rule_and_reason() {
+    let head = "groups:\n  - name: g\n    rules:\n";
+    for (yaml, says) in [
+        (format!("{head}      - record: a:b\n        expr: up\n"), "f.yml: group \"g\": rule \"a:b\": recording rules are not supported"),
+        (format!("{head}      - alert: A\n        expr: up\n        for: 5\n"), "rule \"A\": for: \"5\" is not a Prometheus duration"),
+        (format!("{head}      - alert: A\n        expr: up\n        labels:\n          bad-name: x\n"), "rule \"A\": labels: \"bad-name\" is not a valid label name"),
+        (format!("{head}      - alert: A\n        expr: up\n        annotations:\n          s: '{{{{ .Foo }}}}'\n"), "rule \"A\": annotations.s: template action"),
+        (format!("{head}      - alert: A\n        expr: up\n        unknown: 1\n"), "unknown field `unknown`"),
+        (format!("{head}      - alert: 'not a name'\n        expr: up\n"), "is not a valid metric name"),
+        (format!("{head}      - alert: A\n        expr: 'rate(up[5m]'\n"), "rule \"A\": expr:"),
+        ("groups:\n  - name: g\n    rules: []\n  - name: g\n    rules: []\n".into(), "group \"g\": group name repeated"),
+        ("groups:\n  - name: g\n    limit: 3\n    rules: []\n".into(), "group \"g\": limit: not supported"),
+        ("groups:\n  - name: g\n    interval: 0s\n    rules: []\n".into(), "interval: must be above zero"),
+    ] {
+        let e = refused(&yaml);
+        assert!(e.contains(says), "{yaml}\n=> {e}");
+    }
+}
+
+#[test]
+fn durations_are_prometheus_durations() {
+    assert_eq!(duration("250ms"), Ok(Duration::from_millis(250)));
+    assert_eq!(duration("1h30m"), Ok(Duration::from_secs(5400)));
+    assert_eq!(duration("0"), Ok(Duration::ZERO));
+    for bad in ["5", "-1s", "1.5", "1x", "", "-5"] {
+        assert!(duration(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn a_missing_named_file_is_an_error_and_an_empty_glob_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.yml").display().to_string();
+    let e = RuleSet::load(std::slice::from_ref(&missing)).unwrap_err();
+    assert!(e.to_string().contains("nope.yml: cannot read"), "{e}");
+    let glob = dir.path().join("*.yml").display().to_string();
+    assert_eq!(RuleSet::load(&[glob]).unwrap().groups.len(), 0);
+}
+
+#[test]
+fn for_holds_an_alert_pending_until_it_has_held_long_enough() {
+    let r = rule("      - alert: A\n        expr: up > 0\n        for: 1s\n");
+    let mut st = RuleState::default();
+    let s = [sample(&[("__name__", "up"), ("job", "x")], 1.0)];
+    let t = st.step(&r, 0, &s);
+    assert_eq!((t[0].from, t[0].to), (State::Inactive, State::Pending));
+    assert!(st.step(&r, 750, &s).is_empty());
+    let a = st.alerts.values().next().unwrap();
+    assert_eq!(a.state, State::Pending);
+    assert_eq!(a.labels.get("alertname").map(String::as_str), Some("A"));
+    assert!(!a.labels.contains_key("__name__"));
+    let t = st.step(&r, 1000, &s);
+    assert_eq!((t[0].from, t[0].to), (State::Pending, State::Firing));
+    // Pending and gone: dropped, never fired.
+    let mut st = RuleState::default();
+    st.step(&r, 0, &s);
+    let t = st.step(&r, 500, &[]);
+    assert_eq!((t[0].from, t[0].to), (State::Pending, State::Inactive));
+    assert!(st.alerts.is_empty());
+}
+
+#[test]
+fn keep_firing_for_holds_a_firing_alert_after_its_condition_stops() {
+    let r = rule("      - alert: A\n        expr: up > 0\n        keep_firing_for: 2s\n");
+    let mut st = RuleState::default();
+    let s = [sample(&[("job", "x")], 1.0)];
+    let t = st.step(&r, 0, &s);
+    assert_eq!(
+        t.iter().map(|t| t.to).collect::<Vec<_>>(),
+        [State::Pending, State::Firing]
+    );
+    assert!(st.step(&r, 1000, &[]).is_empty());
+    assert!(st.step(&r, 1999, &[]).is_empty());
+    assert_eq!(st.alerts.values().next().unwrap().state, State::Firing);
+    let t = st.step(&r, 2000, &[]);
+    assert_eq!((t[0].from, t[0].to), (State::Firing, State::Resolved));
+    // Without keep_firing_for it resolves at the first evaluation without it.
+    let r = rule("      - alert: A\n        expr: up > 0\n");
+    let mut st = RuleState::default();
+    st.step(&r, 0, &s);
+    assert_eq!(st.step(&r, 250, &[])[0].to, State::Resolved);
+}
+
+#[test]
+fn notifications_are_due_at_fire_every_resend_and_once_at_resolve() {
+    let r = rule("      - alert: A\n        expr: up > 0\n        labels:\n          team: '{{ $labels.job }}-db'\n");
+    let mut st = RuleState::default();
+    let s = [sample(&[("job", "x")], 1.0)];
+    st.step(&r, 0, &s);
+    let due = st.due(0, 1000);
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].labels.get("team").map(String::as_str), Some("x-db"));
+    st.step(&r, 500, &s);
+    assert!(st.due(500, 1000).is_empty());
+    st.step(&r, 1000, &s);
+    assert_eq!(st.due(1000, 1000).len(), 1);
+    st.step(&r, 1250, &[]);
+    let due = st.due(1250, 1000);
+    assert_eq!((due.len(), due[0].state), (1, State::Resolved));
+    assert!(st.due(1500, 1000).is_empty(), "the resolve is sent once");
+    // Resolved alerts are kept for a while, then forgotten.
+    st.step(&r, 1250 + super::alerting::RESOLVED_RETENTION_MS - 1, &[]);
+    assert_eq!(st.alerts.len(), 1);
+    st.step(&r, 1250 + super::alerting::RESOLVED_RETENTION_MS, &[]);
+    assert!(st.alerts.is_empty());
+}
+
+#[test]
+fn ids_are_stable_and_tell_label_sets_apart() {
+    use super::alerting::fingerprint;
+    let a = [
+        ("alertname".to_string(), "A".to_string()),
+        ("x".into(), "1".into()),
+    ]
+    .into();
+    let b = [
+        ("alertname".to_string(), "A".to_string()),
+        ("x".into(), "2".into()),
+    ]
+    .into();
+    assert_eq!(fingerprint(&a), fingerprint(&a.clone()));
+    assert_ne!(fingerprint(&a), fingerprint(&b));
+    assert_eq!(fingerprint(&a).len(), 16);
+}
+
+fn engine_with(yaml: &str) -> Engine {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("r.yml");
+    std::fs::write(&f, yaml).unwrap();
+    let set = RuleSet::load(&[f.display().to_string()]).unwrap();
+    let mut e = Engine::new(Bounds::default(), Duration::from_secs(60));
+    e.load(set);
+    e
+}
+
+fn exposition(ticks: u64) -> String {
+    format!("# TYPE insite_agent_ticks counter\ninsite_agent_ticks_total {ticks}\n# EOF\n")
+}
+
+#[test]
+fn the_engine_evaluates_each_group_at_its_interval_and_fires_on_the_window() {
+    let mut e = engine_with(
+        "groups:\n  - name: every-tick\n    rules:\n      - alert: Ticking\n        expr: rate(insite_agent_ticks_total[1s]) > 1\n  - name: slow\n    interval: 1s\n    rules:\n      - alert: Many\n        expr: insite_agent_ticks_total > 100\n",
+    );
+    let mut evaluated = 0;
+    let mut fired = Vec::new();
+    for i in 0..8i64 {
+        let o = e.tick(1_000_000 + i * 250, &exposition(i as u64 * 100));
+        evaluated += o.evaluated;
+        fired.extend(
+            o.due
+                .iter()
+                .map(|d| (i, d.alert.labels["alertname"].clone(), d.first)),
+        );
+    }
+    // every-tick: 8 evaluations; slow: at 0 ms and 1000 ms.
+    assert_eq!(evaluated, 8 + 2);
+    assert!(
+        fired.contains(&(1, "Ticking".to_string(), true)),
+        "{fired:?}"
+    );
+    assert!(fired.contains(&(4, "Many".to_string(), true)), "{fired:?}");
+    assert_eq!(e.history().len(), 4);
+}
+
+#[test]
+fn a_reload_keeps_the_state_of_unchanged_rules() {
+    let yaml = "groups:\n  - name: g\n    rules:\n      - alert: Up\n        expr: insite_agent_ticks_total > 0\n        for: 10s\n";
+    let mut e = engine_with(yaml);
+    e.tick(0, &exposition(1));
+    let before: Vec<_> = e.alerts().map(|(_, a)| a.clone()).collect();
+    assert_eq!(before.len(), 1);
+    let p = e.persisted().clone();
+    let mut again = engine_with(yaml);
+    again.restore(p);
+    let after: Vec<_> = again.alerts().map(|(_, a)| a.clone()).collect();
+    assert_eq!(before, after);
+    // A changed rule set drops what no longer exists.
+    let mut other = engine_with(&yaml.replace("Up", "Down"));
+    other.restore(e.persisted().clone());
+    assert_eq!(other.alerts().count(), 0);
+}
