@@ -17,6 +17,7 @@ pub mod logging;
 pub mod names;
 pub mod outbox;
 pub mod probes;
+pub mod rules;
 pub mod store;
 pub mod syscall_names;
 pub mod untrusted;
