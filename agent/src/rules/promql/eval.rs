@@ -1,0 +1,260 @@
+//! Evaluation of a checked tree at one instant.
+use std::collections::HashMap;
+
+use super::{
+    check::{AggOp, Grouping, Node, Selector},
+    functions::{self, Span},
+    histogram,
+    matching::{self, same, signature},
+    Labels, Sample, Value,
+};
+use crate::rules::tsdb::Tsdb;
+
+pub(super) fn eval(node: &Node, db: &Tsdb, at_ms: i64) -> Value {
+    let mut cx = Cx {
+        db,
+        at_ms,
+        buf: Vec::new(),
+    };
+    cx.eval(node)
+}
+
+struct Cx<'a> {
+    db: &'a Tsdb,
+    at_ms: i64,
+    /// One series' samples at a time, reused across series.
+    buf: Vec<(i64, f64)>,
+}
+
+fn matches(sel: &Selector, labels: &Labels) -> bool {
+    sel.matchers
+        .iter()
+        .all(|m| m.is_match(labels.get(&m.name).unwrap_or("")))
+}
+
+impl Cx<'_> {
+    fn eval(&mut self, node: &Node) -> Value {
+        match node {
+            Node::Number(v) => Value::Scalar(*v),
+            Node::Time => Value::Scalar(self.at_ms as f64 / 1000.0),
+            Node::Instant(sel) => Value::Vector(self.instant(sel)),
+            Node::Range {
+                func,
+                sel,
+                range_ms,
+                arg,
+            } => {
+                let arg = arg.as_ref().map_or(f64::NAN, |a| self.scalar(a));
+                Value::Vector(self.range(*func, sel, *range_ms, arg))
+            }
+            Node::Quantile { q, expr } => {
+                let q = self.scalar(q);
+                let v = self.vector(expr);
+                Value::Vector(histogram::quantile(q, &v))
+            }
+            Node::Math { func, expr, arg } => {
+                let arg = arg.as_ref().map_or(f64::NAN, |a| self.scalar(a));
+                let v = self.vector(expr);
+                Value::Vector(
+                    v.into_iter()
+                        .map(|s| Sample {
+                            value: functions::math(*func, s.value, arg),
+                            labels: s.labels.without_name(),
+                        })
+                        .collect(),
+                )
+            }
+            Node::Absent { expr, labels } => Value::Vector(if self.vector(expr).is_empty() {
+                vec![Sample {
+                    labels: labels.clone(),
+                    value: 1.0,
+                }]
+            } else {
+                Vec::new()
+            }),
+            Node::Vector(s) => Value::Vector(vec![Sample {
+                labels: Labels::default(),
+                value: self.scalar(s),
+            }]),
+            Node::Scalar(v) => Value::Scalar(match self.vector(v).as_slice() {
+                [one] => one.value,
+                _ => f64::NAN,
+            }),
+            Node::Aggregate { op, grouping, expr } => {
+                let v = self.vector(expr);
+                Value::Vector(aggregate(*op, grouping, &v))
+            }
+            Node::Neg(e) => match self.eval(e) {
+                Value::Scalar(v) => Value::Scalar(-v),
+                Value::Vector(v) => Value::Vector(
+                    v.into_iter()
+                        .map(|s| Sample {
+                            value: -s.value,
+                            labels: s.labels.without_name(),
+                        })
+                        .collect(),
+                ),
+            },
+            Node::Binary {
+                op,
+                lhs,
+                rhs,
+                return_bool,
+                matching,
+            } => {
+                let l = self.eval(lhs);
+                let r = self.eval(rhs);
+                matching::binary(*op, l, r, *return_bool, matching)
+            }
+            Node::Set {
+                op,
+                lhs,
+                rhs,
+                matching,
+            } => {
+                let l = self.vector(lhs);
+                let r = self.vector(rhs);
+                Value::Vector(matching::set(*op, l, r, matching))
+            }
+        }
+    }
+
+    fn scalar(&mut self, node: &Node) -> f64 {
+        match self.eval(node) {
+            Value::Scalar(v) => v,
+            // The checker lets only scalar expressions here.
+            Value::Vector(_) => f64::NAN,
+        }
+    }
+
+    fn vector(&mut self, node: &Node) -> Vec<Sample> {
+        match self.eval(node) {
+            Value::Vector(v) => v,
+            Value::Scalar(_) => Vec::new(),
+        }
+    }
+
+    fn instant(&mut self, sel: &Selector) -> Vec<Sample> {
+        let db = self.db;
+        let at = self.at_ms.saturating_sub(sel.offset_ms);
+        let Some(w) = db.instant(at, db.is_coarse(sel.offset_ms)) else {
+            return Vec::new();
+        };
+        db.series(&sel.metric)
+            .filter(|s| matches(sel, s.labels()))
+            .filter_map(|s| {
+                db.last_value(s, &w).map(|value| Sample {
+                    labels: s.labels().clone(),
+                    value,
+                })
+            })
+            .collect()
+    }
+
+    fn range(
+        &mut self,
+        func: super::check::RangeFn,
+        sel: &Selector,
+        range_ms: i64,
+        arg: f64,
+    ) -> Vec<Sample> {
+        let db = self.db;
+        let end_ms = self.at_ms.saturating_sub(sel.offset_ms);
+        let start_ms = end_ms.saturating_sub(range_ms);
+        let coarse = db.is_coarse(range_ms.saturating_add(sel.offset_ms));
+        let Some(w) = db.window(start_ms, end_ms, coarse) else {
+            return Vec::new();
+        };
+        let span = Span {
+            start_ms,
+            end_ms,
+            range_ms,
+            eval_ms: self.at_ms,
+        };
+        let mut out = Vec::new();
+        for s in db.series(&sel.metric).filter(|s| matches(sel, s.labels())) {
+            self.buf.clear();
+            db.samples(s, &w, &mut self.buf);
+            if let Some(value) = functions::apply(func, &self.buf, span, arg) {
+                out.push(Sample {
+                    labels: s.bare().clone(),
+                    value,
+                });
+            }
+        }
+        out
+    }
+}
+
+/// One output group of an aggregation.
+struct Group {
+    labels: Labels,
+    value: f64,
+    mean: f64,
+    count: f64,
+}
+
+/// sum / avg / min / max / count, groups in order of first appearance, each folded in the
+/// order of the input (Prometheus' order, so float sums agree).
+fn aggregate(op: AggOp, grouping: &Grouping, v: &[Sample]) -> Vec<Sample> {
+    let keeps = |n: &str| match grouping {
+        Grouping::By(by) => by.binary_search_by(|l| (**l).cmp(n)).is_ok(),
+        Grouping::Without(w) => n != "__name__" && w.binary_search_by(|l| (**l).cmp(n)).is_err(),
+    };
+    let mut groups: Vec<Group> = Vec::new();
+    let mut index: HashMap<u64, Vec<usize>> = HashMap::new();
+    for s in v {
+        let candidates = index.entry(signature(&s.labels, keeps)).or_default();
+        let found = candidates.iter().copied().find(|&g| {
+            groups
+                .get(g)
+                .is_some_and(|g| same(&g.labels, &s.labels, keeps))
+        });
+        let Some(g) = found.and_then(|g| groups.get_mut(g)) else {
+            candidates.push(groups.len());
+            groups.push(Group {
+                labels: s.labels.without(|n| !keeps(n)),
+                value: s.value,
+                mean: s.value,
+                count: 1.0,
+            });
+            continue;
+        };
+        let x = s.value;
+        match op {
+            AggOp::Sum => g.value += x,
+            AggOp::Avg => {
+                g.count += 1.0;
+                // An infinite mean stays unless a NaN or the opposite infinity arrives.
+                let keep_inf = g.mean.is_infinite()
+                    && ((x.is_infinite() && (g.mean > 0.0) == (x > 0.0))
+                        || (!x.is_infinite() && !x.is_nan()));
+                if !keep_inf {
+                    g.mean += x / g.count - g.mean / g.count;
+                }
+            }
+            AggOp::Max => {
+                if g.value < x || g.value.is_nan() {
+                    g.value = x;
+                }
+            }
+            AggOp::Min => {
+                if g.value > x || g.value.is_nan() {
+                    g.value = x;
+                }
+            }
+            AggOp::Count => g.count += 1.0,
+        }
+    }
+    groups
+        .into_iter()
+        .map(|g| Sample {
+            value: match op {
+                AggOp::Avg => g.mean,
+                AggOp::Count => g.count,
+                _ => g.value,
+            },
+            labels: g.labels,
+        })
+        .collect()
+}

@@ -1,0 +1,486 @@
+//! The window the rules read: the agent's own exposition, ingested every tick, kept only for
+//! the metric names the loaded rules read and only as far back as they read them.
+//!
+//! Two resolutions share one design: a clock (ring of the ticks' timestamps) and, per series, a
+//! ring of `f64` values of the same tick numbering (an absence marker where the series had no
+//! sample). The fine rings hold every tick (`step`) for up to `fine_span`; the coarse rings hold
+//! the first scrape of every `coarse_step` for up to `coarse_span`, and only for metrics read
+//! further back than `fine_span`. A range longer than `fine_span` is read at the coarse
+//! resolution: what Prometheus would compute had it scraped the agent every `coarse_step`
+//! (a counter reset and re-climb within one coarse step is not seen).
+//!
+//! Memory is about `series × (fine depth + coarse depth) × 8 B` plus the labels; new series
+//! beyond `max_series` are refused and counted, and a series with no sample left in its window
+//! is freed.
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use super::promql::{Labels, Needs};
+
+mod exposition;
+mod ring;
+#[cfg(test)]
+mod tests;
+
+use ring::Clock;
+
+/// How much the window may hold.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bounds {
+    /// Series kept at most; a new series beyond it is dropped and counted.
+    pub max_series: usize,
+    /// The fine ring's step (the agent's tick) and span.
+    pub step: Duration,
+    pub fine_span: Duration,
+    /// The coarse ring's step and span (ranges longer than `fine_span` read it).
+    pub coarse_step: Duration,
+    pub coarse_span: Duration,
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Self {
+            max_series: 10_000,
+            step: Duration::from_millis(250),
+            fine_span: Duration::from_secs(120),
+            coarse_step: Duration::from_secs(10),
+            coarse_span: Duration::from_secs(3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ingested {
+    /// Samples in the text, samples kept (their metric is needed), new series refused (bound).
+    pub samples: usize,
+    pub kept: usize,
+    pub refused: usize,
+    /// Lines of needed metrics that did not parse (skipped).
+    pub malformed: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub series: usize,
+    /// Heap the rings hold, estimated from their capacities.
+    pub bytes: usize,
+    /// New series refused since start (the `max_series` bound).
+    pub refused_total: u64,
+    /// Malformed lines of needed metrics skipped since start.
+    pub malformed_total: u64,
+}
+
+/// One series: its labels and its value rings (empty when the resolution is not kept).
+#[derive(Debug)]
+pub(crate) struct Series {
+    labels: Labels,
+    /// The labels without `__name__`, what functions return (shared, not rebuilt per eval).
+    bare: Labels,
+    fine: Vec<f64>,
+    coarse: Vec<f64>,
+    /// One past the last tick with a sample, per resolution (0: none).
+    last_fine: u64,
+    last_coarse: u64,
+}
+
+impl Series {
+    pub(crate) fn labels(&self) -> &Labels {
+        &self.labels
+    }
+    pub(crate) fn bare(&self) -> &Labels {
+        &self.bare
+    }
+}
+
+#[derive(Debug, Default)]
+struct Metric {
+    fine_depth: usize,
+    coarse_depth: usize,
+    series: Vec<Series>,
+    /// Indices of `series` sorted by labels: selectors return series in Prometheus' order, so
+    /// sums add in the same order as Prometheus does.
+    order: Vec<u32>,
+    /// Raw label text of the exposition -> series (the fast path of ingest).
+    by_raw: HashMap<Box<str>, u32>,
+    by_labels: HashMap<Labels, u32>,
+    /// Series that got a sample in the current scrape.
+    seen: usize,
+}
+
+/// Which ring a read uses and the ticks it covers, first and last inclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Window {
+    coarse: bool,
+    first: u64,
+    last: u64,
+}
+
+#[derive(Debug)]
+pub struct Tsdb {
+    bounds: Bounds,
+    step_ms: i64,
+    fine_span_ms: i64,
+    coarse_step_ms: i64,
+    fine: Clock,
+    coarse: Clock,
+    last_at: Option<i64>,
+    metrics: HashMap<Box<str>, Metric>,
+    /// Interned label names: a handful of names shared by every series.
+    names: HashMap<Box<str>, Arc<str>>,
+    series: usize,
+    refused_total: u64,
+    malformed_total: u64,
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Ticks needed to cover `span_ms` at `step_ms`, plus one for the tick at the range's end and
+/// one for jitter.
+fn depth_for(span_ms: i64, step_ms: i64) -> usize {
+    let ticks = (span_ms.max(0) as u64).div_ceil(step_ms.max(1) as u64);
+    usize::try_from(ticks)
+        .unwrap_or(usize::MAX / 2)
+        .saturating_add(2)
+}
+
+impl Tsdb {
+    pub fn new(bounds: Bounds) -> Self {
+        let step_ms = millis(bounds.step).max(1);
+        let fine_span_ms = millis(bounds.fine_span).max(step_ms);
+        let coarse_step_ms = millis(bounds.coarse_step).max(step_ms);
+        let coarse_span_ms = millis(bounds.coarse_span).max(fine_span_ms);
+        Self {
+            fine: Clock::new(depth_for(fine_span_ms, step_ms)),
+            coarse: Clock::new(depth_for(coarse_span_ms, coarse_step_ms)),
+            bounds,
+            step_ms,
+            fine_span_ms,
+            coarse_step_ms,
+            last_at: None,
+            metrics: HashMap::new(),
+            names: HashMap::new(),
+            series: 0,
+            refused_total: 0,
+            malformed_total: 0,
+        }
+    }
+
+    pub fn bounds(&self) -> &Bounds {
+        &self.bounds
+    }
+
+    /// Keeps only the metric names the rules read, each as far back as they read it; frees
+    /// the rest.
+    pub fn set_needs(&mut self, needs: &Needs) {
+        self.metrics.retain(|name, _| needs.0.contains_key(&**name));
+        for (name, lookback) in &needs.0 {
+            let lookback_ms = millis(*lookback);
+            let (fine_depth, coarse_depth) = if lookback_ms > self.fine_span_ms {
+                let coarse = depth_for(lookback_ms, self.coarse_step_ms).min(self.coarse.depth());
+                (self.fine.depth(), coarse)
+            } else {
+                (
+                    depth_for(lookback_ms, self.step_ms).min(self.fine.depth()),
+                    0,
+                )
+            };
+            let metric = self.metrics.entry(name.as_str().into()).or_default();
+            if metric.fine_depth != fine_depth {
+                for s in &mut metric.series {
+                    s.fine = ring::resized(&s.fine, fine_depth, self.fine.next());
+                }
+                metric.fine_depth = fine_depth;
+            }
+            if metric.coarse_depth != coarse_depth {
+                for s in &mut metric.series {
+                    s.coarse = ring::resized(&s.coarse, coarse_depth, self.coarse.next());
+                }
+                metric.coarse_depth = coarse_depth;
+            }
+        }
+        self.series = self.metrics.values().map(|m| m.series.len()).sum();
+    }
+
+    /// One scrape of the agent's own exposition (OpenMetrics or Prometheus text) at `at_ms`
+    /// (unix ms, increasing). A needed series absent from it has no sample at `at_ms`. A scrape
+    /// not later than the previous one is ignored.
+    pub fn ingest(&mut self, at_ms: i64, text: &str) -> Ingested {
+        let mut got = Ingested::default();
+        if self.last_at.is_some_and(|last| at_ms <= last) {
+            return got;
+        }
+        let coarse_tick = self.last_at.is_none_or(|last| {
+            last.div_euclid(self.coarse_step_ms) != at_ms.div_euclid(self.coarse_step_ms)
+        });
+        self.last_at = Some(at_ms);
+        let fine = self.fine.push(at_ms);
+        let coarse = coarse_tick.then(|| self.coarse.push(at_ms));
+        // Everything is absent at the new tick until the text says otherwise.
+        for metric in self.metrics.values_mut() {
+            metric.seen = 0;
+            for s in &mut metric.series {
+                if let Some(v) = s.fine.get_mut(ring::slot(fine, metric.fine_depth)) {
+                    *v = ring::absent();
+                }
+                if let Some(c) = coarse {
+                    if let Some(v) = s.coarse.get_mut(ring::slot(c, metric.coarse_depth)) {
+                        *v = ring::absent();
+                    }
+                }
+            }
+        }
+        for line in text.lines() {
+            let name = match exposition::name_of(line) {
+                exposition::Split::Skip => continue,
+                exposition::Split::Sample(name) => name,
+            };
+            got.samples += 1;
+            if !self.metrics.contains_key(name) {
+                continue;
+            }
+            match self.store(line, fine, coarse) {
+                Stored::Kept => got.kept += 1,
+                Stored::Refused => got.refused += 1,
+                Stored::Malformed => got.malformed += 1,
+            }
+        }
+        self.refused_total += got.refused as u64;
+        self.malformed_total += got.malformed as u64;
+        self.sweep();
+        got
+    }
+
+    fn store(&mut self, line: &str, fine: u64, coarse: Option<u64>) -> Stored {
+        let Some(l) = exposition::split(line) else {
+            return Stored::Malformed;
+        };
+        let Some(value) = exposition::parse_value(l.value) else {
+            return Stored::Malformed;
+        };
+        let known = self
+            .metrics
+            .get(l.name)
+            .and_then(|m| m.by_raw.get(l.labels).copied());
+        let idx = match known {
+            Some(idx) => idx,
+            None => match self.add_series(l.name, l.labels) {
+                Ok(idx) => idx,
+                Err(stored) => return stored,
+            },
+        };
+        let Some(metric) = self.metrics.get_mut(l.name) else {
+            return Stored::Malformed;
+        };
+        let Some(s) = metric.series.get_mut(idx as usize) else {
+            return Stored::Malformed;
+        };
+        if s.last_fine != fine + 1 {
+            metric.seen += 1;
+        }
+        if let Some(v) = s.fine.get_mut(ring::slot(fine, metric.fine_depth)) {
+            *v = value;
+        }
+        s.last_fine = fine + 1;
+        if let Some(c) = coarse {
+            if let Some(v) = s.coarse.get_mut(ring::slot(c, metric.coarse_depth)) {
+                *v = value;
+                s.last_coarse = c + 1;
+            }
+        }
+        Stored::Kept
+    }
+
+    /// Finds or creates the series of a label text not seen before.
+    fn add_series(&mut self, name: &str, raw: &str) -> Result<u32, Stored> {
+        let pairs = exposition::parse_labels(raw).ok_or(Stored::Malformed)?;
+        let mut labels: Vec<(Arc<str>, Arc<str>)> = Vec::with_capacity(pairs.len() + 1);
+        labels.push((self.intern("__name__"), name.into()));
+        for (n, v) in pairs {
+            labels.push((self.intern(n), v.into()));
+        }
+        let labels = Labels::new(labels);
+        let series_total = self.series;
+        let max_series = self.bounds.max_series;
+        let metric = self.metrics.get_mut(name).ok_or(Stored::Malformed)?;
+        if let Some(&idx) = metric.by_labels.get(&labels) {
+            // The same series spelt differently (label order, spaces): remember the spelling,
+            // within reason so that odd spellings cannot grow the map without bound.
+            if metric.by_raw.len() < 2 * metric.series.len() + 16 {
+                metric.by_raw.insert(raw.into(), idx);
+            }
+            return Ok(idx);
+        }
+        if series_total >= max_series {
+            return Err(Stored::Refused);
+        }
+        let idx = u32::try_from(metric.series.len()).map_err(|_| Stored::Refused)?;
+        let pos = metric.order.partition_point(|&i| {
+            metric
+                .series
+                .get(i as usize)
+                .is_some_and(|s| s.labels < labels)
+        });
+        metric.order.insert(pos, idx);
+        metric.series.push(Series {
+            bare: labels.without_name(),
+            labels: labels.clone(),
+            fine: vec![ring::absent(); metric.fine_depth],
+            coarse: vec![ring::absent(); metric.coarse_depth],
+            last_fine: 0,
+            last_coarse: 0,
+        });
+        metric.by_raw.insert(raw.into(), idx);
+        metric.by_labels.insert(labels, idx);
+        self.series += 1;
+        Ok(idx)
+    }
+
+    fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some(n) = self.names.get(name) {
+            return n.clone();
+        }
+        let n: Arc<str> = name.into();
+        self.names.insert(name.into(), n.clone());
+        n
+    }
+
+    /// Frees the series with no sample left in their window (only where one was missing from
+    /// this scrape).
+    fn sweep(&mut self) {
+        let (fine_next, coarse_next) = (self.fine.next(), self.coarse.next());
+        let mut removed = 0;
+        for metric in self.metrics.values_mut() {
+            if metric.seen == metric.series.len() {
+                continue;
+            }
+            let (fd, cd) = (metric.fine_depth as u64, metric.coarse_depth as u64);
+            let dead = |s: &Series| {
+                s.last_fine + fd <= fine_next && (cd == 0 || s.last_coarse + cd <= coarse_next)
+            };
+            if !metric.series.iter().any(dead) {
+                continue;
+            }
+            let mut remap = Vec::with_capacity(metric.series.len());
+            let mut next = 0u32;
+            for s in &metric.series {
+                remap.push((!dead(s)).then(|| {
+                    next += 1;
+                    next - 1
+                }));
+            }
+            let before = metric.series.len();
+            metric.series.retain(|s| !dead(s));
+            removed += before - metric.series.len();
+            let map = |i: &mut u32| match remap.get(*i as usize).copied().flatten() {
+                Some(n) => {
+                    *i = n;
+                    true
+                }
+                None => false,
+            };
+            metric.by_raw.retain(|_, i| map(i));
+            metric.by_labels.retain(|_, i| map(i));
+            metric.order.retain_mut(|i| map(i));
+        }
+        self.series -= removed;
+    }
+
+    pub fn stats(&self) -> Stats {
+        let word = std::mem::size_of::<usize>();
+        let mut bytes = self.fine.bytes() + self.coarse.bytes();
+        for (name, m) in &self.metrics {
+            bytes += name.len() + std::mem::size_of::<Metric>();
+            bytes += m.series.capacity() * std::mem::size_of::<Series>() + m.order.capacity() * 4;
+            // Hash map entries: key, value and a control byte, at the maps' load factor.
+            bytes += m.by_raw.capacity() * (2 * word + 4 + 1) * 8 / 7;
+            bytes += m.by_labels.capacity() * (2 * word + 4 + 1) * 8 / 7;
+            bytes += m.by_raw.keys().map(|k| k.len()).sum::<usize>();
+            for s in &m.series {
+                bytes += (s.fine.capacity() + s.coarse.capacity()) * 8;
+                // Two label slices (with and without the name) of two Arcs a pair; the values'
+                // Arcs (names are interned).
+                bytes += (s.labels.0.len() + s.bare.0.len()) * 4 * word + 4 * word;
+                bytes += s
+                    .labels
+                    .iter()
+                    .map(|(_, v)| v.len() + 2 * word)
+                    .sum::<usize>();
+            }
+        }
+        Stats {
+            series: self.series,
+            bytes,
+            refused_total: self.refused_total,
+            malformed_total: self.malformed_total,
+        }
+    }
+
+    // ---- reads, for the evaluator ----
+
+    /// Whether a read reaching `lookback_ms` back uses the coarse resolution.
+    pub(crate) fn is_coarse(&self, lookback_ms: i64) -> bool {
+        lookback_ms > self.fine_span_ms
+    }
+
+    /// The ticks with timestamps in `(from_excl, to_incl]`.
+    pub(crate) fn window(&self, from_excl: i64, to_incl: i64, coarse: bool) -> Option<Window> {
+        let clock = if coarse { &self.coarse } else { &self.fine };
+        let (first, last) = clock.ticks_in(from_excl, to_incl)?;
+        Some(Window {
+            coarse,
+            first,
+            last,
+        })
+    }
+
+    /// The latest tick at or before `at_ms`: what an instant selector reads.
+    pub(crate) fn instant(&self, at_ms: i64, coarse: bool) -> Option<Window> {
+        let clock = if coarse { &self.coarse } else { &self.fine };
+        let tick = clock.at_or_before(at_ms)?;
+        Some(Window {
+            coarse,
+            first: tick,
+            last: tick,
+        })
+    }
+
+    /// The series of a metric, in label order.
+    pub(crate) fn series(&self, metric: &str) -> impl Iterator<Item = &Series> {
+        self.metrics.get(metric).into_iter().flat_map(|m| {
+            m.order
+                .iter()
+                .filter_map(move |&i| m.series.get(i as usize))
+        })
+    }
+
+    /// The value of a series at the last tick of `w`.
+    pub(crate) fn last_value(&self, s: &Series, w: &Window) -> Option<f64> {
+        if w.coarse {
+            ring::value_at(&self.coarse, &s.coarse, w.last)
+        } else {
+            ring::value_at(&self.fine, &s.fine, w.last)
+        }
+    }
+
+    /// The samples of a series in `w`, as (timestamp ms, value), appended to `out`.
+    pub(crate) fn samples(&self, s: &Series, w: &Window, out: &mut Vec<(i64, f64)>) {
+        let (clock, values) = if w.coarse {
+            (&self.coarse, &s.coarse)
+        } else {
+            (&self.fine, &s.fine)
+        };
+        ring::for_each(clock, values, w.first, w.last, |t, v| out.push((t, v)));
+    }
+
+    /// The timestamp of the latest scrape.
+    pub fn latest_ms(&self) -> Option<i64> {
+        self.fine.latest_ms()
+    }
+}
+
+enum Stored {
+    Kept,
+    Refused,
+    Malformed,
+}
