@@ -285,7 +285,10 @@ fn rule(r: RuleDoc) -> Result<AlertRule, String> {
 /// A Prometheus duration (`250ms`, `1m30s`, `1h`, `2d`).
 pub fn duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    if s == "0" {
+    // "0", "0s": zero, which the parser refuses and Prometheus takes (`for: 0s`).
+    if s.starts_with('0')
+        && ["", "ms", "s", "m", "h", "d", "w", "y"].contains(&s.trim_start_matches('0'))
+    {
         return Ok(Duration::ZERO);
     }
     // The parser reads a bare number as seconds (and panics on a negative one); Prometheus

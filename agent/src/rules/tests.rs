@@ -75,7 +75,8 @@ fn durations_are_prometheus_durations() {
     assert_eq!(duration("250ms"), Ok(Duration::from_millis(250)));
     assert_eq!(duration("1h30m"), Ok(Duration::from_secs(5400)));
     assert_eq!(duration("0"), Ok(Duration::ZERO));
-    for bad in ["5", "-1s", "1.5", "1x", "", "-5"] {
+    assert_eq!(duration("0s"), Ok(Duration::ZERO));
+    for bad in ["5", "-1s", "1.5", "1x", "", "-5", "0x"] {
         assert!(duration(bad).is_err(), "{bad}");
     }
 }
@@ -177,7 +178,11 @@ fn ids_are_stable_and_tell_label_sets_apart() {
 }
 
 fn engine_with(yaml: &str) -> Engine {
-    let dir = tempfile::tempdir().unwrap();
+    engine_in(&tempfile::tempdir().unwrap(), yaml)
+}
+
+/// Rule state is kept by file, group, position and name: reloads read the same path.
+fn engine_in(dir: &tempfile::TempDir, yaml: &str) -> Engine {
     let f = dir.path().join("r.yml");
     std::fs::write(&f, yaml).unwrap();
     let set = RuleSet::load(&[f.display().to_string()]).unwrap();
@@ -219,17 +224,18 @@ fn the_engine_evaluates_each_group_at_its_interval_and_fires_on_the_window() {
 #[test]
 fn a_reload_keeps_the_state_of_unchanged_rules() {
     let yaml = "groups:\n  - name: g\n    rules:\n      - alert: Up\n        expr: insite_agent_ticks_total > 0\n        for: 10s\n";
-    let mut e = engine_with(yaml);
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = engine_in(&dir, yaml);
     e.tick(0, &exposition(1));
     let before: Vec<_> = e.alerts().map(|(_, a)| a.clone()).collect();
     assert_eq!(before.len(), 1);
     let p = e.persisted().clone();
-    let mut again = engine_with(yaml);
+    let mut again = engine_in(&dir, yaml);
     again.restore(p);
     let after: Vec<_> = again.alerts().map(|(_, a)| a.clone()).collect();
     assert_eq!(before, after);
     // A changed rule set drops what no longer exists.
-    let mut other = engine_with(&yaml.replace("Up", "Down"));
+    let mut other = engine_in(&dir, &yaml.replace("Up", "Down"));
     other.restore(e.persisted().clone());
     assert_eq!(other.alerts().count(), 0);
 }
