@@ -192,13 +192,19 @@ fn fires_in_alertmanager_within_a_second_and_resolves_there() {
         text.contains("firing") && text.contains("ConnectRefused"),
         "{text}"
     );
-    let m = agent.scrape();
+    // A scrape may be served the rendering of up to 100 ms ago.
+    let m = insite_e2e::Metrics::wait_within(&agent, Duration::from_secs(2), |m| {
+        m.value("ALERTS", &[("alertname", "ConnectRefused")]).is_some()
+    });
     assert_eq!(
         m.value(
             "ALERTS",
             &[("alertname", "ConnectRefused"), ("alertstate", "firing")]
         ),
-        Some(1.0)
+        Some(1.0),
+        "{}\n{}",
+        m.0.lines().filter(|l| l.contains("ALERTS")).collect::<Vec<_>>().join("\n"),
+        agent.data(r#"{"cmd":"alerts_history"}"#)
     );
     assert!(
         m.value("ALERTS_FOR_STATE", &[("alertname", "ConnectRefused")])

@@ -57,13 +57,13 @@ fn view(e: &mut DescriptorEncoder<'_>, v: &AlertsView) -> Result<(), std::fmt::E
     )?;
     histogram(
         e,
-        "insite_alerts_evaluation_seconds",
+        "insite_alerts_evaluation",
         "Time one engine tick took: the exposition read into the window and every due rule evaluated",
         [(Labels::new(), &v.evaluation)],
     )?;
     histogram(
         e,
-        "insite_alert_detection_seconds",
+        "insite_alert_detection",
         "From an alert's condition first holding to its first firing notification accepted upstream",
         [(Labels::new(), &v.detection)],
     )?;
