@@ -172,10 +172,10 @@ impl Cx<'_> {
             eval_ms: self.at_ms,
         };
         let mut out = Vec::new();
+        let ts = |tick| db.tick_ms(&w, tick);
         for s in db.series(&sel.metric).filter(|s| matches(sel, s.labels())) {
-            self.buf.clear();
-            db.samples(s, &w, &mut self.buf);
-            if let Some(value) = functions::apply(func, &self.buf, span, arg) {
+            let run = db.run(s, &w);
+            if let Some(value) = functions::apply(func, &run, ts, span, arg, &mut self.buf) {
                 out.push(Sample {
                     labels: s.bare().clone(),
                     value,

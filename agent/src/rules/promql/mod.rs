@@ -49,6 +49,8 @@ mod histogram;
 mod matching;
 
 #[cfg(test)]
+mod bench;
+#[cfg(test)]
 mod crosscheck;
 #[cfg(test)]
 mod tests;

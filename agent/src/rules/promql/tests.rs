@@ -85,6 +85,9 @@ fn rate_and_increase_add_back_counter_resets() {
     assert!(close(one("rate(x_total[5s])", &s, 4000), 7.0));
     // delta does not know counters: 15, extrapolated by the 1 s to the start: 15 * 5 / 4.
     assert!(close(one("delta(x_total[5s])", &s, 4000), 18.75));
+    // Two resets: 3 - 0 + 20 + 15.
+    let s = [("x_total", vals(&[0.0, 10.0, 20.0, 5.0, 15.0, 3.0]))];
+    assert!(close(one("increase(x_total[6s])", &s, 5000), 38.0));
 }
 
 #[test]
