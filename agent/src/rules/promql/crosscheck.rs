@@ -173,7 +173,7 @@ fn series(points: usize) -> Vec<(String, Vec<Option<f64>>)> {
         .collect();
     out.push(("c_total{job=\"a\",inst=\"2\"}".to_string(), late));
     let gone: Vec<Option<f64>> = (0..points)
-        .map(|i| (i < points * 8 / 10).then(|| 0.3 + 0.25 * i as f64))
+        .map(|i| (i < points * 8 / 10).then_some(0.3 + 0.25 * i as f64))
         .collect();
     out.push(("c_total{job=\"b\",inst=\"1\"}".to_string(), gone));
     for (labels, f) in [

@@ -21,25 +21,27 @@ pub(crate) enum Split<'a> {
     Sample(&'a str),
 }
 
+/// Where the metric name ends: at a brace, a space or a tab (ASCII, so a char boundary).
+fn name_end(line: &str) -> usize {
+    line.bytes()
+        .position(|b| matches!(b, b'{' | b' ' | b'\t'))
+        .unwrap_or(line.len())
+}
+
 /// The metric name of a line, if it is a sample line.
 pub(crate) fn name_of(line: &str) -> Split<'_> {
     let line = line.trim_start();
     if line.is_empty() || line.starts_with('#') {
         return Split::Skip;
     }
-    let end = line
-        .find(|c: char| c == '{' || c == ' ' || c == '\t')
-        .unwrap_or(line.len());
-    Split::Sample(line.get(..end).unwrap_or(line))
+    Split::Sample(line.get(..name_end(line)).unwrap_or(line))
 }
 
 /// Cuts a sample line into name, raw labels and value token; `None` when malformed.
 pub(crate) fn split(line: &str) -> Option<Line<'_>> {
     let line = line.trim();
     let bytes = line.as_bytes();
-    let name_end = line
-        .find(|c: char| c == '{' || c == ' ' || c == '\t')
-        .unwrap_or(line.len());
+    let name_end = name_end(line);
     let name = line.get(..name_end)?;
     let (labels, rest) = if bytes.get(name_end) == Some(&b'{') {
         let close = closing_brace(line, name_end + 1)?;
@@ -48,10 +50,7 @@ pub(crate) fn split(line: &str) -> Option<Line<'_>> {
         ("", line.get(name_end..)?)
     };
     let rest = rest.trim_start();
-    let value = rest
-        .split(|c: char| c == ' ' || c == '\t')
-        .next()
-        .filter(|v| !v.is_empty())?;
+    let value = rest.split([' ', '\t']).next().filter(|v| !v.is_empty())?;
     Some(Line {
         name,
         labels,

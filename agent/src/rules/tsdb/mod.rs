@@ -114,6 +114,26 @@ struct Metric {
     expected: Vec<u32>,
     pos: usize,
     scraped: Vec<u32>,
+    /// Label name -> value -> series (in label order): selectors with an equality matcher
+    /// visit only those. Rebuilt after a scrape that added or freed series.
+    postings: HashMap<Arc<str>, HashMap<Arc<str>, Vec<u32>>>,
+    dirty: bool,
+}
+
+impl Metric {
+    fn index(&mut self) {
+        self.postings.clear();
+        for &i in &self.order {
+            let Some(s) = self.series.get(i as usize) else {
+                continue;
+            };
+            for (n, v) in s.bare.0.iter() {
+                let values = self.postings.entry(n.clone()).or_default();
+                values.entry(v.clone()).or_default().push(i);
+            }
+        }
+        self.dirty = false;
+    }
 }
 
 /// Which ring a read uses and the ticks it covers, first and last inclusive.
@@ -140,7 +160,12 @@ pub struct Tsdb {
     series: usize,
     refused_total: u64,
     malformed_total: u64,
+    /// Which window and which state of it (bumped by every change): keys evaluation caches.
+    id: u64,
+    generation: u64,
 }
+
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
@@ -175,6 +200,8 @@ impl Tsdb {
             series: 0,
             refused_total: 0,
             malformed_total: 0,
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            generation: 0,
         }
     }
 
@@ -185,8 +212,9 @@ impl Tsdb {
     /// Keeps only the metric names the rules read, each as far back as they read it; frees
     /// the rest.
     pub fn set_needs(&mut self, needs: &Needs) {
+        self.generation += 1;
         self.metrics.retain(|m| needs.0.contains_key(&*m.name));
-        for (name, _) in &needs.0 {
+        for name in needs.0.keys() {
             if !self.metrics.iter().any(|m| *m.name == **name) {
                 self.metrics.push(Metric {
                     name: name.as_str().into(),
@@ -239,6 +267,7 @@ impl Tsdb {
             last.div_euclid(self.coarse_step_ms) != at_ms.div_euclid(self.coarse_step_ms)
         });
         self.last_at = Some(at_ms);
+        self.generation += 1;
         let fine = self.fine.push(at_ms);
         let coarse = coarse_tick.then(|| self.coarse.push(at_ms));
         // Everything is absent at the new tick until the text says otherwise.
@@ -282,6 +311,9 @@ impl Tsdb {
         self.refused_total += got.refused as u64;
         self.malformed_total += got.malformed as u64;
         self.sweep();
+        for m in self.metrics.iter_mut().filter(|m| m.dirty) {
+            m.index();
+        }
         got
     }
 
@@ -377,6 +409,7 @@ impl Tsdb {
         });
         metric.by_raw.insert(raw.into(), idx);
         metric.by_labels.insert(labels, idx);
+        metric.dirty = true;
         self.series += 1;
         Ok(idx)
     }
@@ -428,6 +461,7 @@ impl Tsdb {
             metric.by_labels.retain(|_, i| map(i));
             metric.order.retain_mut(|i| map(i));
             metric.scraped.retain_mut(|i| map(i));
+            metric.dirty = true;
         }
         self.series -= removed;
     }
@@ -444,6 +478,10 @@ impl Tsdb {
             bytes += m.by_raw.capacity() * (2 * word + 4 + 1) * 8 / 7;
             bytes += m.by_labels.capacity() * (2 * word + 4 + 1) * 8 / 7;
             bytes += m.by_raw.keys().map(|k| k.len()).sum::<usize>();
+            for values in m.postings.values() {
+                bytes += values.capacity() * (5 * word + 1) * 8 / 7;
+                bytes += values.values().map(|v| v.capacity() * 4).sum::<usize>();
+            }
             for s in &m.series {
                 bytes += (s.fine.capacity() + s.coarse.capacity()) * 8 + s.raw.len();
                 // Two label slices (with and without the name) of two Arcs a pair; the values'
@@ -494,13 +532,35 @@ impl Tsdb {
     }
 
     /// The series of a metric, in label order.
+    #[cfg(test)]
     pub(crate) fn series(&self, metric: &str) -> impl Iterator<Item = &Series> {
-        let metric = self.by_name.get(metric).and_then(|&i| self.metrics.get(i));
-        metric.into_iter().flat_map(|m| {
-            m.order
-                .iter()
-                .filter_map(move |&i| m.series.get(i as usize))
-        })
+        self.series_with(metric, None)
+    }
+
+    /// The series of a metric with label `name` = `value` if given (all otherwise), in label
+    /// order.
+    pub(crate) fn series_with(
+        &self,
+        metric: &str,
+        eq: Option<(&str, &str)>,
+    ) -> impl Iterator<Item = &Series> {
+        let m = self.by_name.get(metric).and_then(|&i| self.metrics.get(i));
+        let ids: &[u32] = match (m, eq) {
+            (Some(m), Some((name, value))) => m
+                .postings
+                .get(name)
+                .and_then(|values| values.get(value))
+                .map_or(&[], |ids| ids.as_slice()),
+            (Some(m), None) => &m.order,
+            (None, _) => &[],
+        };
+        ids.iter()
+            .filter_map(move |&i| m.and_then(|m| m.series.get(i as usize)))
+    }
+
+    /// Identifies this window and its state: equal keys, equal reads.
+    pub(crate) fn state_key(&self) -> (u64, u64) {
+        (self.id, self.generation)
     }
 
     /// The value of a series at the last tick of `w`.
@@ -528,6 +588,7 @@ impl Tsdb {
     }
 
     /// The samples of a series in `w`, as (timestamp ms, value), appended to `out`.
+    #[cfg(test)]
     pub(crate) fn samples(&self, s: &Series, w: &Window, out: &mut Vec<(i64, f64)>) {
         self.run(s, w)
             .for_each(|tick, v| out.push((self.tick_ms(w, tick), v)));
