@@ -101,6 +101,8 @@ pub(super) enum Node {
     Instant(Selector),
     Range {
         func: RangeFn,
+        /// Identifies the function over the selection, for sharing results across rules.
+        key: Arc<str>,
         sel: Selector,
         range_ms: i64,
         /// `predict_linear`'s horizon.
@@ -353,8 +355,16 @@ impl Checker<'_> {
                 RangeFn::PredictLinear => Some(Box::new(self.scalar(arg(1)?, name)?)),
                 _ => None,
             };
+            let matchers: Vec<String> = sel.matchers.iter().map(|m| m.to_string()).collect();
+            let key = format!(
+                "{func:?}({}{{{}}}[{range_ms}] offset {})",
+                sel.metric,
+                matchers.join(","),
+                sel.offset_ms
+            );
             return Ok(Node::Range {
                 func,
+                key: key.into(),
                 sel,
                 range_ms,
                 arg,

@@ -148,7 +148,7 @@ impl Rng {
     }
 }
 
-/// Counters (one with a reset, one starting late, one that goes away), dyadic gauges (sums
+/// Counters (one with resets, one starting late, one that goes away), dyadic gauges (sums
 /// exact in any order), a gauge with NaN and infinities, histogram buckets of two jobs.
 fn series(points: usize) -> Vec<(String, Vec<Option<f64>>)> {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -156,8 +156,11 @@ fn series(points: usize) -> Vec<(String, Vec<Option<f64>>)> {
     let mut c = 5.0;
     let counter: Vec<Option<f64>> = (0..points)
         .map(|i| {
+            // Two resets, the second to a value above zero.
             c = if i == points * 5 / 8 {
                 1.0
+            } else if i == points * 7 / 8 {
+                c / 3.0 + 0.25
             } else {
                 c + rng.below(5) as f64
             };
@@ -170,7 +173,7 @@ fn series(points: usize) -> Vec<(String, Vec<Option<f64>>)> {
         .collect();
     out.push(("c_total{job=\"a\",inst=\"2\"}".to_string(), late));
     let gone: Vec<Option<f64>> = (0..points)
-        .map(|i| (i < points * 8 / 10).then(|| 0.3 + 0.25 * i as f64))
+        .map(|i| (i < points * 8 / 10).then_some(0.3 + 0.25 * i as f64))
         .collect();
     out.push(("c_total{job=\"b\",inst=\"1\"}".to_string(), gone));
     for (labels, f) in [

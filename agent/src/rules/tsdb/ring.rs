@@ -120,40 +120,68 @@ pub(crate) fn resized(old: &[f64], depth: usize, next: u64) -> Vec<f64> {
     ring
 }
 
-/// Visits the values of `ring` for ticks `first..=last` (clipped to what it holds, `next` being
-/// the clock's next tick) with the tick's timestamp, skipping absent ones.
-pub(crate) fn for_each(
-    clock: &Clock,
-    ring: &[f64],
-    first: u64,
-    last: u64,
-    mut f: impl FnMut(i64, f64),
-) {
-    let depth = ring.len();
-    if depth == 0 {
-        return;
+/// The values of a ring for a run of ticks, oldest first, as up to two contiguous pieces (the
+/// ring wraps), so that functions loop over plain slices.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Run<'a> {
+    pub head: &'a [f64],
+    pub tail: &'a [f64],
+    /// The tick of `head[0]`.
+    pub first: u64,
+}
+
+impl Run<'_> {
+    /// Visits the present values with their ticks, oldest first.
+    #[inline]
+    pub(crate) fn for_each(&self, mut f: impl FnMut(u64, f64)) {
+        for (i, &v) in self.head.iter().enumerate() {
+            if !is_absent(v) {
+                f(self.first + i as u64, v);
+            }
+        }
+        let off = self.first + self.head.len() as u64;
+        for (i, &v) in self.tail.iter().enumerate() {
+            if !is_absent(v) {
+                f(off + i as u64, v);
+            }
+        }
     }
+
+    /// The present values with their ticks, newest first.
+    pub(crate) fn rev(&self) -> impl Iterator<Item = (u64, f64)> + '_ {
+        let off = self.first + self.head.len() as u64;
+        let tail = self
+            .tail
+            .iter()
+            .enumerate()
+            .rev()
+            .map(move |(i, &v)| (off + i as u64, v));
+        let head = (self.head.iter().enumerate().rev()).map(|(i, &v)| (self.first + i as u64, v));
+        tail.chain(head).filter(|(_, v)| !is_absent(*v))
+    }
+}
+
+/// The values of `ring` for ticks `first..=last`, clipped to what it holds.
+pub(crate) fn run<'a>(clock: &Clock, ring: &'a [f64], first: u64, last: u64) -> Run<'a> {
+    let depth = ring.len();
     let first = first
         .max(clock.next().saturating_sub(depth as u64))
         .max(clock.oldest());
-    if first > last || last >= clock.next() {
-        return;
+    if depth == 0 || first > last || last >= clock.next() {
+        return Run::default();
     }
-    let (mut vs, mut ts) = (slot(first, depth), slot(first, clock.depth()));
-    for _ in first..=last {
-        if let (Some(&v), Some(&t)) = (ring.get(vs), clock.ts.get(ts)) {
-            if !is_absent(v) {
-                f(t, v);
-            }
-        }
-        vs += 1;
-        if vs == depth {
-            vs = 0;
-        }
-        ts += 1;
-        if ts == clock.depth() {
-            ts = 0;
-        }
+    // At most `depth` ticks, so the length fits.
+    let len = ((last - first + 1) as usize).min(depth);
+    let start = slot(first, depth);
+    let (head, tail) = if start + len <= depth {
+        (ring.get(start..start + len), ring.get(..0))
+    } else {
+        (ring.get(start..), ring.get(..start + len - depth))
+    };
+    Run {
+        head: head.unwrap_or_default(),
+        tail: tail.unwrap_or_default(),
+        first,
     }
 }
 
