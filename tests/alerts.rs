@@ -194,7 +194,8 @@ fn fires_in_alertmanager_within_a_second_and_resolves_there() {
     );
     // A scrape may be served the rendering of up to 100 ms ago.
     let m = insite_e2e::Metrics::wait_within(&agent, Duration::from_secs(2), |m| {
-        m.value("ALERTS", &[("alertname", "ConnectRefused")]).is_some()
+        m.value("ALERTS", &[("alertname", "ConnectRefused")])
+            .is_some()
     });
     assert_eq!(
         m.value(
@@ -203,7 +204,10 @@ fn fires_in_alertmanager_within_a_second_and_resolves_there() {
         ),
         Some(1.0),
         "{}\n{}",
-        m.0.lines().filter(|l| l.contains("ALERTS")).collect::<Vec<_>>().join("\n"),
+        m.0.lines()
+            .filter(|l| l.contains("ALERTS"))
+            .collect::<Vec<_>>()
+            .join("\n"),
         agent.data(r#"{"cmd":"alerts_history"}"#)
     );
     assert!(

@@ -79,7 +79,7 @@ fn rules_yaml(rules: usize) -> String {
             1 => format!("histogram_quantile(0.99, sum by (le) (rate(bench_latency_seconds_bucket{{service=\"s{svc}\"}}[30s]))) > 10"),
             2 => format!("avg_over_time(bench_queue{{service=\"s{svc}\"}}[5m]) > 1000"),
             3 => format!("max by (service) (bench_queue{{service=~\"s{svc}|s{}\"}}) > 48", (svc + 1) % SERVICES),
-            _ => format!("rate(bench_requests_total{{service=\"s{svc}\"}}[10s]) > 2 * rate(bench_requests_total{{service=\"s{svc}\"}}[5m])"),
+            _ => format!("rate(bench_requests_total{{service=\"s{svc}\"}}[10s]) > 100 * rate(bench_requests_total{{service=\"s{svc}\"}}[5m])"),
         };
         let _ = write!(y, "      - alert: Bench{r}\n        expr: '{expr}'\n");
     }

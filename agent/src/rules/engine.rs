@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::{
     alerting::{Alert, RuleState, State, Transition},
     files::RuleSet,
-    promql::{Sample, Value},
+    promql::{EvalCache, Sample, Value},
     tsdb::{Bounds, Ingested, Tsdb},
 };
 
@@ -53,6 +53,9 @@ pub struct Engine {
     state: Persisted,
     next_eval: Vec<i64>,
     resend_ms: i64,
+    /// Range results shared by the rules of one tick (`rate(x[1m])` in a warning and a
+    /// critical rule is read once).
+    cache: EvalCache,
 }
 
 /// A rule's key: where it is, so two rules of one name (a warning and a critical) stay apart.
@@ -68,6 +71,7 @@ impl Engine {
             state: Persisted::default(),
             next_eval: Vec::new(),
             resend_ms: resend.as_millis() as i64,
+            cache: EvalCache::default(),
         }
     }
 
@@ -136,7 +140,7 @@ impl Engine {
                 let Some(st) = self.state.rules.get_mut(&key) else {
                     continue;
                 };
-                let result = match rule.expr.eval(&self.tsdb, at_ms) {
+                let result = match rule.expr.eval_cached(&self.tsdb, at_ms, &mut self.cache) {
                     Value::Vector(v) => v,
                     // As Prometheus: a scalar is one series without labels.
                     Value::Scalar(v) => vec![Sample {

@@ -41,6 +41,47 @@ fn posting(sel: &Selector) -> Option<(&str, &str)> {
         .map(|m| (m.name.as_str(), m.value.as_str()))
 }
 
+/// A regex matcher that is an alternation of literals (`reason=~"refused|reset"`, fully
+/// anchored as Prometheus anchors it): the values it matches, for a postings lookup.
+fn alternation(sel: &Selector) -> Option<(&str, Vec<&str>)> {
+    sel.matchers.iter().find_map(|m| {
+        let MatchOp::Re(_) = &m.op else {
+            return None;
+        };
+        let literal = |p: &str| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_:/,- ".contains(&b))
+        };
+        let parts: Vec<&str> = m.value.split('|').collect();
+        parts
+            .iter()
+            .all(|p| literal(p))
+            .then(|| (m.name.as_str(), parts))
+    })
+}
+
+/// The series a selector can match, in label order: one postings list for an equality
+/// matcher, the union of a few for a literal alternation, else every series of the metric.
+/// `matches` still checks every matcher on each.
+fn candidates<'d>(db: &'d Tsdb, sel: &Selector) -> Vec<&'d crate::rules::tsdb::Series> {
+    if let Some(eq) = posting(sel) {
+        return db.series_with(&sel.metric, Some(eq)).collect();
+    }
+    if let Some((name, values)) = alternation(sel) {
+        let mut v: Vec<_> = values
+            .iter()
+            .flat_map(|value| db.series_with(&sel.metric, Some((name, value))))
+            .collect();
+        if values.len() > 1 {
+            v.sort_by(|a, b| a.labels().cmp(b.labels()));
+            v.dedup_by(|a, b| std::ptr::eq(*a, *b));
+        }
+        return v;
+    }
+    db.series_with(&sel.metric, None).collect()
+}
+
 fn matches(sel: &Selector, labels: &Labels) -> bool {
     sel.matchers
         .iter()
@@ -167,7 +208,8 @@ impl Cx<'_, '_> {
         let Some(w) = db.instant(at, db.is_coarse(sel.offset_ms)) else {
             return Vec::new();
         };
-        db.series_with(&sel.metric, posting(sel))
+        candidates(db, sel)
+            .into_iter()
             .filter(|s| matches(sel, s.labels()))
             .filter_map(|s| {
                 db.last_value(s, &w).map(|value| Sample {
@@ -200,8 +242,10 @@ impl Cx<'_, '_> {
         };
         let mut out = Vec::new();
         let ts = |tick| db.tick_ms(&w, tick);
-        let selected = db.series_with(&sel.metric, posting(sel));
-        for s in selected.filter(|s| matches(sel, s.labels())) {
+        for s in candidates(db, sel)
+            .into_iter()
+            .filter(|s| matches(sel, s.labels()))
+        {
             let run = db.run(s, &w);
             if let Some(value) = functions::apply(func, &run, ts, span, arg, &mut self.buf) {
                 out.push(Sample {
