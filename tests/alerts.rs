@@ -327,6 +327,7 @@ fn nothing_is_lost_while_the_upstream_is_down_across_a_restart() {
         "expected fire, resend, resolve for each of 2 receivers: {queued}"
     );
     agent.stop();
+    drop(agent);
 
     // A new agent on the same state: it neither re-pages nor forgets what is queued.
     let agent = Agent::launch(launch);
