@@ -391,7 +391,7 @@ fn rule_files_refused_with_file_group_rule_and_reason_and_the_running_rules_stay
     let state = tempfile::tempdir().unwrap();
     let rules = state.path().join("rules.yml");
     std::fs::copy(rules_dir().join("refused/function.yml"), &rules).unwrap();
-    let extra = alerts_config(state.path(), &[rules.clone()], &[]);
+    let extra = alerts_config(state.path(), std::slice::from_ref(&rules), &[]);
     let mut agent = Agent::launch(Launch {
         extra: &extra,
         probes: &["alerts"],

@@ -296,7 +296,7 @@ impl Inner {
             let (mut evaluation, evaluations) = st
                 .alerts
                 .as_ref()
-                .map(|v| (v.evaluation.clone(), v.evaluations))
+                .map(|v| (v.evaluation, v.evaluations))
                 .unwrap_or_default();
             evaluation.record(out.elapsed.as_nanos() as u64);
             st.alerts = Some(AlertsView {
@@ -361,7 +361,7 @@ impl Inner {
                         .or_default()
                         .insert((*res).to_string(), *c);
                 }
-                (n, s.detection.clone())
+                (n, s.detection)
             }
             Err(_) => Default::default(),
         };

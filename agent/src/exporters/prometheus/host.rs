@@ -35,15 +35,12 @@ fn sample(e: &mut DescriptorEncoder<'_>, h: &HostSample) -> Result<(), std::fmt:
         "Memory by kind (/proc/meminfo)",
         Some(&Unit::Bytes),
         [
-            (l("kind".into(), "total"), h.memory_total_bytes as f64),
-            (
-                l("kind".into(), "available"),
-                h.memory_available_bytes as f64,
-            ),
-            (l("kind".into(), "free"), h.memory_free_bytes as f64),
-            (l("kind".into(), "cached"), h.memory_cached_bytes as f64),
-            (l("kind".into(), "swap_total"), h.swap_total_bytes as f64),
-            (l("kind".into(), "swap_free"), h.swap_free_bytes as f64),
+            (l("kind", "total"), h.memory_total_bytes as f64),
+            (l("kind", "available"), h.memory_available_bytes as f64),
+            (l("kind", "free"), h.memory_free_bytes as f64),
+            (l("kind", "cached"), h.memory_cached_bytes as f64),
+            (l("kind", "swap_total"), h.swap_total_bytes as f64),
+            (l("kind", "swap_free"), h.swap_free_bytes as f64),
         ],
     )?;
     gauge(

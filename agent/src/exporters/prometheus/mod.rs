@@ -229,8 +229,8 @@ impl Collector for AgentCollector {
                 "Heap memory of the agent: in_use (what it holds), free (kept by the allocator, not returned to the system)",
                 Some(&Unit::Bytes),
                 [
-                    (l("kind".into(), "in_use"), in_use as f64),
-                    (l("kind".into(), "free"), free as f64),
+                    (l("kind", "in_use"), in_use as f64),
+                    (l("kind", "free"), free as f64),
                 ],
             )?;
             counter(

@@ -54,10 +54,8 @@ fn alternation(sel: &Selector) -> Option<(&str, Vec<&str>)> {
                     .all(|b| b.is_ascii_alphanumeric() || b"_:/,- ".contains(&b))
         };
         let parts: Vec<&str> = m.value.split('|').collect();
-        parts
-            .iter()
-            .all(|p| literal(p))
-            .then(|| (m.name.as_str(), parts))
+        let all = parts.iter().all(|p| literal(p));
+        all.then_some((m.name.as_str(), parts))
     })
 }
 
