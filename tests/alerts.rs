@@ -501,3 +501,95 @@ fn rule_files_pass_promtool_and_the_agent_says_what_it_refuses() {
         );
     }
 }
+
+/// Webhooks: signed with HMAC-SHA256 over timestamp and body; a tampered body or a stale
+/// timestamp fails the receiver's check. Alerts due together with the same `group_by` labels
+/// arrive as one notification.
+#[test]
+fn webhook_notifications_are_signed_and_grouped() {
+    use insite_e2e::servers::alertmanager::verify_signature;
+    insite_e2e::require_root();
+    let rec = Recorder::start().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let secret = b"4f1c9e0b7d2a6e83c5b19f04d7a2e6c1";
+    let secret_file = state.path().join("secret");
+    std::fs::write(&secret_file, [&secret[..], b"\n"].concat()).unwrap();
+    let rules = state.path().join("rules.yml");
+    // Every attached probe family: one alert each, one alertname; and one more alertname.
+    std::fs::write(
+        &rules,
+        "groups:\n  - name: w\n    rules:\n      - alert: Attached\n        expr: insite_probe_attached{probe=~\"host|alerts\"} > 0\n      - alert: Ticking\n        expr: insite_agent_ticks_total > 0\n",
+    )
+    .unwrap();
+    let extra = format!(
+        "{}\n[[alerts.webhooks]]\nurl = {:?}\nsecret_file = {:?}\n",
+        alerts_config(state.path(), &[rules], &[]),
+        format!("{}/hook", rec.url()),
+        secret_file.display().to_string()
+    );
+    let agent = Agent::launch(Launch {
+        extra: &extra,
+        probes: &["host", "alerts"],
+        ..Launch::default()
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rec.requests().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{} requests: {}",
+            rec.requests().len(),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reqs = rec.requests();
+    let now = now_ms() / 1000;
+    for r in &reqs {
+        assert_eq!(r.path, "/hook");
+        verify_signature(secret, r, now, Duration::from_secs(300)).unwrap();
+        // One byte changed: refused.
+        let mut tampered = r.clone();
+        tampered.body = tampered.body.replacen("firing", "firinG", 1);
+        assert_eq!(
+            verify_signature(secret, &tampered, now, Duration::from_secs(300)),
+            Err("signature does not match".into())
+        );
+        // Replayed ten minutes later: refused.
+        assert!(
+            verify_signature(secret, r, now + 600, Duration::from_secs(300))
+                .unwrap_err()
+                .contains("stale")
+        );
+        // Another secret: refused.
+        assert!(verify_signature(
+            b"another secret, just as long",
+            r,
+            now,
+            Duration::from_secs(300)
+        )
+        .is_err());
+    }
+    // Grouped by alertname: both Attached alerts in one notification, Ticking in another.
+    let bodies: Vec<serde_json::Value> = reqs
+        .iter()
+        .map(|r| serde_json::from_str(&r.body).unwrap())
+        .collect();
+    let attached = bodies
+        .iter()
+        .find(|b| b["groupLabels"]["alertname"] == "Attached")
+        .unwrap();
+    assert_eq!(
+        attached["alerts"].as_array().unwrap().len(),
+        2,
+        "{attached}"
+    );
+    assert_eq!(attached["status"], "firing");
+    assert_eq!(attached["commonLabels"]["alertname"], "Attached");
+    assert!(attached["commonLabels"].get("probe").is_none());
+    let ticking = bodies
+        .iter()
+        .find(|b| b["groupLabels"]["alertname"] == "Ticking")
+        .unwrap();
+    assert_eq!(ticking["alerts"].as_array().unwrap().len(), 1);
+    assert_eq!(ticking["version"], "4");
+}

@@ -16,6 +16,8 @@ pub struct AlertsConfig {
     /// Prometheus Alertmanagers (`http://host:port`, an optional path prefix); every
     /// notification goes to each of them, as Prometheus sends it.
     pub alertmanagers: Vec<String>,
+    /// Generic JSON webhooks, signed with HMAC-SHA256 (`[[alerts.webhooks]]`).
+    pub webhooks: Vec<WebhookConfig>,
     /// Where the alerts' state and the upstream outbox are kept across restarts.
     pub state_dir: PathBuf,
     /// Series the rule window keeps at most (only those the rules read are kept at all).
@@ -34,6 +36,22 @@ pub struct AlertsConfig {
     pub rule: BTreeMap<String, RuleExtras>,
 }
 
+/// `[[alerts.webhooks]]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub url: String,
+    /// A file holding the shared secret (at least 16 bytes; a trailing newline is ignored).
+    pub secret_file: PathBuf,
+    /// Alerts due together with the same values of these labels go in one notification.
+    #[serde(default = "default_group_by")]
+    pub group_by: Vec<String>,
+}
+
+fn default_group_by() -> Vec<String> {
+    vec!["alertname".into()]
+}
+
 /// `[alerts.rule.<alertname>]`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -48,6 +66,7 @@ impl Default for AlertsConfig {
             enabled: true,
             rule_files: vec![DEFAULT_RULE_FILES.into()],
             alertmanagers: Vec::new(),
+            webhooks: Vec::new(),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             max_series: 4096,
             resend_delay: Duration::from_secs(60),
@@ -68,6 +87,26 @@ impl AlertsConfig {
         for (i, am) in self.alertmanagers.iter().enumerate() {
             crate::upstream::http::Endpoint::parse(am)
                 .map_err(|e| v(&format!("alertmanagers[{i}]"), e.to_string()))?;
+        }
+        for (i, w) in self.webhooks.iter().enumerate() {
+            crate::upstream::http::Endpoint::parse(&w.url)
+                .map_err(|e| v(&format!("webhooks[{i}].url"), e.to_string()))?;
+            if !w.secret_file.is_absolute() {
+                return Err(v(
+                    &format!("webhooks[{i}].secret_file"),
+                    "must be an absolute path".into(),
+                ));
+            }
+            if let Some(l) = w
+                .group_by
+                .iter()
+                .find(|l| !crate::rules::template::is_label_name(l))
+            {
+                return Err(v(
+                    &format!("webhooks[{i}].group_by"),
+                    format!("{l:?} is not a label name"),
+                ));
+            }
         }
         if let Some(u) = &self.external_url {
             if !(u.starts_with("http://") || u.starts_with("https://")) {

@@ -33,6 +33,7 @@ use crate::{
     upstream::{
         alertmanager::{self, Alertmanager},
         sender::{self, unix_ms, Envelope, Receiver as _, SharedStats},
+        webhook::{self, Webhook},
     },
 };
 
@@ -42,13 +43,22 @@ const OUTBOX_FILE: &str = "outbox.redb";
 #[derive(Default)]
 pub struct Alerts(Arc<Inner>);
 
+/// One receiver's queue: its name in the outbox, what wakes its sender, what it is sent.
+struct Queue {
+    name: String,
+    wake: Arc<Notify>,
+    /// `None`: an Alertmanager (everything due in one batch); `Some`: a webhook, one
+    /// notification per group of these labels.
+    group_by: Option<Vec<String>>,
+}
+
 #[derive(Default)]
 struct Inner {
     engine: Mutex<Option<Engine>>,
     outbox: Mutex<Option<Arc<Outbox>>>,
     stats: SharedStats,
-    /// One wake-up per receiver queue, by queue name.
-    receivers: Mutex<Vec<(String, Arc<Notify>)>>,
+    /// The receivers' queues in the outbox.
+    receivers: Mutex<Vec<Queue>>,
     refused: Mutex<Option<String>>,
 }
 
@@ -144,12 +154,20 @@ impl Family for Alerts {
             return;
         };
         let cfg = ctx.config.borrow().clone();
-        let mut wakes = Vec::new();
+        let mut queues = Vec::new();
+        let mut start = |name: &str, group_by| {
+            let wake = Arc::new(Notify::new());
+            queues.push(Queue {
+                name: name.to_string(),
+                wake: wake.clone(),
+                group_by,
+            });
+            wake
+        };
         for url in &cfg.alerts.alertmanagers {
             match Alertmanager::new(url) {
                 Ok(am) => {
-                    let wake = Arc::new(Notify::new());
-                    wakes.push((am.name().to_string(), wake.clone()));
+                    let wake = start(am.name(), None);
                     tasks.spawn(sender::drain(
                         am,
                         outbox.clone(),
@@ -161,8 +179,25 @@ impl Family for Alerts {
                 Err(e) => warn!(url = %LogField(url), error = %e, "alertmanager skipped"),
             }
         }
+        for w in &cfg.alerts.webhooks {
+            match Webhook::new(&w.url, &w.secret_file) {
+                Ok(hook) => {
+                    let wake = start(hook.name(), Some(w.group_by.clone()));
+                    tasks.spawn(sender::drain(
+                        hook,
+                        outbox.clone(),
+                        wake,
+                        self.0.stats.clone(),
+                        ctx.shutdown.clone(),
+                    ));
+                }
+                Err(e) => {
+                    error!(url = %LogField(&w.url), error = %LogField(&e.to_string()), "webhook skipped")
+                }
+            }
+        }
         if let Ok(mut r) = self.0.receivers.lock() {
-            *r = wakes;
+            *r = queues;
         }
         let inner = self.0.clone();
         let (store, exposition, shutdown) = (
@@ -317,26 +352,45 @@ impl Inner {
             .external_url
             .clone()
             .unwrap_or_else(|| format!("http://{}", cfg.metrics.listen));
-        let env = Envelope {
-            detect_from_ms: out
-                .due
-                .iter()
-                .filter(|d| d.first)
-                .map(|d| d.alert.active_at_ms)
-                .collect(),
-            payload: alertmanager::payload(&out.due, &base),
-        };
-        let Ok(body) = serde_json::to_vec(&env) else {
-            return;
-        };
+        let detect_from_ms: Vec<i64> = out
+            .due
+            .iter()
+            .filter(|d| d.first)
+            .map(|d| d.alert.active_at_ms)
+            .collect();
         let Ok(receivers) = self.receivers.lock() else {
             return;
         };
-        for (name, wake) in receivers.iter() {
-            match outbox.push(name, &body) {
-                Ok(_) => wake.notify_one(),
-                Err(e) => {
-                    warn!(receiver = %LogField(name), error = %crate::probes::error_chain(&e), "notification not queued")
+        for q in receivers.iter() {
+            let payloads = match &q.group_by {
+                None => vec![(
+                    alertmanager::payload(&out.due, &base),
+                    detect_from_ms.clone(),
+                )],
+                Some(by) => webhook::groups(&out.due, by)
+                    .into_iter()
+                    .map(|g| {
+                        let detect = g
+                            .iter()
+                            .filter(|d| d.first)
+                            .map(|d| d.alert.active_at_ms)
+                            .collect();
+                        (webhook::payload(&q.name, &g, by, &base), detect)
+                    })
+                    .collect(),
+            };
+            for (payload, detect_from_ms) in payloads {
+                let Ok(body) = serde_json::to_vec(&Envelope {
+                    detect_from_ms,
+                    payload,
+                }) else {
+                    continue;
+                };
+                match outbox.push(&q.name, &body) {
+                    Ok(_) => q.wake.notify_one(),
+                    Err(e) => {
+                        warn!(receiver = %LogField(&q.name), error = %crate::probes::error_chain(&e), "notification not queued")
+                    }
                 }
             }
         }
@@ -385,7 +439,7 @@ impl Inner {
             receivers: self
                 .receivers
                 .lock()
-                .map(|r| r.iter().map(|(n, _)| n.clone()).collect())
+                .map(|r| r.iter().map(|q| q.name.clone()).collect())
                 .unwrap_or_default(),
             notifications,
             detection,

@@ -5,3 +5,4 @@
 pub mod alertmanager;
 pub mod http;
 pub mod sender;
+pub mod webhook;

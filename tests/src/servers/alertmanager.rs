@@ -246,3 +246,42 @@ fn read_request(mut s: TcpStream) -> Result<Recorded> {
 pub fn rules_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("rules")
 }
+
+/// A webhook receiver's check of the agent's signature, written from the README's contract
+/// (not from the agent's code): `x-insite-signature: sha256=<hex HMAC-SHA256(secret,
+/// "<x-insite-timestamp>.<body>")>`, and the timestamp within `window` of `now`.
+pub fn verify_signature(
+    secret: &[u8],
+    req: &Recorded,
+    now_unix: i64,
+    window: Duration,
+) -> std::result::Result<(), String> {
+    use hmac::{Hmac, KeyInit as _, Mac as _};
+    let header = |k: &str| {
+        req.headers
+            .iter()
+            .find(|(h, _)| h == k)
+            .map(|(_, v)| v.as_str())
+            .ok_or(format!("no {k} header"))
+    };
+    let ts: i64 = header("x-insite-timestamp")?
+        .parse()
+        .map_err(|e| format!("timestamp: {e}"))?;
+    if (now_unix - ts).unsigned_abs() > window.as_secs() {
+        return Err(format!(
+            "timestamp {ts} is {}s from now: stale",
+            now_unix - ts
+        ));
+    }
+    let hex = header("x-insite-signature")?
+        .strip_prefix("sha256=")
+        .ok_or("signature without sha256=")?;
+    let tag: Vec<u8> = (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|e| e.to_string()))
+        .collect::<std::result::Result<_, _>>()?;
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).map_err(|e| e.to_string())?;
+    mac.update(format!("{ts}.").as_bytes());
+    mac.update(req.body.as_bytes());
+    mac.verify_slice(&tag)
+        .map_err(|_| "signature does not match".to_string())
+}
