@@ -6,6 +6,7 @@ pub mod bench;
 pub mod engine;
 pub mod files;
 pub mod promql;
+pub mod silence;
 pub mod template;
 pub mod tsdb;
 
