@@ -12,7 +12,9 @@
 //! Memory is about `series × (fine depth + coarse depth) × 8 B` plus the labels; new series
 //! beyond `max_series` are refused and counted, and a series with no sample left in its window
 //! is freed.
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
+
+use foldhash::HashMap;
 
 use super::promql::{Labels, Needs};
 
@@ -118,6 +120,9 @@ struct Metric {
     /// visit only those. Rebuilt after a scrape that added or freed series.
     postings: HashMap<Arc<str>, HashMap<Arc<str>, Vec<u32>>>,
     dirty: bool,
+    /// The ring slots of the tick being ingested.
+    fine_slot: usize,
+    coarse_slot: Option<usize>,
 }
 
 impl Metric {
@@ -195,8 +200,8 @@ impl Tsdb {
             coarse_step_ms,
             last_at: None,
             metrics: Vec::new(),
-            by_name: HashMap::new(),
-            names: HashMap::new(),
+            by_name: HashMap::default(),
+            names: HashMap::default(),
             series: 0,
             refused_total: 0,
             malformed_total: 0,
@@ -270,22 +275,14 @@ impl Tsdb {
         self.generation += 1;
         let fine = self.fine.push(at_ms);
         let coarse = coarse_tick.then(|| self.coarse.push(at_ms));
-        // Everything is absent at the new tick until the text says otherwise.
         for metric in &mut self.metrics {
             metric.seen = 0;
             std::mem::swap(&mut metric.expected, &mut metric.scraped);
             metric.scraped.clear();
             metric.pos = 0;
-            for s in &mut metric.series {
-                if let Some(v) = s.fine.get_mut(ring::slot(fine, metric.fine_depth)) {
-                    *v = ring::absent();
-                }
-                if let Some(c) = coarse {
-                    if let Some(v) = s.coarse.get_mut(ring::slot(c, metric.coarse_depth)) {
-                        *v = ring::absent();
-                    }
-                }
-            }
+            // One division per metric, not per line: every series of it shares the slots.
+            metric.fine_slot = ring::slot(fine, metric.fine_depth);
+            metric.coarse_slot = coarse.map(|c| ring::slot(c, metric.coarse_depth));
         }
         // Lines of one metric come together: the previous line's look-up is reused.
         let (mut last_name, mut last_metric) = ("", None);
@@ -310,6 +307,27 @@ impl Tsdb {
         }
         self.refused_total += got.refused as u64;
         self.malformed_total += got.malformed as u64;
+        // What the text did not list is absent at the new tick. Marked afterwards (and only
+        // there) so that a scrape touches each listed series' rings once.
+        for metric in &mut self.metrics {
+            if metric.seen == metric.series.len() {
+                continue;
+            }
+            for s in &mut metric.series {
+                if s.last_fine != fine + 1 {
+                    if let Some(v) = s.fine.get_mut(metric.fine_slot) {
+                        *v = ring::absent();
+                    }
+                }
+                if let (Some(c), Some(slot)) = (coarse, metric.coarse_slot) {
+                    if s.last_coarse != c + 1 {
+                        if let Some(v) = s.coarse.get_mut(slot) {
+                            *v = ring::absent();
+                        }
+                    }
+                }
+            }
+        }
         self.sweep();
         for m in self.metrics.iter_mut().filter(|m| m.dirty) {
             m.index();
@@ -351,12 +369,12 @@ impl Tsdb {
         if s.last_fine != fine + 1 {
             metric.seen += 1;
         }
-        if let Some(v) = s.fine.get_mut(ring::slot(fine, metric.fine_depth)) {
+        if let Some(v) = s.fine.get_mut(metric.fine_slot) {
             *v = value;
         }
         s.last_fine = fine + 1;
-        if let Some(c) = coarse {
-            if let Some(v) = s.coarse.get_mut(ring::slot(c, metric.coarse_depth)) {
+        if let (Some(c), Some(slot)) = (coarse, metric.coarse_slot) {
+            if let Some(v) = s.coarse.get_mut(slot) {
                 *v = value;
                 s.last_coarse = c + 1;
             }
