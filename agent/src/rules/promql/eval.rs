@@ -1,5 +1,5 @@
 //! Evaluation of a checked tree at one instant.
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use super::{
     check::{AggOp, Grouping, Node, Selector},
@@ -274,7 +274,7 @@ fn aggregate(op: AggOp, grouping: &Grouping, v: &[Sample]) -> Vec<Sample> {
         Grouping::Without(w) => n != "__name__" && w.binary_search_by(|l| (**l).cmp(n)).is_err(),
     };
     let mut groups: Vec<Group> = Vec::new();
-    let mut index: HashMap<u64, Vec<usize>> = HashMap::new();
+    let mut index: HashMap<u64, Vec<usize>> = HashMap::default();
     for s in v {
         let candidates = index.entry(signature(&s.labels, keeps)).or_default();
         let found = candidates.iter().copied().find(|&g| {

@@ -48,11 +48,9 @@
 //! **Checked against Prometheus**: `crosscheck.rs` runs every supported function, aggregation
 //! and operator through `promtool test rules` (Prometheus 2.42) on the same samples and requires
 //! bit-equal results.
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use foldhash::HashMap;
 
 use super::tsdb::{Bounds, Tsdb};
 
