@@ -115,6 +115,19 @@ impl Cx<'_, '_> {
                 }
                 Value::Vector(v)
             }
+            Node::Shared { key, expr } => {
+                if let Some(cache) = self.cache.as_deref_mut() {
+                    if let Some(v) = cache.shared.get(&**key) {
+                        cache.hits += 1;
+                        return Value::Vector(v.clone());
+                    }
+                }
+                let v = self.eval(expr);
+                if let (Some(cache), Value::Vector(v)) = (self.cache.as_deref_mut(), &v) {
+                    cache.shared.insert(key.clone(), v.clone());
+                }
+                v
+            }
             Node::Quantile { q, expr } => {
                 let q = self.scalar(q);
                 let v = self.vector(expr);

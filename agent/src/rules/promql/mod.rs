@@ -231,6 +231,8 @@ impl Expr {
 pub struct EvalCache {
     at: Option<((u64, u64), i64)>,
     ranges: HashMap<(Arc<str>, u64), Vec<Sample>>,
+    /// Results of the shared subexpressions, by key.
+    shared: HashMap<Arc<str>, Vec<Sample>>,
     hits: u64,
 }
 
@@ -245,6 +247,7 @@ impl EvalCache {
         let at = Some((db.state_key(), at_ms));
         if self.at != at {
             self.ranges.clear();
+            self.shared.clear();
             self.at = at;
         }
     }
