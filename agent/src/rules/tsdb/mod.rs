@@ -336,26 +336,24 @@ impl Tsdb {
     }
 
     fn store(&mut self, m: usize, line: &str, fine: u64, coarse: Option<u64>) -> Stored {
-        let Some(l) = exposition::split(line) else {
-            return Stored::Malformed;
-        };
-        let Some(value) = exposition::parse_value(l.value) else {
-            return Stored::Malformed;
-        };
         let Some(metric) = self.metrics.get_mut(m) else {
             return Stored::Malformed;
         };
-        let predicted = metric.expected.get(metric.pos).copied().filter(|&i| {
-            metric
-                .series
-                .get(i as usize)
-                .is_some_and(|s| *s.raw == *l.labels)
+        // The series predicted, recognised by its label text without cutting the line.
+        let fast = metric.expected.get(metric.pos).and_then(|&i| {
+            let s = metric.series.get(i as usize)?;
+            exposition::known_value(line, &s.raw).map(|token| (i, token))
         });
-        metric.pos += 1;
-        let idx = match predicted.or_else(|| metric.by_raw.get(l.labels).copied()) {
-            Some(idx) => idx,
-            None => match self.add_series(m, l.name, l.labels) {
-                Ok(idx) => idx,
+        let (idx, value) = match fast {
+            Some((idx, token)) => {
+                let Some(value) = exposition::parse_value(token) else {
+                    return Stored::Malformed;
+                };
+                metric.pos += 1;
+                (idx, value)
+            }
+            None => match self.store_slow(m, line) {
+                Ok(found) => found,
                 Err(stored) => return stored,
             },
         };
@@ -380,6 +378,26 @@ impl Tsdb {
             }
         }
         Stored::Kept
+    }
+
+    /// Cuts the line and finds its series (creating it if new): what `store` does when the
+    /// line is not the one predicted.
+    fn store_slow(&mut self, m: usize, line: &str) -> Result<(u32, f64), Stored> {
+        let l = exposition::split(line).ok_or(Stored::Malformed)?;
+        let value = exposition::parse_value(l.value).ok_or(Stored::Malformed)?;
+        let metric = self.metrics.get_mut(m).ok_or(Stored::Malformed)?;
+        let predicted = metric.expected.get(metric.pos).copied().filter(|&i| {
+            metric
+                .series
+                .get(i as usize)
+                .is_some_and(|s| *s.raw == *l.labels)
+        });
+        metric.pos += 1;
+        let idx = match predicted.or_else(|| metric.by_raw.get(l.labels).copied()) {
+            Some(idx) => idx,
+            None => self.add_series(m, l.name, l.labels)?,
+        };
+        Ok((idx, value))
     }
 
     /// Finds or creates the series of a label text not seen before.
