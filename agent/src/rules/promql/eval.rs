@@ -57,7 +57,7 @@ fn alternation(sel: &Selector) -> Option<(&str, Vec<&str>)> {
         parts
             .iter()
             .all(|p| literal(p))
-            .then(|| (m.name.as_str(), parts))
+            .then_some((m.name.as_str(), parts))
     })
 }
 
