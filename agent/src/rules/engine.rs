@@ -52,6 +52,8 @@ pub struct Engine {
     /// By rule key (file, group, position, name), in the set's order.
     state: Persisted,
     next_eval: Vec<i64>,
+    /// Each group's rule keys, made once at `load` rather than formatted every tick.
+    rule_keys: Vec<Vec<String>>,
     resend_ms: i64,
     /// Range results shared by the rules of one tick (`rate(x[1m])` in a warning and a
     /// critical rule is read once).
@@ -70,6 +72,7 @@ impl Engine {
             tsdb: Tsdb::new(bounds),
             state: Persisted::default(),
             next_eval: Vec::new(),
+            rule_keys: Vec::new(),
             resend_ms: resend.as_millis() as i64,
             cache: EvalCache::default(),
         }
@@ -90,6 +93,13 @@ impl Engine {
         }
         self.state.rules = kept;
         self.next_eval = vec![i64::MIN; set.groups.len()];
+        self.rule_keys = (set.groups.iter())
+            .map(|g| {
+                (g.rules.iter().enumerate())
+                    .map(|(i, r)| rule_key(&g.file, &g.name, i, &r.name))
+                    .collect()
+            })
+            .collect();
         self.set = set;
     }
 
@@ -135,9 +145,9 @@ impl Engine {
                 at_ms
             };
             let valid_ms = 4 * self.resend_ms.max(interval_ms);
-            for (i, rule) in g.rules.iter().enumerate() {
-                let key = rule_key(&g.file, &g.name, i, &rule.name);
-                let Some(st) = self.state.rules.get_mut(&key) else {
+            let keys = self.rule_keys.get(gi).map_or(&[][..], Vec::as_slice);
+            for (rule, key) in g.rules.iter().zip(keys) {
+                let Some(st) = self.state.rules.get_mut(key) else {
                     continue;
                 };
                 let result = match rule.expr.eval_cached(&self.tsdb, at_ms, &mut self.cache) {

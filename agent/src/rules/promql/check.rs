@@ -142,6 +142,12 @@ pub(super) enum Node {
         rhs: Box<Node>,
         matching: Matching,
     },
+    /// A vector subexpression whose result the rules of one tick share through the cache,
+    /// `key` spelling it out (its tree as the checker built it).
+    Shared {
+        key: Arc<str>,
+        expr: Box<Node>,
+    },
 }
 
 impl Node {
@@ -181,7 +187,8 @@ impl Node {
             | Node::Vector(expr)
             | Node::Scalar(expr)
             | Node::Aggregate { expr, .. }
-            | Node::Neg(expr) => expr.needs(needs),
+            | Node::Neg(expr)
+            | Node::Shared { expr, .. } => expr.needs(needs),
             Node::Binary { lhs, rhs, .. } | Node::Set { lhs, rhs, .. } => {
                 lhs.needs(needs);
                 rhs.needs(needs);
@@ -201,7 +208,98 @@ fn millis(d: &Duration) -> i64 {
 pub(super) fn compile(src: &str, bounds: &Bounds) -> Result<Node, Refused> {
     let ast = parser::parse(src).map_err(|e| Refused(format!("does not parse: {e}")))?;
     let node = Checker { bounds }.node(&ast)?;
-    Ok(node)
+    Ok(share(node))
+}
+
+/// Marks the vector subexpressions above the selectors as shared: rules often repeat one
+/// (a warning and a critical rule differ only in the threshold, several quantiles read one
+/// histogram's rates, one expression serves rules of several severities), and a repeat then
+/// costs a look-up. Range functions have their own key; scalars are too cheap to share.
+fn share(node: Node) -> Node {
+    let worth = !node.is_scalar()
+        && matches!(
+            node,
+            Node::Instant(_)
+                | Node::Quantile { .. }
+                | Node::Math { .. }
+                | Node::Absent { .. }
+                | Node::Aggregate { .. }
+                | Node::Neg(_)
+                | Node::Binary { .. }
+                | Node::Set { .. }
+        );
+    // The tree's Debug form names every operand, modifier and literal (floats exactly), so
+    // equal keys mean equal expressions.
+    let key: Option<Arc<str>> = worth.then(|| format!("{node:?}").into());
+    let sub = |b: Box<Node>| Box::new(share(*b));
+    let node = match node {
+        Node::Range {
+            func,
+            key,
+            sel,
+            range_ms,
+            arg,
+        } => Node::Range {
+            func,
+            key,
+            sel,
+            range_ms,
+            arg: arg.map(sub),
+        },
+        Node::Quantile { q, expr } => Node::Quantile {
+            q: sub(q),
+            expr: sub(expr),
+        },
+        Node::Math { func, expr, arg } => Node::Math {
+            func,
+            expr: sub(expr),
+            arg: arg.map(sub),
+        },
+        Node::Absent { expr, labels } => Node::Absent {
+            expr: sub(expr),
+            labels,
+        },
+        Node::Vector(e) => Node::Vector(sub(e)),
+        Node::Scalar(e) => Node::Scalar(sub(e)),
+        Node::Aggregate { op, grouping, expr } => Node::Aggregate {
+            op,
+            grouping,
+            expr: sub(expr),
+        },
+        Node::Neg(e) => Node::Neg(sub(e)),
+        Node::Binary {
+            op,
+            lhs,
+            rhs,
+            return_bool,
+            matching,
+        } => Node::Binary {
+            op,
+            lhs: sub(lhs),
+            rhs: sub(rhs),
+            return_bool,
+            matching,
+        },
+        Node::Set {
+            op,
+            lhs,
+            rhs,
+            matching,
+        } => Node::Set {
+            op,
+            lhs: sub(lhs),
+            rhs: sub(rhs),
+            matching,
+        },
+        leaf @ (Node::Number(_) | Node::Time | Node::Instant(_) | Node::Shared { .. }) => leaf,
+    };
+    match key {
+        Some(key) => Node::Shared {
+            key,
+            expr: Box::new(node),
+        },
+        None => node,
+    }
 }
 
 struct Checker<'a> {

@@ -1,5 +1,5 @@
 //! Evaluation of a checked tree at one instant.
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use super::{
     check::{AggOp, Grouping, Node, Selector},
@@ -54,8 +54,10 @@ fn alternation(sel: &Selector) -> Option<(&str, Vec<&str>)> {
                     .all(|b| b.is_ascii_alphanumeric() || b"_:/,- ".contains(&b))
         };
         let parts: Vec<&str> = m.value.split('|').collect();
-        let all = parts.iter().all(|p| literal(p));
-        all.then_some((m.name.as_str(), parts))
+        parts
+            .iter()
+            .all(|p| literal(p))
+            .then_some((m.name.as_str(), parts))
     })
 }
 
@@ -112,6 +114,19 @@ impl Cx<'_, '_> {
                     cache.ranges.insert(key, v.clone());
                 }
                 Value::Vector(v)
+            }
+            Node::Shared { key, expr } => {
+                if let Some(cache) = self.cache.as_deref_mut() {
+                    if let Some(v) = cache.shared.get(&**key) {
+                        cache.hits += 1;
+                        return Value::Vector(v.clone());
+                    }
+                }
+                let v = self.eval(expr);
+                if let (Some(cache), Value::Vector(v)) = (self.cache.as_deref_mut(), &v) {
+                    cache.shared.insert(key.clone(), v.clone());
+                }
+                v
             }
             Node::Quantile { q, expr } => {
                 let q = self.scalar(q);
@@ -272,7 +287,7 @@ fn aggregate(op: AggOp, grouping: &Grouping, v: &[Sample]) -> Vec<Sample> {
         Grouping::Without(w) => n != "__name__" && w.binary_search_by(|l| (**l).cmp(n)).is_err(),
     };
     let mut groups: Vec<Group> = Vec::new();
-    let mut index: HashMap<u64, Vec<usize>> = HashMap::new();
+    let mut index: HashMap<u64, Vec<usize>> = HashMap::default();
     for s in v {
         let candidates = index.entry(signature(&s.labels, keeps)).or_default();
         let found = candidates.iter().copied().find(|&g| {

@@ -1,6 +1,6 @@
 //! `histogram_quantile` over classic buckets: the `_bucket` series of a vector grouped by their
 //! labels other than `le`, each group's quantile interpolated linearly within its bucket.
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use super::{matching::signature, Labels, Sample};
 
@@ -13,7 +13,7 @@ struct Group {
 pub(super) fn quantile(q: f64, vector: &[Sample]) -> Vec<Sample> {
     let mut groups: Vec<Group> = Vec::new();
     // Signature (labels but `le`, `__name__` included as Prometheus does) -> group indices.
-    let mut index: HashMap<u64, Vec<usize>> = HashMap::new();
+    let mut index: HashMap<u64, Vec<usize>> = HashMap::default();
     let not_le = |n: &str| n != "le";
     for s in vector {
         let Some(upper) = s.labels.get("le").and_then(parse_bound) else {

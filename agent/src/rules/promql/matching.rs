@@ -1,6 +1,6 @@
 //! Binary operators: scalar/scalar, vector/scalar, one-to-one vector matching and the set
 //! operators, keyed by label signatures (`on`/`ignoring`).
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use super::{
     check::{BinOp, Matching, SetOp},
@@ -54,7 +54,8 @@ struct Index<'a> {
 
 impl<'a> Index<'a> {
     fn new(samples: &'a [Sample], m: &Matching) -> Self {
-        let mut by_sig: HashMap<u64, Vec<usize>> = HashMap::with_capacity(samples.len());
+        let mut by_sig: HashMap<u64, Vec<usize>> =
+            HashMap::with_capacity_and_hasher(samples.len(), Default::default());
         for (i, s) in samples.iter().enumerate() {
             by_sig
                 .entry(signature(&s.labels, |n| m.keeps(n)))
@@ -183,7 +184,7 @@ fn vector_vector(
     let right = Index::new(r, m);
     // (right index, sample); a right index used twice means duplicates on the left.
     let mut out: Vec<(usize, Sample)> = Vec::new();
-    let mut uses: HashMap<usize, usize> = HashMap::new();
+    let mut uses: HashMap<usize, usize> = HashMap::default();
     for ls in l {
         let mut found = right.matches(&ls.labels, m);
         let (Some(ri), None) = (found.next(), found.next()) else {

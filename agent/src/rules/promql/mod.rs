@@ -48,11 +48,9 @@
 //! **Checked against Prometheus**: `crosscheck.rs` runs every supported function, aggregation
 //! and operator through `promtool test rules` (Prometheus 2.42) on the same samples and requires
 //! bit-equal results.
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use foldhash::HashMap;
 
 use super::tsdb::{Bounds, Tsdb};
 
@@ -233,6 +231,8 @@ impl Expr {
 pub struct EvalCache {
     at: Option<((u64, u64), i64)>,
     ranges: HashMap<(Arc<str>, u64), Vec<Sample>>,
+    /// Results of the shared subexpressions, by key.
+    shared: HashMap<Arc<str>, Vec<Sample>>,
     hits: u64,
 }
 
@@ -247,6 +247,7 @@ impl EvalCache {
         let at = Some((db.state_key(), at_ms));
         if self.at != at {
             self.ranges.clear();
+            self.shared.clear();
             self.at = at;
         }
     }

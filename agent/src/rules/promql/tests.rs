@@ -403,6 +403,33 @@ fn cache_shares_range_results_within_one_state() {
 }
 
 #[test]
+fn cache_shares_subexpressions_between_rules() {
+    let s = [
+        ("c{a=\"1\",b=\"x\"}", vals(&[0.0, 1.0, 2.0, 3.0])),
+        ("c{a=\"2\",b=\"y\"}", vals(&[0.0, 2.0, 4.0, 6.0])),
+        ("g{a=\"1\"}", vals(&[5.0, 4.0, 3.0, 2.0])),
+    ];
+    let src = [
+        "sum by (a) (rate(c[3s])) > 0.5",
+        "sum by (a) (rate(c[3s])) > 1.5",
+        "sum by (a) (rate(c[3s])) > 0.5",
+        "sum by (b) (rate(c[3s])) > 0.5",
+        "max(g{a=~\"1|2\"}) > 1",
+        "max(g{a=~\"1|2\"}) > bool 1",
+        "-g + 1 < 0",
+        "-g - 1 < 0",
+    ];
+    let (exprs, db) = setup(&src, &s, 3000);
+    let mut cache = EvalCache::default();
+    for e in &exprs {
+        assert_eq!(e.eval_cached(&db, 3000, &mut cache), e.eval(&db, 3000));
+    }
+    // The sum by (a) in the second rule, the whole first rule repeated, the range under
+    // `sum by (b)`, the max, the negation.
+    assert_eq!(cache.hits(), 5);
+}
+
+#[test]
 fn equality_selectors_follow_series_churn() {
     // b=1 goes away (freed after its window), b=3 arrives, b=1 comes back.
     let mut v1 = vals(&[1.0; 3]);

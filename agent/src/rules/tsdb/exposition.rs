@@ -58,6 +58,26 @@ pub(crate) fn split(line: &str) -> Option<Line<'_>> {
     })
 }
 
+/// The value token of a sample line whose label text is `raw`, a label text that parsed
+/// before (so its quotes are balanced and the `}` right after it closes the set): what
+/// [`split`] would give, found with one comparison instead of a scan. `None` when the line's
+/// labels are not `raw` (or `raw` is empty), for the caller to [`split`] it.
+pub(crate) fn known_value<'a>(line: &'a str, raw: &str) -> Option<&'a str> {
+    if raw.is_empty() {
+        return None;
+    }
+    let line = line.trim();
+    let rest = line.get(name_end(line)..)?;
+    let rest = rest
+        .strip_prefix('{')?
+        .strip_prefix(raw)?
+        .strip_prefix('}')?;
+    rest.trim_start()
+        .split([' ', '\t'])
+        .next()
+        .filter(|v| !v.is_empty())
+}
+
 /// The index of the `}` closing the label set that starts at `from`, quotes and escapes
 /// respected.
 fn closing_brace(line: &str, from: usize) -> Option<usize> {
@@ -170,6 +190,29 @@ mod tests {
         let l = split(r#"x{a="}\"{"} +Inf # {trace="1"} 2"#).unwrap();
         assert_eq!((l.labels, l.value), (r#"a="}\"{""#, "+Inf"));
         assert_eq!(split("up 1 1700000000").unwrap().value, "1");
+    }
+
+    #[test]
+    fn known_label_text_gives_what_split_gives() {
+        for line in [
+            r#"x{a="b"} 1"#,
+            r#"  x{a="}\"{",b="c"} +Inf # {trace="1"} 2"#,
+            "x{a=\"b\"}\t7 1700000000",
+            r#"x{a="b"}"#,
+            r#"x{a="b",c="d"} 1"#,
+        ] {
+            let want = split(line).map(|l| (l.labels, l.value));
+            for raw in [r#"a="b""#, r#"a="}\"{",b="c""#] {
+                let got = known_value(line, raw);
+                assert!(
+                    got.is_none() || want == Some((raw, got.unwrap_or(""))),
+                    "{line} {raw}"
+                );
+            }
+        }
+        assert_eq!(known_value(r#"x{a="b"} 1"#, r#"a="b""#), Some("1"));
+        assert_eq!(known_value(r#"x{a="b",c="d"} 1"#, r#"a="b""#), None);
+        assert_eq!(known_value("x 1", ""), None);
     }
 
     #[test]

@@ -12,7 +12,9 @@
 //! Memory is about `series × (fine depth + coarse depth) × 8 B` plus the labels; new series
 //! beyond `max_series` are refused and counted, and a series with no sample left in its window
 //! is freed.
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
+
+use foldhash::HashMap;
 
 use super::promql::{Labels, Needs};
 
@@ -118,6 +120,9 @@ struct Metric {
     /// visit only those. Rebuilt after a scrape that added or freed series.
     postings: HashMap<Arc<str>, HashMap<Arc<str>, Vec<u32>>>,
     dirty: bool,
+    /// The ring slots of the tick being ingested.
+    fine_slot: usize,
+    coarse_slot: Option<usize>,
 }
 
 impl Metric {
@@ -195,8 +200,8 @@ impl Tsdb {
             coarse_step_ms,
             last_at: None,
             metrics: Vec::new(),
-            by_name: HashMap::new(),
-            names: HashMap::new(),
+            by_name: HashMap::default(),
+            names: HashMap::default(),
             series: 0,
             refused_total: 0,
             malformed_total: 0,
@@ -270,22 +275,14 @@ impl Tsdb {
         self.generation += 1;
         let fine = self.fine.push(at_ms);
         let coarse = coarse_tick.then(|| self.coarse.push(at_ms));
-        // Everything is absent at the new tick until the text says otherwise.
         for metric in &mut self.metrics {
             metric.seen = 0;
             std::mem::swap(&mut metric.expected, &mut metric.scraped);
             metric.scraped.clear();
             metric.pos = 0;
-            for s in &mut metric.series {
-                if let Some(v) = s.fine.get_mut(ring::slot(fine, metric.fine_depth)) {
-                    *v = ring::absent();
-                }
-                if let Some(c) = coarse {
-                    if let Some(v) = s.coarse.get_mut(ring::slot(c, metric.coarse_depth)) {
-                        *v = ring::absent();
-                    }
-                }
-            }
+            // One division per metric, not per line: every series of it shares the slots.
+            metric.fine_slot = ring::slot(fine, metric.fine_depth);
+            metric.coarse_slot = coarse.map(|c| ring::slot(c, metric.coarse_depth));
         }
         // Lines of one metric come together: the previous line's look-up is reused.
         let (mut last_name, mut last_metric) = ("", None);
@@ -310,6 +307,27 @@ impl Tsdb {
         }
         self.refused_total += got.refused as u64;
         self.malformed_total += got.malformed as u64;
+        // What the text did not list is absent at the new tick. Marked afterwards (and only
+        // there) so that a scrape touches each listed series' rings once.
+        for metric in &mut self.metrics {
+            if metric.seen == metric.series.len() {
+                continue;
+            }
+            for s in &mut metric.series {
+                if s.last_fine != fine + 1 {
+                    if let Some(v) = s.fine.get_mut(metric.fine_slot) {
+                        *v = ring::absent();
+                    }
+                }
+                if let (Some(c), Some(slot)) = (coarse, metric.coarse_slot) {
+                    if s.last_coarse != c + 1 {
+                        if let Some(v) = s.coarse.get_mut(slot) {
+                            *v = ring::absent();
+                        }
+                    }
+                }
+            }
+        }
         self.sweep();
         for m in self.metrics.iter_mut().filter(|m| m.dirty) {
             m.index();
@@ -318,26 +336,24 @@ impl Tsdb {
     }
 
     fn store(&mut self, m: usize, line: &str, fine: u64, coarse: Option<u64>) -> Stored {
-        let Some(l) = exposition::split(line) else {
-            return Stored::Malformed;
-        };
-        let Some(value) = exposition::parse_value(l.value) else {
-            return Stored::Malformed;
-        };
         let Some(metric) = self.metrics.get_mut(m) else {
             return Stored::Malformed;
         };
-        let predicted = metric.expected.get(metric.pos).copied().filter(|&i| {
-            metric
-                .series
-                .get(i as usize)
-                .is_some_and(|s| *s.raw == *l.labels)
+        // The series predicted, recognised by its label text without cutting the line.
+        let fast = metric.expected.get(metric.pos).and_then(|&i| {
+            let s = metric.series.get(i as usize)?;
+            exposition::known_value(line, &s.raw).map(|token| (i, token))
         });
-        metric.pos += 1;
-        let idx = match predicted.or_else(|| metric.by_raw.get(l.labels).copied()) {
-            Some(idx) => idx,
-            None => match self.add_series(m, l.name, l.labels) {
-                Ok(idx) => idx,
+        let (idx, value) = match fast {
+            Some((idx, token)) => {
+                let Some(value) = exposition::parse_value(token) else {
+                    return Stored::Malformed;
+                };
+                metric.pos += 1;
+                (idx, value)
+            }
+            None => match self.store_slow(m, line) {
+                Ok(found) => found,
                 Err(stored) => return stored,
             },
         };
@@ -351,17 +367,37 @@ impl Tsdb {
         if s.last_fine != fine + 1 {
             metric.seen += 1;
         }
-        if let Some(v) = s.fine.get_mut(ring::slot(fine, metric.fine_depth)) {
+        if let Some(v) = s.fine.get_mut(metric.fine_slot) {
             *v = value;
         }
         s.last_fine = fine + 1;
-        if let Some(c) = coarse {
-            if let Some(v) = s.coarse.get_mut(ring::slot(c, metric.coarse_depth)) {
+        if let (Some(c), Some(slot)) = (coarse, metric.coarse_slot) {
+            if let Some(v) = s.coarse.get_mut(slot) {
                 *v = value;
                 s.last_coarse = c + 1;
             }
         }
         Stored::Kept
+    }
+
+    /// Cuts the line and finds its series (creating it if new): what `store` does when the
+    /// line is not the one predicted.
+    fn store_slow(&mut self, m: usize, line: &str) -> Result<(u32, f64), Stored> {
+        let l = exposition::split(line).ok_or(Stored::Malformed)?;
+        let value = exposition::parse_value(l.value).ok_or(Stored::Malformed)?;
+        let metric = self.metrics.get_mut(m).ok_or(Stored::Malformed)?;
+        let predicted = metric.expected.get(metric.pos).copied().filter(|&i| {
+            metric
+                .series
+                .get(i as usize)
+                .is_some_and(|s| *s.raw == *l.labels)
+        });
+        metric.pos += 1;
+        let idx = match predicted.or_else(|| metric.by_raw.get(l.labels).copied()) {
+            Some(idx) => idx,
+            None => self.add_series(m, l.name, l.labels)?,
+        };
+        Ok((idx, value))
     }
 
     /// Finds or creates the series of a label text not seen before.
