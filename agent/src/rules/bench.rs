@@ -73,13 +73,17 @@ fn exposition(series: usize, t: u64) -> String {
 fn rules_yaml(rules: usize) -> String {
     let mut y = String::from("groups:\n  - name: bench\n    rules:\n");
     for r in 0..rules {
-        let svc = r % SERVICES;
+        // Each shape over every service in turn; a second pass over a service (past 500
+        // rules) is its critical twin: the same subexpression with another threshold, as
+        // warning/critical pairs are written.
+        let svc = (r / 5) % SERVICES;
+        let twin = if (r / 5) / SERVICES % 2 == 1 { 2 } else { 1 };
         let expr = match r % 5 {
-            0 => format!("sum by (service) (rate(bench_requests_total{{service=\"s{svc}\"}}[1m])) > 1e9"),
-            1 => format!("histogram_quantile(0.99, sum by (le) (rate(bench_latency_seconds_bucket{{service=\"s{svc}\"}}[30s]))) > 10"),
-            2 => format!("avg_over_time(bench_queue{{service=\"s{svc}\"}}[5m]) > 1000"),
-            3 => format!("max by (service) (bench_queue{{service=~\"s{svc}|s{}\"}}) > 48", (svc + 1) % SERVICES),
-            _ => format!("rate(bench_requests_total{{service=\"s{svc}\"}}[10s]) > 100 * rate(bench_requests_total{{service=\"s{svc}\"}}[5m])"),
+            0 => format!("sum by (service) (rate(bench_requests_total{{service=\"s{svc}\"}}[1m])) > {}e9", twin),
+            1 => format!("histogram_quantile(0.99, sum by (le) (rate(bench_latency_seconds_bucket{{service=\"s{svc}\"}}[30s]))) > {}", 10 * twin),
+            2 => format!("avg_over_time(bench_queue{{service=\"s{svc}\"}}[5m]) > {}", 1000 * twin),
+            3 => format!("max by (service) (bench_queue{{service=~\"s{svc}|s{}\"}}) > 48", (svc + 1) % SERVICES) + if twin == 2 { " + 0" } else { "" },
+            _ => format!("rate(bench_requests_total{{service=\"s{svc}\"}}[10s]) > {} * rate(bench_requests_total{{service=\"s{svc}\"}}[5m])", 100 * twin),
         };
         let _ = write!(y, "      - alert: Bench{r}\n        expr: '{expr}'\n");
     }

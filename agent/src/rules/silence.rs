@@ -44,9 +44,9 @@ impl Matcher {
         if s.len() > MAX_MATCHER_BYTES {
             return Err(format!("matcher longer than {MAX_MATCHER_BYTES} bytes"));
         }
-        let at = s
-            .find(['=', '!'])
-            .ok_or_else(|| format!("{s:?}: expected name=value, name!=value, name=~regex or name!~regex"))?;
+        let at = s.find(['=', '!']).ok_or_else(|| {
+            format!("{s:?}: expected name=value, name!=value, name=~regex or name!~regex")
+        })?;
         let (name, rest) = s.split_at(at);
         let (op, value) = if let Some(v) = rest.strip_prefix("=~") {
             (Op::Re, v)
@@ -162,7 +162,10 @@ mod tests {
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -183,7 +186,10 @@ mod tests {
         for bad in ["alertname", "=x", "a b=c", "x=~(", "1x=y"] {
             assert!(Matcher::parse(bad).is_err(), "{bad}");
         }
-        assert_eq!(Matcher::parse("a=~\"x|y\"").unwrap().to_string(), "a=~\"x|y\"");
+        assert_eq!(
+            Matcher::parse("a=~\"x|y\"").unwrap().to_string(),
+            "a=~\"x|y\""
+        );
     }
 
     #[test]
