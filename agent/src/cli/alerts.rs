@@ -4,7 +4,10 @@ use clap::Subcommand;
 
 use super::{client_cmd, Request};
 use crate::{
-    control::alerts::{AlertsHistoryRequest, AlertsRequest, HistoryView},
+    control::alerts::{
+        AlertsAckRequest, AlertsChanged, AlertsHistoryRequest, AlertsRequest, AlertsSilenceRequest,
+        AlertsUnsilenceRequest, HistoryView,
+    },
     store::alerts::AlertsView,
     untrusted::Printable,
     upstream::alertmanager::rfc3339,
@@ -19,6 +22,25 @@ pub enum AlertsAction {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
+    /// Acknowledges a pending or firing alert (its id, or 4+ leading characters): stops its
+    /// escalation.
+    Ack {
+        id: String,
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Mutes notifications of the alerts every matcher matches (`alertname=X`, `job!=y`,
+    /// `instance=~"db-.*"`, `x!~re`) for a while.
+    Silence {
+        #[arg(required = true)]
+        matchers: Vec<String>,
+        #[arg(long = "for", default_value = "1h")]
+        for_: String,
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// Ends a silence now.
+    Unsilence { id: String },
     /// Checks rule files as the agent would load them (no agent needed), like `promtool
     /// check rules`: what the agent cannot evaluate is named with its file, group and rule.
     Check {
@@ -38,6 +60,9 @@ pub enum AlertsAction {
 }
 
 pub fn alerts(socket: &std::path::Path, action: AlertsAction, json: bool) -> anyhow::Result<()> {
+    let changed = |v: serde_json::Value| {
+        serde_json::from_value::<AlertsChanged>(v).map(|c| println!("{} {}", c.what, c.id))
+    };
     match action {
         AlertsAction::Check { files } => {
             let set = crate::rules::files::RuleSet::load(&files)?;
@@ -58,6 +83,32 @@ pub fn alerts(socket: &std::path::Path, action: AlertsAction, json: bool) -> any
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
+        AlertsAction::Ack { id, comment } => client_cmd(
+            socket,
+            &Request::of(&AlertsAckRequest { id, comment }),
+            json,
+            changed,
+        ),
+        AlertsAction::Silence {
+            matchers,
+            for_,
+            comment,
+        } => client_cmd(
+            socket,
+            &Request::of(&AlertsSilenceRequest {
+                matchers,
+                for_,
+                comment,
+            }),
+            json,
+            changed,
+        ),
+        AlertsAction::Unsilence { id } => client_cmd(
+            socket,
+            &Request::of(&AlertsUnsilenceRequest { id }),
+            json,
+            changed,
+        ),
         AlertsAction::List => client_cmd(socket, &Request::of(&AlertsRequest {}), json, |v| {
             serde_json::from_value::<AlertsView>(v).map(|v| print_alerts(&v))
         }),
@@ -120,6 +171,21 @@ fn print_alerts(v: &AlertsView) {
         v.window.series,
         v.window.bytes / 1024
     );
+    for s in &v.silences {
+        let m: Vec<String> = s
+            .matchers
+            .iter()
+            .map(|m| Printable(&m.to_string()).to_string())
+            .collect();
+        println!(
+            "silence {} until {} by {}: {} {}",
+            s.id,
+            rfc3339(s.ends_at_ms),
+            Printable(&s.created_by),
+            m.join(" "),
+            Printable(&s.comment)
+        );
+    }
     if v.alerts.is_empty() {
         println!("no alerts");
         return;
@@ -140,8 +206,28 @@ fn print_alerts(v: &AlertsView) {
             a.state.as_str(),
             since.map(rfc3339).unwrap_or_default(),
             format!("{:.4}", a.value),
-            labels(&a.labels)
+            labels(&a.labels_out())
         );
+        let mut marks = Vec::new();
+        if let Some(k) = &a.ack {
+            marks.push(format!(
+                "acknowledged by {} ({})",
+                Printable(&k.by),
+                Printable(&k.comment)
+            ));
+        }
+        if let Some(s) = &a.silenced_by {
+            marks.push(format!("silenced by {s}"));
+        }
+        if a.flapping {
+            marks.push("flapping".into());
+        }
+        if a.escalation > 0 {
+            marks.push(format!("escalation {}", a.escalation));
+        }
+        if !marks.is_empty() {
+            println!("{:<16} {}", "", marks.join("; "));
+        }
         if let Some(s) = a.annotations.get("summary") {
             println!("{:<16} {}", "", Printable(s));
         }

@@ -52,10 +52,74 @@ fn default_group_by() -> Vec<String> {
     vec!["alertname".into()]
 }
 
-/// `[alerts.rule.<alertname>]`.
+/// `[alerts.rule.<alertname>]`: what Prometheus' rule format has no key for (promtool
+/// refuses unknown keys in rule files), for every rule of that alert name.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct RuleExtras {}
+pub struct RuleExtras {
+    /// Hysteresis: once firing, the alert resolves only when this laxer expression stops
+    /// holding for it too (same output labels as the rule's expression).
+    pub clear_expr: Option<String>,
+    /// Flap suppression: an alert that changes state more than `flap_max_changes` times in
+    /// `flap_window` is held firing, marked `flapping="true"`.
+    pub flap_max_changes: Option<usize>,
+    #[serde(with = "humantime_serde")]
+    pub flap_window: Option<Duration>,
+    /// Escalation: a firing alert nobody acknowledged is re-sent after each of these times
+    /// (since it fired) with `escalation="<step>"` and its `severity` raised one step.
+    pub escalate_after: Vec<String>,
+    /// Webhook grouping for this alert (overrides the webhook's `group_by`).
+    pub group_by: Option<Vec<String>>,
+}
+
+impl RuleExtras {
+    /// Compiled for the engine; the error names the key under `alerts.rule.<name>`.
+    pub fn compile(&self) -> Result<crate::rules::alerting::Extras, (String, String)> {
+        let clear = self
+            .clear_expr
+            .as_deref()
+            .map(crate::rules::promql::Expr::compile)
+            .transpose()
+            .map_err(|e| ("clear_expr".to_string(), e.to_string()))?;
+        let flap = match (self.flap_max_changes, self.flap_window) {
+            (None, None) => None,
+            (Some(n), Some(w)) if n > 0 && !w.is_zero() => Some((n, w.as_millis() as i64)),
+            _ => {
+                return Err((
+                    "flap_max_changes".into(),
+                    "set both flap_max_changes (at least 1) and flap_window (above zero)".into(),
+                ))
+            }
+        };
+        let mut escalate_after_ms = Vec::new();
+        for (i, t) in self.escalate_after.iter().enumerate() {
+            let d = humantime::parse_duration(t)
+                .map_err(|e| (format!("escalate_after[{i}]"), format!("{t:?}: {e}")))?;
+            let ms = d.as_millis() as i64;
+            if escalate_after_ms.last().is_some_and(|l| *l >= ms) || ms == 0 {
+                return Err((
+                    format!("escalate_after[{i}]"),
+                    "times must be above zero and increasing".into(),
+                ));
+            }
+            escalate_after_ms.push(ms);
+        }
+        if let Some(l) = self
+            .group_by
+            .iter()
+            .flatten()
+            .find(|l| !crate::rules::template::is_label_name(l))
+        {
+            return Err(("group_by".into(), format!("{l:?} is not a label name")));
+        }
+        Ok(crate::rules::alerting::Extras {
+            clear,
+            flap,
+            escalate_after_ms,
+            group_by: self.group_by.clone(),
+        })
+    }
+}
 
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/insite-agent";
 pub const DEFAULT_RULE_FILES: &str = "/etc/insite-agent/rules/*.yml";
@@ -107,6 +171,11 @@ impl AlertsConfig {
                     format!("{l:?} is not a label name"),
                 ));
             }
+        }
+        for (name, extras) in &self.rule {
+            extras
+                .compile()
+                .map_err(|(key, why)| v(&format!("rule.{name}.{key}"), why))?;
         }
         if let Some(u) = &self.external_url {
             if !(u.starts_with("http://") || u.starts_with("https://")) {

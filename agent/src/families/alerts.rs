@@ -15,15 +15,20 @@ use crate::{
     collectors::{Reading, TickSource},
     config::Config,
     control::{
-        alerts::{AlertsHistoryRequest, AlertsRequest, HistoryView},
+        alerts::{
+            AlertsAckRequest, AlertsChanged, AlertsHistoryRequest, AlertsRequest,
+            AlertsSilenceRequest, AlertsUnsilenceRequest, HistoryView,
+        },
         protocol::{Command as _, Request},
         reply, Views,
     },
     exporters::{http::Exposition, prometheus::EncodeFamily},
     outbox::{Bound, Outbox},
     rules::{
+        alerting::Extras,
         engine::{Engine, Outcome, Persisted},
         files::RuleSet,
+        silence::{comment, user_name, Ack, Matcher, Silence, MAX_MATCHERS},
     },
     store::{
         alerts::{AlertsView, OutboxView, WindowView},
@@ -75,11 +80,20 @@ impl TickSource for Alerts {
 
 impl Views for Alerts {
     fn commands(&self) -> &'static [&'static str] {
-        &[AlertsRequest::NAME, AlertsHistoryRequest::NAME]
+        &[
+            AlertsRequest::NAME,
+            AlertsHistoryRequest::NAME,
+            AlertsAckRequest::NAME,
+            AlertsSilenceRequest::NAME,
+            AlertsUnsilenceRequest::NAME,
+        ]
     }
 
-    fn answer(&self, req: Request, st: &Store, _cfg: &Config) -> Result<String, String> {
+    fn answer(&self, req: Request, st: &Store, cfg: &Config) -> Result<String, String> {
         match req.cmd.as_str() {
+            AlertsAckRequest::NAME | AlertsSilenceRequest::NAME | AlertsUnsilenceRequest::NAME => {
+                self.change(req, cfg)
+            }
             AlertsRequest::NAME => {
                 req.args::<AlertsRequest>()?;
                 reply(&st.alerts.clone().unwrap_or_default())
@@ -126,7 +140,7 @@ impl Family for Alerts {
         let mut engine = Engine::new(crate::budget::window_bounds(cfg), a.resend_delay);
         let mut problems = Vec::new();
         match RuleSet::load(&a.rule_files) {
-            Ok(set) => engine.load(set),
+            Ok(set) => engine.load_with(set, &extras(cfg)),
             Err(e) => {
                 error!(error = %LogField(&e.to_string()), "alert rules refused; the agent runs without them until a reload reads good ones");
                 problems.push(format!("rules refused: {e}"));
@@ -288,7 +302,7 @@ impl Family for Alerts {
         if let Ok(mut eng) = self.0.engine.lock() {
             if let Some(e) = eng.as_mut() {
                 let n = set.rules().count();
-                e.load(set);
+                e.load_with(set, &extras(cfg));
                 e.set_resend(cfg.alerts.resend_delay);
                 info!(rules = n, "alert rules reloaded");
             }
@@ -296,7 +310,97 @@ impl Family for Alerts {
     }
 }
 
+/// Every `[alerts.rule.<name>]`, compiled (the config's validation refused what does not).
+fn extras(cfg: &Config) -> std::collections::BTreeMap<String, Arc<Extras>> {
+    (cfg.alerts.rule.iter())
+        .filter_map(|(name, x)| Some((name.clone(), Arc::new(x.compile().ok()?))))
+        .collect()
+}
+
+/// Longest silence accepted.
+const MAX_SILENCE: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+
 impl Alerts {
+    /// Acks, silences and unsilences: applied to the engine and saved at once.
+    fn change(&self, req: Request, cfg: &Config) -> Result<String, String> {
+        let who = user_name(req.uid);
+        let now = unix_ms();
+        let mut guard = self
+            .0
+            .engine
+            .lock()
+            .map_err(|_| "internal: engine unavailable")?;
+        let engine = guard.as_mut().ok_or("alerts are not running")?;
+        let changed = match req.cmd.as_str() {
+            AlertsAckRequest::NAME => {
+                let r: AlertsAckRequest = req.args()?;
+                let a = engine.ack(
+                    &r.id,
+                    Ack {
+                        by: who.clone(),
+                        at_ms: now,
+                        comment: comment(r.comment.as_deref().unwrap_or("")),
+                    },
+                )?;
+                info!(id = %a.id, by = %LogField(&who), "alert acknowledged");
+                AlertsChanged {
+                    id: a.id,
+                    what: "acknowledged".into(),
+                }
+            }
+            AlertsSilenceRequest::NAME => {
+                let r: AlertsSilenceRequest = req.args()?;
+                if r.matchers.is_empty() || r.matchers.len() > MAX_MATCHERS {
+                    return Err(format!("a silence takes 1 to {MAX_MATCHERS} matchers"));
+                }
+                let matchers = (r.matchers.iter())
+                    .map(|m| Matcher::parse(m))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let d = humantime::parse_duration(&r.for_)
+                    .map_err(|e| format!("for {:?}: {e}", r.for_))?;
+                if d.is_zero() || d > MAX_SILENCE {
+                    return Err("for: must be above zero and at most 30 days".into());
+                }
+                let id = crate::rules::alerting::fingerprint(
+                    &[
+                        ("matchers".to_string(), format!("{matchers:?}")),
+                        ("at".to_string(), now.to_string()),
+                    ]
+                    .into(),
+                );
+                engine.silence(
+                    Silence {
+                        id: id.clone(),
+                        matchers,
+                        starts_at_ms: now,
+                        ends_at_ms: now + d.as_millis() as i64,
+                        created_by: who.clone(),
+                        comment: comment(r.comment.as_deref().unwrap_or("")),
+                    },
+                    now,
+                )?;
+                info!(id = %id, by = %LogField(&who), "alerts silenced");
+                AlertsChanged {
+                    id,
+                    what: "silenced".into(),
+                }
+            }
+            _ => {
+                let r: AlertsUnsilenceRequest = req.args()?;
+                if !engine.unsilence(&r.id) {
+                    return Err(format!("no silence {:?}", r.id));
+                }
+                AlertsChanged {
+                    id: r.id,
+                    what: "unsilenced".into(),
+                }
+            }
+        };
+        write_state(&cfg.alerts.state_dir, engine.persisted())
+            .map_err(|e| format!("changed, but not saved: {e}"))?;
+        reply(&changed)
+    }
+
     fn set_refused(&self, why: Option<String>) {
         if let Ok(mut r) = self.0.refused.lock() {
             *r = why;
@@ -420,6 +524,7 @@ impl Inner {
             Err(_) => Default::default(),
         };
         AlertsView {
+            silences: engine.silences(unix_ms()),
             files: set.files.iter().map(|f| f.display().to_string()).collect(),
             groups: set.groups.len(),
             rules: set.rules().count(),

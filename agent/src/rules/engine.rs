@@ -4,15 +4,17 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
 
 use super::{
-    alerting::{Alert, RuleState, State, Transition},
+    alerting::{Alert, Extras, RuleState, State, Transition},
     files::RuleSet,
     promql::{EvalCache, Sample, Value},
+    silence::{Ack, Silence, MAX_SILENCES},
     tsdb::{Bounds, Ingested, Tsdb},
 };
 
@@ -34,6 +36,8 @@ pub struct Outcome {
 #[derive(Debug, Clone)]
 pub struct Due {
     pub alert: Alert,
+    /// The rule's own webhook grouping, if it has one.
+    pub group_by: Option<Vec<String>>,
     pub ends_at_ms: i64,
     pub first: bool,
 }
@@ -43,6 +47,8 @@ pub struct Due {
 pub struct Persisted {
     pub rules: BTreeMap<String, RuleState>,
     pub history: VecDeque<Transition>,
+    #[serde(default)]
+    pub silences: Vec<Silence>,
 }
 
 #[derive(Debug)]
@@ -54,6 +60,8 @@ pub struct Engine {
     next_eval: Vec<i64>,
     /// Each group's rule keys, made once at `load` rather than formatted every tick.
     rule_keys: Vec<Vec<String>>,
+    /// Each group's rules' extras (`[alerts.rule.<alertname>]`), in the same order.
+    extras: Vec<Vec<Arc<Extras>>>,
     resend_ms: i64,
     /// Range results shared by the rules of one tick (`rate(x[1m])` in a warning and a
     /// critical rule is read once).
@@ -73,6 +81,7 @@ impl Engine {
             state: Persisted::default(),
             next_eval: Vec::new(),
             rule_keys: Vec::new(),
+            extras: Vec::new(),
             resend_ms: resend.as_millis() as i64,
             cache: EvalCache::default(),
         }
@@ -85,7 +94,25 @@ impl Engine {
     /// Swaps in a new rule set. Alerts of rules that are still there (same file, group,
     /// position and name) keep their state; the rest are dropped.
     pub fn load(&mut self, set: RuleSet) {
-        self.tsdb.set_needs(&set.needs());
+        self.load_with(set, &BTreeMap::new());
+    }
+
+    /// `load`, with the rules' extras by alert name.
+    pub fn load_with(&mut self, set: RuleSet, extras: &BTreeMap<String, Arc<Extras>>) {
+        let mut needs = set.needs();
+        for e in extras.values() {
+            if let Some(c) = &e.clear {
+                needs.merge(&c.needs());
+            }
+        }
+        self.tsdb.set_needs(&needs);
+        self.extras = (set.groups.iter())
+            .map(|g| {
+                (g.rules.iter())
+                    .map(|r| extras.get(&r.name).cloned().unwrap_or_default())
+                    .collect()
+            })
+            .collect();
         let mut kept = BTreeMap::new();
         for (file, group, i, rule) in keys(&set) {
             let k = rule_key(file, group, i, &rule);
@@ -111,6 +138,7 @@ impl Engine {
             }
         }
         self.state.history = p.history;
+        self.state.silences = p.silences;
     }
 
     pub fn persisted(&self) -> &Persisted {
@@ -146,11 +174,13 @@ impl Engine {
             };
             let valid_ms = 4 * self.resend_ms.max(interval_ms);
             let keys = self.rule_keys.get(gi).map_or(&[][..], Vec::as_slice);
-            for (rule, key) in g.rules.iter().zip(keys) {
+            let extras = self.extras.get(gi).map_or(&[][..], Vec::as_slice);
+            let silences = &self.state.silences;
+            for ((rule, key), ex) in g.rules.iter().zip(keys).zip(extras) {
                 let Some(st) = self.state.rules.get_mut(key) else {
                     continue;
                 };
-                let result = match rule.expr.eval_cached(&self.tsdb, at_ms, &mut self.cache) {
+                let vector = |v: Value| match v {
                     Value::Vector(v) => v,
                     // As Prometheus: a scalar is one series without labels.
                     Value::Scalar(v) => vec![Sample {
@@ -158,15 +188,29 @@ impl Engine {
                         value: v,
                     }],
                 };
+                let result = vector(rule.expr.eval_cached(&self.tsdb, at_ms, &mut self.cache));
+                let clear = match &ex.clear {
+                    Some(c) => vector(c.eval_cached(&self.tsdb, at_ms, &mut self.cache)),
+                    None => Vec::new(),
+                };
                 out.evaluated += 1;
-                out.transitions.extend(st.step(rule, at_ms, &result));
-                for a in st.due(at_ms, self.resend_ms) {
+                out.transitions
+                    .extend(st.step_with(rule, ex, at_ms, &result, &clear));
+                let muted = |a: &Alert| {
+                    let labels = a.labels_out();
+                    silences
+                        .iter()
+                        .find(|s| s.mutes(&labels, at_ms))
+                        .map(|s| s.id.clone())
+                };
+                for a in st.due_with(at_ms, self.resend_ms, &ex.escalate_after_ms, muted) {
                     let first = a.state == State::Firing
                         && a.last_sent_ms == Some(at_ms)
                         && a.fired_at_ms == Some(at_ms);
                     out.due.push(Due {
                         ends_at_ms: a.resolved_at_ms.unwrap_or(at_ms + valid_ms),
                         first,
+                        group_by: ex.group_by.clone(),
                         alert: a,
                     });
                 }
@@ -188,6 +232,53 @@ impl Engine {
             .rules
             .iter()
             .flat_map(|(k, s)| s.alerts.values().map(move |a| (k.as_str(), a)))
+    }
+
+    /// Adds a silence (expired ones are dropped first); refuses past [`MAX_SILENCES`].
+    pub fn silence(&mut self, s: Silence, now_ms: i64) -> Result<(), String> {
+        self.state.silences.retain(|x| x.ends_at_ms > now_ms);
+        if self.state.silences.len() >= MAX_SILENCES {
+            return Err(format!(
+                "{MAX_SILENCES} silences are active; expire some first"
+            ));
+        }
+        self.state.silences.push(s);
+        Ok(())
+    }
+
+    /// Ends a silence now; whether it was there.
+    pub fn unsilence(&mut self, id: &str) -> bool {
+        let n = self.state.silences.len();
+        self.state.silences.retain(|s| s.id != id);
+        n != self.state.silences.len()
+    }
+
+    pub fn silences(&self, now_ms: i64) -> Vec<Silence> {
+        self.state
+            .silences
+            .iter()
+            .filter(|s| s.ends_at_ms > now_ms)
+            .cloned()
+            .collect()
+    }
+
+    /// Acknowledges the pending or firing alert `id` (or the one alert whose id starts with
+    /// it, at least 4 characters).
+    pub fn ack(&mut self, id: &str, ack: Ack) -> Result<Alert, String> {
+        let live = |a: &Alert| matches!(a.state, State::Pending | State::Firing);
+        let mut found: Vec<&mut Alert> = (self.state.rules.values_mut())
+            .flat_map(|r| r.alerts.values_mut())
+            .filter(|a| live(a) && (a.id == id || (id.len() >= 4 && a.id.starts_with(id))))
+            .collect();
+        match found.len() {
+            0 => Err(format!("no pending or firing alert {id:?}")),
+            1 => {
+                let a = found.remove(0);
+                a.ack = Some(ack);
+                Ok(a.clone())
+            }
+            n => Err(format!("{id:?} names {n} alerts; give more of the id")),
+        }
     }
 
     pub fn history(&self) -> &VecDeque<Transition> {

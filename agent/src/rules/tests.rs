@@ -239,3 +239,153 @@ fn a_reload_keeps_the_state_of_unchanged_rules() {
     other.restore(e.persisted().clone());
     assert_eq!(other.alerts().count(), 0);
 }
+
+use super::{
+    alerting::Extras,
+    silence::{Ack, Matcher, Silence},
+};
+
+#[test]
+fn hysteresis_keeps_a_firing_alert_while_the_clear_condition_holds() {
+    let r = rule("      - alert: A\n        expr: up > 0\n");
+    let ex = Extras::default();
+    let s = [sample(&[("job", "x")], 1.0)];
+    let mut st = RuleState::default();
+    st.step_with(&r, &ex, 0, &s, &[]);
+    // Condition gone, the laxer one still there: firing.
+    assert!(st.step_with(&r, &ex, 250, &[], &s).is_empty());
+    assert_eq!(st.alerts.values().next().unwrap().state, State::Firing);
+    // Both gone: resolved.
+    let t = st.step_with(&r, &ex, 500, &[], &[]);
+    assert_eq!(t[0].to, State::Resolved);
+}
+
+#[test]
+fn an_alert_that_flaps_is_held_firing_and_marked() {
+    let r = rule("      - alert: A\n        expr: up > 0\n");
+    let ex = Extras {
+        flap: Some((2, 10_000)),
+        ..Extras::default()
+    };
+    let s = [sample(&[("job", "x")], 1.0)];
+    let mut st = RuleState::default();
+    let states = |st: &RuleState| st.alerts.values().next().map(|a| (a.state, a.flapping));
+    st.step_with(&r, &ex, 0, &s, &[]); // fires: 1 change
+    st.step_with(&r, &ex, 1000, &[], &[]); // resolves: 2
+    assert_eq!(states(&st), Some((State::Resolved, false)));
+    st.step_with(&r, &ex, 2000, &s, &[]); // fires again: 3
+    let t = st.step_with(&r, &ex, 3000, &[], &[]); // would resolve: held
+    assert!(t.is_empty(), "{t:?}");
+    assert_eq!(states(&st), Some((State::Firing, true)));
+    let a = st.alerts.values().next().unwrap();
+    assert_eq!(
+        a.labels_out().get("flapping").map(String::as_str),
+        Some("true")
+    );
+    // Quiet for the window: the changes age out, and it resolves.
+    let t = st.step_with(&r, &ex, 13_001, &[], &[]);
+    assert_eq!(t[0].to, State::Resolved);
+    assert_eq!(states(&st), Some((State::Resolved, false)));
+}
+
+#[test]
+fn an_unacknowledged_alert_escalates_and_an_acknowledged_one_does_not() {
+    let r = rule(
+        "      - alert: A\n        expr: up > 0\n        labels:\n          severity: warning\n",
+    );
+    let ex = Extras {
+        escalate_after_ms: vec![1000, 2000],
+        ..Extras::default()
+    };
+    let s = [sample(&[("job", "x")], 1.0)];
+    let mut st = RuleState::default();
+    st.step_with(&r, &ex, 0, &s, &[]);
+    assert_eq!(
+        st.due_with(0, 60_000, &ex.escalate_after_ms, |_| None)
+            .len(),
+        1
+    );
+    st.step_with(&r, &ex, 500, &s, &[]);
+    assert!(st
+        .due_with(500, 60_000, &ex.escalate_after_ms, |_| None)
+        .is_empty());
+    st.step_with(&r, &ex, 1000, &s, &[]);
+    let due = st.due_with(1000, 60_000, &ex.escalate_after_ms, |_| None);
+    assert_eq!(due.len(), 1, "escalation re-sends before resend_delay");
+    let l = due[0].labels_out();
+    assert_eq!(
+        (l["escalation"].as_str(), l["severity"].as_str()),
+        ("1", "critical")
+    );
+    for a in st.alerts.values_mut() {
+        a.ack = Some(Ack {
+            by: "root".into(),
+            at_ms: 1500,
+            comment: "on it".into(),
+        });
+    }
+    st.step_with(&r, &ex, 2000, &s, &[]);
+    assert!(st
+        .due_with(2000, 60_000, &ex.escalate_after_ms, |_| None)
+        .is_empty());
+    assert_eq!(st.alerts.values().next().unwrap().escalation, 1);
+}
+
+#[test]
+fn a_silence_mutes_notifications_until_it_ends_and_acks_find_alerts_by_id_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut e = engine_in(
+        &dir,
+        "groups:\n  - name: g\n    rules:\n      - alert: Up\n        expr: insite_agent_ticks_total > 0\n",
+    );
+    e.silence(
+        Silence {
+            id: "s1".into(),
+            matchers: vec![Matcher::parse("alertname=Up").unwrap()],
+            starts_at_ms: 0,
+            ends_at_ms: 1000,
+            created_by: "root".into(),
+            comment: String::new(),
+        },
+        0,
+    )
+    .unwrap();
+    let o = e.tick(0, &exposition(1));
+    assert!(o.due.is_empty());
+    let (_, a) = e.alerts().next().unwrap();
+    assert_eq!(
+        (a.state, a.silenced_by.as_deref()),
+        (State::Firing, Some("s1"))
+    );
+    let id = a.id.clone();
+    // The silence over: sent at the next evaluation, as a first notification.
+    let o = e.tick(1000, &exposition(2));
+    assert_eq!(o.due.len(), 1);
+    assert!(e.unsilence("s1") || e.silences(1000).is_empty());
+    assert!(e
+        .ack(
+            &id[..4],
+            Ack {
+                by: "root".into(),
+                at_ms: 1,
+                comment: String::new()
+            }
+        )
+        .is_ok());
+    assert!(e
+        .ack(
+            "zzzz",
+            Ack {
+                by: "root".into(),
+                at_ms: 1,
+                comment: String::new()
+            }
+        )
+        .is_err());
+    assert!(e.alerts().next().unwrap().1.ack.is_some());
+    // Silences and acks survive a restart.
+    let p = e.persisted().clone();
+    let mut again = engine_in(&dir, "groups:\n  - name: g\n    rules:\n      - alert: Up\n        expr: insite_agent_ticks_total > 0\n");
+    again.restore(p);
+    assert!(again.alerts().next().unwrap().1.ack.is_some());
+}

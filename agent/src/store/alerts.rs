@@ -17,6 +17,9 @@ pub struct AlertsView {
     pub refused: Option<String>,
     /// Pending, firing and recently resolved alerts, by alert name then labels.
     pub alerts: Vec<Alert>,
+    /// Silences in force or yet to start.
+    #[serde(default)]
+    pub silences: Vec<crate::rules::silence::Silence>,
     pub window: WindowView,
     pub outbox: OutboxView,
     pub receivers: Vec<String>,

@@ -18,7 +18,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AmAlert<'a> {
-    pub labels: &'a std::collections::BTreeMap<String, String>,
+    pub labels: std::collections::BTreeMap<String, String>,
     pub annotations: &'a std::collections::BTreeMap<String, String>,
     pub starts_at: String,
     pub ends_at: String,
@@ -31,7 +31,7 @@ pub fn payload(due: &[Due], base_url: &str) -> serde_json::Value {
     let alerts: Vec<AmAlert<'_>> = due
         .iter()
         .map(|d| AmAlert {
-            labels: &d.alert.labels,
+            labels: d.alert.labels_out(),
             annotations: &d.alert.annotations,
             starts_at: rfc3339(d.alert.active_at_ms),
             ends_at: rfc3339(d.ends_at_ms),

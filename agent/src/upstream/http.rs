@@ -108,7 +108,10 @@ async fn post_inner(
     let conn = tokio::spawn(conn);
     let mut req = Request::builder()
         .method(Method::POST)
-        .uri(format!("{}{path}", ep.prefix))
+        .uri(match format!("{}{path}", ep.prefix) {
+            p if p.is_empty() => "/".to_string(),
+            p => p,
+        })
         .header(hyper::header::HOST, &ep.authority)
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .header(

@@ -116,29 +116,32 @@ pub fn payload(
     group_by: &[String],
     base_url: &str,
 ) -> serde_json::Value {
-    let label = |d: &Due, k: &str| d.alert.labels.get(k).cloned().unwrap_or_default();
-    let group_labels: BTreeMap<String, String> = group
-        .first()
-        .map(|d| group_by.iter().map(|k| (k.clone(), label(d, k))).collect())
-        .unwrap_or_default();
-    let common = |pick: fn(&Due) -> &BTreeMap<String, String>| -> BTreeMap<String, String> {
-        let mut it = group.iter();
-        let Some(first) = it.next() else {
-            return BTreeMap::new();
-        };
-        let mut c = pick(first).clone();
-        for d in it {
-            c.retain(|k, v| pick(d).get(k) == Some(v));
+    let labels: Vec<BTreeMap<String, String>> =
+        group.iter().map(|d| d.alert.labels_out()).collect();
+    let group_labels: BTreeMap<String, String> = match (group.first(), labels.first()) {
+        (Some(d), Some(l)) => (d.group_by.as_deref().unwrap_or(group_by).iter())
+            .map(|k| (k.clone(), l.get(k).cloned().unwrap_or_default()))
+            .collect(),
+        _ => BTreeMap::new(),
+    };
+    let common = |all: Vec<&BTreeMap<String, String>>| -> BTreeMap<String, String> {
+        let mut it = all.into_iter();
+        let mut c = it.next().cloned().unwrap_or_default();
+        for l in it {
+            c.retain(|k, v| l.get(k) == Some(v));
         }
         c
     };
+    let common_labels = common(labels.iter().collect());
+    let common_annotations = common(group.iter().map(|d| &d.alert.annotations).collect());
     let firing = group.iter().any(|d| d.alert.state == State::Firing);
     let alerts: Vec<serde_json::Value> = group
         .iter()
-        .map(|d| {
+        .zip(&labels)
+        .map(|(d, l)| {
             serde_json::json!({
                 "status": if d.alert.state == State::Firing { "firing" } else { "resolved" },
-                "labels": d.alert.labels,
+                "labels": l,
                 "annotations": d.alert.annotations,
                 "startsAt": rfc3339(d.alert.active_at_ms),
                 "endsAt": if d.alert.state == State::Firing { "0001-01-01T00:00:00Z".to_string() } else { rfc3339(d.ends_at_ms) },
@@ -154,8 +157,8 @@ pub fn payload(
         "status": if firing { "firing" } else { "resolved" },
         "receiver": receiver,
         "groupLabels": group_labels,
-        "commonLabels": common(|d| &d.alert.labels),
-        "commonAnnotations": common(|d| &d.alert.annotations),
+        "commonLabels": common_labels,
+        "commonAnnotations": common_annotations,
         "externalURL": base_url,
         "alerts": alerts,
     })
@@ -163,12 +166,13 @@ pub fn payload(
 
 /// Splits what is due into groups by the values of `group_by`, in first-seen order.
 pub fn groups<'a>(due: &'a [Due], group_by: &[String]) -> Vec<Vec<&'a Due>> {
-    let mut keys: Vec<Vec<Option<&str>>> = Vec::new();
+    let mut keys: Vec<Vec<(&str, Option<&str>)>> = Vec::new();
     let mut out: Vec<Vec<&Due>> = Vec::new();
     for d in due {
-        let key: Vec<Option<&str>> = group_by
-            .iter()
-            .map(|k| d.alert.labels.get(k).map(String::as_str))
+        // The rule's own grouping, else the webhook's; the label names are part of the key.
+        let by = d.group_by.as_deref().unwrap_or(group_by);
+        let key: Vec<(&str, Option<&str>)> = (by.iter())
+            .map(|k| (k.as_str(), d.alert.labels.get(k).map(String::as_str)))
             .collect();
         match keys
             .iter()

@@ -18,8 +18,8 @@ pub fn encode(
 
 fn alert_labels(a: &crate::rules::alerting::Alert) -> Labels {
     let mut ls = Labels::new();
-    for (k, v) in &a.labels {
-        ls.extend(named(k, v.clone()));
+    for (k, v) in a.labels_out() {
+        ls.extend(named(&k, v));
     }
     ls
 }
