@@ -149,7 +149,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
     unsafe { libc::malloc_trim(0) };
 
     let mut tasks = tokio::task::JoinSet::new();
+    let (ticked, ticks) = watch::channel(0u64);
     let spawn = families::Spawn {
+        ticks,
         store: store.clone(),
         config: cfg_rx.clone(),
         shutdown: shutdown.clone(),
@@ -166,6 +168,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
             .collect(),
         cfg_rx.clone(),
         tick_metrics,
+        ticked,
         shutdown.clone(),
     ));
     tasks.spawn(async move {

@@ -105,6 +105,12 @@ impl Exposition {
                 return Ok(r.clone());
             }
         }
+        self.fresh()
+    }
+
+    /// A rendering of the store as it is now (the rule engine's, right after a tick); scrapes
+    /// within [`RENDER_TTL`] share it.
+    pub fn fresh(&self) -> Result<Rendered, std::fmt::Error> {
         let om = render(&self.registry)?;
         let text = openmetrics_to_text(&om);
         let r = Rendered {

@@ -220,12 +220,12 @@ impl Family for Alerts {
             ctx.shutdown.clone(),
         );
         let config = ctx.config.clone();
+        let mut ticks = ctx.ticks.clone();
         tasks.spawn(async move {
-            let mut tick = tokio::time::interval(config.borrow().agent.tick_interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            // Right after each collector tick: the store has just taken the tick's readings.
             loop {
                 tokio::select! {
-                    _ = tick.tick() => {}
+                    r = ticks.changed() => if r.is_err() { return },
                     _ = shutdown.cancelled() => return,
                 }
                 let cfg = config.borrow().clone();
@@ -412,7 +412,7 @@ impl Inner {
     /// One engine tick: the exposition in, the alerts moved on, what is due into the outbox,
     /// the state persisted when it changed, the view updated.
     fn tick(&self, cfg: &Config, store: &SharedStore, exposition: &Exposition, outbox: &Outbox) {
-        let Ok(rendered) = exposition.get() else {
+        let Ok(rendered) = exposition.fresh() else {
             return;
         };
         let text = String::from_utf8_lossy(&rendered.openmetrics);

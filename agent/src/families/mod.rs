@@ -78,6 +78,8 @@ pub struct Spawn {
     pub store: SharedStore,
     pub config: watch::Receiver<Arc<Config>>,
     pub shutdown: CancellationToken,
+    /// Collector ticks completed: changes right after each tick's readings are in the store.
+    pub ticks: watch::Receiver<u64>,
     /// The agent's own exposition, as a scrape sees it (the rule engine reads it).
     pub exposition: Arc<crate::exporters::http::Exposition>,
 }
