@@ -741,3 +741,70 @@ fn silences_mute_acks_stop_escalation_and_the_rest_escalates() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Slow queries against a real PostgreSQL and slow syscalls: each rule fires in a real
+/// Alertmanager while its workload runs, and resolves there after it stops.
+#[test]
+fn slow_queries_and_slow_syscalls_fire_and_resolve_in_alertmanager() {
+    use insite_e2e::servers::{Postgres, Via};
+    insite_e2e::require_root();
+    let pg = Postgres::start().unwrap();
+    let am = Alertmanager::start().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let rules = state.path().join("rules.yml");
+    std::fs::write(
+        &rules,
+        r#"groups:
+  - name: slow
+    rules:
+      - alert: SlowQueries
+        expr: histogram_quantile(0.9, sum by (le, system) (rate(insite_db_query_duration_seconds_bucket{system="postgresql"}[3s]))) > 0.1
+      - alert: SlowSleeps
+        expr: histogram_quantile(0.9, sum by (le) (rate(insite_syscall_duration_seconds_bucket{syscall="nanosleep"}[3s]))) > 0.05
+"#,
+    )
+    .unwrap();
+    let extra = format!(
+        "[syscalls]\nmode = \"full\"\nsyscalls = [\"nanosleep\"]\n\n{}",
+        alerts_config(state.path(), &[rules], &[am.url()])
+    );
+    let agent = Agent::launch(Launch {
+        extra: &extra,
+        probes: &["syscalls", "db", "alerts"],
+        ..Launch::default()
+    });
+    let active = |name: &str| {
+        am.alerts()
+            .unwrap()
+            .iter()
+            .any(|a| a["labels"]["alertname"] == name)
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!active("SlowQueries") && !active("SlowSleeps"));
+
+    let sql = "SELECT pg_sleep(0.2);\n".repeat(30);
+    let queries = std::thread::spawn(move || pg.psql(Via::Tcp, &sql).unwrap());
+    let sleeps = std::thread::spawn(|| insite_e2e::nanosleep_calls(60, 100));
+    let started = Instant::now();
+    while !(active("SlowQueries") && active("SlowSleeps")) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "queries {} sleeps {}: {}",
+            active("SlowQueries"),
+            active("SlowSleeps"),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = queries.join().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    sleeps.join().unwrap();
+    let stopped = Instant::now();
+    while active("SlowQueries") || active("SlowSleeps") {
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "still active after the workload"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
