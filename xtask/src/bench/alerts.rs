@@ -72,11 +72,7 @@ pub fn run(o: Opts) -> Result<()> {
 }
 
 /// Connects to a closed local port every 10 ms until stopped: each connect is refused.
-fn refusals(stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(1);
+fn refusals(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         while !stop.load(Ordering::SeqCst) {
             let _ = TcpStream::connect(("127.0.0.1", port));
@@ -151,12 +147,26 @@ fn detection(rounds: u32) -> Result<()> {
     // Let Prometheus scrape a few times before the first round.
     std::thread::sleep(Duration::from_secs(5));
     println!("bench alerts: detection, {rounds} rounds (condition -> receiver)");
+    // One destination for every round: the first round's failures make a new series (both
+    // need two samples of it before a rate); later rounds raise a series both already have,
+    // as when a dependency that was fine starts failing. Reported apart.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut first_round = None;
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     let mut result = Ok(());
+    // A different phase against both schedules every round (the agent's 250 ms tick,
+    // Prometheus' 1 s scrape and evaluation): a fixed round length would lock onto one.
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.subsec_nanos() as u64 | 1);
     for round in 1..=rounds {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(seed % 1000));
         let stop = Arc::new(AtomicBool::new(false));
         let t0 = Instant::now();
-        let w = refusals(stop.clone());
+        let w = refusals(port, stop.clone());
         let deadline = t0 + Duration::from_secs(30);
         let first = |agent: bool| {
             notices(&rec, agent, t0)
@@ -179,8 +189,12 @@ fn detection(rounds: u32) -> Result<()> {
         };
         let (a, p) = ((a - t0).as_secs_f64() * 1e3, (p - t0).as_secs_f64() * 1e3);
         println!("  round {round}: agent {a:.0} ms, prometheus {p:.0} ms");
-        ours.push(a);
-        theirs.push(p);
+        if round == 1 {
+            first_round = Some((a, p));
+        } else {
+            ours.push(a);
+            theirs.push(p);
+        }
         // Both resolve before the next round starts.
         let resolved = |agent: bool| notices(&rec, agent, t0).iter().any(|n| !n.1);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -204,6 +218,10 @@ fn detection(rounds: u32) -> Result<()> {
         q(&mut theirs, 0.5),
         q(&mut theirs, 0.99),
     );
+    if let Some((a, p)) = first_round {
+        println!("new series (round 1): agent {a:.0} ms, Prometheus {p:.0} ms, {:.1}x", p / a);
+    }
+    println!("an existing series rising (rounds 2..{rounds}):");
     println!("| | p50 | p99 |\n| --- | --- | --- |");
     println!("| agent (250 ms tick) | {a50:.0} ms | {a99:.0} ms |");
     println!("| Prometheus 2.42 (1 s scrape, 1 s eval) | {p50:.0} ms | {p99:.0} ms |");
