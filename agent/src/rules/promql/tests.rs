@@ -615,3 +615,20 @@ fn o1_ends_agree_with_the_scan_bit_for_bit() {
         "{fast} fast, {scanned} scanned"
     );
 }
+
+/// The postings lookup satisfies one matcher; the others are still checked on each series.
+#[test]
+fn matchers_beside_the_lookup_still_filter() {
+    let s = [
+        ("g{a=\"1\",b=\"x\"}", vals(&[1.0])),
+        ("g{a=\"1\",b=\"y\"}", vals(&[2.0])),
+        ("g{a=\"2\",b=\"x\"}", vals(&[4.0])),
+        ("g{a=\"3\",b=\"x\"}", vals(&[8.0])),
+    ];
+    assert_eq!(one("sum(g{a=\"1\"})", &s, 0), 3.0);
+    assert_eq!(one("g{a=\"1\", b!=\"x\"}", &s, 0), 2.0);
+    assert_eq!(one("sum(g{b=~\"x|z\", a=\"1\"})", &s, 0), 1.0);
+    assert_eq!(one("sum(g{a=~\"1|2\"})", &s, 0), 7.0);
+    assert_eq!(one("sum(g{a=~\"1|2\", b=\"x\"})", &s, 0), 5.0);
+    assert_eq!(one("sum(g{a=~\"1|3\", b!~\"y\"})", &s, 0), 9.0);
+}

@@ -10,7 +10,7 @@
 //! (a counter reset and re-climb within one coarse step is not seen).
 //!
 //! Each series also keeps, per resolution, since which tick its ring has had a sample every
-//! tick and no drop ([`ring::Marks`], 16 B): rates over such ranges read two samples, not all.
+//! tick and no drop (`ring::Marks`, 16 B): rates over such ranges read two samples, not all.
 //!
 //! Memory is about `series × (fine depth + coarse depth) × 8 B` plus the labels; new series
 //! beyond `max_series` are refused and counted, and a series with no sample left in its window
