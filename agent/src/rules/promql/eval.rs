@@ -33,18 +33,20 @@ struct Cx<'a, 'c> {
     cache: Option<&'c mut EvalCache>,
 }
 
-/// The first equality matcher with a value: the selector visits only its series.
-fn posting(sel: &Selector) -> Option<(&str, &str)> {
+/// The first equality matcher with a value, and its index: the selector visits only its
+/// series.
+fn posting(sel: &Selector) -> Option<(usize, (&str, &str))> {
     sel.matchers
         .iter()
-        .find(|m| matches!(m.op, MatchOp::Equal) && !m.value.is_empty())
-        .map(|m| (m.name.as_str(), m.value.as_str()))
+        .enumerate()
+        .find(|(_, m)| matches!(m.op, MatchOp::Equal) && !m.value.is_empty())
+        .map(|(i, m)| (i, (m.name.as_str(), m.value.as_str())))
 }
 
 /// A regex matcher that is an alternation of literals (`reason=~"refused|reset"`, fully
 /// anchored as Prometheus anchors it): the values it matches, for a postings lookup.
-fn alternation(sel: &Selector) -> Option<(&str, Vec<&str>)> {
-    sel.matchers.iter().find_map(|m| {
+fn alternation(sel: &Selector) -> Option<(usize, &str, Vec<&str>)> {
+    sel.matchers.iter().enumerate().find_map(|(i, m)| {
         let MatchOp::Re(_) = &m.op else {
             return None;
         };
@@ -57,18 +59,22 @@ fn alternation(sel: &Selector) -> Option<(&str, Vec<&str>)> {
         parts
             .iter()
             .all(|p| literal(p))
-            .then_some((m.name.as_str(), parts))
+            .then_some((i, m.name.as_str(), parts))
     })
 }
 
 /// The series a selector can match, in label order: one postings list for an equality
 /// matcher, the union of a few for a literal alternation, else every series of the metric.
-/// `matches` still checks every matcher on each.
-fn candidates<'d>(db: &'d Tsdb, sel: &Selector) -> Vec<&'d crate::rules::tsdb::Series> {
-    if let Some(eq) = posting(sel) {
-        return db.series_with(&sel.metric, Some(eq)).collect();
+/// The matcher the lookup satisfied is returned (`matches` checks only the others: reading
+/// each series' labels is a cache miss, and often the lookup was the only matcher).
+fn candidates<'d>(
+    db: &'d Tsdb,
+    sel: &Selector,
+) -> (Vec<&'d crate::rules::tsdb::Series>, Option<usize>) {
+    if let Some((i, eq)) = posting(sel) {
+        return (db.series_with(&sel.metric, Some(eq)).collect(), Some(i));
     }
-    if let Some((name, values)) = alternation(sel) {
+    if let Some((i, name, values)) = alternation(sel) {
         let mut v: Vec<_> = values
             .iter()
             .flat_map(|value| db.series_with(&sel.metric, Some((name, value))))
@@ -77,15 +83,16 @@ fn candidates<'d>(db: &'d Tsdb, sel: &Selector) -> Vec<&'d crate::rules::tsdb::S
             v.sort_by(|a, b| a.labels().cmp(b.labels()));
             v.dedup_by(|a, b| std::ptr::eq(*a, *b));
         }
-        return v;
+        return (v, Some(i));
     }
-    db.series_with(&sel.metric, None).collect()
+    (db.series_with(&sel.metric, None).collect(), None)
 }
 
-fn matches(sel: &Selector, labels: &Labels) -> bool {
-    sel.matchers
-        .iter()
-        .all(|m| m.is_match(labels.get(&m.name).unwrap_or("")))
+/// Whether `labels` pass the selector's matchers but the one `done` (already satisfied).
+fn matches(sel: &Selector, done: Option<usize>, labels: &Labels) -> bool {
+    (sel.matchers.iter().enumerate())
+        .filter(|(i, _)| Some(*i) != done)
+        .all(|(_, m)| m.is_match(labels.get(&m.name).unwrap_or("")))
 }
 
 impl Cx<'_, '_> {
@@ -221,9 +228,10 @@ impl Cx<'_, '_> {
         let Some(w) = db.instant(at, db.is_coarse(sel.offset_ms)) else {
             return Vec::new();
         };
-        candidates(db, sel)
+        let (series, done) = candidates(db, sel);
+        series
             .into_iter()
-            .filter(|s| matches(sel, s.labels()))
+            .filter(|s| matches(sel, done, s.labels()))
             .filter_map(|s| {
                 db.last_value(s, &w).map(|value| Sample {
                     labels: s.labels().clone(),
@@ -255,9 +263,10 @@ impl Cx<'_, '_> {
         };
         let mut out = Vec::new();
         let ts = |tick| db.tick_ms(&w, tick);
-        for s in candidates(db, sel)
+        let (series, done) = candidates(db, sel);
+        for s in series
             .into_iter()
-            .filter(|s| matches(sel, s.labels()))
+            .filter(|s| matches(sel, done, s.labels()))
         {
             let run = db.run(s, &w);
             if let Some(value) = functions::apply(func, &run, ts, span, arg, &mut self.buf) {

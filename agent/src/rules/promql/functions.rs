@@ -62,7 +62,9 @@ pub(super) fn apply(
 /// rate / increase / delta: the change over the samples (counter resets added back when
 /// `counter`), extrapolated towards the range's boundaries: fully when the first/last sample
 /// is within 1.1 average intervals of its boundary, by half an interval otherwise, and for a
-/// counter never below zero. One pass over the values; the timestamps of the first and last
+/// counter never below zero. In O(1) when the series had a sample every tick of the range
+/// (and, for a counter, no reset): then the change is exactly `last - first`, as Prometheus
+/// computes it. Otherwise one pass over the values. The timestamps of the first and last
 /// sample only.
 fn extrapolated(
     run: &Run,
@@ -71,19 +73,10 @@ fn extrapolated(
     counter: bool,
     per_second: bool,
 ) -> Option<f64> {
-    let (mut n, mut first, mut last, mut prev) = (0usize, (0u64, 0.0), (0u64, 0.0), 0.0);
-    let (mut resets, mut lost) = (0usize, 0.0);
-    run.for_each(|tick, v| {
-        if n == 0 {
-            first = (tick, v);
-        } else if v < prev {
-            resets += 1;
-            lost += prev;
-        }
-        prev = v;
-        last = (tick, v);
-        n += 1;
-    });
+    let (n, first, last, resets, lost) = match run.ends(counter) {
+        Some(e) => (e.count, e.first, e.last, 0, 0.0),
+        None => scan(run),
+    };
     if n < 2 {
         return None;
     }
@@ -130,6 +123,25 @@ fn extrapolated(
         factor /= seconds(span.range_ms);
     }
     Some(change * factor)
+}
+
+/// The count, first and last samples (tick, value), and the resets (drops) with the sum of
+/// the values before them, in one pass.
+fn scan(run: &Run) -> (usize, (u64, f64), (u64, f64), usize, f64) {
+    let (mut n, mut first, mut last, mut prev) = (0usize, (0u64, 0.0), (0u64, 0.0), 0.0);
+    let (mut resets, mut lost) = (0usize, 0.0);
+    run.for_each(|tick, v| {
+        if n == 0 {
+            first = (tick, v);
+        } else if v < prev {
+            resets += 1;
+            lost += prev;
+        }
+        prev = v;
+        last = (tick, v);
+        n += 1;
+    });
+    (n, first, last, resets, lost)
 }
 
 /// The per-second rate between the last two samples (a drop is a counter reset).

@@ -40,10 +40,12 @@
 //! series with no sample left in their window are freed.
 //!
 //! **Cost**: a selector visits only the series of its metric (and, with an equality matcher,
-//! only those with that label value); range functions scan the ring slices once. Scanning is
-//! memory-bound at about 1.5–4 ns a sample, so a rule costs about its samples read: a
-//! `rate(x{a="b"}[1m])` over one series at 250 ms about 2 µs, a `sum by` over 100 series
-//! `[30s]` about 50 µs. [`EvalCache`] shares range-function results between the rules of a tick.
+//! only those with that label value). `rate`, `increase`, `delta` and `irate` read only the
+//! range's first and last samples when the series had a sample every tick of it (and, but for
+//! `delta`, no counter reset): per-series marks kept at ingest say so in O(1), and the change
+//! is then exactly `last - first`, as Prometheus computes it. Other ranges, and the other
+//! range functions, scan the ring slices once (memory-bound, about 1.5–4 ns a sample).
+//! [`EvalCache`] shares range-function results between the rules of a tick.
 //!
 //! **Checked against Prometheus**: `crosscheck.rs` runs every supported function, aggregation
 //! and operator through `promtool test rules` (Prometheus 2.42) on the same samples and requires

@@ -529,3 +529,106 @@ fn refusals_name_the_part() {
         }
     }
 }
+
+/// rate / increase / delta / irate read the ends of a gapless, reset-free range in O(1): bit
+/// for bit what the scan gives, over counters with resets, gaps, NaNs, series coming and
+/// going, ranges across the fine ring's wrap and on the coarse ring, with offsets.
+#[test]
+fn o1_ends_agree_with_the_scan_bit_for_bit() {
+    use super::{check::RangeFn, functions};
+    let mut db = Tsdb::new(bounds());
+    let mut needs = Needs::default();
+    needs.add("c", Duration::from_secs(600));
+    db.set_needs(&needs);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut vals = [0.0f64; 6];
+    let (mut fast, mut scanned) = (0usize, 0usize);
+    for tick in 0..400i64 {
+        let mut text = String::new();
+        for (k, v) in vals.iter_mut().enumerate() {
+            // Series 0 is steady; the others reset, skip scrapes, carry NaN, or come late.
+            let step = [3.0, 0.1, 1e9, 0.7, 2.5, 1.0][k];
+            *v = match rnd(40) {
+                0 if k > 0 => 0.0,
+                1 if k > 1 => *v * 0.5,
+                _ => *v + step * (1 + rnd(3)) as f64,
+            };
+            let gone = k > 2 && rnd(30) == 0 || k == 5 && (tick % 97) < 20;
+            if !gone {
+                let v = if k == 4 && rnd(50) == 0 { f64::NAN } else { *v };
+                text.push_str(&format!("c{{k=\"{k}\"}} {v:?}\n"));
+            }
+        }
+        // Jittered scrapes, as a loaded agent's.
+        let at = tick * 1000 + rnd(300) as i64;
+        db.ingest(at, &text);
+        for (range_s, offset_s) in [(1, 0), (2, 0), (5, 0), (30, 0), (60, 0), (30, 20)] {
+            for (range_s, offset_s) in [(range_s, offset_s), (range_s * 10, offset_s * 10)] {
+                let end_ms = at - offset_s * 1000;
+                let span = functions::Span {
+                    start_ms: end_ms - range_s * 1000,
+                    end_ms,
+                    range_ms: range_s * 1000,
+                    eval_ms: at,
+                };
+                let coarse = db.is_coarse((range_s + offset_s) * 1000);
+                let Some(w) = db.window(span.start_ms, end_ms, coarse) else {
+                    continue;
+                };
+                let ts = |t| db.tick_ms(&w, t);
+                let mut buf = Vec::new();
+                for s in db.series_with("c", None) {
+                    let run = db.run(s, &w);
+                    if run.ends(true).is_some() {
+                        fast += 1;
+                    } else {
+                        scanned += 1;
+                    }
+                    for f in [
+                        RangeFn::Rate,
+                        RangeFn::Increase,
+                        RangeFn::Delta,
+                        RangeFn::Irate,
+                    ] {
+                        let got = functions::apply(f, &run, ts, span, 0.0, &mut buf);
+                        let want = functions::apply(f, &run.unmarked(), ts, span, 0.0, &mut buf);
+                        assert_eq!(
+                            got.map(f64::to_bits),
+                            want.map(f64::to_bits),
+                            "{f:?} {} at {at} [{range_s}s] offset {offset_s}s",
+                            s.labels()
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // Both paths were exercised, often.
+    assert!(
+        fast > 5000 && scanned > 5000,
+        "{fast} fast, {scanned} scanned"
+    );
+}
+
+/// The postings lookup satisfies one matcher; the others are still checked on each series.
+#[test]
+fn matchers_beside_the_lookup_still_filter() {
+    let s = [
+        ("g{a=\"1\",b=\"x\"}", vals(&[1.0])),
+        ("g{a=\"1\",b=\"y\"}", vals(&[2.0])),
+        ("g{a=\"2\",b=\"x\"}", vals(&[4.0])),
+        ("g{a=\"3\",b=\"x\"}", vals(&[8.0])),
+    ];
+    assert_eq!(one("sum(g{a=\"1\"})", &s, 0), 3.0);
+    assert_eq!(one("g{a=\"1\", b!=\"x\"}", &s, 0), 2.0);
+    assert_eq!(one("sum(g{b=~\"x|z\", a=\"1\"})", &s, 0), 1.0);
+    assert_eq!(one("sum(g{a=~\"1|2\"})", &s, 0), 7.0);
+    assert_eq!(one("sum(g{a=~\"1|2\", b=\"x\"})", &s, 0), 5.0);
+    assert_eq!(one("sum(g{a=~\"1|3\", b!~\"y\"})", &s, 0), 9.0);
+}

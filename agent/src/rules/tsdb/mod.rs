@@ -9,6 +9,9 @@
 //! resolution: what Prometheus would compute had it scraped the agent every `coarse_step`
 //! (a counter reset and re-climb within one coarse step is not seen).
 //!
+//! Each series also keeps, per resolution, since which tick its ring has had a sample every
+//! tick and no drop (`ring::Marks`, 16 B): rates over such ranges read two samples, not all.
+//!
 //! Memory is about `series × (fine depth + coarse depth) × 8 B` plus the labels; new series
 //! beyond `max_series` are refused and counted, and a series with no sample left in its window
 //! is freed.
@@ -85,6 +88,9 @@ pub(crate) struct Series {
     /// One past the last tick with a sample, per resolution (0: none).
     last_fine: u64,
     last_coarse: u64,
+    /// Since when each ring has had a sample every tick, and no drop (O(1) rates).
+    fine_marks: ring::Marks,
+    coarse_marks: ring::Marks,
 }
 
 impl Series {
@@ -245,14 +251,21 @@ impl Tsdb {
                 continue;
             };
             if metric.fine_depth != fine_depth {
+                let next = self.fine.next();
                 for s in &mut metric.series {
-                    s.fine = ring::resized(&s.fine, fine_depth, self.fine.next());
+                    // A deeper ring holds older ticks it has no samples for.
+                    s.fine_marks
+                        .restart(next.saturating_sub(s.fine.len().min(fine_depth) as u64));
+                    s.fine = ring::resized(&s.fine, fine_depth, next);
                 }
                 metric.fine_depth = fine_depth;
             }
             if metric.coarse_depth != coarse_depth {
+                let next = self.coarse.next();
                 for s in &mut metric.series {
-                    s.coarse = ring::resized(&s.coarse, coarse_depth, self.coarse.next());
+                    s.coarse_marks
+                        .restart(next.saturating_sub(s.coarse.len().min(coarse_depth) as u64));
+                    s.coarse = ring::resized(&s.coarse, coarse_depth, next);
                 }
                 metric.coarse_depth = coarse_depth;
             }
@@ -318,12 +331,14 @@ impl Tsdb {
                     if let Some(v) = s.fine.get_mut(metric.fine_slot) {
                         *v = ring::absent();
                     }
+                    s.fine_marks.absent(fine);
                 }
                 if let (Some(c), Some(slot)) = (coarse, metric.coarse_slot) {
                     if s.last_coarse != c + 1 {
                         if let Some(v) = s.coarse.get_mut(slot) {
                             *v = ring::absent();
                         }
+                        s.coarse_marks.absent(c);
                     }
                 }
             }
@@ -367,13 +382,18 @@ impl Tsdb {
         if s.last_fine != fine + 1 {
             metric.seen += 1;
         }
-        if let Some(v) = s.fine.get_mut(metric.fine_slot) {
-            *v = value;
-        }
+        ring::write(
+            &mut s.fine,
+            metric.fine_slot,
+            fine,
+            value,
+            s.last_fine,
+            &mut s.fine_marks,
+        );
         s.last_fine = fine + 1;
         if let (Some(c), Some(slot)) = (coarse, metric.coarse_slot) {
-            if let Some(v) = s.coarse.get_mut(slot) {
-                *v = value;
+            let (last, marks) = (s.last_coarse, &mut s.coarse_marks);
+            if ring::write(&mut s.coarse, slot, c, value, last, marks) {
                 s.last_coarse = c + 1;
             }
         }
@@ -412,6 +432,12 @@ impl Tsdb {
             labels.push((self.intern(n), v.into()));
         }
         let labels = Labels::new(labels);
+        // A new series has no sample before the scrape being ingested: its rings are regular
+        // from that scrape's ticks (the coarse one only if this scrape is a coarse tick).
+        let fine_marks = ring::Marks::from(self.fine.next().saturating_sub(1));
+        let coarse_now = self.coarse.latest_ms() == self.fine.latest_ms();
+        let coarse_marks =
+            ring::Marks::from(self.coarse.next().saturating_sub(u64::from(coarse_now)));
         let series_total = self.series;
         let max_series = self.bounds.max_series;
         let metric = self.metrics.get_mut(m).ok_or(Stored::Malformed)?;
@@ -442,6 +468,8 @@ impl Tsdb {
             coarse: vec![ring::absent(); metric.coarse_depth],
             last_fine: 0,
             last_coarse: 0,
+            fine_marks,
+            coarse_marks,
         });
         metric.by_raw.insert(raw.into(), idx);
         metric.by_labels.insert(labels, idx);
@@ -611,9 +639,9 @@ impl Tsdb {
     /// The values of a series in `w`.
     pub(crate) fn run<'a>(&self, s: &'a Series, w: &Window) -> Run<'a> {
         if w.coarse {
-            ring::run(&self.coarse, &s.coarse, w.first, w.last)
+            ring::run(&self.coarse, &s.coarse, s.coarse_marks, w.first, w.last)
         } else {
-            ring::run(&self.fine, &s.fine, w.first, w.last)
+            ring::run(&self.fine, &s.fine, s.fine_marks, w.first, w.last)
         }
     }
 

@@ -120,17 +120,141 @@ pub(crate) fn resized(old: &[f64], depth: usize, next: u64) -> Vec<f64> {
     ring
 }
 
+/// How far back a series' ring has been regular, up to its latest tick: from tick `present` on
+/// every tick has a sample; from `steady` on (never before `present`), also no sample is below
+/// the one before it (no counter reset). A range starting at or after a mark reads its first
+/// and last samples and their count in O(1) instead of scanning (see [`Run::ends`]). Marks
+/// only move forward, and may lag behind the truth (then a range is scanned, as before).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Marks {
+    pub present: u64,
+    pub steady: u64,
+}
+
+impl From<u64> for Marks {
+    /// Regular from `tick` on.
+    fn from(tick: u64) -> Self {
+        Self {
+            present: tick,
+            steady: tick,
+        }
+    }
+}
+
+impl Marks {
+    /// The ticks before `tick` are not known regular (a gap, a new or regrown ring).
+    pub(crate) fn restart(&mut self, tick: u64) {
+        self.present = self.present.max(tick);
+        self.steady = self.steady.max(tick);
+    }
+
+    /// No sample at `tick`.
+    pub(crate) fn absent(&mut self, tick: u64) {
+        self.restart(tick.saturating_add(1));
+    }
+}
+
+/// Writes the sample `v` of `tick` into its slot of `ring`, keeping `marks`; `last` is one past
+/// the series' previous tick with a sample. Returns whether the ring holds the slot.
+pub(crate) fn write(
+    ring: &mut [f64],
+    slot: usize,
+    tick: u64,
+    v: f64,
+    last: u64,
+    marks: &mut Marks,
+) -> bool {
+    let depth = ring.len();
+    if last != tick {
+        // The tick before had no sample (or the series is new): regular only from here.
+        marks.restart(tick);
+    } else if depth > 0 {
+        let before = if slot == 0 { depth - 1 } else { slot - 1 };
+        // A drop starts a steady stretch here: a range whose first sample is this one has no
+        // reset, one starting earlier has. The same comparison as the scan's (NaN: none).
+        if ring.get(before).is_some_and(|&p| v < p) {
+            marks.steady = marks.steady.max(tick);
+        }
+    }
+    match ring.get_mut(slot) {
+        Some(dst) => {
+            *dst = v;
+            true
+        }
+        None => false,
+    }
+}
+
 /// The values of a ring for a run of ticks, oldest first, as up to two contiguous pieces (the
 /// ring wraps), so that functions loop over plain slices.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) struct Run<'a> {
     pub head: &'a [f64],
     pub tail: &'a [f64],
     /// The tick of `head[0]`.
     pub first: u64,
+    /// The series' marks (a run starting before them is scanned).
+    pub marks: Marks,
+}
+
+impl Default for Run<'_> {
+    fn default() -> Self {
+        Self {
+            head: &[],
+            tail: &[],
+            first: 0,
+            marks: Marks {
+                present: u64::MAX,
+                steady: u64::MAX,
+            },
+        }
+    }
+}
+
+/// The first and last samples of a run with every tick present, and their count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Ends {
+    pub first: (u64, f64),
+    pub last: (u64, f64),
+    pub count: usize,
 }
 
 impl Run<'_> {
+    /// The same run without its marks: what the scan reads (the fast path's oracle in tests).
+    #[cfg(test)]
+    pub(crate) fn unmarked(self) -> Self {
+        Self {
+            marks: Run::default().marks,
+            ..self
+        }
+    }
+
+    /// The ends of the run in O(1) when its marks say every tick of it has a sample (and, if
+    /// `steady`, that no sample is below the one before); `None` when the run must be scanned.
+    #[inline]
+    pub(crate) fn ends(&self, steady: bool) -> Option<Ends> {
+        let mark = if steady {
+            self.marks.steady
+        } else {
+            self.marks.present
+        };
+        if self.first < mark {
+            return None;
+        }
+        let count = self.head.len() + self.tail.len();
+        let first = *self.head.first()?;
+        let last = *self.tail.last().or(self.head.last())?;
+        // Cheap insurance: the ends at least must be samples.
+        if is_absent(first) || is_absent(last) {
+            return None;
+        }
+        Some(Ends {
+            first: (self.first, first),
+            last: (self.first + count as u64 - 1, last),
+            count,
+        })
+    }
+
     /// Visits the present values with their ticks, oldest first.
     #[inline]
     pub(crate) fn for_each(&self, mut f: impl FnMut(u64, f64)) {
@@ -162,7 +286,13 @@ impl Run<'_> {
 }
 
 /// The values of `ring` for ticks `first..=last`, clipped to what it holds.
-pub(crate) fn run<'a>(clock: &Clock, ring: &'a [f64], first: u64, last: u64) -> Run<'a> {
+pub(crate) fn run<'a>(
+    clock: &Clock,
+    ring: &'a [f64],
+    marks: Marks,
+    first: u64,
+    last: u64,
+) -> Run<'a> {
     let depth = ring.len();
     let first = first
         .max(clock.next().saturating_sub(depth as u64))
@@ -182,6 +312,7 @@ pub(crate) fn run<'a>(clock: &Clock, ring: &'a [f64], first: u64, last: u64) -> 
         head: head.unwrap_or_default(),
         tail: tail.unwrap_or_default(),
         first,
+        marks,
     }
 }
 

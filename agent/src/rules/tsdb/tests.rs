@@ -265,3 +265,136 @@ fn bytes_track_series_and_depth() {
         "{per_series}"
     );
 }
+
+/// The O(1) ends (first, last, count) of the only series of `metric` over `(from, to]`, if
+/// its marks allow them (`steady`: no reset either), checked against the samples scanned.
+fn ends(db: &Tsdb, metric: &str, from: i64, to: i64, steady: bool) -> Option<(f64, f64, usize)> {
+    ends_at(db, metric, from, to, db.is_coarse(to - from), steady)
+}
+
+fn ends_at(
+    db: &Tsdb,
+    metric: &str,
+    from: i64,
+    to: i64,
+    coarse: bool,
+    steady: bool,
+) -> Option<(f64, f64, usize)> {
+    let w = db.window(from, to, coarse)?;
+    let s = db.series(metric).next()?;
+    let e = db.run(s, &w).ends(steady)?;
+    let scanned = read_at(db, metric, from, to, coarse);
+    assert_eq!(e.count, scanned.len(), "({from}, {to}]");
+    assert_eq!(db.tick_ms(&w, e.first.0), scanned[0].0);
+    assert_eq!(db.tick_ms(&w, e.last.0), scanned[e.count - 1].0);
+    Some((e.first.1, e.last.1, e.count))
+}
+
+#[test]
+fn ends_are_o1_over_gapless_ranges_across_the_wrap() {
+    let mut db = Tsdb::new(small());
+    db.set_needs(&needs(&[("x", 5000)]));
+    // Depth 7: 30 ticks wrap the ring four times.
+    for i in 0..30 {
+        db.ingest(i * 1000, &format!("x {i}\n"));
+        if i >= 5 {
+            let want = Some(((i - 4) as f64, i as f64, 5));
+            assert_eq!(ends(&db, "x", (i - 5) * 1000, i * 1000, true), want);
+        }
+    }
+    // A range older than the ring's depth is clipped to what it holds.
+    let clipped = ends_at(&db, "x", 0, 29_000, false, true);
+    assert_eq!(clipped, Some((23.0, 29.0, 7)));
+}
+
+#[test]
+fn gaps_and_resets_fall_back_to_scans() {
+    let mut db = Tsdb::new(small());
+    db.set_needs(&needs(&[("x", 5000)]));
+    let vals = [
+        Some(1),
+        Some(2),
+        None,
+        Some(4),
+        Some(5),
+        Some(1),
+        Some(2),
+        Some(3),
+    ];
+    for (i, v) in vals.iter().enumerate() {
+        let text = v.map_or(String::new(), |v| format!("x {v}\n"));
+        db.ingest(i as i64 * 1000, &text);
+    }
+    // (1 s, 7 s] holds the gap at 2 s: scanned.
+    assert_eq!(ends(&db, "x", 1000, 7000, false), None);
+    // (2 s, 7 s]: present throughout, with the reset at 5 s.
+    assert_eq!(ends(&db, "x", 2000, 7000, false), Some((4.0, 3.0, 5)));
+    assert_eq!(ends(&db, "x", 2000, 7000, true), None);
+    // Starting at the reset's sample, there is no drop within.
+    assert_eq!(ends(&db, "x", 4000, 7000, true), Some((1.0, 3.0, 3)));
+    // A series missing from the latest scrape: its last tick is absent.
+    db.ingest(8000, "");
+    assert_eq!(ends(&db, "x", 5000, 8000, false), None);
+    db.ingest(9000, "x 4\n");
+    assert_eq!(ends(&db, "x", 7000, 9000, false), None);
+    db.ingest(10_000, "x 5\n");
+    assert_eq!(ends(&db, "x", 8000, 10_000, true), Some((4.0, 5.0, 2)));
+}
+
+#[test]
+fn ends_of_new_series_and_of_the_coarse_ring() {
+    let mut db = Tsdb::new(small());
+    db.set_needs(&needs(&[("x", 20_000)]));
+    // The series appears at 4 s (a coarse step begins at 3 s, 6 s, ...).
+    for i in 0..40 {
+        let text = if i >= 4 {
+            format!("x {i}\n")
+        } else {
+            String::new()
+        };
+        db.ingest(i * 1000, &text);
+        if (5..8).contains(&i) {
+            // The fine ring before its first sample is absent, not "present".
+            let from = (i - 5) * 1000;
+            assert_eq!(ends(&db, "x", from, i * 1000, false), None, "at {i}");
+            assert_eq!(
+                ends(&db, "x", 3000, i * 1000, true).map(|e| e.2),
+                Some(i as usize - 3)
+            );
+        }
+    }
+    // Coarse ticks 6 s, 9 s, ... have it; 3 s (before it) does not.
+    assert_eq!(ends(&db, "x", 19_000, 39_000, true), Some((21.0, 39.0, 7)));
+    let mut db2 = Tsdb::new(small());
+    db2.set_needs(&needs(&[("x", 20_000)]));
+    for i in 0..12 {
+        let text = if i >= 4 {
+            format!("x {i}\n")
+        } else {
+            String::new()
+        };
+        db2.ingest(i * 1000, &text);
+    }
+    // (0 s, 11 s] coarse: ticks 3 s (absent), 6 s, 9 s.
+    let w = db2.window(-1, 11_000, true);
+    let s = db2.series("x").next();
+    let run = w.zip(s).map(|(w, s)| db2.run(s, &w));
+    assert!(run.is_some_and(|r| r.ends(false).is_none()));
+    assert_eq!(ends(&db2, "x", 5000, 11_000, true), Some((6.0, 9.0, 2)));
+}
+
+#[test]
+fn a_deeper_ring_is_not_regular_where_it_had_no_samples() {
+    let mut db = Tsdb::new(small());
+    db.set_needs(&needs(&[("x", 1000)]));
+    for i in 0..10 {
+        db.ingest(i * 1000, &format!("x {i}\n"));
+    }
+    // Depth 3 grows to 6: ticks 4..=6 were never kept.
+    db.set_needs(&needs(&[("x", 4000)]));
+    assert_eq!(read(&db, "x", 4000, 9000).len(), 3);
+    assert_eq!(ends(&db, "x", 4000, 9000, false), None);
+    assert_eq!(ends(&db, "x", 6000, 9000, true), Some((7.0, 9.0, 3)));
+    db.ingest(10_000, "x 10\n");
+    assert_eq!(ends(&db, "x", 6000, 10_000, true), Some((7.0, 10.0, 4)));
+}
