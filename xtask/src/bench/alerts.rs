@@ -150,7 +150,9 @@ fn detection(rounds: u32) -> Result<()> {
     // One destination for every round: the first round's failures make a new series (both
     // need two samples of it before a rate); later rounds raise a series both already have,
     // as when a dependency that was fine starts failing. Reported apart.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let mut first_round = None;
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     let mut result = Ok(());
@@ -219,7 +221,10 @@ fn detection(rounds: u32) -> Result<()> {
         q(&mut theirs, 0.99),
     );
     if let Some((a, p)) = first_round {
-        println!("new series (round 1): agent {a:.0} ms, Prometheus {p:.0} ms, {:.1}x", p / a);
+        println!(
+            "new series (round 1): agent {a:.0} ms, Prometheus {p:.0} ms, {:.1}x",
+            p / a
+        );
     }
     println!("an existing series rising (rounds 2..{rounds}):");
     println!("| | p50 | p99 |\n| --- | --- | --- |");
