@@ -31,6 +31,32 @@ pub const SLOW_ENTRY_BYTES: u64 = 2 << 10;
 /// shared rendering of a scrape.
 pub const REPLIES_BYTES: u64 = 16 << 20;
 
+/// One series of the alert rules' window at its worst: a value for every step of its fine and
+/// coarse rings (`window_bounds`), its labels and index.
+pub fn window_series_bytes() -> u64 {
+    (WINDOW_FINE_STEPS + WINDOW_COARSE_STEPS) * 8 + 1024
+}
+/// Steps the rule window's fine ring keeps (2 min at the default 250 ms tick; ranges longer
+/// than it read the coarse ring), and its coarse ring (1 h at 10 s).
+pub const WINDOW_FINE_STEPS: u64 = 480;
+pub const WINDOW_COARSE_STEPS: u64 = 360;
+
+/// The rule window's bounds for a config: a fixed number of steps, whatever the tick.
+pub fn window_bounds(cfg: &Config) -> crate::rules::tsdb::Bounds {
+    let step = cfg.agent.tick_interval;
+    let coarse_step = std::time::Duration::from_secs(10);
+    crate::rules::tsdb::Bounds {
+        max_series: cfg.alerts.max_series,
+        step,
+        fine_span: step * WINDOW_FINE_STEPS as u32,
+        coarse_step,
+        coarse_span: coarse_step * WINDOW_COARSE_STEPS as u32,
+    }
+}
+/// The alert engine without its window: the outbox's page cache and its write buffers, the
+/// alerts and their history.
+pub const ALERTS_BYTES: u64 = 8 << 20;
+
 /// The budget's parts, largest first.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Estimate {
@@ -64,6 +90,14 @@ pub fn estimate(cfg: &Config) -> Estimate {
         (
             "db.max_fingerprints",
             n(cfg.db.max_fingerprints) * FINGERPRINT_BYTES,
+        ),
+        (
+            "alerts.max_series",
+            if cfg.alerts.enabled {
+                n(cfg.alerts.max_series) * window_series_bytes() + ALERTS_BYTES
+            } else {
+                0
+            },
         ),
         (
             "syscalls.slow_log_size + db.slow_log_capacity",

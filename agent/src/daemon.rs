@@ -110,9 +110,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
         families::register(f.as_ref(), &mut registry, store.clone(), cfg_rx.clone());
     }
     http_metrics.register(&mut registry);
+    let exposition = exporters::http::Exposition::new(registry, store.clone());
     let metrics_server = exporters::http::serve(
         cfg.metrics.listen,
-        registry,
+        exposition.clone(),
         exporters::http::Limits {
             max_connections: fds.metrics_connections,
             header_timeout: cfg.metrics.header_timeout,
@@ -148,10 +149,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
     unsafe { libc::malloc_trim(0) };
 
     let mut tasks = tokio::task::JoinSet::new();
+    let (ticked, ticks) = watch::channel(0u64);
     let spawn = families::Spawn {
+        ticks,
         store: store.clone(),
         config: cfg_rx.clone(),
         shutdown: shutdown.clone(),
+        exposition,
     };
     for f in &families {
         f.spawn(&spawn, &mut tasks);
@@ -164,6 +168,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<std::process::ExitCode> {
             .collect(),
         cfg_rx.clone(),
         tick_metrics,
+        ticked,
         shutdown.clone(),
     ));
     tasks.spawn(async move {

@@ -97,10 +97,21 @@ pub struct Agent {
     _guard: MutexGuard<'static, ()>,
 }
 
-/// Writes `extra` TOML after the harness's own [metrics]/[control] keys.
+/// Writes `extra` TOML after the harness's own [metrics]/[control] keys. The alert engine's
+/// state goes next to the socket (never the host's /var/lib/insite-agent) unless `extra` has
+/// its own `[alerts]` section.
 pub fn config_text(port: u16, socket: &Path, control_extra: &str, extra: &str) -> String {
+    let alerts = if extra.contains("[alerts]") {
+        String::new()
+    } else {
+        let dir = socket.parent().unwrap_or(Path::new("/tmp")).join("state");
+        format!(
+            "[alerts]\nstate_dir = \"{}\"\nrule_files = []\n",
+            dir.display()
+        )
+    };
     format!(
-        "[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[control]\nsocket = \"{}\"\n{control_extra}\n\n{extra}\n",
+        "[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[control]\nsocket = \"{}\"\n{control_extra}\n\n{extra}\n{alerts}",
         socket.display()
     )
 }

@@ -52,7 +52,7 @@ pub fn scrape(port: u16, openmetrics: bool) -> Result<(String, String)> {
     Ok((ctype, body))
 }
 
-fn dechunk(body: &str) -> String {
+pub(crate) fn dechunk(body: &str) -> String {
     let mut out = String::new();
     let mut rest = body;
     while let Some((size, after)) = rest.split_once("\r\n") {

@@ -204,6 +204,12 @@ fn install(destdir: &std::path::Path) -> Result<()> {
             under("/etc/systemd/system/insite-agent.service"),
             0o644,
         ),
+        // The shipped alert rules: replaced on every install; local rules go beside them.
+        (
+            root.join("systemd/rules/insite-default.yml"),
+            under("/etc/insite-agent/rules/insite-default.yml"),
+            0o644,
+        ),
     ];
     for (from, to, mode) in copies {
         util::install_file(&from, &to, mode)?;

@@ -106,6 +106,8 @@ pub fn run(want: Want) -> Result<()> {
             ("dot", "graphviz"),
             ("ip", "iproute2"),
             ("python3", "python3"),
+            // The alert tests' upstream: a real Alertmanager on loopback.
+            ("prometheus-alertmanager", "prometheus-alertmanager"),
             // `cargo xtask bench web`: the web server and its load generator.
             ("nginx", "nginx"),
             ("wrk", "wrk"),

@@ -111,6 +111,7 @@ pub async fn run_ticks(
     families: Vec<Arc<dyn TickSource>>,
     mut config: watch::Receiver<Arc<Config>>,
     metrics: TickMetrics,
+    ticked: watch::Sender<u64>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut tick = config.borrow().agent.tick_interval;
@@ -167,6 +168,8 @@ pub async fn run_ticks(
         }
         folds.clear();
         missed.clear();
+        // What reads the store right after a tick (the alert engine) starts now.
+        ticked.send_modify(|n| *n += 1);
         metrics.ticks.inc();
         metrics.tick_duration.observe(took.as_secs_f64());
         // Hand memory freed since (snapshots aged out, scrapes, replies) back to the system

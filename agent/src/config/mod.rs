@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::syscall_names;
 
 mod agent;
+pub mod alerts;
 mod db;
 mod host;
 mod net;
@@ -23,6 +24,7 @@ pub mod ratelimit;
 mod syscalls;
 
 pub use agent::{AgentConfig, ControlConfig, KernelLog, MetricsConfig};
+pub use alerts::AlertsConfig;
 pub use db::{DbConfig, DbRole, SlowThresholds};
 pub use host::HostConfig;
 pub use net::{parse_cidr, NetConfig};
@@ -48,6 +50,7 @@ pub struct Config {
     pub db: DbConfig,
     pub host: HostConfig,
     pub ratelimit: RatelimitConfig,
+    pub alerts: AlertsConfig,
 }
 
 /// Where the running config came from (shown by `status`).
@@ -307,6 +310,7 @@ impl Config {
         self.net.validate()?;
         self.db.validate()?;
         self.ratelimit.validate()?;
+        self.alerts.validate()?;
         self.check_budget()?;
         Ok(())
     }

@@ -3,6 +3,7 @@
 //! `status` belongs to the agent; every other command belongs to a family, which declares
 //! it (`Views`) with its typed arguments (`protocol::Command`) next to its views.
 
+pub mod alerts;
 pub mod client;
 pub mod db;
 pub mod net;

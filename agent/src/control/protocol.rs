@@ -19,6 +19,9 @@ pub struct Request {
     /// Whether the client is root or the agent's own user (set by the server from the peer's
     /// credentials, never from the request): only they may change what the agent enforces.
     pub privileged: bool,
+    /// The peer's uid (set by the server from its credentials): who acknowledged, who
+    /// silenced.
+    pub uid: Option<u32>,
 }
 
 /// A command's arguments, typed: serde parses and checks every value (windows, limits,
@@ -48,6 +51,7 @@ impl Request {
             cmd: C::NAME.to_string(),
             args,
             privileged: false,
+            uid: None,
         }
     }
 
@@ -132,6 +136,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
             cmd,
             args,
             privileged: false,
+            uid: None,
         }),
         Some(_) => Err("bad request: `cmd` must be a string".into()),
         None => Err("bad request: missing `cmd`, e.g. {\"cmd\":\"status\"}".into()),

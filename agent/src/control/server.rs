@@ -174,7 +174,7 @@ async fn admit(stream: UnixStream, ctx: Context, slots: Arc<Slots>, budget: Arc<
     };
     debug!(uid = cred.uid(), pid = ?cred.pid(), "control client connected");
     let stream = framed.into_inner();
-    handle(stream, ctx, budget, privileged(cred.uid())).await;
+    handle(stream, ctx, budget, privileged(cred.uid()), cred.uid()).await;
     drop(slot);
 }
 
@@ -191,7 +191,13 @@ async fn send_line(
     }
 }
 
-async fn handle(stream: UnixStream, ctx: Context, budget: Arc<Semaphore>, privileged: bool) {
+async fn handle(
+    stream: UnixStream,
+    ctx: Context,
+    budget: Arc<Semaphore>,
+    privileged: bool,
+    uid: u32,
+) {
     let (max_bytes, timeout) = {
         let c = ctx.config.borrow();
         (c.control.max_request_bytes, c.control.request_timeout)
@@ -226,6 +232,7 @@ async fn handle(stream: UnixStream, ctx: Context, budget: Arc<Semaphore>, privil
             Ok(text) => match parse_request(text) {
                 Ok(mut req) => match dispatch(&ctx, {
                     req.privileged = privileged;
+                    req.uid = Some(uid);
                     req
                 }) {
                     Ok(data) => Response::ok_line(&data),

@@ -19,7 +19,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use axum::{extract::State, http::header, response::IntoResponse, routing::get, Router};
+use axum::{
+    extract::{Query, State},
+    http::header,
+    response::IntoResponse,
+    routing::get,
+    Router,
+};
 use bytes::Bytes;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{
@@ -31,6 +37,7 @@ use tokio_io_timeout::TimeoutStream;
 use tracing::{debug, info};
 
 use super::prometheus::{openmetrics_to_text, render, OPENMETRICS_CONTENT_TYPE, TEXT_CONTENT_TYPE};
+use crate::store::SharedStore;
 
 /// A rendering younger than this answers a scrape (the store changes once per tick, 100 ms at
 /// the fastest).
@@ -67,26 +74,43 @@ impl HttpMetrics {
     }
 }
 
-/// The registry and its last rendering in both formats.
-struct Scrapes {
+/// The registry and its last rendering in both formats: what scrapes are served, and what
+/// the rule engine reads every tick (one rendering serves both within [`RENDER_TTL`]).
+pub struct Exposition {
     registry: Registry,
     last: Mutex<Option<Rendered>>,
+    /// For `GET /alerts` (where an alert's `generatorURL` points).
+    store: SharedStore,
 }
 
 #[derive(Clone)]
-struct Rendered {
+pub struct Rendered {
     at: Instant,
-    openmetrics: Bytes,
+    pub openmetrics: Bytes,
     text: Bytes,
 }
 
-impl Scrapes {
-    fn get(&self) -> Result<Rendered, std::fmt::Error> {
+impl Exposition {
+    pub fn new(registry: Registry, store: SharedStore) -> Arc<Self> {
+        Arc::new(Self {
+            registry,
+            last: Mutex::new(None),
+            store,
+        })
+    }
+
+    pub fn get(&self) -> Result<Rendered, std::fmt::Error> {
         if let Ok(last) = self.last.lock() {
             if let Some(r) = last.as_ref().filter(|r| r.at.elapsed() < RENDER_TTL) {
                 return Ok(r.clone());
             }
         }
+        self.fresh()
+    }
+
+    /// A rendering of the store as it is now (the rule engine's, right after a tick); scrapes
+    /// within [`RENDER_TTL`] share it.
+    pub fn fresh(&self) -> Result<Rendered, std::fmt::Error> {
         let om = render(&self.registry)?;
         let text = openmetrics_to_text(&om);
         let r = Rendered {
@@ -111,7 +135,7 @@ fn wants_openmetrics(headers: &axum::http::HeaderMap) -> bool {
 }
 
 async fn metrics(
-    State(scrapes): State<Arc<Scrapes>>,
+    State(scrapes): State<Arc<Exposition>>,
     headers: axum::http::HeaderMap,
 ) -> impl IntoResponse {
     match scrapes.get() {
@@ -129,14 +153,36 @@ async fn metrics(
     }
 }
 
+/// The alert engine's view as JSON (`?id=` narrows it to one alert): what an alert's
+/// `generatorURL` opens.
+async fn alerts(
+    State(scrapes): State<Arc<Exposition>>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> impl IntoResponse {
+    let view = scrapes
+        .store
+        .read()
+        .ok()
+        .and_then(|s| s.alerts.clone())
+        .unwrap_or_default();
+    let body = match q.get("id") {
+        Some(id) => serde_json::to_vec(&view.alerts.iter().find(|a| &a.id == id)),
+        None => serde_json::to_vec(&view),
+    };
+    match body {
+        Ok(b) => ([(header::CONTENT_TYPE, "application/json")], b).into_response(),
+        Err(_) => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
 async fn index() -> impl IntoResponse {
-    "insite-agent: metrics at /metrics\n"
+    "insite-agent: metrics at /metrics, alerts at /alerts\n"
 }
 
 /// Binds `addr` (fails fast if taken) and returns the server future.
 pub async fn serve(
     addr: SocketAddr,
-    registry: Registry,
+    exposition: Arc<Exposition>,
     limits: Limits,
     stats: HttpMetrics,
     shutdown: tokio_util::sync::CancellationToken,
@@ -145,11 +191,9 @@ pub async fn serve(
     info!(addr = %listener.local_addr()?, max_connections = limits.max_connections, "metrics endpoint listening");
     let app = Router::new()
         .route("/metrics", get(metrics))
+        .route("/alerts", get(alerts))
         .route("/", get(index))
-        .with_state(Arc::new(Scrapes {
-            registry,
-            last: Mutex::new(None),
-        }));
+        .with_state(exposition);
     // Open connections by accept order, each with the sender that closes it.
     let open: Arc<Mutex<BTreeMap<u64, oneshot::Sender<()>>>> = Arc::default();
     let mut next_id = 0u64;

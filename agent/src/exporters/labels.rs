@@ -3,7 +3,7 @@
 //! type of the exporter escapes what it holds whenever it is encoded: a value cannot end its
 //! quoted string, add a line, or make the scrape unparseable (see `untrusted`).
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
 use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
 
@@ -52,10 +52,16 @@ impl EncodeLabelValue for LabelValue {
     }
 }
 
-/// The labels of one sample: static names, escaped values.
-pub type Labels = Vec<(&'static str, LabelValue)>;
+/// The labels of one sample: names (static, or an alert rule's own), escaped values.
+pub type Labels = Vec<(Cow<'static, str>, LabelValue)>;
 
 /// One label.
 pub fn l(k: &'static str, v: impl Into<LabelValue>) -> Labels {
-    vec![(k, v.into())]
+    vec![(Cow::Borrowed(k), v.into())]
+}
+
+/// One label whose name is not known at build time (an alert's); the caller checks the name
+/// (`rules::template::is_label_name`).
+pub fn named(k: &str, v: impl Into<LabelValue>) -> Labels {
+    vec![(Cow::Owned(k.to_string()), v.into())]
 }

@@ -7,6 +7,7 @@
 //! registry holds its collector. Adding a family is its own files, its config section, and
 //! one line in [`all`].
 
+pub mod alerts;
 pub mod db;
 pub mod host;
 pub mod net;
@@ -36,6 +37,7 @@ pub fn all() -> Vec<Arc<dyn Family>> {
         Arc::new(db::Db::default()),
         Arc::new(host::Host::default()),
         Arc::new(ratelimit::Ratelimit::default()),
+        Arc::new(alerts::Alerts::default()),
     ]
 }
 
@@ -76,6 +78,10 @@ pub struct Spawn {
     pub store: SharedStore,
     pub config: watch::Receiver<Arc<Config>>,
     pub shutdown: CancellationToken,
+    /// Collector ticks completed: changes right after each tick's readings are in the store.
+    pub ticks: watch::Receiver<u64>,
+    /// The agent's own exposition, as a scrape sees it (the rule engine reads it).
+    pub exposition: Arc<crate::exporters::http::Exposition>,
 }
 
 /// Attaches the family unless it is disabled, and records how that went in the store:
@@ -193,7 +199,7 @@ mod tests {
                 assert!(cmds.insert(*c), "{c} twice");
             }
         }
-        assert_eq!(names.len(), 5);
+        assert_eq!(names.len(), 6);
     }
 
     #[test]

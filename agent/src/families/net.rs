@@ -109,6 +109,7 @@ impl Family for Net {
                 ctx.store.clone(),
                 ctx.config.clone(),
                 walks,
+                ctx.ticks.clone(),
             ));
         }
     }

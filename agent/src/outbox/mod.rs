@@ -25,6 +25,9 @@ const ORDER: TableDefinition<u64, &str> = TableDefinition::new("order");
 /// Counters that outlive the process: `next_seq`, `dropped`, `bytes`.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
+/// redb's page cache for the outbox.
+pub const OUTBOX_CACHE_BYTES: usize = 4 << 20;
+
 /// Bytes of a record's header before its body: when it was pushed (ms since the epoch).
 const HEADER: usize = 8;
 
@@ -110,10 +113,15 @@ fn now_ms() -> u64 {
 impl Outbox {
     /// Opens (or creates) the outbox file at `path`.
     pub fn open(path: &Path, bound: Bound) -> Result<Self, OutboxError> {
-        let db = Database::create(path).map_err(|source| OutboxError::Open {
-            path: path.display().to_string(),
-            source,
-        })?;
+        // redb's page cache defaults to a share of the machine's memory; the outbox is read
+        // once per record, so a small cache is all it needs (see `budget::OUTBOX_BYTES`).
+        let db = Database::builder()
+            .set_cache_size(OUTBOX_CACHE_BYTES)
+            .create(path)
+            .map_err(|source| OutboxError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
         let tx = db.begin_write()?;
         {
             tx.open_table(RECORDS)?;

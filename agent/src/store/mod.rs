@@ -2,6 +2,7 @@
 //! windows. Exporters, `status`, the CLI views (and later rules) read from here; only
 //! collectors write.
 
+pub mod alerts;
 pub mod db;
 pub mod histogram;
 pub mod host;
@@ -76,6 +77,8 @@ pub struct Store {
     /// Rate-limit rules and their counts (the family's task writes it).
     pub ratelimit: Option<ratelimit::RatelimitView>,
     pub ratelimit_top: ratelimit::TopView,
+    /// Alert rules and their alerts (the alert engine's task writes it).
+    pub alerts: Option<alerts::AlertsView>,
     /// Every family's ring buffers: what they carried and lost.
     pub streams: streams::Streams,
     pub ticks: u64,
@@ -102,6 +105,7 @@ impl Store {
             host: None,
             ratelimit: None,
             ratelimit_top: Default::default(),
+            alerts: None,
             streams: streams::Streams::default(),
             ticks: 0,
             last_tick: Duration::ZERO,

@@ -60,10 +60,12 @@ pub enum Via {
     Tcp,
 }
 
+pub mod alertmanager;
 mod mariadb;
 mod postgres;
 mod redis;
 
+pub use alertmanager::{Alertmanager, Recorder};
 pub use mariadb::{Mariadb, MARIADB_DATABASE};
 pub use postgres::Postgres;
 pub use redis::Redis;

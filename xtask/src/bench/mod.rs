@@ -9,6 +9,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::Subcommand;
 
+mod alerts;
 mod db;
 mod harness;
 mod net;
@@ -145,6 +146,22 @@ pub enum Which {
         #[arg(long, value_enum, default_value_t = ratelimit::Attach::Auto)]
         attach: ratelimit::Attach,
     },
+    /// The alert engine: its cost per tick (RULES rules over SERIES series, the real engine on
+    /// a synthetic exposition) and detection latency, condition to receiver, beside a real
+    /// Prometheus (1 s scrape, 1 s evaluation) running the same rule in the same run.
+    Alerts {
+        #[arg(long, default_value_t = 1000)]
+        rules: usize,
+        #[arg(long, default_value_t = 10_000)]
+        series: usize,
+        /// Engine ticks timed (480: two minutes of 250 ms ticks, the fine ring full).
+        #[arg(long, default_value_t = 480)]
+        ticks: usize,
+        /// Detection rounds (each: the condition on until both have fired, then off until
+        /// both resolved).
+        #[arg(long, default_value_t = 10)]
+        rounds: u32,
+    },
     /// The agent with every probe on under a mixed workload (syscalls, connections, Redis,
     /// PostgreSQL and MariaDB, scrapes every second, CLI calls) for a while: RSS and open fds
     /// sampled, and whether they stay flat after the warm-up.
@@ -175,6 +192,17 @@ pub fn run(which: Which) -> Result<()> {
             bpf_stats,
         }),
         Which::Syscalls { calls, rounds } => syscalls(calls, rounds),
+        Which::Alerts {
+            rules,
+            series,
+            ticks,
+            rounds,
+        } => alerts::run(alerts::Opts {
+            rules,
+            series,
+            ticks,
+            rounds,
+        }),
         Which::Net {
             rounds,
             conn_secs,

@@ -64,7 +64,12 @@ mod fold;
 
 pub use fold::{FoldConfig, Folder};
 
-/// Folds the kernel's edges into the store every `FOLD_INTERVAL`, removes idle ones, and
+/// How long before a collector tick the edges are folded, so the tick (and the alert engine
+/// right after it) sees them fresh rather than up to a fold interval late.
+const FOLD_LEAD: Duration = Duration::from_millis(40);
+
+/// Folds the kernel's edges into the store just before each collector tick (and at least every
+/// `FOLD_INTERVAL`), removes idle ones, and
 /// ends the connections the walks stopped finding, until the task is aborted at shutdown (a
 /// failing read is logged once per streak and tried again next time).
 pub async fn run_collector(
@@ -72,16 +77,34 @@ pub async fn run_collector(
     store: SharedStore,
     config: watch::Receiver<Arc<Config>>,
     walks: Option<watch::Receiver<Walks>>,
+    mut ticks: watch::Receiver<u64>,
 ) {
     let mut folder = Folder::new();
     let mut fold_cfg = (config.borrow().clone(), FoldConfig::default());
     fold_cfg.1 = FoldConfig::of(&fold_cfg.0);
-    let mut tick = tokio::time::interval(FOLD_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_reconcile = Instant::now();
     let mut failing = false;
+    let (mut last_tick, mut last_fold) = (Instant::now(), Instant::now());
     loop {
-        tick.tick().await;
+        let tick_every = config.borrow().agent.tick_interval;
+        let before_tick = last_tick + tick_every.saturating_sub(FOLD_LEAD);
+        let every = last_fold + FOLD_INTERVAL;
+        let deadline = if before_tick > last_fold {
+            before_tick.min(every)
+        } else {
+            every
+        };
+        tokio::select! {
+            r = ticks.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                last_tick = Instant::now();
+                continue;
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => {}
+        }
+        last_fold = Instant::now();
         let cfg = config.borrow().clone();
         if !Arc::ptr_eq(&cfg, &fold_cfg.0) {
             fold_cfg = (cfg.clone(), FoldConfig::of(&cfg));

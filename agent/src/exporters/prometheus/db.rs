@@ -25,11 +25,11 @@ fn queries(
     let (rows, folded) = top_series(&t.ops, top_n);
     let labels = |k: &OpKey| -> Labels {
         vec![
-            ("system", k.system.as_str().into()),
-            ("operation", LabelValue::from(&k.operation)),
-            ("role", k.role.as_str().into()),
-            ("destination", LabelValue::from(&k.destination)),
-            ("service", LabelValue::from(&k.service)),
+            ("system".into(), k.system.as_str().into()),
+            ("operation".into(), LabelValue::from(&k.operation)),
+            ("role".into(), k.role.as_str().into()),
+            ("destination".into(), LabelValue::from(&k.destination)),
+            ("service".into(), LabelValue::from(&k.service)),
         ]
     };
     histogram(
@@ -76,10 +76,10 @@ fn queries(
     losses.sort_by(|a, b| a.0.cmp(b.0));
     let loss_labels = |k: &LossKey| -> Labels {
         vec![
-            ("system", k.system.as_str().into()),
-            ("role", k.role.as_str().into()),
-            ("destination", LabelValue::from(&k.destination)),
-            ("service", LabelValue::from(&k.service)),
+            ("system".into(), k.system.as_str().into()),
+            ("role".into(), k.role.as_str().into()),
+            ("destination".into(), LabelValue::from(&k.destination)),
+            ("service".into(), LabelValue::from(&k.service)),
         ]
     };
     counter(
@@ -96,7 +96,7 @@ fn queries(
             .into_iter()
             .map(|(reason, n)| {
                 let mut ls = loss_labels(k);
-                ls.push(("reason", reason.into()));
+                ls.push(("reason".into(), reason.into()));
                 (ls, n as f64)
             })
         }),

@@ -61,7 +61,10 @@ fn sample(e: &mut DescriptorEncoder<'_>, h: &HostSample) -> Result<(), std::fmt:
         Some(&Unit::Seconds),
         h.pressure.iter().map(|p| {
             (
-                vec![("resource", p.resource.into()), ("kind", p.kind.into())],
+                vec![
+                    ("resource".into(), p.resource.into()),
+                    ("kind".into(), p.kind.into()),
+                ],
                 p.stall_seconds_total,
             )
         }),
@@ -73,7 +76,10 @@ fn sample(e: &mut DescriptorEncoder<'_>, h: &HostSample) -> Result<(), std::fmt:
         Some(&Unit::Other("ratio".into())),
         h.pressure.iter().map(|p| {
             (
-                vec![("resource", p.resource.into()), ("kind", p.kind.into())],
+                vec![
+                    ("resource".into(), p.resource.into()),
+                    ("kind".into(), p.kind.into()),
+                ],
                 p.avg10 / 100.0,
             )
         }),

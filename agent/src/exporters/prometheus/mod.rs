@@ -14,12 +14,14 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
+mod alerts;
 mod db;
 mod host;
 mod net;
 mod ratelimit;
 mod syscalls;
 
+pub use alerts::encode as encode_alerts;
 pub use db::encode as encode_db;
 pub use host::encode as encode_host;
 pub use net::encode as encode_net;
@@ -254,8 +256,11 @@ impl Collector for AgentCollector {
             st.probes.values().map(|p| {
                 (
                     vec![
-                        ("probe", p.name.clone().into()),
-                        ("state", format!("{:?}", p.state).to_lowercase().into()),
+                        ("probe".into(), p.name.clone().into()),
+                        (
+                            "state".into(),
+                            format!("{:?}", p.state).to_lowercase().into(),
+                        ),
                     ],
                     if p.state == ProbeState::Attached {
                         1.0
@@ -275,8 +280,8 @@ impl Collector for AgentCollector {
                 p.missed_runs.iter().map(|(prog, n)| {
                     (
                         vec![
-                            ("probe", LabelValue::from(p.name.clone())),
-                            ("program", prog.clone().into()),
+                            ("probe".into(), LabelValue::from(p.name.clone())),
+                            ("program".into(), prog.clone().into()),
                         ],
                         *n as f64,
                     )
@@ -459,8 +464,8 @@ mod tests {
                     self.0.iter().enumerate().map(|(i, v)| {
                         (
                             vec![
-                                ("value", LabelValue::from(v.clone())),
-                                ("i", i.to_string().into()),
+                                ("value".into(), LabelValue::from(v.clone())),
+                                ("i".into(), i.to_string().into()),
                             ],
                             i as f64,
                         )

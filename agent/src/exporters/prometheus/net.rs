@@ -49,9 +49,9 @@ fn edges(
     let (rows, folded) = t.by_destination(top_n);
     let labels = |r: &DestinationSeries| -> Labels {
         vec![
-            ("direction", r.direction.as_str().into()),
-            ("destination", r.destination.clone().into()),
-            ("service", r.service.clone().into()),
+            ("direction".into(), r.direction.as_str().into()),
+            ("destination".into(), r.destination.clone().into()),
+            ("service".into(), r.service.clone().into()),
         ]
     };
     histogram(
@@ -90,7 +90,7 @@ fn edges(
                 let n = r.counters.failure(reason);
                 (n > 0).then(|| {
                     let mut ls = labels(r);
-                    ls.push(("reason", reason.as_str().into()));
+                    ls.push(("reason".into(), reason.as_str().into()));
                     (ls, n as f64)
                 })
             })

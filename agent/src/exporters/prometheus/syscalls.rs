@@ -18,7 +18,7 @@ pub fn encode(
         let mode = t.mode.map_or("full", |m| m.as_str());
         let labels = |name: &String| {
             let mut v = l("syscall", name.clone());
-            v.push(("mode", mode.into()));
+            v.push(("mode".into(), mode.into()));
             v
         };
         histogram(
