@@ -20,7 +20,10 @@ struct One(String);
 impl Collector for One {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let mut m = enc.encode_descriptor("fuzz", "Fuzzed label", None, MetricType::Gauge)?;
-        let labels: Labels = vec![("v", LabelValue::from(self.0.clone())), ("k", "x".into())];
+        let labels: Labels = vec![
+            ("v".into(), LabelValue::from(self.0.clone())),
+            ("k".into(), "x".into()),
+        ];
         ConstGauge::new(1.0).encode(m.encode_family(&labels)?)
     }
 }
@@ -28,7 +31,9 @@ impl Collector for One {
 /// The value of `v` in a sample line `fuzz{v="...",k="x"} 1.0`, unescaped; panics on anything
 /// the grammar does not allow.
 fn parse(line: &str) -> String {
-    let rest = line.strip_prefix("fuzz{v=\"").expect("sample starts with the family and label");
+    let rest = line
+        .strip_prefix("fuzz{v=\"")
+        .expect("sample starts with the family and label");
     let mut out = String::new();
     let mut chars = rest.chars();
     loop {
@@ -44,7 +49,11 @@ fn parse(line: &str) -> String {
             c => out.push(c),
         }
     }
-    assert_eq!(chars.as_str(), ",k=\"x\"} 1.0", "nothing may follow but the next label");
+    assert_eq!(
+        chars.as_str(),
+        ",k=\"x\"} 1.0",
+        "nothing may follow but the next label"
+    );
     out
 }
 
