@@ -412,17 +412,28 @@ impl Inner {
     /// One engine tick: the exposition in, the alerts moved on, what is due into the outbox,
     /// the state persisted when it changed, the view updated.
     fn tick(&self, cfg: &Config, store: &SharedStore, exposition: &Exposition, outbox: &Outbox) {
-        let Ok(rendered) = exposition.fresh() else {
-            return;
+        // Without rules there is nothing to read: no rendering of the exposition every tick.
+        // (Rendered before the engine's lock is taken: the rendering takes the store's.)
+        let has_rules = (self.engine.lock().ok())
+            .is_some_and(|e| e.as_ref().is_some_and(|e| !e.rules().groups.is_empty()));
+        let rendered = if has_rules {
+            match exposition.fresh() {
+                Ok(r) => Some(r),
+                Err(_) => return,
+            }
+        } else {
+            None
         };
-        let text = String::from_utf8_lossy(&rendered.openmetrics);
         let Ok(mut guard) = self.engine.lock() else {
             return;
         };
         let Some(engine) = guard.as_mut() else {
             return;
         };
-        let out = engine.tick(unix_ms(), &text);
+        let out = match &rendered {
+            Some(r) => engine.tick(unix_ms(), &String::from_utf8_lossy(&r.openmetrics)),
+            None => Outcome::default(),
+        };
         self.send(cfg, &out, outbox);
         if !out.transitions.is_empty() || !out.due.is_empty() {
             if let Err(e) = write_state(&cfg.alerts.state_dir, engine.persisted()) {

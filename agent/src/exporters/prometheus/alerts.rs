@@ -130,3 +130,69 @@ fn view(e: &mut DescriptorEncoder<'_>, v: &AlertsView) -> Result<(), std::fmt::E
         [(Labels::new(), v.window.refused_total as f64)],
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, RwLock};
+
+    use super::*;
+    use crate::{
+        config::ConfigSource,
+        rules::{
+            alerting::Alert,
+            promql::{Expr, Value},
+            tsdb::{Bounds, Tsdb},
+        },
+    };
+
+    /// Alert labels carry the workload's text (a service name, a destination): quotes,
+    /// backslashes and newlines in them leave the exposition parseable, and read back exactly.
+    #[test]
+    fn hostile_alert_labels_are_escaped_and_read_back_exactly() {
+        let hostile = "svc\"} 1\nfake_metric 7\n# EOF\\x";
+        let mut st = Store::new(ConfigSource::Defaults, 1);
+        st.alerts = Some(AlertsView {
+            alerts: vec![Alert {
+                id: "0123456789abcdef".into(),
+                labels: [
+                    ("alertname".to_string(), "A".to_string()),
+                    ("service".to_string(), hostile.to_string()),
+                ]
+                .into(),
+                annotations: Default::default(),
+                state: State::Firing,
+                value: 1.0,
+                active_at_ms: 1000,
+                fired_at_ms: Some(1000),
+                resolved_at_ms: None,
+                last_held_ms: 1000,
+                last_sent_ms: None,
+                ack: None,
+                silenced_by: None,
+                flapping: false,
+                escalation: 0,
+            }],
+            ..Default::default()
+        });
+        let store = Arc::new(RwLock::new(st));
+        let (_tx, rx) = tokio::sync::watch::channel(Arc::new(Config::default()));
+        let mut r = Registry::default();
+        r.register_collector(Box::new(FamilyCollector {
+            store,
+            config: rx,
+            encode,
+        }));
+        let text = render(&r).unwrap();
+        assert!(!text.contains("\nfake_metric"), "{text}");
+        let e = Expr::compile("ALERTS").unwrap();
+        let mut db = Tsdb::new(Bounds::default());
+        db.set_needs(&e.needs());
+        db.ingest(1_700_000_000_000, &text);
+        let Value::Vector(v) = e.eval(&db, 1_700_000_000_000) else {
+            panic!("not a vector");
+        };
+        assert_eq!(v.len(), 1, "{text}");
+        assert_eq!(v[0].labels.get("service"), Some(hostile));
+        assert_eq!(v[0].labels.get("alertstate"), Some("firing"));
+    }
+}
