@@ -197,6 +197,9 @@ impl Engine {
                 out.transitions
                     .extend(st.step_with(rule, ex, at_ms, &result, &clear));
                 let muted = |a: &Alert| {
+                    if silences.is_empty() {
+                        return None;
+                    }
                     let labels = a.labels_out();
                     silences
                         .iter()

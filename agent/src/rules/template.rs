@@ -250,17 +250,10 @@ fn humanize_duration(v: f64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
 
     fn labels(pairs: &[(&str, &str)]) -> Labels {
-        Labels(
-            pairs
-                .iter()
-                .map(|(k, v)| (Arc::from(*k), Arc::from(*v)))
-                .collect(),
-        )
+        Labels::from_pairs(pairs.iter().copied())
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Rule files, alert lifecycle and the engine's schedule, on real rule text and real
 //! exposition text.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{path::Path, time::Duration};
 
 use super::{
     alerting::{RuleState, State},
@@ -19,12 +19,7 @@ fn rule(yaml_rule: &str) -> AlertRule {
 
 fn sample(pairs: &[(&str, &str)], value: f64) -> Sample {
     Sample {
-        labels: Labels(
-            pairs
-                .iter()
-                .map(|(k, v)| (Arc::from(*k), Arc::from(*v)))
-                .collect(),
-        ),
+        labels: Labels::from_pairs(pairs.iter().copied()),
         value,
     }
 }

@@ -1,15 +1,32 @@
 //! Evaluation of a checked tree at one instant.
-use foldhash::HashMap;
+use std::sync::Arc;
 
 use super::{
     check::{AggOp, Grouping, Node, Selector},
     functions::{self, Span},
     histogram,
-    matching::{self, same, signature},
+    matching::{self, same, signature, Chains},
     EvalCache, Labels, Sample, Value,
 };
-use crate::rules::tsdb::Tsdb;
+use crate::rules::tsdb::{SeriesRef, Tsdb};
 use promql_parser::label::MatchOp;
+
+/// A value inside the evaluation: vectors are shared, so a cached result is read where it
+/// lies (a comparison keeps a few of its samples; copying all of them was a fifth of the
+/// engine's time).
+#[derive(Debug, Clone)]
+pub(super) enum Val {
+    Scalar(f64),
+    Vector(Shared),
+}
+
+pub(super) type Shared = Arc<Vec<Sample>>;
+
+impl Val {
+    fn vector(v: Vec<Sample>) -> Val {
+        Val::Vector(Arc::new(v))
+    }
+}
 
 pub(super) fn eval(node: &Node, db: &Tsdb, at_ms: i64, cache: Option<&mut EvalCache>) -> Value {
     let mut cache = cache;
@@ -22,7 +39,10 @@ pub(super) fn eval(node: &Node, db: &Tsdb, at_ms: i64, cache: Option<&mut EvalCa
         buf: Vec::new(),
         cache,
     };
-    cx.eval(node)
+    match cx.eval(node) {
+        Val::Scalar(v) => Value::Scalar(v),
+        Val::Vector(v) => Value::Vector(Arc::unwrap_or_clone(v)),
+    }
 }
 
 struct Cx<'a, 'c> {
@@ -67,23 +87,12 @@ fn alternation(sel: &Selector) -> Option<(usize, &str, Vec<&str>)> {
 /// matcher, the union of a few for a literal alternation, else every series of the metric.
 /// The matcher the lookup satisfied is returned (`matches` checks only the others: reading
 /// each series' labels is a cache miss, and often the lookup was the only matcher).
-fn candidates<'d>(
-    db: &'d Tsdb,
-    sel: &Selector,
-) -> (Vec<&'d crate::rules::tsdb::Series>, Option<usize>) {
+fn candidates<'d>(db: &'d Tsdb, sel: &Selector) -> (Vec<SeriesRef<'d>>, Option<usize>) {
     if let Some((i, eq)) = posting(sel) {
         return (db.series_with(&sel.metric, Some(eq)).collect(), Some(i));
     }
     if let Some((i, name, values)) = alternation(sel) {
-        let mut v: Vec<_> = values
-            .iter()
-            .flat_map(|value| db.series_with(&sel.metric, Some((name, value))))
-            .collect();
-        if values.len() > 1 {
-            v.sort_by(|a, b| a.labels().cmp(b.labels()));
-            v.dedup_by(|a, b| std::ptr::eq(*a, *b));
-        }
-        return (v, Some(i));
+        return (db.series_with_any(&sel.metric, name, &values), Some(i));
     }
     (db.series_with(&sel.metric, None).collect(), None)
 }
@@ -96,11 +105,11 @@ fn matches(sel: &Selector, done: Option<usize>, labels: &Labels) -> bool {
 }
 
 impl Cx<'_, '_> {
-    fn eval(&mut self, node: &Node) -> Value {
+    fn eval(&mut self, node: &Node) -> Val {
         match node {
-            Node::Number(v) => Value::Scalar(*v),
-            Node::Time => Value::Scalar(self.at_ms as f64 / 1000.0),
-            Node::Instant(sel) => Value::Vector(self.instant(sel)),
+            Node::Number(v) => Val::Scalar(*v),
+            Node::Time => Val::Scalar(self.at_ms as f64 / 1000.0),
+            Node::Instant(sel) => Val::vector(self.instant(sel)),
             Node::Range {
                 func,
                 key,
@@ -113,24 +122,24 @@ impl Cx<'_, '_> {
                 if let Some(cache) = self.cache.as_deref_mut() {
                     if let Some(v) = cache.ranges.get(&key) {
                         cache.hits += 1;
-                        return Value::Vector(v.clone());
+                        return Val::Vector(v.clone());
                     }
                 }
-                let v = self.range(*func, sel, *range_ms, arg);
+                let v = Arc::new(self.range(*func, sel, *range_ms, arg));
                 if let Some(cache) = self.cache.as_deref_mut() {
                     cache.ranges.insert(key, v.clone());
                 }
-                Value::Vector(v)
+                Val::Vector(v)
             }
             Node::Shared { key, expr } => {
                 if let Some(cache) = self.cache.as_deref_mut() {
                     if let Some(v) = cache.shared.get(&**key) {
                         cache.hits += 1;
-                        return Value::Vector(v.clone());
+                        return Val::Vector(v.clone());
                     }
                 }
                 let v = self.eval(expr);
-                if let (Some(cache), Value::Vector(v)) = (self.cache.as_deref_mut(), &v) {
+                if let (Some(cache), Val::Vector(v)) = (self.cache.as_deref_mut(), &v) {
                     cache.shared.insert(key.clone(), v.clone());
                 }
                 v
@@ -138,13 +147,13 @@ impl Cx<'_, '_> {
             Node::Quantile { q, expr } => {
                 let q = self.scalar(q);
                 let v = self.vector(expr);
-                Value::Vector(histogram::quantile(q, &v))
+                Val::vector(histogram::quantile(q, &v))
             }
             Node::Math { func, expr, arg } => {
                 let arg = arg.as_ref().map_or(f64::NAN, |a| self.scalar(a));
                 let v = self.vector(expr);
-                Value::Vector(
-                    v.into_iter()
+                Val::vector(
+                    v.iter()
                         .map(|s| Sample {
                             value: functions::math(*func, s.value, arg),
                             labels: s.labels.without_name(),
@@ -152,7 +161,7 @@ impl Cx<'_, '_> {
                         .collect(),
                 )
             }
-            Node::Absent { expr, labels } => Value::Vector(if self.vector(expr).is_empty() {
+            Node::Absent { expr, labels } => Val::vector(if self.vector(expr).is_empty() {
                 vec![Sample {
                     labels: labels.clone(),
                     value: 1.0,
@@ -160,22 +169,22 @@ impl Cx<'_, '_> {
             } else {
                 Vec::new()
             }),
-            Node::Vector(s) => Value::Vector(vec![Sample {
+            Node::Vector(s) => Val::vector(vec![Sample {
                 labels: Labels::default(),
                 value: self.scalar(s),
             }]),
-            Node::Scalar(v) => Value::Scalar(match self.vector(v).as_slice() {
+            Node::Scalar(v) => Val::Scalar(match self.vector(v).as_slice() {
                 [one] => one.value,
                 _ => f64::NAN,
             }),
             Node::Aggregate { op, grouping, expr } => {
                 let v = self.vector(expr);
-                Value::Vector(aggregate(*op, grouping, &v))
+                Val::vector(aggregate(*op, grouping, &v))
             }
             Node::Neg(e) => match self.eval(e) {
-                Value::Scalar(v) => Value::Scalar(-v),
-                Value::Vector(v) => Value::Vector(
-                    v.into_iter()
+                Val::Scalar(v) => Val::Scalar(-v),
+                Val::Vector(v) => Val::vector(
+                    v.iter()
                         .map(|s| Sample {
                             value: -s.value,
                             labels: s.labels.without_name(),
@@ -202,23 +211,23 @@ impl Cx<'_, '_> {
             } => {
                 let l = self.vector(lhs);
                 let r = self.vector(rhs);
-                Value::Vector(matching::set(*op, l, r, matching))
+                Val::vector(matching::set(*op, &l, &r, matching))
             }
         }
     }
 
     fn scalar(&mut self, node: &Node) -> f64 {
         match self.eval(node) {
-            Value::Scalar(v) => v,
+            Val::Scalar(v) => v,
             // The checker lets only scalar expressions here.
-            Value::Vector(_) => f64::NAN,
+            Val::Vector(_) => f64::NAN,
         }
     }
 
-    fn vector(&mut self, node: &Node) -> Vec<Sample> {
+    fn vector(&mut self, node: &Node) -> Shared {
         match self.eval(node) {
-            Value::Vector(v) => v,
-            Value::Scalar(_) => Vec::new(),
+            Val::Vector(v) => v,
+            Val::Scalar(_) => Shared::default(),
         }
     }
 
@@ -229,16 +238,18 @@ impl Cx<'_, '_> {
             return Vec::new();
         };
         let (series, done) = candidates(db, sel);
-        series
-            .into_iter()
-            .filter(|s| matches(sel, done, s.labels()))
-            .filter_map(|s| {
-                db.last_value(s, &w).map(|value| Sample {
-                    labels: s.labels().clone(),
-                    value,
-                })
-            })
-            .collect()
+        let mut out = Vec::with_capacity(series.len());
+        out.extend(
+            (series.into_iter())
+                .filter(|s| matches(sel, done, s.labels()))
+                .filter_map(|s| {
+                    db.last_value(s, &w).map(|value| Sample {
+                        labels: s.labels().clone(),
+                        value,
+                    })
+                }),
+        );
+        out
     }
 
     fn range(
@@ -261,9 +272,9 @@ impl Cx<'_, '_> {
             range_ms,
             eval_ms: self.at_ms,
         };
-        let mut out = Vec::new();
         let ts = |tick| db.tick_ms(&w, tick);
         let (series, done) = candidates(db, sel);
+        let mut out = Vec::with_capacity(series.len());
         for s in series
             .into_iter()
             .filter(|s| matches(sel, done, s.labels()))
@@ -296,16 +307,16 @@ fn aggregate(op: AggOp, grouping: &Grouping, v: &[Sample]) -> Vec<Sample> {
         Grouping::Without(w) => n != "__name__" && w.binary_search_by(|l| (**l).cmp(n)).is_err(),
     };
     let mut groups: Vec<Group> = Vec::new();
-    let mut index: HashMap<u64, Vec<usize>> = HashMap::default();
+    let mut index = Chains::with_capacity(8);
     for s in v {
-        let candidates = index.entry(signature(&s.labels, keeps)).or_default();
-        let found = candidates.iter().copied().find(|&g| {
+        let sig = signature(&s.labels, keeps);
+        let found = index.get(sig).find(|&g| {
             groups
                 .get(g)
                 .is_some_and(|g| same(&g.labels, &s.labels, keeps))
         });
         let Some(g) = found.and_then(|g| groups.get_mut(g)) else {
-            candidates.push(groups.len());
+            index.push(sig);
             groups.push(Group {
                 labels: s.labels.without(|n| !keeps(n)),
                 value: s.value,

@@ -1,8 +1,9 @@
 //! `histogram_quantile` over classic buckets: the `_bucket` series of a vector grouped by their
 //! labels other than `le`, each group's quantile interpolated linearly within its bucket.
-use foldhash::HashMap;
-
-use super::{matching::signature, Labels, Sample};
+use super::{
+    matching::{signature, Chains},
+    Labels, Sample,
+};
 
 /// One group: its output labels and (upper bound, count) pairs.
 struct Group {
@@ -13,15 +14,14 @@ struct Group {
 pub(super) fn quantile(q: f64, vector: &[Sample]) -> Vec<Sample> {
     let mut groups: Vec<Group> = Vec::new();
     // Signature (labels but `le`, `__name__` included as Prometheus does) -> group indices.
-    let mut index: HashMap<u64, Vec<usize>> = HashMap::default();
+    let mut index = Chains::with_capacity(8);
     let not_le = |n: &str| n != "le";
     for s in vector {
         let Some(upper) = s.labels.get("le").and_then(parse_bound) else {
             continue;
         };
         let sig = signature(&s.labels, not_le);
-        let candidates = index.entry(sig).or_default();
-        let found = candidates.iter().copied().find(|&g| {
+        let found = index.get(sig).find(|&g| {
             groups
                 .get(g)
                 .is_some_and(|g| same_but_le(&g.labels, &s.labels))
@@ -29,7 +29,7 @@ pub(super) fn quantile(q: f64, vector: &[Sample]) -> Vec<Sample> {
         let g = match found {
             Some(g) => g,
             None => {
-                candidates.push(groups.len());
+                index.push(sig);
                 groups.push(Group {
                     labels: s.labels.without(|n| n == "le"),
                     buckets: Vec::new(),

@@ -87,16 +87,60 @@ impl Needs {
     }
 }
 
-/// A sorted label set, cheap to clone.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct Labels(pub Arc<[(Arc<str>, Arc<str>)]>);
+/// A sorted label set, cheap to clone, carrying a hash of its labels but `__name__`: the
+/// signature that one-to-one matching compares, known without reading the label text (on 10k
+/// series those reads are cache misses, and were most of the engine's time).
+#[derive(Debug, Clone)]
+pub struct Labels {
+    pairs: Arc<[(Arc<str>, Arc<str>)]>,
+    hash: u64,
+}
+
+impl Default for Labels {
+    fn default() -> Self {
+        Labels::sorted(Arc::from([]))
+    }
+}
+
+impl PartialEq for Labels {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.pairs, &other.pairs)
+            || (self.hash == other.hash && self.pairs == other.pairs)
+    }
+}
+
+impl Eq for Labels {}
+
+impl std::hash::Hash for Labels {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl PartialOrd for Labels {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Labels {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.pairs.cmp(&other.pairs)
+    }
+}
 
 impl Labels {
     /// Sorts the pairs by name (a later duplicate name is dropped).
     pub fn new(mut pairs: Vec<(Arc<str>, Arc<str>)>) -> Labels {
         pairs.sort_by(|a, b| a.0.cmp(&b.0));
         pairs.dedup_by(|later, earlier| later.0 == earlier.0);
-        Labels(pairs.into())
+        Labels::sorted(pairs.into())
+    }
+
+    /// From pairs already sorted by name, without duplicates.
+    fn sorted(pairs: Arc<[(Arc<str>, Arc<str>)]>) -> Labels {
+        let hash = matching::signature_of(pairs.iter().filter(|(n, _)| &**n != "__name__"));
+        Labels { pairs, hash }
     }
 
     /// From string pairs, sorted (for tests and callers building label sets by hand).
@@ -110,35 +154,66 @@ impl Labels {
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
+        self.pairs
             .binary_search_by(|(n, _)| (**n).cmp(name))
             .ok()
-            .and_then(|i| self.0.get(i))
+            .and_then(|i| self.pairs.get(i))
             .map(|(_, v)| &**v)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(k, v)| (&**k, &**v))
+        self.pairs.iter().map(|(k, v)| (&**k, &**v))
+    }
+
+    /// The pairs themselves (shared strings: equal pointers are equal text).
+    pub(crate) fn pairs(&self) -> &[(Arc<str>, Arc<str>)] {
+        &self.pairs
+    }
+
+    /// Whether both share one allocation (then they are equal without reading it).
+    pub(crate) fn same_storage(&self, other: &Labels) -> bool {
+        Arc::ptr_eq(&self.pairs, &other.pairs)
+    }
+
+    /// The hash of the labels but `__name__` (`matching::signature` with that filter).
+    pub(crate) fn hash_without_name(&self) -> u64 {
+        self.hash
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.pairs.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.pairs.is_empty()
     }
 
+    /// Without `__name__`; the hash stays (it never covers the name).
     pub fn without_name(&self) -> Labels {
-        self.without(|n| n == "__name__")
+        if !self.pairs.iter().any(|(n, _)| &**n == "__name__") {
+            return self.clone();
+        }
+        Labels {
+            pairs: (self.pairs.iter())
+                .filter(|(n, _)| &**n != "__name__")
+                .cloned()
+                .collect(),
+            hash: self.hash,
+        }
     }
 
     /// The labels whose names `drop` rejects removed (a clone when none is).
     pub(crate) fn without(&self, drop: impl Fn(&str) -> bool) -> Labels {
-        if !self.0.iter().any(|(n, _)| drop(n)) {
+        if !self.pairs.iter().any(|(n, _)| drop(n)) {
             return self.clone();
         }
-        Labels(self.0.iter().filter(|(n, _)| !drop(n)).cloned().collect())
+        Labels::sorted(
+            self.pairs
+                .iter()
+                .filter(|(n, _)| !drop(n))
+                .cloned()
+                .collect(),
+        )
     }
 }
 
@@ -232,9 +307,9 @@ impl Expr {
 #[derive(Debug, Default)]
 pub struct EvalCache {
     at: Option<((u64, u64), i64)>,
-    ranges: HashMap<(Arc<str>, u64), Vec<Sample>>,
+    ranges: HashMap<(Arc<str>, u64), eval::Shared>,
     /// Results of the shared subexpressions, by key.
-    shared: HashMap<Arc<str>, Vec<Sample>>,
+    shared: HashMap<Arc<str>, eval::Shared>,
     hits: u64,
 }
 

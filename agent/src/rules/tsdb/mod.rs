@@ -3,7 +3,9 @@
 //!
 //! Two resolutions share one design: a clock (ring of the ticks' timestamps) and, per series, a
 //! ring of `f64` values of the same tick numbering (an absence marker where the series had no
-//! sample). The fine rings hold every tick (`step`) for up to `fine_span`; the coarse rings hold
+//! sample). A metric's rings are the columns of one matrix with a row per tick
+//! ([`ring::Matrix`]): ingest writes a row in order, and the rules' rates read rows that every
+//! rule over that metric shares (a ring per series cost each read a cache miss of its own). The fine rings hold every tick (`step`) for up to `fine_span`; the coarse rings hold
 //! the first scrape of every `coarse_step` for up to `coarse_span`, and only for metrics read
 //! further back than `fine_span`. A range longer than `fine_span` is read at the coarse
 //! resolution: what Prometheus would compute had it scraped the agent every `coarse_step`
@@ -83,8 +85,6 @@ pub(crate) struct Series {
     raw: Box<str>,
     /// The labels without `__name__`, what functions return (shared, not rebuilt per eval).
     bare: Labels,
-    fine: Vec<f64>,
-    coarse: Vec<f64>,
     /// One past the last tick with a sample, per resolution (0: none).
     last_fine: u64,
     last_coarse: u64,
@@ -93,20 +93,40 @@ pub(crate) struct Series {
     coarse_marks: ring::Marks,
 }
 
-impl Series {
-    pub(crate) fn labels(&self) -> &Labels {
-        &self.labels
+/// A series as the evaluator reads it: with its metric, whose matrices hold its values.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SeriesRef<'a> {
+    metric: &'a Metric,
+    col: usize,
+    series: &'a Series,
+}
+
+impl<'a> SeriesRef<'a> {
+    fn of(metric: &'a Metric, col: u32) -> Option<Self> {
+        let series = metric.series.get(col as usize)?;
+        Some(Self {
+            metric,
+            col: col as usize,
+            series,
+        })
     }
-    pub(crate) fn bare(&self) -> &Labels {
-        &self.bare
+
+    pub(crate) fn labels(&self) -> &'a Labels {
+        &self.series.labels
+    }
+
+    pub(crate) fn bare(&self) -> &'a Labels {
+        &self.series.bare
     }
 }
 
 #[derive(Debug, Default)]
 struct Metric {
     name: Box<str>,
-    fine_depth: usize,
-    coarse_depth: usize,
+    /// The series' values, a column each (the series' index), per resolution (depth 0: not
+    /// kept).
+    fine: ring::Matrix,
+    coarse: ring::Matrix,
     series: Vec<Series>,
     /// Indices of `series` sorted by labels: selectors return series in Prometheus' order, so
     /// sums add in the same order as Prometheus does.
@@ -125,6 +145,8 @@ struct Metric {
     /// Label name -> value -> series (in label order): selectors with an equality matcher
     /// visit only those. Rebuilt after a scrape that added or freed series.
     postings: HashMap<Arc<str>, HashMap<Arc<str>, Vec<u32>>>,
+    /// Each series' position in `order`: postings lists merge by it, without label reads.
+    rank: Vec<u32>,
     dirty: bool,
     /// The ring slots of the tick being ingested.
     fine_slot: usize,
@@ -134,11 +156,17 @@ struct Metric {
 impl Metric {
     fn index(&mut self) {
         self.postings.clear();
+        self.rank = vec![0; self.series.len()];
+        for (pos, &i) in self.order.iter().enumerate() {
+            if let Some(r) = self.rank.get_mut(i as usize) {
+                *r = pos as u32;
+            }
+        }
         for &i in &self.order {
             let Some(s) = self.series.get(i as usize) else {
                 continue;
             };
-            for (n, v) in s.bare.0.iter() {
+            for (n, v) in s.bare.pairs() {
                 let values = self.postings.entry(n.clone()).or_default();
                 values.entry(v.clone()).or_default().push(i);
             }
@@ -166,8 +194,10 @@ pub struct Tsdb {
     last_at: Option<i64>,
     metrics: Vec<Metric>,
     by_name: HashMap<Box<str>, usize>,
-    /// Interned label names: a handful of names shared by every series.
-    names: HashMap<Box<str>, Arc<str>>,
+    /// Interned label names and values: a handful of names shared by every series, and values
+    /// shared by many (one `service` value by all its series). Reads of shared text stay in
+    /// cache, and equal pointers are equal text. Entries nothing else holds go at sweeps.
+    strings: foldhash::HashSet<Arc<str>>,
     series: usize,
     refused_total: u64,
     malformed_total: u64,
@@ -207,7 +237,7 @@ impl Tsdb {
             last_at: None,
             metrics: Vec::new(),
             by_name: HashMap::default(),
-            names: HashMap::default(),
+            strings: Default::default(),
             series: 0,
             refused_total: 0,
             malformed_total: 0,
@@ -250,24 +280,22 @@ impl Tsdb {
             let Some(metric) = self.metrics.iter_mut().find(|m| *m.name == **name) else {
                 continue;
             };
-            if metric.fine_depth != fine_depth {
+            if metric.fine.depth() != fine_depth {
                 let next = self.fine.next();
+                let held = metric.fine.depth().min(fine_depth) as u64;
                 for s in &mut metric.series {
                     // A deeper ring holds older ticks it has no samples for.
-                    s.fine_marks
-                        .restart(next.saturating_sub(s.fine.len().min(fine_depth) as u64));
-                    s.fine = ring::resized(&s.fine, fine_depth, next);
+                    s.fine_marks.restart(next.saturating_sub(held));
                 }
-                metric.fine_depth = fine_depth;
+                metric.fine.resize(fine_depth, next);
             }
-            if metric.coarse_depth != coarse_depth {
+            if metric.coarse.depth() != coarse_depth {
                 let next = self.coarse.next();
+                let held = metric.coarse.depth().min(coarse_depth) as u64;
                 for s in &mut metric.series {
-                    s.coarse_marks
-                        .restart(next.saturating_sub(s.coarse.len().min(coarse_depth) as u64));
-                    s.coarse = ring::resized(&s.coarse, coarse_depth, next);
+                    s.coarse_marks.restart(next.saturating_sub(held));
                 }
-                metric.coarse_depth = coarse_depth;
+                metric.coarse.resize(coarse_depth, next);
             }
         }
         self.series = self.metrics.iter().map(|m| m.series.len()).sum();
@@ -294,8 +322,8 @@ impl Tsdb {
             metric.scraped.clear();
             metric.pos = 0;
             // One division per metric, not per line: every series of it shares the slots.
-            metric.fine_slot = ring::slot(fine, metric.fine_depth);
-            metric.coarse_slot = coarse.map(|c| ring::slot(c, metric.coarse_depth));
+            metric.fine_slot = ring::slot(fine, metric.fine.depth());
+            metric.coarse_slot = coarse.map(|c| ring::slot(c, metric.coarse.depth()));
         }
         // Lines of one metric come together: the previous line's look-up is reused.
         let (mut last_name, mut last_metric) = ("", None);
@@ -326,16 +354,16 @@ impl Tsdb {
             if metric.seen == metric.series.len() {
                 continue;
             }
-            for s in &mut metric.series {
+            for (col, s) in metric.series.iter_mut().enumerate() {
                 if s.last_fine != fine + 1 {
-                    if let Some(v) = s.fine.get_mut(metric.fine_slot) {
+                    if let Some(v) = metric.fine.at_mut(metric.fine_slot, col) {
                         *v = ring::absent();
                     }
                     s.fine_marks.absent(fine);
                 }
                 if let (Some(c), Some(slot)) = (coarse, metric.coarse_slot) {
                     if s.last_coarse != c + 1 {
-                        if let Some(v) = s.coarse.get_mut(slot) {
+                        if let Some(v) = metric.coarse.at_mut(slot, col) {
                             *v = ring::absent();
                         }
                         s.coarse_marks.absent(c);
@@ -382,8 +410,10 @@ impl Tsdb {
         if s.last_fine != fine + 1 {
             metric.seen += 1;
         }
+        let col = idx as usize;
         ring::write(
-            &mut s.fine,
+            &mut metric.fine,
+            col,
             metric.fine_slot,
             fine,
             value,
@@ -393,7 +423,7 @@ impl Tsdb {
         s.last_fine = fine + 1;
         if let (Some(c), Some(slot)) = (coarse, metric.coarse_slot) {
             let (last, marks) = (s.last_coarse, &mut s.coarse_marks);
-            if ring::write(&mut s.coarse, slot, c, value, last, marks) {
+            if ring::write(&mut metric.coarse, col, slot, c, value, last, marks) {
                 s.last_coarse = c + 1;
             }
         }
@@ -427,9 +457,9 @@ impl Tsdb {
         }
         let pairs = exposition::parse_labels(raw).ok_or(Stored::Malformed)?;
         let mut labels: Vec<(Arc<str>, Arc<str>)> = Vec::with_capacity(pairs.len() + 1);
-        labels.push((self.intern("__name__"), name.into()));
+        labels.push((self.intern("__name__"), self.intern(name)));
         for (n, v) in pairs {
-            labels.push((self.intern(n), v.into()));
+            labels.push((self.intern(n), self.intern(&v)));
         }
         let labels = Labels::new(labels);
         // A new series has no sample before the scrape being ingested: its rings are regular
@@ -464,13 +494,13 @@ impl Tsdb {
             bare: labels.without_name(),
             labels: labels.clone(),
             raw: raw.into(),
-            fine: vec![ring::absent(); metric.fine_depth],
-            coarse: vec![ring::absent(); metric.coarse_depth],
             last_fine: 0,
             last_coarse: 0,
             fine_marks,
             coarse_marks,
         });
+        metric.fine.open(idx as usize);
+        metric.coarse.open(idx as usize);
         metric.by_raw.insert(raw.into(), idx);
         metric.by_labels.insert(labels, idx);
         metric.dirty = true;
@@ -479,11 +509,11 @@ impl Tsdb {
     }
 
     fn intern(&mut self, name: &str) -> Arc<str> {
-        if let Some(n) = self.names.get(name) {
+        if let Some(n) = self.strings.get(name) {
             return n.clone();
         }
         let n: Arc<str> = name.into();
-        self.names.insert(name.into(), n.clone());
+        self.strings.insert(n.clone());
         n
     }
 
@@ -496,7 +526,7 @@ impl Tsdb {
             if metric.seen == metric.series.len() {
                 continue;
             }
-            let (fd, cd) = (metric.fine_depth as u64, metric.coarse_depth as u64);
+            let (fd, cd) = (metric.fine.depth() as u64, metric.coarse.depth() as u64);
             let dead = |s: &Series| {
                 s.last_fine + fd <= fine_next && (cd == 0 || s.last_coarse + cd <= coarse_next)
             };
@@ -514,6 +544,8 @@ impl Tsdb {
             let before = metric.series.len();
             metric.series.retain(|s| !dead(s));
             removed += before - metric.series.len();
+            metric.fine.remap(&remap, metric.series.len());
+            metric.coarse.remap(&remap, metric.series.len());
             let map = |i: &mut u32| match remap.get(*i as usize).copied().flatten() {
                 Some(n) => {
                     *i = n;
@@ -528,6 +560,9 @@ impl Tsdb {
             metric.dirty = true;
         }
         self.series -= removed;
+        if removed > 0 {
+            self.strings.retain(|s| Arc::strong_count(s) > 1);
+        }
     }
 
     pub fn stats(&self) -> Stats {
@@ -536,6 +571,7 @@ impl Tsdb {
         bytes += self.by_name.capacity() * (3 * word + 1) * 8 / 7;
         for m in &self.metrics {
             bytes += 2 * m.name.len() + std::mem::size_of::<Metric>();
+            bytes += m.fine.bytes() + m.coarse.bytes();
             bytes += (m.expected.capacity() + m.scraped.capacity()) * 4;
             bytes += m.series.capacity() * std::mem::size_of::<Series>() + m.order.capacity() * 4;
             // Hash map entries: key, value and a control byte, at the maps' load factor.
@@ -547,17 +583,18 @@ impl Tsdb {
                 bytes += values.values().map(|v| v.capacity() * 4).sum::<usize>();
             }
             for s in &m.series {
-                bytes += (s.fine.capacity() + s.coarse.capacity()) * 8 + s.raw.len();
-                // Two label slices (with and without the name) of two Arcs a pair; the values'
-                // Arcs (names are interned).
-                bytes += (s.labels.0.len() + s.bare.0.len()) * 4 * word + 4 * word;
-                bytes += s
-                    .labels
-                    .iter()
-                    .map(|(_, v)| v.len() + 2 * word)
-                    .sum::<usize>();
+                bytes += s.raw.len();
+                // Two label slices (with and without the name) of two Arcs a pair (the
+                // strings are interned, counted below).
+                bytes += (s.labels.len() + s.bare.len()) * 4 * word + 6 * word;
             }
         }
+        bytes += self.strings.capacity() * (2 * word + 1) * 8 / 7;
+        bytes += self
+            .strings
+            .iter()
+            .map(|s| s.len() + 2 * word)
+            .sum::<usize>();
         Stats {
             series: self.series,
             bytes,
@@ -597,7 +634,7 @@ impl Tsdb {
 
     /// The series of a metric, in label order.
     #[cfg(test)]
-    pub(crate) fn series(&self, metric: &str) -> impl Iterator<Item = &Series> {
+    pub(crate) fn series(&self, metric: &str) -> impl Iterator<Item = SeriesRef<'_>> {
         self.series_with(metric, None)
     }
 
@@ -607,7 +644,7 @@ impl Tsdb {
         &self,
         metric: &str,
         eq: Option<(&str, &str)>,
-    ) -> impl Iterator<Item = &Series> {
+    ) -> impl Iterator<Item = SeriesRef<'_>> {
         let m = self.by_name.get(metric).and_then(|&i| self.metrics.get(i));
         let ids: &[u32] = match (m, eq) {
             (Some(m), Some((name, value))) => m
@@ -619,7 +656,33 @@ impl Tsdb {
             (None, _) => &[],
         };
         ids.iter()
-            .filter_map(move |&i| m.and_then(|m| m.series.get(i as usize)))
+            .filter_map(move |&i| m.and_then(|m| SeriesRef::of(m, i)))
+    }
+
+    /// The series of a metric whose label `name` has any of `values`, in label order (a
+    /// literal regex alternation's postings, merged).
+    pub(crate) fn series_with_any(
+        &self,
+        metric: &str,
+        name: &str,
+        values: &[&str],
+    ) -> Vec<SeriesRef<'_>> {
+        let Some(m) = self.by_name.get(metric).and_then(|&i| self.metrics.get(i)) else {
+            return Vec::new();
+        };
+        let Some(by_value) = m.postings.get(name) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<u32> = (values.iter())
+            .filter_map(|v| by_value.get(*v))
+            .flatten()
+            .copied()
+            .collect();
+        if values.len() > 1 {
+            ids.sort_unstable_by_key(|&i| m.rank.get(i as usize).copied().unwrap_or(u32::MAX));
+            ids.dedup();
+        }
+        ids.iter().filter_map(|&i| SeriesRef::of(m, i)).collect()
     }
 
     /// Identifies this window and its state: equal keys, equal reads.
@@ -628,21 +691,22 @@ impl Tsdb {
     }
 
     /// The value of a series at the last tick of `w`.
-    pub(crate) fn last_value(&self, s: &Series, w: &Window) -> Option<f64> {
+    pub(crate) fn last_value(&self, s: SeriesRef<'_>, w: &Window) -> Option<f64> {
         if w.coarse {
-            ring::value_at(&self.coarse, &s.coarse, w.last)
+            ring::value_at(&self.coarse, &s.metric.coarse, s.col, w.last)
         } else {
-            ring::value_at(&self.fine, &s.fine, w.last)
+            ring::value_at(&self.fine, &s.metric.fine, s.col, w.last)
         }
     }
 
     /// The values of a series in `w`.
-    pub(crate) fn run<'a>(&self, s: &'a Series, w: &Window) -> Run<'a> {
-        if w.coarse {
-            ring::run(&self.coarse, &s.coarse, s.coarse_marks, w.first, w.last)
+    pub(crate) fn run<'a>(&self, s: SeriesRef<'a>, w: &Window) -> Run<'a> {
+        let (clock, m, marks) = if w.coarse {
+            (&self.coarse, &s.metric.coarse, s.series.coarse_marks)
         } else {
-            ring::run(&self.fine, &s.fine, s.fine_marks, w.first, w.last)
-        }
+            (&self.fine, &s.metric.fine, s.series.fine_marks)
+        };
+        ring::run(clock, m, s.col, marks, w.first, w.last)
     }
 
     /// The timestamp of a tick of `w`'s resolution (0 if no longer held).
@@ -653,7 +717,7 @@ impl Tsdb {
 
     /// The samples of a series in `w`, as (timestamp ms, value), appended to `out`.
     #[cfg(test)]
-    pub(crate) fn samples(&self, s: &Series, w: &Window, out: &mut Vec<(i64, f64)>) {
+    pub(crate) fn samples(&self, s: SeriesRef<'_>, w: &Window, out: &mut Vec<(i64, f64)>) {
         self.run(s, w)
             .for_each(|tick, v| out.push((self.tick_ms(w, tick), v)));
     }

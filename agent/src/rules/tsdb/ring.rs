@@ -1,6 +1,10 @@
 //! Rings indexed by tick number: tick `k` of a ring of depth `d` lives in slot `k % d` for as
 //! long as `k >= next - d`, `next` being the number of ticks the clock has recorded. One clock
 //! (the timestamps) is shared by every series of a resolution, so a series costs 8 B a tick.
+//!
+//! A metric's series share one [`Matrix`]: a row per slot, a column per series. A scrape
+//! writes one row front to back, and a rate reads two rows, so the rules reading many series
+//! of a metric share cache lines instead of each series' ring costing misses of its own.
 
 /// "No sample at this tick": a NaN payload that parsing never produces (a `NaN` sample is stored
 /// as the canonical NaN), so a real NaN sample stays a sample, as in Prometheus' stale marker.
@@ -102,22 +106,108 @@ impl Clock {
     }
 }
 
-/// A ring of `depth` values carrying the last ticks of `old` (of its own depth) up to `next`.
-pub(crate) fn resized(old: &[f64], depth: usize, next: u64) -> Vec<f64> {
-    let mut ring = vec![absent(); depth];
-    if depth == 0 || old.is_empty() {
-        return ring;
+/// One resolution's rings of every series of a metric: `depth` rows of `cap` columns, the
+/// value of tick `k` of the series in column `c` at `slot(k, depth) * cap + c`.
+#[derive(Debug, Default)]
+pub(crate) struct Matrix {
+    data: Vec<f64>,
+    depth: usize,
+    cap: usize,
+}
+
+impl Matrix {
+    pub(crate) fn depth(&self) -> usize {
+        self.depth
     }
-    let keep = depth.min(old.len()) as u64;
-    for tick in next.saturating_sub(keep)..next {
-        if let (Some(dst), Some(src)) = (
-            ring.get_mut(slot(tick, depth)),
-            old.get(slot(tick, old.len())),
-        ) {
-            *dst = *src;
+
+    fn at(&self, slot: usize, col: usize) -> Option<f64> {
+        (col < self.cap)
+            .then(|| self.data.get(slot * self.cap + col).copied())
+            .flatten()
+    }
+
+    pub(crate) fn at_mut(&mut self, slot: usize, col: usize) -> Option<&mut f64> {
+        if col >= self.cap {
+            return None;
+        }
+        self.data.get_mut(slot * self.cap + col)
+    }
+
+    /// Makes room for column `col` and empties it (a new series has no samples yet). Grows by
+    /// a quarter at a time: the copy is rare, the slack stays small.
+    pub(crate) fn open(&mut self, col: usize) {
+        if col >= self.cap {
+            let cap = (col + 1).max(self.cap + self.cap / 4).max(16);
+            self.relayout(self.depth, cap, Some, None);
+        }
+        for slot in 0..self.depth {
+            if let Some(v) = self.at_mut(slot, col) {
+                *v = absent();
+            }
         }
     }
-    ring
+
+    /// Keeps the columns `remap` gives a new place (`cols` of them), freeing the rest.
+    pub(crate) fn remap(&mut self, remap: &[Option<u32>], cols: usize) {
+        let cap = cols + cols / 4;
+        let old_of_new: Vec<Option<usize>> = {
+            let mut v = vec![None; cols];
+            for (old, new) in remap.iter().enumerate() {
+                if let Some(slot) = new.and_then(|n| v.get_mut(n as usize)) {
+                    *slot = Some(old);
+                }
+            }
+            v
+        };
+        self.relayout(
+            self.depth,
+            cap,
+            |c| old_of_new.get(c).copied().flatten(),
+            None,
+        );
+    }
+
+    /// Changes the depth, carrying the last ticks up to `next` that both depths hold.
+    pub(crate) fn resize(&mut self, depth: usize, next: u64) {
+        self.relayout(depth, self.cap, Some, Some(next));
+    }
+
+    /// A new layout of `depth` × `cap`; column `c` takes the old column `from(c)`, and, with
+    /// `next`, ticks are carried across depths (otherwise the slots stay as they are).
+    fn relayout(
+        &mut self,
+        depth: usize,
+        cap: usize,
+        from: impl Fn(usize) -> Option<usize>,
+        next: Option<u64>,
+    ) {
+        let mut data = vec![absent(); depth * cap];
+        let rows: Vec<(usize, usize)> = match next {
+            Some(next) if depth > 0 && self.depth > 0 => {
+                let keep = depth.min(self.depth) as u64;
+                (next.saturating_sub(keep)..next)
+                    .map(|t| (slot(t, self.depth), slot(t, depth)))
+                    .collect()
+            }
+            Some(_) => Vec::new(),
+            None => (0..depth.min(self.depth)).map(|r| (r, r)).collect(),
+        };
+        for (old_row, new_row) in rows {
+            for c in 0..cap {
+                let Some(v) = from(c).and_then(|o| self.at(old_row, o)) else {
+                    continue;
+                };
+                if let Some(dst) = data.get_mut(new_row * cap + c) {
+                    *dst = v;
+                }
+            }
+        }
+        *self = Matrix { data, depth, cap };
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.data.capacity() * std::mem::size_of::<f64>()
+    }
 }
 
 /// How far back a series' ring has been regular, up to its latest tick: from tick `present` on
@@ -154,17 +244,18 @@ impl Marks {
     }
 }
 
-/// Writes the sample `v` of `tick` into its slot of `ring`, keeping `marks`; `last` is one past
-/// the series' previous tick with a sample. Returns whether the ring holds the slot.
+/// Writes the sample `v` of `tick` into its slot of column `col`, keeping `marks`; `last` is
+/// one past the series' previous tick with a sample. Returns whether the matrix holds the slot.
 pub(crate) fn write(
-    ring: &mut [f64],
+    m: &mut Matrix,
+    col: usize,
     slot: usize,
     tick: u64,
     v: f64,
     last: u64,
     marks: &mut Marks,
 ) -> bool {
-    let depth = ring.len();
+    let depth = m.depth;
     if last != tick {
         // The tick before had no sample (or the series is new): regular only from here.
         marks.restart(tick);
@@ -172,11 +263,11 @@ pub(crate) fn write(
         let before = if slot == 0 { depth - 1 } else { slot - 1 };
         // A drop starts a steady stretch here: a range whose first sample is this one has no
         // reset, one starting earlier has. The same comparison as the scan's (NaN: none).
-        if ring.get(before).is_some_and(|&p| v < p) {
+        if m.at(before, col).is_some_and(|p| v < p) {
             marks.steady = marks.steady.max(tick);
         }
     }
-    match ring.get_mut(slot) {
+    match m.at_mut(slot, col) {
         Some(dst) => {
             *dst = v;
             true
@@ -185,13 +276,17 @@ pub(crate) fn write(
     }
 }
 
-/// The values of a ring for a run of ticks, oldest first, as up to two contiguous pieces (the
-/// ring wraps), so that functions loop over plain slices.
+/// The values of one column for a run of ticks, oldest first (the slots wrap).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Run<'a> {
-    pub head: &'a [f64],
-    pub tail: &'a [f64],
-    /// The tick of `head[0]`.
+    data: &'a [f64],
+    cap: usize,
+    col: usize,
+    depth: usize,
+    /// The slot of the first tick, and how many ticks.
+    start: usize,
+    len: usize,
+    /// The first tick.
     pub first: u64,
     /// The series' marks (a run starting before them is scanned).
     pub marks: Marks,
@@ -200,8 +295,12 @@ pub(crate) struct Run<'a> {
 impl Default for Run<'_> {
     fn default() -> Self {
         Self {
-            head: &[],
-            tail: &[],
+            data: &[],
+            cap: 0,
+            col: 0,
+            depth: 0,
+            start: 0,
+            len: 0,
             first: 0,
             marks: Marks {
                 present: u64::MAX,
@@ -241,9 +340,9 @@ impl Run<'_> {
         if self.first < mark {
             return None;
         }
-        let count = self.head.len() + self.tail.len();
-        let first = *self.head.first()?;
-        let last = *self.tail.last().or(self.head.last())?;
+        let count = self.len;
+        let first = self.value(0)?;
+        let last = self.value(count.checked_sub(1)?)?;
         // Cheap insurance: the ends at least must be samples.
         if is_absent(first) || is_absent(last) {
             return None;
@@ -255,74 +354,81 @@ impl Run<'_> {
         })
     }
 
+    /// The value `k` ticks after the first (absent or not).
+    #[inline]
+    fn value(&self, k: usize) -> Option<f64> {
+        if k >= self.len {
+            return None;
+        }
+        let mut slot = self.start + k;
+        if slot >= self.depth {
+            slot -= self.depth;
+        }
+        self.data.get(slot * self.cap + self.col).copied()
+    }
+
     /// Visits the present values with their ticks, oldest first.
     #[inline]
     pub(crate) fn for_each(&self, mut f: impl FnMut(u64, f64)) {
-        for (i, &v) in self.head.iter().enumerate() {
-            if !is_absent(v) {
-                f(self.first + i as u64, v);
+        let mut at = self.start * self.cap + self.col;
+        let wrap = self.depth * self.cap;
+        for k in 0..self.len {
+            if let Some(&v) = self.data.get(at) {
+                if !is_absent(v) {
+                    f(self.first + k as u64, v);
+                }
             }
-        }
-        let off = self.first + self.head.len() as u64;
-        for (i, &v) in self.tail.iter().enumerate() {
-            if !is_absent(v) {
-                f(off + i as u64, v);
+            at += self.cap;
+            if at >= wrap {
+                at -= wrap;
             }
         }
     }
 
     /// The present values with their ticks, newest first.
     pub(crate) fn rev(&self) -> impl Iterator<Item = (u64, f64)> + '_ {
-        let off = self.first + self.head.len() as u64;
-        let tail = self
-            .tail
-            .iter()
-            .enumerate()
+        (0..self.len)
             .rev()
-            .map(move |(i, &v)| (off + i as u64, v));
-        let head = (self.head.iter().enumerate().rev()).map(|(i, &v)| (self.first + i as u64, v));
-        tail.chain(head).filter(|(_, v)| !is_absent(*v))
+            .filter_map(|k| Some((self.first + k as u64, self.value(k)?)))
+            .filter(|(_, v)| !is_absent(*v))
     }
 }
 
-/// The values of `ring` for ticks `first..=last`, clipped to what it holds.
+/// The values of column `col` for ticks `first..=last`, clipped to what the matrix holds.
 pub(crate) fn run<'a>(
     clock: &Clock,
-    ring: &'a [f64],
+    m: &'a Matrix,
+    col: usize,
     marks: Marks,
     first: u64,
     last: u64,
 ) -> Run<'a> {
-    let depth = ring.len();
+    let depth = m.depth;
     let first = first
         .max(clock.next().saturating_sub(depth as u64))
         .max(clock.oldest());
-    if depth == 0 || first > last || last >= clock.next() {
+    if depth == 0 || col >= m.cap || first > last || last >= clock.next() {
         return Run::default();
     }
     // At most `depth` ticks, so the length fits.
     let len = ((last - first + 1) as usize).min(depth);
-    let start = slot(first, depth);
-    let (head, tail) = if start + len <= depth {
-        (ring.get(start..start + len), ring.get(..0))
-    } else {
-        (ring.get(start..), ring.get(..start + len - depth))
-    };
     Run {
-        head: head.unwrap_or_default(),
-        tail: tail.unwrap_or_default(),
+        data: &m.data,
+        cap: m.cap,
+        col,
+        depth,
+        start: slot(first, depth),
+        len,
         first,
         marks,
     }
 }
 
-/// The value of `ring` at `tick`, if held and present.
-pub(crate) fn value_at(clock: &Clock, ring: &[f64], tick: u64) -> Option<f64> {
-    let depth = ring.len();
+/// The value of column `col` at `tick`, if held and present.
+pub(crate) fn value_at(clock: &Clock, m: &Matrix, col: usize, tick: u64) -> Option<f64> {
+    let depth = m.depth;
     if depth == 0 || tick >= clock.next() || tick + (depth as u64) < clock.next() {
         return None;
     }
-    ring.get(slot(tick, depth))
-        .copied()
-        .filter(|v| !is_absent(*v))
+    m.at(slot(tick, depth), col).filter(|v| !is_absent(*v))
 }

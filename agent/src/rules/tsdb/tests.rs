@@ -220,6 +220,66 @@ fn gone_series_are_freed_after_their_window() {
     assert_eq!(last(&db, "x", 5000).len(), 2);
 }
 
+/// Series share one matrix, a column each: freeing a series in the middle moves the others'
+/// columns, and a new series takes a column that held someone else's samples.
+#[test]
+fn freed_columns_move_the_others_and_new_series_start_empty() {
+    let mut db = Tsdb::new(small());
+    db.set_needs(&needs(&[("x", 2000)]));
+    let abc = |t: i64| {
+        format!(
+            "x{{a=\"1\"}} {}\nx{{a=\"2\"}} {}\nx{{a=\"3\"}} {}\n",
+            t,
+            100 + t,
+            200 + t
+        )
+    };
+    let ac = |t: i64| format!("x{{a=\"1\"}} {}\nx{{a=\"3\"}} {}\n", t, 200 + t);
+    for t in 0..3 {
+        db.ingest(t * 1000, &abc(t));
+    }
+    // a="2" is gone from tick 3 on and freed once its window (4 ticks) is empty.
+    for t in 3..7 {
+        db.ingest(t * 1000, &ac(t));
+    }
+    assert_eq!(db.stats().series, 2);
+    let w = db.window(2500, 6000, false).unwrap();
+    let mut got: Vec<(String, Vec<(i64, f64)>)> = Vec::new();
+    for s in db.series("x") {
+        let mut v = Vec::new();
+        db.samples(s, &w, &mut v);
+        got.push((s.labels().to_string(), v));
+    }
+    let want = |base: f64| {
+        (3..7)
+            .map(|t| (t * 1000, base + t as f64))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        got,
+        vec![
+            ("x{a=\"1\"}".to_string(), want(0.0)),
+            ("x{a=\"3\"}".to_string(), want(200.0)),
+        ]
+    );
+    // Many new series: the matrix grows and a new series has no sample before its first.
+    let mut text = ac(7);
+    for i in 0..40 {
+        text.push_str(&format!("x{{b=\"{i}\"}} {i}\n"));
+    }
+    db.ingest(7000, &text);
+    let w = db.window(0, 7000, false).unwrap();
+    for s in db.series("x") {
+        let mut v = Vec::new();
+        db.samples(s, &w, &mut v);
+        if s.labels().get("b").is_some() {
+            assert_eq!(v.len(), 1, "{}: {v:?}", s.labels());
+        } else {
+            assert_eq!(v.len(), 4, "{}: {v:?}", s.labels());
+        }
+    }
+}
+
 #[test]
 fn needs_resize_keeps_recent_samples_and_drop_frees() {
     let mut db = Tsdb::new(small());
