@@ -7,7 +7,12 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::{files::AlertRule, promql::Sample, silence::Ack};
+use super::{
+    files::AlertRule,
+    promql::{Labels, Sample},
+    silence::Ack,
+    template::Template,
+};
 
 /// How long a resolved alert is kept (Prometheus keeps them 15 min, to resend the resolve).
 pub const RESOLVED_RETENTION_MS: i64 = 15 * 60 * 1000;
@@ -116,6 +121,21 @@ pub struct RuleState {
     /// Recent changes of state (to firing, to resolved) by alert id, for flap suppression.
     #[serde(default)]
     pub changes: BTreeMap<String, VecDeque<i64>>,
+    #[serde(skip)]
+    ids: Ids,
+}
+
+/// The alert id of each series of the last result (when the rule's labels do not read
+/// `$value`, the id depends only on the series): an alert still held costs a look-up, not its
+/// labels built, templated and hashed again every evaluation.
+#[derive(Debug, Clone, Default)]
+struct Ids(foldhash::HashMap<Labels, String>);
+
+/// A cache: states are equal whatever it holds.
+impl PartialEq for Ids {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl RuleState {
@@ -135,21 +155,39 @@ impl RuleState {
     ) -> Vec<Transition> {
         let mut out = Vec::new();
         let mut held = std::collections::BTreeSet::new();
+        let ids_hold = !rule.labels.values().any(Template::reads_value);
+        let annotations_move = rule.annotations.values().any(Template::reads_value);
         let clearing: std::collections::BTreeSet<String> = clear
             .iter()
             .map(|s| fingerprint(&labels_of(rule, s).0))
             .collect();
+        let mut ids = std::mem::take(&mut self.ids.0);
+        let mut next_ids = foldhash::HashMap::default();
         for s in result {
-            let (labels, annotations) = labels_of(rule, s);
-            let id = fingerprint(&labels);
+            let known = ids_hold.then(|| ids.remove(&s.labels)).flatten();
+            let (id, built) = match known {
+                Some(id) => (id, None),
+                None => {
+                    let built = labels_of(rule, s);
+                    (fingerprint(&built.0), Some(built))
+                }
+            };
+            if ids_hold {
+                next_ids.insert(s.labels.clone(), id.clone());
+            }
             held.insert(id.clone());
             match self.alerts.get_mut(&id) {
                 Some(a) if matches!(a.state, State::Pending | State::Firing) => {
                     a.value = s.value;
-                    a.annotations = annotations;
+                    match built {
+                        Some((_, annotations)) => a.annotations = annotations,
+                        None if annotations_move => a.annotations = annotations_of(rule, s),
+                        None => {}
+                    }
                     a.last_held_ms = at_ms;
                 }
                 _ => {
+                    let (labels, annotations) = built.unwrap_or_else(|| labels_of(rule, s));
                     let a = Alert {
                         id: id.clone(),
                         labels,
@@ -171,6 +209,7 @@ impl RuleState {
                 }
             }
         }
+        self.ids.0 = next_ids;
         let for_ms = rule.for_.as_millis() as i64;
         let keep_ms = rule.keep_firing_for.as_millis() as i64;
         // Changes of state within the flap window, by id (old ones dropped first).
@@ -306,12 +345,13 @@ fn labels_of(rule: &AlertRule, s: &Sample) -> (BTreeMap<String, String>, BTreeMa
         labels.insert(k.clone(), t.render(&s.labels, s.value));
     }
     labels.insert("alertname".into(), rule.name.clone());
-    let annotations = rule
-        .annotations
-        .iter()
+    (labels, annotations_of(rule, s))
+}
+
+fn annotations_of(rule: &AlertRule, s: &Sample) -> BTreeMap<String, String> {
+    (rule.annotations.iter())
         .map(|(k, t)| (k.clone(), t.render(&s.labels, s.value)))
-        .collect();
-    (labels, annotations)
+        .collect()
 }
 
 /// FNV-1a over the sorted labels: an id that is the same after a restart.

@@ -219,6 +219,7 @@ impl Engine {
                 }
             }
         }
+        self.cache.clear();
         for t in &out.transitions {
             if self.state.history.len() >= HISTORY {
                 self.state.history.pop_front();

@@ -59,6 +59,19 @@ impl Template {
         Ok(Template(parts))
     }
 
+    /// Whether it reads `$value` (else it renders the same for the same labels).
+    pub fn reads_value(&self) -> bool {
+        (self.0.iter()).any(|p| {
+            matches!(
+                p,
+                Part::Action {
+                    source: Source::Value,
+                    ..
+                }
+            )
+        })
+    }
+
     pub fn render(&self, labels: &Labels, value: f64) -> String {
         let mut out = String::new();
         for p in &self.0 {

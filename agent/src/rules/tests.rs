@@ -384,3 +384,32 @@ fn a_silence_mutes_notifications_until_it_ends_and_acks_find_alerts_by_id_prefix
     again.restore(p);
     assert!(again.alerts().next().unwrap().1.ack.is_some());
 }
+
+/// A held alert keeps its id without its labels being rebuilt, but its annotations still follow
+/// the value; a rule label that reads the value makes each value another alert, as in
+/// Prometheus.
+#[test]
+fn held_alerts_follow_their_value_and_value_labels_make_new_alerts() {
+    let r = rule(
+        "      - alert: A\n        expr: up\n        annotations:\n          at: '{{ $value }}'\n",
+    );
+    let mut st = RuleState::default();
+    st.step(&r, 0, &[sample(&[("job", "a")], 1.0)]);
+    st.step(&r, 250, &[sample(&[("job", "a")], 2.0)]);
+    let a: Vec<_> = st.alerts.values().collect();
+    assert_eq!(a.len(), 1);
+    assert_eq!((a[0].value, a[0].annotations["at"].as_str()), (2.0, "2"));
+    assert_eq!(a[0].active_at_ms, 0);
+
+    let r = rule(
+        "      - alert: B\n        expr: up\n        labels:\n          level: '{{ $value }}'\n",
+    );
+    let mut st = RuleState::default();
+    st.step(&r, 0, &[sample(&[("job", "a")], 1.0)]);
+    st.step(&r, 250, &[sample(&[("job", "a")], 2.0)]);
+    let mut levels: Vec<_> = (st.alerts.values())
+        .map(|a| (a.labels["level"].as_str(), a.state))
+        .collect();
+    levels.sort();
+    assert_eq!(levels, vec![("1", State::Resolved), ("2", State::Firing)]);
+}

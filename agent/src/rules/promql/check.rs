@@ -94,6 +94,46 @@ pub(super) struct Selector {
     pub offset_ms: i64,
 }
 
+/// A subexpression's identity for the evaluation cache: its text, hashed once when compiled
+/// (the texts spell out whole subtrees; hashing them at every look-up read them all, every
+/// tick).
+#[derive(Clone)]
+pub(super) struct Key {
+    hash: u64,
+    text: Arc<str>,
+}
+
+impl Key {
+    fn new(text: String) -> Self {
+        use std::hash::BuildHasher as _;
+        let hash = foldhash::fast::FixedState::with_seed(0x6b65_7973).hash_one(text.as_str());
+        Self {
+            hash,
+            text: text.into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.text.fmt(f)
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && (Arc::ptr_eq(&self.text, &other.text) || self.text == other.text)
+    }
+}
+
+impl Eq for Key {}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(super) enum Node {
     Number(f64),
@@ -102,7 +142,7 @@ pub(super) enum Node {
     Range {
         func: RangeFn,
         /// Identifies the function over the selection, for sharing results across rules.
-        key: Arc<str>,
+        key: Key,
         sel: Selector,
         range_ms: i64,
         /// `predict_linear`'s horizon.
@@ -145,7 +185,7 @@ pub(super) enum Node {
     /// A vector subexpression whose result the rules of one tick share through the cache,
     /// `key` spelling it out (its tree as the checker built it).
     Shared {
-        key: Arc<str>,
+        key: Key,
         expr: Box<Node>,
     },
 }
@@ -230,7 +270,7 @@ fn share(node: Node) -> Node {
         );
     // The tree's Debug form names every operand, modifier and literal (floats exactly), so
     // equal keys mean equal expressions.
-    let key: Option<Arc<str>> = worth.then(|| format!("{node:?}").into());
+    let key: Option<Key> = worth.then(|| Key::new(format!("{node:?}")));
     let sub = |b: Box<Node>| Box::new(share(*b));
     let node = match node {
         Node::Range {
@@ -462,7 +502,7 @@ impl Checker<'_> {
             );
             return Ok(Node::Range {
                 func,
-                key: key.into(),
+                key: Key::new(key),
                 sel,
                 range_ms,
                 arg,

@@ -5,7 +5,7 @@ use super::{
     check::{AggOp, Grouping, Node, Selector},
     functions::{self, Span},
     histogram,
-    matching::{self, same, signature, Chains},
+    matching::{self, Chains, Filter},
     EvalCache, Labels, Sample, Value,
 };
 use crate::rules::tsdb::{SeriesRef, Tsdb};
@@ -133,7 +133,7 @@ impl Cx<'_, '_> {
             }
             Node::Shared { key, expr } => {
                 if let Some(cache) = self.cache.as_deref_mut() {
-                    if let Some(v) = cache.shared.get(&**key) {
+                    if let Some(v) = cache.shared.get(key) {
                         cache.hits += 1;
                         return Val::Vector(v.clone());
                     }
@@ -272,14 +272,26 @@ impl Cx<'_, '_> {
             range_ms,
             eval_ms: self.at_ms,
         };
-        let ts = |tick| db.tick_ms(&w, tick);
+        // Most runs end at the window's ends: their timestamps are looked up once.
+        let ends = (
+            w.first(),
+            db.tick_ms(&w, w.first()),
+            w.last(),
+            db.tick_ms(&w, w.last()),
+        );
+        let ts = |tick| match ends {
+            (first, ms, _, _) if tick == first => ms,
+            (_, _, last, ms) if tick == last => ms,
+            _ => db.tick_ms(&w, tick),
+        };
         let (series, done) = candidates(db, sel);
         let mut out = Vec::with_capacity(series.len());
+        let mut runs = db.runs(&w);
         for s in series
             .into_iter()
             .filter(|s| matches(sel, done, s.labels()))
         {
-            let run = db.run(s, &w);
+            let run = runs(s);
             if let Some(value) = functions::apply(func, &run, ts, span, arg, &mut self.buf) {
                 out.push(Sample {
                     labels: s.bare().clone(),
@@ -308,12 +320,13 @@ fn aggregate(op: AggOp, grouping: &Grouping, v: &[Sample]) -> Vec<Sample> {
     };
     let mut groups: Vec<Group> = Vec::new();
     let mut index = Chains::with_capacity(8);
+    let mut filter = Filter::new(keeps);
     for s in v {
-        let sig = signature(&s.labels, keeps);
+        let sig = filter.signature(&s.labels);
         let found = index.get(sig).find(|&g| {
             groups
                 .get(g)
-                .is_some_and(|g| same(&g.labels, &s.labels, keeps))
+                .is_some_and(|g| filter.keeps_exactly(&s.labels, &g.labels))
         });
         let Some(g) = found.and_then(|g| groups.get_mut(g)) else {
             index.push(sig);

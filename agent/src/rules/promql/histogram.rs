@@ -1,7 +1,7 @@
 //! `histogram_quantile` over classic buckets: the `_bucket` series of a vector grouped by their
 //! labels other than `le`, each group's quantile interpolated linearly within its bucket.
 use super::{
-    matching::{signature, Chains},
+    matching::{Chains, Filter},
     Labels, Sample,
 };
 
@@ -15,16 +15,16 @@ pub(super) fn quantile(q: f64, vector: &[Sample]) -> Vec<Sample> {
     let mut groups: Vec<Group> = Vec::new();
     // Signature (labels but `le`, `__name__` included as Prometheus does) -> group indices.
     let mut index = Chains::with_capacity(8);
-    let not_le = |n: &str| n != "le";
+    let mut not_le = Filter::new(|n: &str| n != "le");
     for s in vector {
         let Some(upper) = s.labels.get("le").and_then(parse_bound) else {
             continue;
         };
-        let sig = signature(&s.labels, not_le);
+        let sig = not_le.signature(&s.labels);
         let found = index.get(sig).find(|&g| {
             groups
                 .get(g)
-                .is_some_and(|g| same_but_le(&g.labels, &s.labels))
+                .is_some_and(|g| not_le.keeps_exactly(&s.labels, &g.labels))
         });
         let g = match found {
             Some(g) => g,
@@ -48,11 +48,6 @@ pub(super) fn quantile(q: f64, vector: &[Sample]) -> Vec<Sample> {
             labels: g.labels.without_name(),
         })
         .collect()
-}
-
-/// The group's labels (without `le`) equal a sample's labels but its `le`.
-fn same_but_le(group: &Labels, sample: &Labels) -> bool {
-    group.iter().eq(sample.iter().filter(|(n, _)| *n != "le"))
 }
 
 /// An `le` value as Go's `ParseFloat` reads it (`+Inf`, `Inf`, `NaN` and floats).

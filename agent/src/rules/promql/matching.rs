@@ -33,6 +33,76 @@ pub(super) fn signature_of<'a>(pairs: impl Iterator<Item = &'a (Arc<str>, Arc<st
     h.finish()
 }
 
+/// A label-name filter (`by (...)`, "all but `le`") with the positions it keeps remembered for
+/// the last layout seen: the samples of one metric carry the same interned names in the same
+/// order, so the filter's string comparisons run once per layout rather than once per sample
+/// (they were a tenth of the engine's time in aggregations).
+pub(super) struct Filter<F> {
+    keep: F,
+    /// The names' addresses of the layout the mask is for (compared, never read through).
+    layout: Vec<*const u8>,
+    mask: u64,
+}
+
+impl<F: Fn(&str) -> bool> Filter<F> {
+    pub(super) fn new(keep: F) -> Self {
+        Self {
+            keep,
+            layout: Vec::new(),
+            mask: 0,
+        }
+    }
+
+    /// Bit `i` set: pair `i` of `labels` is kept (`None` past 64 pairs: filter each).
+    fn mask(&mut self, labels: &Labels) -> Option<u64> {
+        let pairs = labels.pairs();
+        if pairs.len() > 64 {
+            return None;
+        }
+        let known = pairs.len() == self.layout.len()
+            && (pairs.iter().zip(&self.layout)).all(|((n, _), &p)| std::ptr::eq(n.as_ptr(), p));
+        if !known {
+            self.layout.clear();
+            self.layout.extend(pairs.iter().map(|(n, _)| n.as_ptr()));
+            self.mask = (pairs.iter().enumerate())
+                .filter(|(_, (n, _))| (self.keep)(n))
+                .fold(0, |m, (i, _)| m | 1 << i);
+        }
+        Some(self.mask)
+    }
+
+    /// `signature(labels, keep)`.
+    pub(super) fn signature(&mut self, labels: &Labels) -> u64 {
+        match self.mask(labels) {
+            Some(m) => signature_of(
+                (labels.pairs().iter().enumerate())
+                    .filter(|(i, _)| m >> i & 1 == 1)
+                    .map(|(_, p)| p),
+            ),
+            None => signature(labels, &self.keep),
+        }
+    }
+
+    /// Whether the pairs of `labels` the filter keeps are exactly `kept` (a group's labels,
+    /// already filtered).
+    pub(super) fn keeps_exactly(&mut self, labels: &Labels, kept: &Labels) -> bool {
+        let eq = |x: &Arc<str>, y: &Arc<str>| Arc::ptr_eq(x, y) || x == y;
+        let mask = self.mask(labels);
+        let keep = &self.keep;
+        let mut mine = (labels.pairs().iter().enumerate())
+            .filter(|(i, (n, _))| mask.map_or_else(|| keep(n), |m| m >> i & 1 == 1))
+            .map(|(_, p)| p);
+        let mut theirs = kept.pairs().iter();
+        loop {
+            match (mine.next(), theirs.next()) {
+                (None, None) => return true,
+                (Some((an, av)), Some((bn, bv))) if eq(an, bn) && eq(av, bv) => {}
+                _ => return false,
+            }
+        }
+    }
+}
+
 /// Whether `a` and `b` agree on the labels `keep` accepts. Label sets of one series share
 /// their storage, and names are interned: pointers decide most comparisons without reading
 /// the text.

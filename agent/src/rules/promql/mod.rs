@@ -307,9 +307,9 @@ impl Expr {
 #[derive(Debug, Default)]
 pub struct EvalCache {
     at: Option<((u64, u64), i64)>,
-    ranges: HashMap<(Arc<str>, u64), eval::Shared>,
+    ranges: HashMap<(check::Key, u64), eval::Shared>,
     /// Results of the shared subexpressions, by key.
-    shared: HashMap<Arc<str>, eval::Shared>,
+    shared: HashMap<check::Key, eval::Shared>,
     hits: u64,
 }
 
@@ -317,6 +317,15 @@ impl EvalCache {
     /// Results served from the cache since it was created.
     pub fn hits(&self) -> u64 {
         self.hits
+    }
+
+    /// Forgets every result, keeping the maps' room. Done right after the rules of a tick
+    /// (their results' labels are still in cache then; at the next tick, releasing them cost a
+    /// miss each).
+    pub fn clear(&mut self) {
+        self.ranges.clear();
+        self.shared.clear();
+        self.at = None;
     }
 
     /// Prepares for reads of `db` at `at_ms`, forgetting results of another state or instant.

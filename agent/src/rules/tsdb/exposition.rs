@@ -23,9 +23,7 @@ pub(crate) enum Split<'a> {
 
 /// Where the metric name ends: at a brace, a space or a tab (ASCII, so a char boundary).
 fn name_end(line: &str) -> usize {
-    line.bytes()
-        .position(|b| matches!(b, b'{' | b' ' | b'\t'))
-        .unwrap_or(line.len())
+    memchr::memchr3(b'{', b' ', b'\t', line.as_bytes()).unwrap_or(line.len())
 }
 
 /// The metric name of a line, if it is a sample line.

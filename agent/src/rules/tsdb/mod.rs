@@ -82,7 +82,7 @@ pub struct Stats {
 pub(crate) struct Series {
     labels: Labels,
     /// The label text as the exposition spells it.
-    raw: Box<str>,
+    raw: std::ops::Range<usize>,
     /// The labels without `__name__`, what functions return (shared, not rebuilt per eval).
     bare: Labels,
     /// One past the last tick with a sample, per resolution (0: none).
@@ -133,6 +133,9 @@ struct Metric {
     order: Vec<u32>,
     /// Raw label text of the exposition -> series (the fast path of ingest).
     by_raw: HashMap<Box<str>, u32>,
+    /// The series' label texts end to end, in column order (`Series::raw` indexes it): ingest
+    /// compares each line with the next text in turn, reading this front to back.
+    raws: String,
     by_labels: HashMap<Labels, u32>,
     /// Series that got a sample in the current scrape.
     seen: usize,
@@ -181,6 +184,16 @@ pub(crate) struct Window {
     coarse: bool,
     first: u64,
     last: u64,
+}
+
+impl Window {
+    pub(crate) fn first(&self) -> u64 {
+        self.first
+    }
+
+    pub(crate) fn last(&self) -> u64 {
+        self.last
+    }
 }
 
 #[derive(Debug)]
@@ -385,7 +398,7 @@ impl Tsdb {
         // The series predicted, recognised by its label text without cutting the line.
         let fast = metric.expected.get(metric.pos).and_then(|&i| {
             let s = metric.series.get(i as usize)?;
-            exposition::known_value(line, &s.raw).map(|token| (i, token))
+            exposition::known_value(line, metric.raws.get(s.raw.clone())?).map(|token| (i, token))
         });
         let (idx, value) = match fast {
             Some((idx, token)) => {
@@ -440,7 +453,7 @@ impl Tsdb {
             metric
                 .series
                 .get(i as usize)
-                .is_some_and(|s| *s.raw == *l.labels)
+                .is_some_and(|s| metric.raws.get(s.raw.clone()) == Some(l.labels))
         });
         metric.pos += 1;
         let idx = match predicted.or_else(|| metric.by_raw.get(l.labels).copied()) {
@@ -493,12 +506,13 @@ impl Tsdb {
         metric.series.push(Series {
             bare: labels.without_name(),
             labels: labels.clone(),
-            raw: raw.into(),
+            raw: metric.raws.len()..metric.raws.len() + raw.len(),
             last_fine: 0,
             last_coarse: 0,
             fine_marks,
             coarse_marks,
         });
+        metric.raws.push_str(raw);
         metric.fine.open(idx as usize);
         metric.coarse.open(idx as usize);
         metric.by_raw.insert(raw.into(), idx);
@@ -545,6 +559,13 @@ impl Tsdb {
             metric.series.retain(|s| !dead(s));
             removed += before - metric.series.len();
             metric.fine.remap(&remap, metric.series.len());
+            let mut raws = String::with_capacity(metric.raws.len());
+            for s in &mut metric.series {
+                let text = metric.raws.get(s.raw.clone()).unwrap_or_default();
+                s.raw = raws.len()..raws.len() + text.len();
+                raws.push_str(text);
+            }
+            metric.raws = raws;
             metric.coarse.remap(&remap, metric.series.len());
             let map = |i: &mut u32| match remap.get(*i as usize).copied().flatten() {
                 Some(n) => {
@@ -583,7 +604,7 @@ impl Tsdb {
                 bytes += values.values().map(|v| v.capacity() * 4).sum::<usize>();
             }
             for s in &m.series {
-                bytes += s.raw.len();
+                bytes += s.raw.len() + 2 * word;
                 // Two label slices (with and without the name) of two Arcs a pair (the
                 // strings are interned, counted below).
                 bytes += (s.labels.len() + s.bare.len()) * 4 * word + 6 * word;
@@ -700,6 +721,7 @@ impl Tsdb {
     }
 
     /// The values of a series in `w`.
+    #[cfg(test)]
     pub(crate) fn run<'a>(&self, s: SeriesRef<'a>, w: &Window) -> Run<'a> {
         let (clock, m, marks) = if w.coarse {
             (&self.coarse, &s.metric.coarse, s.series.coarse_marks)
@@ -707,6 +729,29 @@ impl Tsdb {
             (&self.fine, &s.metric.fine, s.series.fine_marks)
         };
         ring::run(clock, m, s.col, marks, w.first, w.last)
+    }
+
+    /// The values of the series of one metric in `w`, one series at a time: where `w` lies in
+    /// the metric's ring is worked out at the first series, not at each.
+    pub(crate) fn runs<'a>(&'a self, w: &Window) -> impl FnMut(SeriesRef<'a>) -> Run<'a> + 'a {
+        let w = *w;
+        let mut frame: Option<(*const Metric, ring::Frame<'a>)> = None;
+        move |s: SeriesRef<'a>| {
+            let (clock, m, marks) = if w.coarse {
+                (&self.coarse, &s.metric.coarse, s.series.coarse_marks)
+            } else {
+                (&self.fine, &s.metric.fine, s.series.fine_marks)
+            };
+            let f = match frame {
+                Some((of, f)) if std::ptr::eq(of, s.metric) => f,
+                _ => {
+                    let f = ring::Frame::new(clock, m, w.first, w.last);
+                    frame = Some((s.metric, f));
+                    f
+                }
+            };
+            f.run(s.col, marks)
+        }
     }
 
     /// The timestamp of a tick of `w`'s resolution (0 if no longer held).

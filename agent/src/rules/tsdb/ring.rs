@@ -395,6 +395,7 @@ impl Run<'_> {
 }
 
 /// The values of column `col` for ticks `first..=last`, clipped to what the matrix holds.
+#[cfg(test)]
 pub(crate) fn run<'a>(
     clock: &Clock,
     m: &'a Matrix,
@@ -403,24 +404,53 @@ pub(crate) fn run<'a>(
     first: u64,
     last: u64,
 ) -> Run<'a> {
-    let depth = m.depth;
-    let first = first
-        .max(clock.next().saturating_sub(depth as u64))
-        .max(clock.oldest());
-    if depth == 0 || col >= m.cap || first > last || last >= clock.next() {
-        return Run::default();
+    Frame::new(clock, m, first, last).run(col, marks)
+}
+
+/// What the runs of every column of a matrix over one range share: where the range is in the
+/// ring, worked out once per selection rather than per series.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Frame<'a> {
+    run: Run<'a>,
+}
+
+impl<'a> Frame<'a> {
+    /// The frame of ticks `first..=last`, clipped to what the matrix holds.
+    pub(crate) fn new(clock: &Clock, m: &'a Matrix, first: u64, last: u64) -> Self {
+        let depth = m.depth;
+        let first = first
+            .max(clock.next().saturating_sub(depth as u64))
+            .max(clock.oldest());
+        if depth == 0 || first > last || last >= clock.next() {
+            return Self::default();
+        }
+        // At most `depth` ticks, so the length fits.
+        let len = ((last - first + 1) as usize).min(depth);
+        Self {
+            run: Run {
+                data: &m.data,
+                cap: m.cap,
+                col: 0,
+                depth,
+                start: slot(first, depth),
+                len,
+                first,
+                marks: Marks::default(),
+            },
+        }
     }
-    // At most `depth` ticks, so the length fits.
-    let len = ((last - first + 1) as usize).min(depth);
-    Run {
-        data: &m.data,
-        cap: m.cap,
-        col,
-        depth,
-        start: slot(first, depth),
-        len,
-        first,
-        marks,
+
+    /// The run of column `col`.
+    #[inline]
+    pub(crate) fn run(&self, col: usize, marks: Marks) -> Run<'a> {
+        if col >= self.run.cap {
+            return Run::default();
+        }
+        Run {
+            col,
+            marks,
+            ..self.run
+        }
     }
 }
 
