@@ -157,6 +157,10 @@ pub enum Which {
         /// Engine ticks timed (480: two minutes of 250 ms ticks, the fine ring full).
         #[arg(long, default_value_t = 480)]
         ticks: usize,
+        /// Times the engine's cost is measured (each a fresh engine): the spread shows what
+        /// other tenants of the host do to a memory-bound loop.
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
         /// Detection rounds (each: the condition on until both have fired, then off until
         /// both resolved).
         #[arg(long, default_value_t = 10)]
@@ -196,11 +200,13 @@ pub fn run(which: Which) -> Result<()> {
             rules,
             series,
             ticks,
+            repeat,
             rounds,
         } => alerts::run(alerts::Opts {
             rules,
             series,
             ticks,
+            repeat,
             rounds,
         }),
         Which::Net {

@@ -387,6 +387,8 @@ impl Tsdb {
         self.sweep();
         for m in self.metrics.iter_mut().filter(|m| m.dirty) {
             m.index();
+            m.fine.fit(m.series.len());
+            m.coarse.fit(m.series.len());
         }
         got
     }

@@ -134,10 +134,12 @@ impl Matrix {
     }
 
     /// Makes room for column `col` and empties it (a new series has no samples yet). Grows by
-    /// a quarter at a time: the copy is rare, the slack stays small.
+    /// a quarter (at least 16 columns) at a time, so that a scrape bringing many new series
+    /// copies the matrix a few times, not once per series; [`Matrix::fit`] takes the slack
+    /// back at the end of the scrape.
     pub(crate) fn open(&mut self, col: usize) {
         if col >= self.cap {
-            let cap = (col + 1).max(self.cap + self.cap / 4).max(16);
+            let cap = (col + 1).max(self.cap + (self.cap / 4).max(16));
             self.relayout(self.depth, cap, Some, None);
         }
         for slot in 0..self.depth {
@@ -147,9 +149,23 @@ impl Matrix {
         }
     }
 
+    /// Shrinks to `cols` columns: a matrix holds no slack between scrapes (the memory budget
+    /// charges every series its rings, not more).
+    pub(crate) fn fit(&mut self, cols: usize) {
+        if self.cap <= cols {
+            return;
+        }
+        let mut data = Vec::with_capacity(self.depth * cols);
+        for row in self.data.chunks(self.cap) {
+            data.extend_from_slice(row.get(..cols).unwrap_or(row));
+        }
+        self.data = data;
+        self.cap = cols;
+    }
+
     /// Keeps the columns `remap` gives a new place (`cols` of them), freeing the rest.
     pub(crate) fn remap(&mut self, remap: &[Option<u32>], cols: usize) {
-        let cap = cols + cols / 4;
+        let cap = cols;
         let old_of_new: Vec<Option<usize>> = {
             let mut v = vec![None; cols];
             for (old, new) in remap.iter().enumerate() {
