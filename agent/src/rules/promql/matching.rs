@@ -86,20 +86,12 @@ impl<F: Fn(&str) -> bool> Filter<F> {
     /// Whether the pairs of `labels` the filter keeps are exactly `kept` (a group's labels,
     /// already filtered).
     pub(super) fn keeps_exactly(&mut self, labels: &Labels, kept: &Labels) -> bool {
-        let eq = |x: &Arc<str>, y: &Arc<str>| Arc::ptr_eq(x, y) || x == y;
         let mask = self.mask(labels);
         let keep = &self.keep;
-        let mut mine = (labels.pairs().iter().enumerate())
+        let mine = (labels.pairs().iter().enumerate())
             .filter(|(i, (n, _))| mask.map_or_else(|| keep(n), |m| m >> i & 1 == 1))
             .map(|(_, p)| p);
-        let mut theirs = kept.pairs().iter();
-        loop {
-            match (mine.next(), theirs.next()) {
-                (None, None) => return true,
-                (Some((an, av)), Some((bn, bv))) if eq(an, bn) && eq(av, bv) => {}
-                _ => return false,
-            }
-        }
+        pairs_eq(mine, kept.pairs().iter())
     }
 }
 
@@ -107,20 +99,23 @@ impl<F: Fn(&str) -> bool> Filter<F> {
 /// their storage, and names are interned: pointers decide most comparisons without reading
 /// the text.
 pub(super) fn same(a: &Labels, b: &Labels, keep: impl Fn(&str) -> bool) -> bool {
-    if a.same_storage(b) {
-        return true;
-    }
-    let mut a = a.pairs().iter().filter(|(n, _)| keep(n));
-    let mut b = b.pairs().iter().filter(|(n, _)| keep(n));
+    a.same_storage(b)
+        || pairs_eq(
+            a.pairs().iter().filter(|(n, _)| keep(n)),
+            b.pairs().iter().filter(|(n, _)| keep(n)),
+        )
+}
+
+/// Whether two runs of pairs are equal, pointers first (names and values are interned).
+fn pairs_eq<'a>(
+    mut a: impl Iterator<Item = &'a (Arc<str>, Arc<str>)>,
+    mut b: impl Iterator<Item = &'a (Arc<str>, Arc<str>)>,
+) -> bool {
+    let eq = |x: &Arc<str>, y: &Arc<str>| Arc::ptr_eq(x, y) || x == y;
     loop {
         match (a.next(), b.next()) {
             (None, None) => return true,
-            (Some((an, av)), Some((bn, bv))) => {
-                let eq = |x: &Arc<str>, y: &Arc<str>| Arc::ptr_eq(x, y) || x == y;
-                if !eq(an, bn) || !eq(av, bv) {
-                    return false;
-                }
-            }
+            (Some((an, av)), Some((bn, bv))) if eq(an, bn) && eq(av, bv) => {}
             _ => return false,
         }
     }

@@ -5,8 +5,9 @@
 //! ring of `f64` values of the same tick numbering (an absence marker where the series had no
 //! sample). A metric's rings are the columns of one matrix with a row per tick
 //! ([`ring::Matrix`]): ingest writes a row in order, and the rules' rates read rows that every
-//! rule over that metric shares (a ring per series cost each read a cache miss of its own). The fine rings hold every tick (`step`) for up to `fine_span`; the coarse rings hold
-//! the first scrape of every `coarse_step` for up to `coarse_span`, and only for metrics read
+//! rule over that metric shares (a ring per series cost each read a cache miss of its own).
+//! The fine rings hold every tick (`step`) for up to `fine_span`; the coarse rings hold the
+//! first scrape of every `coarse_step` for up to `coarse_span`, and only for metrics read
 //! further back than `fine_span`. A range longer than `fine_span` is read at the coarse
 //! resolution: what Prometheus would compute had it scraped the agent every `coarse_step`
 //! (a counter reset and re-climb within one coarse step is not seen).
@@ -724,13 +725,8 @@ impl Tsdb {
 
     /// The values of a series in `w`.
     #[cfg(test)]
-    pub(crate) fn run<'a>(&self, s: SeriesRef<'a>, w: &Window) -> Run<'a> {
-        let (clock, m, marks) = if w.coarse {
-            (&self.coarse, &s.metric.coarse, s.series.coarse_marks)
-        } else {
-            (&self.fine, &s.metric.fine, s.series.fine_marks)
-        };
-        ring::run(clock, m, s.col, marks, w.first, w.last)
+    pub(crate) fn run<'a>(&'a self, s: SeriesRef<'a>, w: &Window) -> Run<'a> {
+        self.runs(w)(s)
     }
 
     /// The values of the series of one metric in `w`, one series at a time: where `w` lies in

@@ -410,19 +410,6 @@ impl Run<'_> {
     }
 }
 
-/// The values of column `col` for ticks `first..=last`, clipped to what the matrix holds.
-#[cfg(test)]
-pub(crate) fn run<'a>(
-    clock: &Clock,
-    m: &'a Matrix,
-    col: usize,
-    marks: Marks,
-    first: u64,
-    last: u64,
-) -> Run<'a> {
-    Frame::new(clock, m, first, last).run(col, marks)
-}
-
 /// What the runs of every column of a matrix over one range share: where the range is in the
 /// ring, worked out once per selection rather than per series.
 #[derive(Debug, Clone, Copy, Default)]
